@@ -1,0 +1,81 @@
+"""statemachine_orch: durable, auditable, replayable LLM workflows as explicit state machines."""
+
+from .definition import LLMState, Machine, PythonState, State, guard
+from .engine import Engine, Run, RunResult
+from .errors import (
+    DefinitionError,
+    GuardError,
+    InputError,
+    LLMError,
+    OrchError,
+    OwnershipLostError,
+    ReplayError,
+    RetryLimitError,
+    RunBusyError,
+    RunError,
+    RunNotFoundError,
+    SchemaVersionError,
+    StepError,
+    StoreError,
+    UsageError,
+    VisitLimitError,
+)
+from .llm import AnthropicModel
+from .sqlite_store import SQLiteStore
+from .store import NullStore, Store
+from .trace import Tracer
+from .types import (
+    END,
+    Branch,
+    Decision,
+    FlowDecision,
+    RunStatus,
+    StepContext,
+    TransitionRecord,
+    Usage,
+    Verdict,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "END",
+    "AnthropicModel",
+    "Branch",
+    "Decision",
+    "DefinitionError",
+    "Engine",
+    "FlowDecision",
+    "GuardError",
+    "InputError",
+    "LLMError",
+    "LLMState",
+    "Machine",
+    "NullStore",
+    "OrchError",
+    "OwnershipLostError",
+    "PythonState",
+    "ReplayError",
+    "RetryLimitError",
+    "Run",
+    "RunBusyError",
+    "RunError",
+    "RunNotFoundError",
+    "RunResult",
+    "RunStatus",
+    "SQLiteStore",
+    "SchemaVersionError",
+    "State",
+    "StepContext",
+    "StepError",
+    "Store",
+    "StoreError",
+    "Tracer",
+    "TransitionRecord",
+    "Usage",
+    "UsageError",
+    "Verdict",
+    "VisitLimitError",
+    "__version__",
+    "guard",
+]

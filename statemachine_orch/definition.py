@@ -1,0 +1,456 @@
+"""Machine definitions: states, guards, the transition table, and validation. No I/O.
+
+A machine is declared once at module level::
+
+    machine = Machine("report", states=[
+        LLMState("data_validation", prompt="Validate ...: {raw_data}", max_tokens=500),
+        LLMState("trend_analysis", prompt="... {data_validation}", needs=["data_validation"]),
+    ], input_vars={"raw_data": as_json})
+
+Construction validates the whole definition and raises one `DefinitionError` listing every
+problem, each naming the module, the state and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import keyword
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from .errors import DefinitionError
+from .templates import Template
+from .types import END, Branch, Decision, FlowDecision, Guard, StepFunction
+
+DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MAX_BRANCH_DEPTH = 3
+RESERVED_NAMES = frozenset({END, "END"})
+
+G = TypeVar("G", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class DeclaredGuard(Generic[G]):
+    """A guard with the closed set of decisions it may return (made by `@guard(...)`)."""
+
+    fn: G
+    decisions: frozenset[Decision]
+
+    def __call__(self, output: Any, context: Any) -> Any:
+        return self.fn(output, context)
+
+    @property
+    def __name__(self) -> str:  # used in default reasons and error messages
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
+def guard(*decisions: Decision) -> Callable[[G], DeclaredGuard[G]]:
+    """Declare the decisions a guard may return; validation checks each has a transition."""
+
+    def wrap(fn: G) -> DeclaredGuard[G]:
+        return DeclaredGuard(fn, frozenset(decisions))
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class State:
+    """Fields shared by every kind of state."""
+
+    name: str
+    _: KW_ONLY
+    needs: Sequence[str] = ()
+    guard: Guard | None = None
+    on: Mapping[Decision, str] = field(default_factory=dict)
+    retry_limit: int | None = 3
+    max_visits: int | None = None
+    output: type[BaseModel] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "needs", tuple(self.needs))
+        object.__setattr__(self, "on", dict(self.on))
+
+
+@dataclass(frozen=True)
+class LLMState(State):
+    """A state that makes one Messages API call with a rendered prompt."""
+
+    _: KW_ONLY
+    prompt: str
+    system: str | None = None
+    model: str | None = None
+    max_tokens: int = 1024
+    temperature: float | None = None
+
+
+@dataclass(frozen=True)
+class PythonState(State):
+    """A state that runs a Python function (a computation or a tool call)."""
+
+    _: KW_ONLY
+    run: StepFunction
+
+
+def _caller_module() -> tuple[str | None, str | None]:
+    """(module name, file) of the code that constructed the Machine."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return None, None
+    return frame.f_globals.get("__name__"), frame.f_globals.get("__file__")
+
+
+class Machine:
+    """A validated finite state machine of LLM and Python states."""
+
+    def __init__(
+        self,
+        name: str,
+        states: Iterable[State],
+        *,
+        model: str = DEFAULT_MODEL,
+        input_model: type[BaseModel] | None = None,
+        input_vars: Mapping[str, Callable[[Any], Any]] | None = None,
+        max_branch_depth: int = DEFAULT_MAX_BRANCH_DEPTH,
+        description: str | None = None,
+        source_file: str | None = None,
+    ) -> None:
+        self.name = name
+        self.states: tuple[State, ...] = tuple(states)
+        self.model = model
+        self.input_model = input_model
+        self.input_vars: dict[str, Callable[[Any], Any]] = dict(input_vars or {})
+        self.max_branch_depth = max_branch_depth
+        self.description = description
+        self.module, caller_file = _caller_module()
+        self.source_file = source_file or caller_file
+        self.by_name: dict[str, State] = {s.name: s for s in self.states}
+        self.templates: dict[str, tuple[Template, Template | None]] = {
+            s.name: (Template.parse(s.prompt), Template.parse(s.system) if s.system else None)
+            for s in self.states
+            if isinstance(s, LLMState)
+        }
+        self.table: dict[str, dict[str, str]] = {}
+        self.decisions: dict[str, frozenset[str]] = {}
+        problems = _Validator(self).run()
+        if problems:
+            raise DefinitionError(problems)
+
+    @property
+    def initial(self) -> str:
+        return self.states[0].name
+
+    @property
+    def input_names(self) -> frozenset[str]:
+        fields = set(self.input_model.model_fields) if self.input_model else set()
+        return frozenset(fields | set(self.input_vars))
+
+    @cached_property
+    def source_hash(self) -> str:
+        """sha256 of the defining module's source as loaded; stored with each run to detect edits."""
+        digest = hashlib.sha256()
+        if self.source_file and Path(self.source_file).is_file():
+            digest.update(Path(self.source_file).read_bytes())
+        else:
+            digest.update(repr([(s.name, type(s).__name__) for s in self.states]).encode())
+        return digest.hexdigest()
+
+    @property
+    def ref(self) -> str:
+        """How to load this machine again: `path/to/module.py:attribute` (stored with each run)."""
+        module = sys.modules.get(self.module or "")
+        attr = next((k for k, v in vars(module).items() if v is self), None) if module else None
+        where = str(Path(self.source_file).resolve()) if self.source_file else (self.module or "?")
+        return f"{where}:{attr}" if attr else where
+
+    def edges(self, state: str) -> dict[str, str]:
+        """decision value -> target for the decisions this state can actually take."""
+        table = self.table[state]
+        return {d: table[d] for d in self.decisions[state] if d in table}
+
+    def __repr__(self) -> str:
+        return f"Machine({self.name!r}, states={[s.name for s in self.states]})"
+
+
+def _decision_value(key: object) -> str | None:
+    if isinstance(key, (FlowDecision, Branch)):
+        return key.value
+    return None
+
+
+class _Validator:
+    """Collects every problem of a definition; also fills in the machine's transition table."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+        self.problems: list[str] = []
+        where = machine.source_file
+        if where:
+            try:
+                where = str(Path(where).resolve().relative_to(Path.cwd()))
+            except ValueError:
+                pass
+        self.where = where or "<unknown module>"
+
+    def add(self, state: str | None, problem: str, fix: str) -> None:
+        subject = f"state '{state}'" if state else f"machine '{self.m.name}'"
+        self.problems.append(f"{self.where}: {subject}: {problem}; fix: {fix}")
+
+    def run(self) -> list[str]:
+        m = self.m
+        if not isinstance(m.name, str) or not m.name.isidentifier():
+            self.add(None, f"machine name {m.name!r} is not an identifier", "use letters, digits and _")
+        if not m.states:
+            self.add(None, "has no states", "pass at least one LLMState or PythonState in states=[...]")
+            return self.problems
+        if m.input_model is not None and not (
+            isinstance(m.input_model, type) and issubclass(m.input_model, BaseModel)
+        ):
+            self.add(None, "input_model is not a pydantic model class", "pass a BaseModel subclass")
+            m.input_model = None
+        for var in m.input_vars:
+            if not var.isidentifier() or var in m.by_name:
+                self.add(None, f"input_vars key {var!r} is not a free identifier", "rename it")
+        if m.max_branch_depth < 0:
+            self.add(None, "max_branch_depth is negative", "use 0 or more")
+        self._names()
+        if self.problems:
+            return self.problems  # later checks need unique, valid names
+        for index, state in enumerate(m.states):
+            self._state(index, state)
+        if self.problems:
+            return self.problems  # graph checks need a sound table
+        self._reachability()
+        self._needs_dominate()
+        self._cycles()
+        self._branch_depth()
+        return self.problems
+
+    def _names(self) -> None:
+        seen: set[str] = set()
+        for state in self.m.states:
+            if not isinstance(state, State) or type(state) is State:
+                self.add(None, f"{state!r} is not an LLMState or PythonState", "wrap it in one")
+                continue
+            name = state.name
+            if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+                self.add(str(name), "name is not a Python identifier", "use letters, digits and _")
+            elif name in RESERVED_NAMES:
+                self.add(name, "name is reserved", f"rename it (reserved: {sorted(RESERVED_NAMES)})")
+            elif name in seen:
+                self.add(name, "is declared twice", "give each state a unique name")
+            seen.add(name)
+
+    def _state(self, index: int, state: State) -> None:
+        m = self.m
+        names = [s.name for s in m.states]
+        following = names[index + 1:]
+        defaults = {
+            FlowDecision.CONTINUE.value: following[0] if following else END,
+            FlowDecision.SKIP.value: following[1] if len(following) > 1 else END,
+            FlowDecision.RETRY.value: state.name,
+            FlowDecision.TERMINATE.value: END,
+        }
+        table = dict(defaults)
+        for key, target in state.on.items():
+            value = _decision_value(key)
+            if value is None:
+                self.add(state.name, f"on= key {key!r} is not a decision",
+                         "use FlowDecision.X or Branch('name')")
+                continue
+            if target != END and target not in m.by_name:
+                self.add(state.name, f"transition {value} -> unknown target {target!r}",
+                         f"use one of {names} or END")
+                continue
+            table[value] = target
+        m.table[state.name] = table
+
+        g = state.guard
+        if g is None:
+            allowed = {FlowDecision.CONTINUE.value}
+            extra = [k for k in table if k not in defaults]
+            if extra:
+                self.add(state.name, f"has transitions for {extra} but no guard to choose them",
+                         "add guard= or remove those on= entries")
+        elif isinstance(g, DeclaredGuard):
+            allowed = set()
+            for d in g.decisions:
+                value = _decision_value(d)
+                if value is None:
+                    self.add(state.name, f"guard declares {d!r}, which is not a decision",
+                             "declare FlowDecision.X or Branch('name') values")
+                elif value not in table:
+                    self.add(state.name, f"guard may return {value} but no transition handles it",
+                             f"add on={{{_decision_repr(d)}: '<target state>'}}")
+                else:
+                    allowed.add(value)
+        elif callable(g):
+            allowed = set(table)
+            try:
+                params = inspect.signature(g).parameters
+                positional = [p for p in params.values()
+                              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+                if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params.values()):
+                    self.add(state.name, "guard does not take (output, context)",
+                             "define it as def my_guard(output, ctx) -> FlowDecision")
+            except (TypeError, ValueError):
+                pass
+        else:
+            self.add(state.name, "guard is not callable", "pass a function (output, ctx) -> FlowDecision")
+            allowed = {FlowDecision.CONTINUE.value}
+        m.decisions[state.name] = frozenset(allowed)
+
+        if FlowDecision.RETRY.value in allowed and table[FlowDecision.RETRY.value] == state.name:
+            if not isinstance(state.retry_limit, int) or state.retry_limit < 1:
+                self.add(state.name, "its guard may RETRY but retry_limit is not a positive number",
+                         "set retry_limit=3 (the most runs in a row)")
+        if state.max_visits is not None and (not isinstance(state.max_visits, int) or state.max_visits < 1):
+            self.add(state.name, "max_visits must be a positive integer", "set max_visits=N or leave it None")
+        if state.output is not None and not (
+            isinstance(state.output, type) and issubclass(state.output, BaseModel)
+        ):
+            self.add(state.name, "output is not a pydantic model class", "pass a BaseModel subclass")
+        for need in state.needs:
+            if need == state.name:
+                self.add(state.name, "needs itself", "remove it from needs")
+            elif need not in m.by_name:
+                self.add(state.name, f"needs unknown state {need!r}", f"use one of {names}")
+        if isinstance(state, LLMState):
+            self._llm_state(state)
+        elif isinstance(state, PythonState) and not callable(state.run):
+            self.add(state.name, "run= is not callable", "pass a function (ctx) -> output")
+
+    def _llm_state(self, state: LLMState) -> None:
+        m = self.m
+        if not (state.model or m.model):
+            self.add(state.name, "has no model", "set model= on the state or the machine")
+        if not isinstance(state.max_tokens, int) or state.max_tokens < 1:
+            self.add(state.name, f"max_tokens={state.max_tokens!r} is not a positive integer",
+                     "set max_tokens to the answer's budget, e.g. 500")
+        prompt, system = m.templates[state.name]
+        available = m.input_names | set(state.needs)
+        for label, tpl in (("prompt", prompt), ("system", system)):
+            if tpl is None:
+                continue
+            for problem in tpl.problems:
+                self.add(state.name, f"{label} {problem}", "edit the template")
+            for name in dict.fromkeys(tpl.names):
+                if name in available:
+                    continue
+                if name in m.by_name:
+                    fix = f"add {name!r} to needs=[...]"
+                else:
+                    fix = "add the field to input_model or input_vars, or fix the spelling"
+                self.add(state.name, f"{label} uses {{{name}}}, which no input field or needed state provides", fix)
+
+    # ------------------------------------------------------------------ graph checks
+
+    def _reachable(self, start: str, blocked: str | None = None) -> set[str]:
+        seen = {start}
+        todo = [start]
+        while todo:
+            for target in self.m.edges(todo.pop()).values():
+                if target != END and target != blocked and target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+        return seen
+
+    def _reachability(self) -> None:
+        reachable = self._reachable(self.m.initial)
+        for state in self.m.states:
+            if state.name not in reachable:
+                self.add(state.name, "is unreachable from the initial state",
+                         "route a decision to it (on={...}) or remove it")
+
+    def _needs_dominate(self) -> None:
+        for state in self.m.states:
+            for need in state.needs:
+                if need == self.m.initial:
+                    continue
+                if state.name in self._reachable(self.m.initial, blocked=need) or state.name == self.m.initial:
+                    self.add(state.name, f"can run before {need!r}, whose output it needs",
+                             f"make every path to it pass through {need!r}, or drop it from needs")
+
+    def _cycles(self) -> None:
+        """Every cycle other than a RETRY self-loop needs a state with max_visits."""
+        for component in _strongly_connected(self.m):
+            if len(component) < 2:
+                continue
+            if not any(self.m.by_name[s].max_visits for s in component):
+                loop = " -> ".join(sorted(component))
+                self.add(sorted(component)[0], f"states {loop} form a loop with no bound",
+                         "set max_visits=N on one of them")
+
+    def _branch_depth(self) -> None:
+        m = self.m
+        branching = {
+            s.name for s in m.states
+            if len({t for t in m.edges(s.name).values() if t != s.name}) > 1
+        }
+        deepest: tuple[int, list[str]] = (0, [])
+
+        def walk(node: str, path: list[str], depth: int) -> None:
+            nonlocal deepest
+            if node in branching:
+                depth += 1
+            if depth > deepest[0]:
+                deepest = (depth, path + [node])
+            for target in set(m.edges(node).values()):
+                if target != END and target not in path and target != node:
+                    walk(target, path + [node], depth)
+
+        walk(m.initial, [], 0)
+        if deepest[0] > m.max_branch_depth:
+            last = deepest[1][-1]
+            self.add(last, f"branching depth {deepest[0]} exceeds the limit {m.max_branch_depth} "
+                     f"(path {' -> '.join(deepest[1])})",
+                     "declare guard decisions with @guard(...), flatten the branches, "
+                     "or raise Machine(max_branch_depth=...)")
+
+
+def _decision_repr(d: Decision) -> str:
+    return f"FlowDecision.{d.name}" if isinstance(d, FlowDecision) else f"Branch({d.name!r})"
+
+
+def _strongly_connected(m: Machine) -> list[set[str]]:
+    """Tarjan's algorithm over the machine's reachable edges."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in m.edges(v).values():
+            if w == END:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp: set[str] = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            out.append(comp)
+
+    for s in m.states:
+        if s.name not in index:
+            visit(s.name)
+    return out

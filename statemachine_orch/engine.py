@@ -1,0 +1,701 @@
+"""The engine: compiles a `Machine` into a `transitions` FSM and drives runs step by step.
+
+One step = run the current state (LLM call or Python function), let its guard pick a
+decision, fire the trigger named after that decision, and commit the log row. The
+`transitions` machine owns the position: its triggers are the decisions, its conditions
+bound RETRY (`retry_limit`) and cycles (`max_visits`), and its `after_state_change`
+callback keeps the attempt and visit counters. Nothing is held in a transaction across a
+model call; the row is written after the step completes, in one transaction.
+
+`Run.step()` is the unit; `Run.run_to_end()` and `Engine.arun()` are loops over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from transitions import Machine as FSM
+
+from .definition import LLMState, Machine, PythonState, State
+from .errors import (
+    GuardError,
+    InputError,
+    LLMError,
+    OrchError,
+    OwnershipLostError,
+    RetryLimitError,
+    RunError,
+    StepError,
+    UsageError,
+    VisitLimitError,
+)
+from .ownership import Owner
+from .sqlite_store import SQLiteStore, now_iso
+from .store import NullStore, Store
+from .trace import Tracer
+from .types import (
+    END,
+    Branch,
+    FlowDecision,
+    LLMRequest,
+    ModelClient,
+    RunRecord,
+    RunStatus,
+    StepContext,
+    TransitionRecord,
+    Usage,
+    Verdict,
+)
+
+PythonOverride = Callable[[PythonState, StepContext], Any]
+"""Replaces the execution of Python states (replay serves recorded outputs through it)."""
+
+_NO_OUTPUT = object()
+_REASON_LIMIT = 500
+_CONTINUE = FlowDecision.CONTINUE.value
+_TERMINATE = FlowDecision.TERMINATE.value
+_RETRY = FlowDecision.RETRY.value
+
+
+def new_run_id() -> str:
+    """Time-ordered, 26 characters (like ULID): ms timestamp + 80 random bits, Crockford base32."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(secrets.token_bytes(10), "big")
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    chars = []
+    for _ in range(26):
+        chars.append(alphabet[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+@dataclass(slots=True, kw_only=True)
+class RunResult:
+    """Where a run ended up after this process drove it."""
+
+    run_id: str
+    machine: str
+    status: RunStatus
+    path: list[str]
+    outputs: dict[str, Any]
+    usage: Usage
+    error: str | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.path)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "machine": self.machine, "status": self.status.value,
+            "path": self.path, "steps": self.steps, "error": self.error,
+            "input_tokens": self.usage.input_tokens, "output_tokens": self.usage.output_tokens,
+            "outputs": {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+                        for k, v in self.outputs.items()},
+        }
+
+
+class _Position:
+    """The `transitions` model of one run: current state plus the counters its conditions read."""
+
+    __slots__ = ("state", "attempt", "visits")
+
+    def __init__(self, state: str, attempt: int, visits: dict[str, int]) -> None:
+        self.state = state
+        self.attempt = attempt
+        self.visits = visits
+
+
+def _after_state_change(event: Any) -> None:
+    pos = event.model
+    transition = event.transition
+    if transition.dest == transition.source:
+        pos.attempt += 1
+    else:
+        pos.attempt = 1
+        pos.visits[transition.dest] = pos.visits.get(transition.dest, 0) + 1
+
+
+@dataclass(slots=True)
+class _Compiled:
+    """A machine as the engine runs it: its FSM, output tools and input names, built once."""
+
+    machine: Machine
+    fsm: FSM
+    tools: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+
+
+def compile_machine(machine: Machine) -> _Compiled:
+    transitions: list[dict[str, Any]] = []
+    for state in machine.states:
+        for decision, target in machine.edges(state.name).items():
+            conditions: list[Callable[[Any], bool]] = []
+            if target == state.name and decision == _RETRY:
+                limit = state.retry_limit or 1
+                conditions.append(lambda ev, limit=limit: bool(ev.model.attempt < limit))
+            elif target != END and target != state.name:
+                bound = machine.by_name[target].max_visits
+                if bound:
+                    conditions.append(
+                        lambda ev, t=target, b=bound: bool(ev.model.visits.get(t, 0) < b)
+                    )
+            transitions.append({"trigger": decision, "source": state.name, "dest": target,
+                                "conditions": conditions})
+    fsm = FSM(
+        model=None,
+        states=[s.name for s in machine.states] + [END],
+        transitions=transitions,
+        initial=machine.initial,
+        auto_transitions=False,
+        send_event=True,
+        ignore_invalid_triggers=False,
+        after_state_change=[_after_state_change],
+    )
+    compiled = _Compiled(machine, fsm)
+    for state in machine.states:
+        if isinstance(state, LLMState) and state.output is not None:
+            name = f"submit_{state.name}"[:64]
+            compiled.tools[state.name] = (name, {
+                "name": name,
+                "description": f"Submit the {state.name} result as {state.output.__name__}.",
+                "input_schema": state.output.model_json_schema(),
+            })
+    return compiled
+
+
+def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(input for contexts, input as stored, template values from the input) or InputError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"run input must be a JSON object, got {type(data).__name__}; "
+                         'wrap it, e.g. {"data": ...}')
+    values: dict[str, Any] = {}
+    if machine.input_model is not None:
+        try:
+            model = machine.input_model.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "input"
+            raise InputError(
+                f"input does not match {machine.input_model.__name__}: {where}: {first['msg']} "
+                f"({exc.error_count()} error(s)); fix the input file"
+            ) from None
+        stored = model.model_dump(mode="json")
+        values.update((name, getattr(model, name)) for name in machine.input_model.model_fields)
+        context_input: Any = model
+    else:
+        stored = data
+        context_input = data
+    for name, fn in machine.input_vars.items():
+        try:
+            values[name] = fn(context_input)
+        except Exception as exc:
+            raise InputError(f"input_vars[{name!r}] failed on this input: "
+                             f"{type(exc).__name__}: {exc}; fix the input or the function") from None
+    try:
+        json.dumps(stored)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"input is not JSON-serialisable: {exc}") from None
+    return context_input, stored, values
+
+
+class Run:
+    """One run driven by this process, which owns it in the store until it stops."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        compiled: _Compiled,
+        record: RunRecord,
+        owner: Owner,
+        *,
+        input: Any,
+        input_values: dict[str, Any],
+        position: _Position,
+        seq: int = 0,
+        outputs: dict[str, Any] | None = None,
+        path: list[str] | None = None,
+        usage: Usage | None = None,
+        pending: TransitionRecord | None = None,
+    ) -> None:
+        self.engine = engine
+        self.machine = compiled.machine
+        self._compiled = compiled
+        self._trigger = compiled.fsm.events
+        self.record = record
+        self.run_id = record.run_id
+        self.owner = owner
+        self.input = input
+        self._input_values = input_values
+        self._pos = position
+        self.seq = seq
+        self.outputs: dict[str, Any] = outputs if outputs is not None else {}
+        self.path: list[str] = path if path is not None else []
+        self.usage = usage or Usage()
+        self._pending = pending
+        self.status = RunStatus.RUNNING
+        self.error: str | None = None
+        self._broken: BaseException | None = None
+
+    @property
+    def state(self) -> str:
+        """The state that runs next (END once the run is over)."""
+        return self._pos.state
+
+    @property
+    def done(self) -> bool:
+        return self.status is not RunStatus.RUNNING
+
+    def result(self) -> RunResult:
+        return RunResult(run_id=self.run_id, machine=self.machine.name, status=self.status,
+                         path=list(self.path), outputs=dict(self.outputs), usage=self.usage,
+                         error=self.error)
+
+    # ------------------------------------------------------------------ one step
+
+    async def step(self) -> TransitionRecord:
+        """Run the current state, decide, move, commit. Failures are recorded, not raised."""
+        if self._broken is not None:
+            raise UsageError(f"run {self.run_id} stopped after a store error; resume it") from self._broken
+        if self.done:
+            raise UsageError(f"run {self.run_id} is {self.status.value}; nothing left to step")
+        pos = self._pos
+        name = pos.state
+        state = self.machine.by_name[name]
+        t0 = perf_counter()
+        rec = TransitionRecord(
+            run_id=self.run_id, seq=self.seq + 1, from_state=name, to_state=None, decision=None,
+            reason=None, attempt=pos.attempt, started_at=now_iso(), latency_ms=0.0,
+            source="llm" if isinstance(state, LLMState) else "python",
+        )
+        outputs = self.outputs
+        ctx = StepContext(self.run_id, name, pos.attempt, self.input,
+                          {n: outputs[n] for n in state.needs})
+        status: RunStatus | None = None
+        output: Any = _NO_OUTPUT
+        try:
+            if self._pending is not None:
+                output = self._reuse_pending(state, rec)
+            elif isinstance(state, LLMState):
+                output = await self._call_model(state, rec)
+            else:
+                output = await self._call_python(state, ctx)
+            rec.output = output
+            verdict = self._judge(state, output, ctx)
+            rec.decision = verdict.decision.value
+            rec.reason = verdict.reason[:_REASON_LIMIT]
+            self._move(state, rec.decision)
+            rec.to_state = pos.state
+        except RunError as exc:
+            status = RunStatus.FAILED
+            rec.error = f"{type(exc).__name__}: {exc}"
+        rec.latency_ms = (perf_counter() - t0) * 1000.0
+        if rec.to_state == END:
+            status = RunStatus.TERMINATED if rec.decision == _TERMINATE else RunStatus.COMPLETED
+        try:
+            self.engine.store.append(rec, self.owner, status=status, error=rec.error)
+        except BaseException as exc:
+            self._broken = exc
+            if not isinstance(exc, OwnershipLostError):
+                self._release_quietly(RunStatus.INTERRUPTED, f"store error: {exc}")
+            raise
+        self.seq = rec.seq
+        u = rec.usage
+        total = self.usage
+        total.input_tokens += u.input_tokens
+        total.output_tokens += u.output_tokens
+        total.cache_read_tokens += u.cache_read_tokens
+        total.cache_write_tokens += u.cache_write_tokens
+        if rec.to_state is not None:
+            outputs[name] = output
+            self.path.append(name)
+        elif output is not _NO_OUTPUT:
+            self._pending = rec  # a paid answer the guard failed on: resume re-judges it
+        if status is not None:
+            self.status = status
+            self.error = rec.error
+        self.engine.tracer.transition(rec, self.machine.name)
+        return rec
+
+    def _reuse_pending(self, state: State, rec: TransitionRecord) -> Any:
+        """Re-run the guard on an answer that was already paid for, instead of calling again."""
+        pending = self._pending
+        assert pending is not None
+        self._pending = None
+        rec.source = "recorded"
+        rec.request = pending.request
+        rec.response = pending.response
+        rec.request_id = pending.request_id
+        return _restore_output(state, pending.output)
+
+    async def _call_model(self, state: LLMState, rec: TransitionRecord) -> Any:
+        prompt, system = self.machine.templates[state.name]
+        body: dict[str, Any] = {
+            "model": state.model or self.machine.model,
+            "max_tokens": state.max_tokens,
+            "messages": [{"role": "user", "content": prompt.render(self._values(prompt.names))}],
+        }
+        if system is not None:
+            body["system"] = system.render(self._values(system.names))
+        if state.temperature is not None:
+            body["temperature"] = state.temperature
+        tool = self._compiled.tools.get(state.name)
+        if tool is not None:
+            body["tools"] = [tool[1]]
+            body["tool_choice"] = {"type": "tool", "name": tool[0]}
+        rec.request = body
+        request = LLMRequest(run_id=self.run_id, state=state.name, body=body,
+                             tool_name=tool[0] if tool else None)
+        try:
+            completion = await self.engine.model.complete(request)
+        except OrchError:
+            raise
+        except Exception as exc:  # an adapter bug must still be recorded against the step
+            raise LLMError(f"model client failed: {type(exc).__name__}: {exc}", kind="unexpected",
+                           run_id=self.run_id, state=state.name) from exc
+        rec.response = completion.response
+        rec.request_id = completion.request_id
+        rec.usage = completion.usage
+        if completion.stop_reason == "refusal":
+            raise LLMError("the model refused to answer (stop_reason=refusal)", kind="refusal",
+                           request_id=completion.request_id, run_id=self.run_id, state=state.name)
+        if completion.stop_reason == "max_tokens":
+            raise LLMError(
+                f"the answer was cut off at max_tokens={state.max_tokens}; raise max_tokens for "
+                f"state '{state.name}' and resume", kind="truncated",
+                request_id=completion.request_id, run_id=self.run_id, state=state.name)
+        if state.output is None:
+            return completion.text
+        if completion.data is None:
+            raise LLMError(f"the model did not call the {tool[0] if tool else 'output'} tool",
+                           kind="invalid_output", request_id=completion.request_id,
+                           run_id=self.run_id, state=state.name)
+        try:
+            return state.output.model_validate(completion.data)
+        except ValidationError as exc:
+            raise LLMError(f"answer does not match {state.output.__name__}: {_first_error(exc)}",
+                           kind="invalid_output", request_id=completion.request_id,
+                           run_id=self.run_id, state=state.name) from None
+
+    def _values(self, names: tuple[str, ...]) -> dict[str, Any]:
+        outputs = self.outputs
+        values = self._input_values
+        return {n: outputs[n] if n in outputs else values[n] for n in names}
+
+    async def _call_python(self, state: State, ctx: StepContext) -> Any:
+        assert isinstance(state, PythonState)
+        override = self.engine.python_override
+        try:
+            if override is not None:
+                result = override(state, ctx)
+            else:
+                result = state.run(ctx)
+                if inspect.isawaitable(result):
+                    result = await result
+        except OrchError:
+            raise
+        except Exception as exc:
+            raise StepError(f"{type(exc).__name__}: {exc}", run_id=self.run_id,
+                            state=state.name) from exc
+        try:
+            return _restore_output(state, result)
+        except (TypeError, ValueError) as exc:
+            raise StepError(f"returned a value that cannot be stored: {exc}", run_id=self.run_id,
+                            state=state.name) from None
+
+    def _judge(self, state: State, output: Any, ctx: StepContext) -> Verdict:
+        g = state.guard
+        if g is None:
+            return Verdict(FlowDecision.CONTINUE, "no guard: continue")
+        gname = getattr(g, "__name__", type(g).__name__)
+        try:
+            result = g(output, ctx)
+        except Exception as exc:
+            raise GuardError(f"guard {gname} raised {type(exc).__name__}: {exc}",
+                             run_id=self.run_id, state=state.name) from exc
+        if isinstance(result, Verdict) and isinstance(result.decision, (FlowDecision, Branch)):
+            verdict = Verdict(result.decision, str(result.reason))
+        elif isinstance(result, (FlowDecision, Branch)):
+            verdict = Verdict(result, f"{gname} saw {_excerpt(output)} -> {result.value}")
+        else:
+            if inspect.isawaitable(result) and hasattr(result, "close"):
+                result.close()
+            raise GuardError(
+                f"guard {gname} returned {_excerpt(result)}, which is not a decision; return a "
+                f"FlowDecision or Branch (allowed here: {sorted(self.machine.decisions[state.name])})",
+                run_id=self.run_id, state=state.name)
+        if verdict.decision.value not in self.machine.decisions[state.name]:
+            raise GuardError(
+                f"guard {gname} returned {verdict.decision.value}, which state '{state.name}' has no "
+                f"transition for (allowed: {sorted(self.machine.decisions[state.name])}); "
+                "add it to on={...} and @guard(...)", run_id=self.run_id, state=state.name)
+        return verdict
+
+    def _move(self, state: State, decision: str) -> None:
+        if self._trigger[decision].trigger(self._pos):
+            return
+        if decision == _RETRY:
+            raise RetryLimitError(
+                f"state '{state.name}' asked to RETRY after attempt {self._pos.attempt}, but its "
+                f"retry_limit is {state.retry_limit}; raise retry_limit or route the failure",
+                run_id=self.run_id, state=state.name)
+        target = self.machine.table[state.name][decision]
+        raise VisitLimitError(
+            f"state '{target}' reached max_visits={self.machine.by_name[target].max_visits}; "
+            "raise max_visits or break the loop", run_id=self.run_id, state=state.name)
+
+    # ------------------------------------------------------------------ whole run
+
+    async def run_to_end(self) -> RunResult:
+        try:
+            while not self.done:
+                await self.step()
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            if self._broken is None:
+                self._release_quietly(RunStatus.INTERRUPTED, "interrupted; resume to continue")
+            raise
+        self.engine.tracer.run_finished(self.run_id, self.machine.name, self.status.value,
+                                        steps=len(self.path), usage=self.usage, error=self.error)
+        return self.result()
+
+    def _release_quietly(self, status: RunStatus, error: str) -> None:
+        try:
+            self.engine.store.release(self.run_id, self.owner, status, error)
+        except OrchError:
+            pass  # the owner check on resume treats a dead process as gone anyway
+        self.status = status
+        self.error = error
+
+
+def _restore_output(state: State, value: Any) -> Any:
+    """Outputs as a resumed run would see them: validated model, or JSON-normalised data."""
+    if state.output is not None:
+        if isinstance(value, state.output):
+            return value
+        try:
+            return state.output.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(f"does not match {state.output.__name__}: {_first_error(exc)}") from None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return json.loads(json.dumps(value, allow_nan=False))
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc']) or 'value'}: {first['msg']}"
+
+
+def _excerpt(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Engine:
+    """Drives runs of machines against a store, a model client and a tracer. No global state."""
+
+    def __init__(
+        self,
+        store: Store | str | os.PathLike[str] | None = None,
+        *,
+        model: ModelClient | None = None,
+        tracer: Tracer | None = None,
+        python_override: PythonOverride | None = None,
+    ) -> None:
+        if store is None:
+            store = NullStore()
+        elif isinstance(store, (str, os.PathLike)):
+            store = SQLiteStore(store)
+        self.store: Store = store
+        self._model = model
+        self.tracer = tracer if tracer is not None else Tracer.default()
+        self.python_override = python_override
+        self._compiled: dict[int, _Compiled] = {}
+        self._loop: asyncio.Runner | None = None
+
+    @property
+    def model(self) -> ModelClient:
+        if self._model is None:
+            from .llm import AnthropicModel
+
+            self._model = AnthropicModel()
+        return self._model
+
+    def compiled(self, machine: Machine) -> _Compiled:
+        found = self._compiled.get(id(machine))
+        if found is None or found.machine is not machine:
+            found = self._compiled[id(machine)] = compile_machine(machine)
+        return found
+
+    async def start(
+        self,
+        machine: Machine,
+        input: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        machine_ref: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Run:
+        """Validate the input, persist a new run (owned by this process) and return it unstarted."""
+        compiled = self.compiled(machine)
+        context_input, stored, values = validate_input(machine, input)
+        now = now_iso()
+        record = RunRecord(
+            run_id=run_id or new_run_id(), machine=machine.name,
+            machine_ref=machine_ref or machine.ref, machine_hash=machine.source_hash,
+            input=stored, status=RunStatus.RUNNING, created_at=now, updated_at=now,
+            options=options or {},
+        )
+        owner = Owner.for_this_process()
+        self.store.create_run(record, owner)
+        self.tracer.run_started(record)
+        position = _Position(machine.initial, 1, {machine.initial: 1})
+        return Run(self, compiled, record, owner, input=context_input, input_values=values,
+                   position=position)
+
+    async def attach(self, run_id: str, machine: Machine) -> Run:
+        """Claim a stored run (its owner must be gone) and rebuild it from its log."""
+        compiled = self.compiled(machine)
+        record, log = self.store.load_run(run_id)
+        self._check_compatible(record, machine, log)  # before claiming: refusing leaves no trace
+        owner = Owner.for_this_process()
+        record, log = self.store.claim_run(run_id, owner)
+        context_input, _, values = validate_input(machine, record.input)
+        run = self._rebuild(compiled, record, owner, context_input, values, log)
+        if record.machine_hash != machine.source_hash:
+            self.tracer.machine_changed(run_id, machine.name, record.machine_hash, machine.source_hash)
+        self.tracer.run_started(record, resumed=True)
+        return run
+
+    @staticmethod
+    def _check_compatible(record: RunRecord, machine: Machine, log: list[TransitionRecord]) -> None:
+        if record.status.finished:
+            raise UsageError(f"run {record.run_id} is already {record.status.value}; nothing to resume")
+        if record.machine != machine.name:
+            raise UsageError(f"run {record.run_id} belongs to machine '{record.machine}', "
+                             f"not '{machine.name}'; pass the right machine")
+        for row in log:
+            for name in (row.from_state, row.to_state):
+                if name is not None and name != END and name not in machine.by_name:
+                    raise UsageError(
+                        f"run {record.run_id} passed through state '{name}', which machine "
+                        f"'{machine.name}' no longer defines; restore the state to resume it")
+            if row.to_state is not None or row.output is not None:
+                try:
+                    _restore_output(machine.by_name[row.from_state], row.output)
+                except (TypeError, ValueError) as exc:
+                    raise UsageError(
+                        f"run {record.run_id}: the stored output of '{row.from_state}' (seq "
+                        f"{row.seq}) {exc}; restore the output model to resume it") from None
+        validate_input(machine, record.input)
+
+    def _rebuild(
+        self,
+        compiled: _Compiled,
+        record: RunRecord,
+        owner: Owner,
+        context_input: Any,
+        values: dict[str, Any],
+        log: list[TransitionRecord],
+    ) -> Run:
+        machine = compiled.machine
+        outputs: dict[str, Any] = {}
+        path: list[str] = []
+        visits = {machine.initial: 1}
+        usage = Usage()
+        for row in log:
+            u = row.usage
+            usage.input_tokens += u.input_tokens
+            usage.output_tokens += u.output_tokens
+            usage.cache_read_tokens += u.cache_read_tokens
+            usage.cache_write_tokens += u.cache_write_tokens
+            if row.to_state is None:
+                continue
+            outputs[row.from_state] = _restore_output(machine.by_name[row.from_state], row.output)
+            path.append(row.from_state)
+            if row.to_state != row.from_state:
+                visits[row.to_state] = visits.get(row.to_state, 0) + 1
+        pending = None
+        if not log:
+            position = _Position(machine.initial, 1, visits)
+        else:
+            last = log[-1]
+            if last.to_state is None:  # the last step failed: run that state again
+                position = _Position(last.from_state, last.attempt + 1, visits)
+                if last.output is not None:
+                    pending = last
+            elif last.to_state == END:
+                raise UsageError(f"run {record.run_id} already reached its end; nothing to resume")
+            elif last.to_state == last.from_state:
+                position = _Position(last.to_state, last.attempt + 1, visits)
+            else:
+                position = _Position(last.to_state, 1, visits)
+        return Run(self, compiled, record, owner, input=context_input, input_values=values,
+                   position=position, seq=log[-1].seq if log else 0, outputs=outputs, path=path,
+                   usage=usage, pending=pending)
+
+    async def arun(self, machine: Machine, input: Mapping[str, Any] | None = None,
+                   **options: Any) -> RunResult:
+        """Start a run and drive it to its end (completed, terminated or failed)."""
+        run = await self.start(machine, input, **options)
+        return await run.run_to_end()
+
+    async def aresume(self, run_id: str, machine: Machine) -> RunResult:
+        """Continue a stored run from its last committed step."""
+        run = await self.attach(run_id, machine)
+        return await run.run_to_end()
+
+    def run(self, machine: Machine, input: Mapping[str, Any] | None = None,
+            **options: Any) -> RunResult:
+        """Synchronous `arun`, on an event loop this engine keeps for its lifetime."""
+        return self._sync(self.arun(machine, input, **options))
+
+    def resume(self, run_id: str, machine: Machine) -> RunResult:
+        """Synchronous `aresume`."""
+        return self._sync(self.aresume(run_id, machine))
+
+    def _sync(self, coro: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            coro.close()
+            raise UsageError("Engine.run()/resume() called inside an event loop; await "
+                             "engine.arun()/aresume() instead")
+        if self._loop is None:
+            self._loop = asyncio.Runner()
+        return self._loop.run(coro)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+

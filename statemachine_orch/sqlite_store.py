@@ -1,0 +1,375 @@
+"""SQLite store (through sqlite-utils): one file, WAL, one short transaction per transition.
+
+Layout (schema version 1, see docs/storage.md):
+  runs         one row per run: identity, input, status, owner. With the run's last log
+               row it is the resumable snapshot, so a transition writes one INSERT only.
+  transitions  the append-only log: one row per step, with the step's output and the LLM
+               request/response/usage of its call. Views `llm_calls`, `step_outputs` and
+               `run_totals` present the same rows by concept.
+
+Writes happen after a step completes and never across a network call. Each uses
+`BEGIN IMMEDIATE`, so a busy database waits (busy timeout) instead of failing half-way,
+and is fenced on the owner token and on (run_id, seq) uniqueness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlite_utils
+
+from .errors import (
+    OwnershipLostError,
+    RunBusyError,
+    RunNotFoundError,
+    SchemaVersionError,
+    StoreError,
+    UsageError,
+)
+from .ownership import Owner, is_alive, owner_from_json
+from .store import RunSummary
+from .types import RunRecord, RunStatus, TransitionRecord, Usage
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
+Synchronous = Literal["FULL", "NORMAL"]
+
+_SCHEMA = """
+CREATE TABLE runs (
+    run_id       TEXT PRIMARY KEY,
+    machine      TEXT NOT NULL,
+    machine_ref  TEXT NOT NULL,
+    machine_hash TEXT NOT NULL,
+    input        TEXT NOT NULL,
+    options      TEXT NOT NULL DEFAULT '{}',
+    status       TEXT NOT NULL,
+    error        TEXT,
+    created_at   TEXT NOT NULL,
+    updated_at   TEXT NOT NULL,
+    owner        TEXT,
+    owner_info   TEXT
+);
+CREATE INDEX runs_by_created ON runs (created_at);
+CREATE INDEX runs_by_machine ON runs (machine, created_at);
+CREATE TABLE transitions (
+    run_id             TEXT NOT NULL REFERENCES runs (run_id),
+    seq                INTEGER NOT NULL,
+    from_state         TEXT NOT NULL,
+    to_state           TEXT,
+    decision           TEXT,
+    reason             TEXT,
+    attempt            INTEGER NOT NULL,
+    started_at         TEXT NOT NULL,
+    latency_ms         REAL NOT NULL,
+    source             TEXT NOT NULL,
+    input_tokens       INTEGER NOT NULL DEFAULT 0,
+    output_tokens      INTEGER NOT NULL DEFAULT 0,
+    cache_read_tokens  INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    error              TEXT,
+    output             TEXT,
+    request            TEXT,
+    response           TEXT,
+    request_id         TEXT,
+    PRIMARY KEY (run_id, seq)
+);
+CREATE VIEW llm_calls AS
+    SELECT run_id, seq, from_state AS state, request_id, request, response,
+           input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, started_at, latency_ms
+    FROM transitions WHERE request IS NOT NULL;
+CREATE VIEW step_outputs AS
+    SELECT run_id, seq, from_state AS state, output FROM transitions
+    WHERE output IS NOT NULL AND to_state IS NOT NULL;
+CREATE VIEW run_totals AS
+    SELECT run_id, count(to_state) AS steps, sum(input_tokens) AS input_tokens,
+           sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens,
+           sum(cache_write_tokens) AS cache_write_tokens, sum(latency_ms) AS latency_ms
+    FROM transitions GROUP BY run_id;
+"""
+
+_TRANSITION_COLUMNS = (
+    "run_id, seq, from_state, to_state, decision, reason, attempt, started_at, latency_ms, source, "
+    "input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, error, output, request, "
+    "response, request_id"
+)
+# The owner check makes the INSERT itself the fence: no row unless we still own the run.
+_APPEND = (
+    f"INSERT INTO transitions ({_TRANSITION_COLUMNS}) "
+    "SELECT ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,? "
+    "WHERE EXISTS (SELECT 1 FROM runs WHERE run_id = ? AND owner = ?)"
+)
+_SET_STATUS = (
+    "UPDATE runs SET status = ?, error = ?, updated_at = ?, "
+    "owner = CASE WHEN ? THEN owner ELSE NULL END, "
+    "owner_info = CASE WHEN ? THEN owner_info ELSE NULL END "
+    "WHERE run_id = ? AND owner = ?"
+)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _dump(value: Any) -> str | None:
+    if value is None:
+        return None
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class SQLiteStore:
+    """The default store: a local SQLite file, safe for many processes on one machine."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "orch.db",
+        *,
+        synchronous: Synchronous = "FULL",
+        busy_timeout_s: float = 30.0,
+        create: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        if synchronous not in ("FULL", "NORMAL"):
+            raise UsageError(f"synchronous={synchronous!r} is not supported; use 'FULL' or 'NORMAL'")
+        if not self.path.exists():
+            if not create:
+                raise StoreError(f"no database at {self.path}; start a run first or pass --db PATH")
+            _create_private(self.path)
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"{self.path} is not a usable SQLite database: {exc}") from exc
+        except StoreError:
+            conn.close()
+            raise
+
+    # ------------------------------------------------------------------ schema
+
+    def _migrate(self) -> None:
+        conn = self.conn
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        if version == 0 and app_id == 0:
+            with self._write():
+                if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+                    return  # another process created the schema while we waited for the lock
+                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise StoreError(
+                        f"{self.path} holds another application's tables; use a new file with --db"
+                    )
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            return
+        if app_id != APPLICATION_ID:
+            raise StoreError(f"{self.path} is not a statemachine_orch database; use a new file with --db")
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.path} has schema version {version}, newer than this statemachine_orch "
+                f"understands ({SCHEMA_VERSION}); upgrade statemachine_orch"
+            )
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: take the write lock up front, wait if busy, all or nothing."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"cannot write to {self.path}: {exc}; retry when the database is free") from exc
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot write to {self.path}: {exc}") from exc
+            raise
+
+    # ------------------------------------------------------------------ the engine's verbs
+
+    def create_run(self, run: RunRecord, owner: Owner) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, options, status, "
+                "error, created_at, updated_at, owner, owner_info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (run.run_id, run.machine, run.machine_ref, run.machine_hash, _dump(run.input),
+                 _dump(run.options), run.status.value, run.error, run.created_at, run.updated_at,
+                 owner.token, owner.info_json()),
+            )
+
+    def claim_run(self, run_id: str, owner: Owner) -> tuple[RunRecord, list[TransitionRecord]]:
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT status, owner, owner_info FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                raise RunNotFoundError(f"no run {run_id!r} in {self.path}; list runs with `orch runs`")
+            status, current, info = row
+            if RunStatus(status).finished:
+                raise UsageError(f"run {run_id} is already {status}; nothing to resume")
+            holder = owner_from_json(info)
+            if current is not None and (holder is None or is_alive(holder)):
+                who = holder.describe() if holder else "an unknown process"
+                raise RunBusyError(
+                    f"run {run_id} is being driven by {who}; wait for it to finish or stop it first"
+                )
+            conn.execute(
+                "UPDATE runs SET status = ?, error = NULL, updated_at = ?, owner = ?, owner_info = ? "
+                "WHERE run_id = ?",
+                (RunStatus.RUNNING.value, now_iso(), owner.token, owner.info_json(), run_id),
+            )
+        return self.load_run(run_id)
+
+    def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+        return self.get_run(run_id), self.transitions(run_id)
+
+    def append(
+        self,
+        record: TransitionRecord,
+        owner: Owner,
+        *,
+        status: RunStatus | None = None,
+        error: str | None = None,
+    ) -> None:
+        r = record
+        u = r.usage
+        params = (
+            r.run_id, r.seq, r.from_state, r.to_state, r.decision, r.reason, r.attempt, r.started_at,
+            r.latency_ms, r.source, u.input_tokens, u.output_tokens, u.cache_read_tokens,
+            u.cache_write_tokens, r.error, _dump(r.output), _dump(r.request), _dump(r.response),
+            r.request_id, r.run_id, owner.token,
+        )
+        try:
+            with self._write() as conn:
+                if conn.execute(_APPEND, params).rowcount != 1:
+                    raise OwnershipLostError(
+                        f"run {r.run_id} was taken over by another process; this process stopped "
+                        f"before writing step {r.seq}"
+                    )
+                if status is not None:
+                    self._set_status(conn, r.run_id, owner, status, error)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise OwnershipLostError(
+                    f"run {r.run_id} already has step {r.seq}: another process advanced it"
+                ) from exc
+            raise
+
+    def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
+        with self._write() as conn:
+            self._set_status(conn, run_id, owner, status, error)
+
+    @staticmethod
+    def _set_status(
+        conn: sqlite3.Connection, run_id: str, owner: Owner, status: RunStatus, error: str | None
+    ) -> None:
+        keep = status is RunStatus.RUNNING
+        conn.execute(_SET_STATUS, (status.value, error, now_iso(), keep, keep, run_id, owner.token))
+
+    # ------------------------------------------------------------------ reading
+
+    def get_run(self, run_id: str) -> RunRecord:
+        rows = list(self.db.query("SELECT * FROM runs WHERE run_id = ?", [run_id]))
+        if not rows:
+            raise RunNotFoundError(f"no run {run_id!r} in {self.path}; list runs with `orch runs`")
+        row = rows[0]
+        return RunRecord(
+            run_id=row["run_id"], machine=row["machine"], machine_ref=row["machine_ref"],
+            machine_hash=row["machine_hash"], input=_load(row["input"]),
+            status=RunStatus(row["status"]), created_at=row["created_at"],
+            updated_at=row["updated_at"], error=row["error"], options=_load(row["options"]) or {},
+            owner=row["owner"],
+        )
+
+    def owner_of(self, run_id: str) -> Owner | None:
+        row = self.conn.execute("SELECT owner_info FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return owner_from_json(row[0]) if row else None
+
+    def transitions(self, run_id: str) -> list[TransitionRecord]:
+        return [
+            TransitionRecord(
+                run_id=row["run_id"], seq=row["seq"], from_state=row["from_state"],
+                to_state=row["to_state"], decision=row["decision"], reason=row["reason"],
+                attempt=row["attempt"], started_at=row["started_at"], latency_ms=row["latency_ms"],
+                source=row["source"], output=_load(row["output"]), error=row["error"],
+                request=_load(row["request"]), response=_load(row["response"]),
+                request_id=row["request_id"],
+                usage=Usage(
+                    input_tokens=row["input_tokens"], output_tokens=row["output_tokens"],
+                    cache_read_tokens=row["cache_read_tokens"],
+                    cache_write_tokens=row["cache_write_tokens"],
+                ),
+            )
+            for row in self.db.query(
+                "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", [run_id]
+            )
+        ]
+
+    def list_runs(
+        self,
+        *,
+        machine: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+    ) -> list[RunSummary]:
+        where: list[str] = []
+        params: list[Any] = []
+        if machine:
+            where.append("r.machine = ?")
+            params.append(machine)
+        if status:
+            where.append("r.status = ?")
+            params.append(status)
+        sql = (
+            "SELECT r.run_id, r.machine, r.status, r.created_at, r.updated_at, r.error, "
+            "(SELECT count(to_state) FROM transitions t WHERE t.run_id = r.run_id) AS steps, "
+            "(SELECT coalesce(sum(input_tokens), 0) FROM transitions t WHERE t.run_id = r.run_id) "
+            "AS input_tokens, "
+            "(SELECT coalesce(sum(output_tokens), 0) FROM transitions t WHERE t.run_id = r.run_id) "
+            "AS output_tokens FROM runs r "
+            + ("WHERE " + " AND ".join(where) + " " if where else "")
+            + "ORDER BY r.created_at DESC, r.run_id DESC LIMIT ?"
+        )
+        params.append(limit)
+        return [RunSummary(**row) for row in self.db.query(sql, params)]
+
+    def run_ids(self, machine: str) -> Sequence[str]:
+        return [row["run_id"] for row in self.db.query(
+            "SELECT run_id FROM runs WHERE machine = ? ORDER BY created_at, run_id", [machine])]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only; SQLite gives -wal/-shm the same mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)

@@ -1,0 +1,81 @@
+"""The store interface the engine writes through, and a store that keeps nothing.
+
+The engine needs four verbs. Every implementation must make `append` atomic (the log row
+and, when given, the run's new status land together or not at all) and fenced (it fails
+with `OwnershipLostError` unless `owner` still owns the run and `seq` is the next one).
+SQLite implements it now (`sqlite_store.SQLiteStore`); PostgreSQL will implement the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import RunNotFoundError
+from .ownership import Owner
+from .types import RunRecord, RunStatus, TransitionRecord
+
+
+class Store(Protocol):
+    def create_run(self, run: RunRecord, owner: Owner) -> None:
+        """Persist a new run, owned by `owner`, before its first step runs."""
+
+    def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+        """The run and its log, read without taking ownership."""
+
+    def claim_run(self, run_id: str, owner: Owner) -> tuple[RunRecord, list[TransitionRecord]]:
+        """Take ownership of a stored run whose owner is gone; return it with its log."""
+
+    def append(
+        self,
+        record: TransitionRecord,
+        owner: Owner,
+        *,
+        status: RunStatus | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Commit one log row (and the run's new status, if it changes) in one transaction."""
+
+    def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
+        """Give up ownership, leaving the run in `status` (used when a run is interrupted)."""
+
+
+@dataclass(slots=True, kw_only=True)
+class RunSummary:
+    """One line of `orch runs`."""
+
+    run_id: str
+    machine: str
+    status: str
+    created_at: str
+    updated_at: str
+    steps: int
+    input_tokens: int
+    output_tokens: int
+    error: str | None
+
+
+class NullStore:
+    """Keeps nothing: for in-memory runs (benchmarks, dry runs) that need no durability."""
+
+    def create_run(self, run: RunRecord, owner: Owner) -> None:
+        return None
+
+    def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+        raise RunNotFoundError(f"run {run_id!r} was not persisted (no store)")
+
+    def claim_run(self, run_id: str, owner: Owner) -> tuple[RunRecord, list[TransitionRecord]]:
+        raise RunNotFoundError(f"run {run_id!r} cannot be resumed: it was not persisted (no store)")
+
+    def append(
+        self,
+        record: TransitionRecord,
+        owner: Owner,
+        *,
+        status: RunStatus | None = None,
+        error: str | None = None,
+    ) -> None:
+        return None
+
+    def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
+        return None

@@ -1,0 +1,135 @@
+"""Structured events through structlog: exactly one `transition` event per log row.
+
+Event names are fixed: `run_started`, `run_resumed`, `transition`, `run_finished`,
+`machine_changed`. By default the tracer logs through `structlog.get_logger()`, so an
+application's own structlog configuration (and `structlog.testing.capture_logs()`)
+applies; the CLI builds a private logger instead of configuring structlog globally.
+Every renderer runs `redact_secrets` last before rendering.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, MutableMapping
+from typing import IO, Any
+
+import structlog
+
+from .types import RunRecord, TransitionRecord, Usage
+
+_KEY_PATTERN = re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SECRET_ENV_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+
+
+def redact_secrets(secrets: Iterable[str] = ()) -> structlog.types.Processor:
+    """A processor that blanks API keys (the given values and anything shaped like one)."""
+    known = [s for s in secrets if s and len(s) >= 8]
+
+    def scrub(value: str) -> str:
+        for secret in known:
+            value = value.replace(secret, "[REDACTED]")
+        return _KEY_PATTERN.sub("[REDACTED]", value)
+
+    def processor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in event.items():
+            if isinstance(value, str):
+                event[key] = scrub(value)
+            elif isinstance(value, (dict, list, tuple)):
+                event[key] = scrub(repr(value))
+        return event
+
+    return processor
+
+
+def _escape_controls(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Console lines: a value with a newline or escape code cannot forge a second line."""
+    for key, value in event.items():
+        if isinstance(value, str) and _CONTROL.search(value):
+            event[key] = _CONTROL.sub(lambda m: repr(m.group())[1:-1], value)
+    return event
+
+
+def secrets_from_env() -> list[str]:
+    return [v for v in (os.environ.get(name) for name in SECRET_ENV_VARS) if v]
+
+
+def stream_logger(stream: IO[str], *, json: bool) -> Any:
+    """A private structlog logger writing to `stream`: console lines, or JSON lines if asked."""
+    processors: list[structlog.types.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets(secrets_from_env()),
+    ]
+    if json:
+        processors.append(structlog.processors.JSONRenderer())
+    else:
+        processors.append(_escape_controls)
+        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    return structlog.wrap_logger(
+        structlog.PrintLogger(stream),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+
+
+class Tracer:
+    """Turns engine happenings into structlog events; a Tracer(None) emits nothing."""
+
+    __slots__ = ("_log",)
+
+    def __init__(self, logger: Any | None) -> None:
+        self._log = logger
+
+    @classmethod
+    def default(cls) -> Tracer:
+        return cls(structlog.get_logger("statemachine_orch"))
+
+    @classmethod
+    def null(cls) -> Tracer:
+        return cls(None)
+
+    def run_started(self, run: RunRecord, *, resumed: bool = False) -> None:
+        if self._log is None:
+            return
+        self._log.info(
+            "run_resumed" if resumed else "run_started",
+            run_id=run.run_id, machine=run.machine, machine_hash=run.machine_hash[:12],
+        )
+
+    def transition(self, rec: TransitionRecord, machine: str) -> None:
+        if self._log is None:
+            return
+        u = rec.usage
+        fields: dict[str, Any] = {
+            "run_id": rec.run_id, "machine": machine, "seq": rec.seq, "from_state": rec.from_state,
+            "to_state": rec.to_state, "decision": rec.decision, "attempt": rec.attempt,
+            "latency_ms": round(rec.latency_ms, 3), "tokens": u.input_tokens + u.output_tokens,
+            "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "source": rec.source,
+        }
+        if rec.error is not None:
+            self._log.error("transition", error=rec.error, **fields)
+        else:
+            self._log.info("transition", **fields)
+
+    def run_finished(
+        self, run_id: str, machine: str, status: str, *, steps: int, usage: Usage, error: str | None
+    ) -> None:
+        if self._log is None:
+            return
+        self._log.info(
+            "run_finished", run_id=run_id, machine=machine, status=status, steps=steps,
+            tokens=usage.input_tokens + usage.output_tokens, error=error,
+        )
+
+    def machine_changed(self, run_id: str, machine: str, recorded: str, current: str) -> None:
+        if self._log is None:
+            return
+        self._log.warning(
+            "machine_changed", run_id=run_id, machine=machine, recorded_hash=recorded[:12],
+            current_hash=current[:12],
+            hint=f"the machine's source changed since the run started; `orch replay {run_id}` "
+            "shows whether recorded steps still route the same way",
+        )

@@ -1,0 +1,182 @@
+"""Shared vocabulary: decisions, statuses, records and the seams adapters plug into.
+
+Nothing here does I/O. Records are slotted dataclasses because the engine builds one per
+transition on its hot path; they are plain data, JSON-friendly, never pickled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol, TypeAlias
+
+END = "__end__"
+"""Pseudo-state that ends a run; use it as a transition target."""
+
+
+class FlowDecision(Enum):
+    """What a guard decided after a state ran; the transition table maps it to a next state."""
+
+    CONTINUE = "continue"
+    SKIP = "skip"
+    RETRY = "retry"
+    BRANCH_A = "branch_a"
+    BRANCH_B = "branch_b"
+    TERMINATE = "terminate"
+
+    def because(self, reason: str) -> Verdict:
+        """This decision together with the reason the guard wants in the audit log."""
+        return Verdict(self, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """A named branch, for machines that need more than BRANCH_A and BRANCH_B."""
+
+    name: str
+
+    @property
+    def value(self) -> str:
+        return f"branch:{self.name}"
+
+    def because(self, reason: str) -> Verdict:
+        return Verdict(self, reason)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+Decision: TypeAlias = FlowDecision | Branch
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A decision with the guard's own explanation (`FlowDecision.SKIP.because("...")`)."""
+
+    decision: Decision
+    reason: str
+
+
+def decision_from_value(value: str) -> Decision:
+    """Inverse of `Decision.value`, for reading decisions back from the log."""
+    if value.startswith("branch:"):
+        return Branch(value[len("branch:"):])
+    return FlowDecision(value)
+
+
+class RunStatus(str, Enum):
+    """Lifecycle of a run. Only `running` can be advanced; failed/interrupted can be resumed."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    TERMINATED = "terminated"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunStatus.COMPLETED, RunStatus.TERMINATED)
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What a guard or Python step may read: the run input and the outputs it declared in `needs`."""
+
+    run_id: str
+    state: str
+    attempt: int
+    input: Any
+    outputs: Mapping[str, Any]
+
+
+Guard: TypeAlias = Callable[[Any, StepContext], "Decision | Verdict"]
+"""`(output, context) -> FlowDecision | Branch | Verdict`."""
+
+StepFunction: TypeAlias = Callable[[StepContext], Any | Awaitable[Any]]
+"""A plain Python state: `(context) -> output`, sync or async; the output must be JSON-able."""
+
+
+# --------------------------------------------------------------------------- model calls
+
+
+@dataclass(slots=True, kw_only=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+@dataclass(slots=True, kw_only=True)
+class LLMRequest:
+    """One Messages API request as the engine sees it. `body` is what gets sent and stored."""
+
+    run_id: str
+    state: str
+    body: dict[str, Any]
+    tool_name: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class Completion:
+    """A model answer: `text` or, for structured output, the tool input in `data`."""
+
+    text: str
+    data: dict[str, Any] | None
+    stop_reason: str | None
+    usage: Usage
+    request_id: str | None
+    response: dict[str, Any]
+
+
+class ModelClient(Protocol):
+    """The seam between the engine and a model provider (Anthropic, recorded answers...)."""
+
+    async def complete(self, request: LLMRequest) -> Completion: ...
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(slots=True, kw_only=True)
+class TransitionRecord:
+    """One row of the transition log: a state ran and the machine moved (or the step failed).
+
+    `to_state` and `decision` are None when the step failed; `output` is kept whenever the
+    step produced one, so a paid answer survives a failing guard.
+    """
+
+    run_id: str
+    seq: int
+    from_state: str
+    to_state: str | None
+    decision: str | None
+    reason: str | None
+    attempt: int
+    started_at: str
+    latency_ms: float
+    source: str  # "llm" | "python" | "recorded"
+    output: Any = None
+    error: str | None = None
+    request: dict[str, Any] | None = None
+    response: dict[str, Any] | None = None
+    request_id: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(slots=True, kw_only=True)
+class RunRecord:
+    """The stored run: identity, input and status; its snapshot is this row plus its log."""
+
+    run_id: str
+    machine: str
+    machine_ref: str
+    machine_hash: str
+    input: dict[str, Any]
+    status: RunStatus
+    created_at: str
+    updated_at: str
+    error: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    owner: str | None = None
