@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +62,7 @@ PythonOverride = Callable[[PythonState, StepContext], Any]
 """Replaces the execution of Python states (replay serves recorded outputs through it)."""
 
 _NO_OUTPUT = object()
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _REASON_LIMIT = 500
 _CONTINUE = FlowDecision.CONTINUE.value
 _TERMINATE = FlowDecision.TERMINATE.value
@@ -477,6 +479,18 @@ class Run:
         self.error = error
 
 
+def resume_point(log: list[TransitionRecord], initial: str) -> tuple[str, int]:
+    """(state to run next, its attempt number), read off the last log row: the snapshot."""
+    if not log:
+        return initial, 1
+    last = log[-1]
+    if last.to_state is None:  # the last step failed: that state runs again
+        return last.from_state, last.attempt + 1
+    if last.to_state == last.from_state:
+        return last.to_state, last.attempt + 1
+    return last.to_state, 1
+
+
 def _restore_output(state: State, value: Any) -> Any:
     """Outputs as a resumed run would see them: validated model, or JSON-normalised data."""
     if state.output is not None:
@@ -550,6 +564,8 @@ class Engine:
     ) -> Run:
         """Validate the input, persist a new run (owned by this process) and return it unstarted."""
         compiled = self.compiled(machine)
+        if run_id is not None and not _RUN_ID.fullmatch(run_id):
+            raise UsageError(f"run id {run_id!r} is not valid; use 1-64 letters, digits, '.', '_' or '-'")
         context_input, stored, values = validate_input(machine, input)
         now = now_iso()
         record = RunRecord(
@@ -627,21 +643,12 @@ class Engine:
             path.append(row.from_state)
             if row.to_state != row.from_state:
                 visits[row.to_state] = visits.get(row.to_state, 0) + 1
-        pending = None
-        if not log:
-            position = _Position(machine.initial, 1, visits)
-        else:
-            last = log[-1]
-            if last.to_state is None:  # the last step failed: run that state again
-                position = _Position(last.from_state, last.attempt + 1, visits)
-                if last.output is not None:
-                    pending = last
-            elif last.to_state == END:
-                raise UsageError(f"run {record.run_id} already reached its end; nothing to resume")
-            elif last.to_state == last.from_state:
-                position = _Position(last.to_state, last.attempt + 1, visits)
-            else:
-                position = _Position(last.to_state, 1, visits)
+        state, attempt = resume_point(log, machine.initial)
+        if state == END:
+            raise UsageError(f"run {record.run_id} already reached its end; nothing to resume")
+        last = log[-1] if log else None
+        pending = last if last is not None and last.to_state is None and last.output is not None else None
+        position = _Position(state, attempt, visits)
         return Run(self, compiled, record, owner, input=context_input, input_values=values,
                    position=position, seq=log[-1].seq if log else 0, outputs=outputs, path=path,
                    usage=usage, pending=pending)

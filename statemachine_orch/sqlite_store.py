@@ -215,6 +215,15 @@ class SQLiteStore:
     # ------------------------------------------------------------------ the engine's verbs
 
     def create_run(self, run: RunRecord, owner: Owner) -> None:
+        try:
+            self._insert_run(run, owner)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise UsageError(f"run {run.run_id} already exists in {self.path}; resume it with "
+                                 f"`orch resume {run.run_id}` or choose another id") from None
+            raise
+
+    def _insert_run(self, run: RunRecord, owner: Owner) -> None:
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, options, status, "

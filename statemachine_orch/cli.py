@@ -1,0 +1,451 @@
+"""The `orch` command line: wiring only (parse, load, call the engine/store, print).
+
+Exit codes: 0 completed or terminated by a guard (replay: matches); 1 the run failed,
+recorded and resumable (replay: diverged); 2 usage, definition or input error, nothing
+run or stored; 3 the run is busy in another process; 130 interrupted.
+Errors are one line on stderr; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .definition import Machine
+from .engine import Engine, RunResult, new_run_id, resume_point
+from .errors import InputError, OrchError, UsageError
+from .llm import AnthropicModel
+from .loader import load_machine
+from .replay import ReplayReport, replay_run
+from .sqlite_store import SQLiteStore
+from .trace import Tracer, stream_logger
+from .types import END, ModelClient, RunRecord, RunStatus, TransitionRecord
+
+DEFAULT_DB = "orch.db"
+OFFLINE_BANNER = ("OFFLINE: answers come from {source} through the anthropic SDK and a local fake "
+                  "Messages API; no API call is made")
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _open_store(args: argparse.Namespace, *, create: bool) -> SQLiteStore:
+    path = args.db or os.environ.get("ORCH_DB") or DEFAULT_DB
+    sync = (args.sync or os.environ.get("ORCH_SYNC") or "full").upper()
+    if sync not in ("FULL", "NORMAL"):
+        raise UsageError(f"--sync {sync.lower()!r} is not supported; use full or normal")
+    return SQLiteStore(path, synchronous=sync, create=create)  # type: ignore[arg-type]
+
+
+def _tracer(args: argparse.Namespace) -> Tracer:
+    if args.quiet:
+        return Tracer.null()
+    return Tracer(stream_logger(sys.stderr, json=bool(args.log_json)))
+
+
+def _read_input(source: str | None) -> Any:
+    if source is None:
+        return {}
+    try:
+        raw = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1) if source == "-" else _read_file(source)
+    except OSError as exc:
+        raise InputError(f"cannot read input {source}: {exc.strerror or exc}") from None
+    where = "stdin" if source == "-" else source
+    if len(raw) > MAX_INPUT_BYTES:
+        raise InputError(f"input {where} is larger than {MAX_INPUT_BYTES // 2**20} MB; pass less data")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"input {where} is not UTF-8 (byte {exc.start}); re-encode it as UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"input {where} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno}") from None
+    except RecursionError:
+        raise InputError(f"input {where} is nested too deeply; flatten it") from None
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(MAX_INPUT_BYTES + 1)
+
+
+def _model_for(offline: str | None, machine: Machine) -> tuple[ModelClient, dict[str, Any]]:
+    """The model client for a run, and the run options that let a resume pick the same one.
+
+    Offline, a real SDK client talks to the fake Messages API in process; its answers come
+    from SCRIPT, else MACHINE.offline.json beside the module, else labelled placeholders.
+    """
+    if not offline:
+        AnthropicModel.check_credentials()
+        return AnthropicModel(), {}
+    from .testing import FakeMessagesAPI, load_script
+
+    script_path = offline
+    if offline == "auto":
+        beside = Path(machine.source_file or "machine").with_suffix(".offline.json")
+        script_path = str(beside) if beside.is_file() else "auto"
+    if script_path == "auto":
+        fake = FakeMessagesAPI(default="auto")
+    else:
+        try:
+            fake = FakeMessagesAPI(load_script(script_path), default="auto")
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot use offline script {script_path}: {exc}") from None
+        script_path = str(Path(script_path).resolve())
+    print(OFFLINE_BANNER.format(source=script_path if script_path != "auto" else "placeholders"),
+          file=sys.stderr)
+    return fake.model(), {"offline": script_path}
+
+
+def _print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _one_line(text: str | None, limit: int = 80) -> str:
+    if not text:
+        return ""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _report_result(result: RunResult, args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        path = " -> ".join(result.path) or "(no steps)"
+        tokens = f"{result.usage.input_tokens} in / {result.usage.output_tokens} out tokens"
+        print(f"run {result.run_id} {result.status.value} after {result.steps} step(s): {path} "
+              f"({tokens})")
+        if result.status is RunStatus.FAILED:
+            print(f"error: {result.error}")
+            print(f"resume with: orch resume {result.run_id}")
+    return 0 if result.status.finished else 1
+
+
+def _drive(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    loaded = load_machine(args.machine)
+    data = _read_input(args.input)
+    model, options = _model_for(args.offline, loaded.machine)
+    store = _open_store(args, create=True)
+    engine = Engine(store, model=model, tracer=_tracer(args))
+    try:
+        result = _drive(engine.arun(loaded.machine, data, machine_ref=loaded.ref, options=options,
+                                    run_id=args.run_id))
+    finally:
+        store.close()
+    return _report_result(result, args)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    store = _open_store(args, create=False)
+    try:
+        record = store.get_run(args.run_id)
+        loaded = load_machine(args.machine or record.machine_ref)
+        model, _ = _model_for(record.options.get("offline"), loaded.machine)
+        engine = Engine(store, model=model, tracer=_tracer(args))
+        result = _drive(engine.aresume(args.run_id, loaded.machine))
+    finally:
+        store.close()
+    return _report_result(result, args)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    store = _open_store(args, create=False)
+    try:
+        if args.all:
+            loaded = load_machine(args.all)
+            run_ids = store.run_ids(loaded.machine.name)
+            reports = [_drive(replay_run(store, rid, loaded.machine)) for rid in run_ids]
+            return _print_replay_summary(reports, loaded.machine.name, args)
+        if not args.run_id:
+            raise UsageError("give a RUN_ID, or --all MACHINE to replay every run of a machine")
+        record = store.get_run(args.run_id)
+        loaded = load_machine(args.machine or record.machine_ref)
+        report = _drive(replay_run(store, args.run_id, loaded.machine))
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report.to_json()))
+    elif report.matches:
+        print(f"replay {report.run_id}: matches the recording ({report.compared} transition(s), "
+              f"no API calls)")
+    else:
+        assert report.divergence is not None
+        print(f"replay {report.run_id}: DIVERGED at {report.divergence.describe()}")
+    return 0 if report.matches else 1
+
+
+def _print_replay_summary(reports: list[ReplayReport], machine: str, args: argparse.Namespace) -> int:
+    diverged = [r for r in reports if not r.matches]
+    if args.json:
+        print(json.dumps({"machine": machine, "runs": len(reports), "matching": len(reports) - len(diverged),
+                          "diverged": len(diverged), "reports": [r.to_json() for r in reports]}))
+    else:
+        _print_table(
+            [(r.run_id, r.status, "match" if r.matches else "DIVERGED",
+              f"{r.compared}/{r.recorded}", r.divergence.describe() if r.divergence else "")
+             for r in reports],
+            ["run_id", "status", "result", "compared", "first divergence"],
+        )
+        print(f"{len(reports)} run(s) of {machine}: {len(reports) - len(diverged)} matching, "
+              f"{len(diverged)} diverged")
+    return 1 if diverged else 0
+
+
+def _log_row(row: TransitionRecord) -> dict[str, Any]:
+    u = row.usage
+    return {
+        "run_id": row.run_id, "seq": row.seq, "from_state": row.from_state, "to_state": row.to_state,
+        "decision": row.decision, "reason": row.reason, "attempt": row.attempt,
+        "started_at": row.started_at, "latency_ms": round(row.latency_ms, 3),
+        "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+        "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens,
+        "source": row.source, "request_id": row.request_id, "error": row.error,
+    }
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    store = _open_store(args, create=False)
+    try:
+        store.get_run(args.run_id)
+        rows = store.transitions(args.run_id)
+    finally:
+        store.close()
+    if args.json:
+        for row in rows:
+            print(json.dumps(_log_row(row), ensure_ascii=False))
+        return 0
+    _print_table(
+        [(r.seq, r.from_state, r.to_state or "-", r.decision or "-", r.attempt,
+          f"{r.latency_ms:.1f}", r.usage.input_tokens, r.usage.output_tokens, r.source,
+          _one_line(r.error or r.reason))
+         for r in rows],
+        ["seq", "from_state", "to_state", "decision", "attempt", "latency_ms", "in", "out", "source",
+         "reason / error"],
+    )
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    store = _open_store(args, create=False)
+    try:
+        runs = store.list_runs(machine=args.machine, status=args.status, limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([
+            {"run_id": r.run_id, "machine": r.machine, "status": r.status, "started_at": r.created_at,
+             "updated_at": r.updated_at, "steps": r.steps, "input_tokens": r.input_tokens,
+             "output_tokens": r.output_tokens, "tokens": r.input_tokens + r.output_tokens,
+             "error": r.error}
+            for r in runs]))
+        return 0
+    _print_table(
+        [(r.run_id, r.machine, r.status, r.created_at[:19].replace("T", " "), r.steps,
+          r.input_tokens + r.output_tokens, _one_line(r.error, 60)) for r in runs],
+        ["run_id", "machine", "status", "started", "steps", "tokens", "error"],
+    )
+    return 0
+
+
+def _snapshot(record: RunRecord, rows: list[TransitionRecord]) -> dict[str, Any]:
+    state, attempt = resume_point(rows, "(initial state)")
+    return {"status": record.status.value, "next_state": None if state == END else state,
+            "attempt": attempt, "seq": rows[-1].seq if rows else 0, "owned": record.owner is not None,
+            "error": record.error}
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = _open_store(args, create=False)
+    try:
+        record, rows = store.load_run(args.run_id)
+    finally:
+        store.close()
+    outputs = {r.from_state: r.output for r in rows if r.to_state is not None}
+    snapshot = _snapshot(record, rows)
+    if args.json:
+        print(json.dumps({
+            "run_id": record.run_id, "machine": record.machine, "machine_ref": record.machine_ref,
+            "machine_hash": record.machine_hash, "created_at": record.created_at,
+            "updated_at": record.updated_at, "options": record.options, "input": record.input,
+            "outputs": outputs, "snapshot": snapshot}, ensure_ascii=False))
+        return 0
+    print(f"run {record.run_id}  machine {record.machine}  status {record.status.value}")
+    print(f"  created {record.created_at}  updated {record.updated_at}")
+    print(f"  machine {record.machine_ref}  (source sha256 {record.machine_hash[:12]})")
+    if record.options.get("offline"):
+        print(f"  offline answers: {record.options['offline']}")
+    print("input:")
+    print(_indent(json.dumps(record.input, indent=2, ensure_ascii=False)))
+    print("outputs:")
+    for state, output in outputs.items():
+        text = output if isinstance(output, str) else json.dumps(output, indent=2, ensure_ascii=False)
+        print(f"  {state}:")
+        print(_indent(text, 4))
+    print("snapshot:")
+    for key, value in snapshot.items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+def _indent(text: str, width: int = 2) -> str:
+    return "\n".join(" " * width + line for line in text.splitlines())
+
+
+def mermaid(machine: Machine) -> str:
+    lines = ["stateDiagram-v2", f"    [*] --> {machine.initial}"]
+    for state in machine.states:
+        for decision, target in sorted(machine.edges(state.name).items()):
+            lines.append(f"    {state.name} --> {'[*]' if target == END else target}: {decision}")
+    return "\n".join(lines)
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    print(mermaid(load_machine(args.machine).machine))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    machine = load_machine(args.machine).machine
+    edges = sum(len(machine.edges(s.name)) for s in machine.states)
+    print(f"ok: machine '{machine.name}' ({len(machine.states)} states, {edges} transitions)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    machine_file, input_file = "machines/report.py", "machines/report_input.json"
+    if not Path(machine_file).is_file():
+        raise UsageError("orch demo runs machines/report.py; run it from the statemachine_orch checkout")
+    run_id = "demo-" + new_run_id()
+    base = ["--db", args.db] if args.db else []
+    for step in (["run", machine_file, "--input", input_file, "--offline", "--run-id", run_id],
+                 ["log", run_id],
+                 ["replay", run_id]):
+        print(f"\n$ orch {' '.join(base + step)}", flush=True)
+        code = main(base + step)
+        sys.stdout.flush()
+        if code:
+            return code
+    print(f"\nDone. Next: orch show {run_id}   orch runs   orch graph {machine_file}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=argparse.SUPPRESS,
+                        help=f"SQLite database file (env ORCH_DB; default {DEFAULT_DB})")
+    common.add_argument("--sync", choices=["full", "normal"], default=argparse.SUPPRESS,
+                        help="SQLite synchronous mode: full survives power loss (default), normal is faster")
+    common.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS,
+                        help="trace events as JSON lines on stderr")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no trace events")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for errors")
+
+    parser = argparse.ArgumentParser(
+        prog="orch", parents=[common],
+        description="Run LLM workflows as durable, auditable, replayable state machines.")
+    parser.add_argument("--version", action="version", version=f"orch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=fn)
+        return p
+
+    p = command("run", cmd_run, "start a run of a machine and drive it to its end")
+    p.add_argument("machine", metavar="MACHINE", help="path/to/file.py or dotted.module, optionally :attr")
+    p.add_argument("--input", metavar="FILE", help="JSON object input file, or - for stdin")
+    p.add_argument("--offline", nargs="?", const="auto", metavar="SCRIPT",
+                   help="answer from a scripted fake Messages API (default script: MACHINE.offline.json)")
+    p.add_argument("--run-id", metavar="ID",
+                   help="use this run id (letters, digits, . _ -; at most 64) instead of a generated one")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    p = command("resume", cmd_resume, "continue a failed, interrupted or crashed run")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--machine", metavar="MACHINE", help="load the machine from here instead of its stored path")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    p = command("replay", cmd_replay, "re-drive recorded runs on their recorded answers (no API calls)")
+    p.add_argument("run_id", metavar="RUN_ID", nargs="?")
+    p.add_argument("--machine", metavar="MACHINE", help="replay against this machine instead of the stored one")
+    p.add_argument("--all", metavar="MACHINE", help="replay every stored run of MACHINE and summarise")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = command("log", cmd_log, "print a run's transition log")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = command("runs", cmd_runs, "list runs, newest first")
+    p.add_argument("--machine", metavar="NAME", help="only runs of this machine name")
+    p.add_argument("--status", choices=[s.value for s in RunStatus], help="only runs with this status")
+    p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    p = command("show", cmd_show, "print a run's input, outputs and snapshot")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("graph", cmd_graph, "print a machine as a Mermaid state diagram")
+    p.add_argument("machine", metavar="MACHINE")
+
+    p = command("validate", cmd_validate, "check a machine definition (exit 0 valid, 2 invalid)")
+    p.add_argument("machine", metavar="MACHINE")
+
+    command("demo", cmd_demo, "run the report machine offline, then show its log and replay it")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("db", "sync", "log_json", "quiet", "debug"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    try:
+        return int(args.func(args))
+    except OrchError as exc:
+        if args.debug:
+            traceback.print_exc()
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"orch: error: {line}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("orch: interrupted; the run is saved: resume it with `orch resume RUN_ID`", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"orch: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Replay: re-drive a machine, as its code stands now, on the answers recorded for a run.
+
+The real engine runs with two stand-ins: a model client that serves the recorded
+responses (and never touches the network) and a store that, instead of writing, compares
+every new log row with the recorded one. Python states get their recorded outputs, so a
+replay never repeats a tool call's side effects. Only committed transitions are compared:
+a failed step that was later resumed is history, not behaviour.
+
+The first difference stops the replay: a changed request (prompt, system, model, tokens),
+a different decision or target, or a step that now fails.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import zip_longest
+from typing import Any
+
+from .definition import Machine, PythonState
+from .engine import Engine
+from .errors import OrchError
+from .llm import completion_from_response
+from .ownership import Owner
+from .store import Store
+from .trace import Tracer
+from .types import Completion, LLMRequest, RunRecord, RunStatus, StepContext, TransitionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    seq: int
+    state: str
+    kind: str  # "request" | "decision" | "target" | "state" | "error" | "ended" | "input"
+    recorded: str
+    replayed: str
+
+    def describe(self) -> str:
+        return (f"seq {self.seq}, state {self.state}: {self.kind} differs: "
+                f"recorded {self.recorded}, replayed {self.replayed}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "state": self.state, "kind": self.kind,
+                "recorded": self.recorded, "replayed": self.replayed}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayReport:
+    run_id: str
+    machine: str
+    status: str  # the recorded run's status
+    compared: int  # transitions replayed and found equal
+    recorded: int  # committed transitions in the recording
+    divergence: Divergence | None
+
+    @property
+    def matches(self) -> bool:
+        return self.divergence is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "machine": self.machine, "status": self.status,
+                "matches": self.matches, "compared": self.compared, "recorded": self.recorded,
+                "divergence": self.divergence.to_json() if self.divergence else None}
+
+
+class _Diverged(OrchError):
+    def __init__(self, divergence: Divergence) -> None:
+        super().__init__(divergence.describe())
+        self.divergence = divergence
+
+
+class _RecordingEnds(OrchError):
+    """The recording stops here (the run was still in flight or failed at this point)."""
+
+
+class _Cursor:
+    """The committed rows of the recording, consumed as the replay reaches them."""
+
+    def __init__(self, rows: list[TransitionRecord]) -> None:
+        self.rows = rows
+        self.index = 0
+
+    def current(self, state: str) -> TransitionRecord:
+        if self.index >= len(self.rows):
+            raise _RecordingEnds()
+        row = self.rows[self.index]
+        if row.from_state != state:
+            raise _Diverged(Divergence(row.seq, state, "state", row.from_state, state))
+        return row
+
+
+class _RecordedModel:
+    def __init__(self, cursor: _Cursor) -> None:
+        self.cursor = cursor
+
+    async def complete(self, request: LLMRequest) -> Completion:
+        row = self.cursor.current(request.state)
+        if row.request != request.body:
+            raise _Diverged(Divergence(row.seq, request.state, "request",
+                                       *_request_difference(row.request or {}, request.body)))
+        if row.response is None:
+            raise _Diverged(Divergence(row.seq, request.state, "request", "no recorded call",
+                                       "a model call"))
+        completion = completion_from_response(row.response, request.tool_name, row.request_id)
+        completion.usage = row.usage
+        return completion
+
+
+class _ComparingStore:
+    """Takes the engine's writes and checks each against the recorded row instead."""
+
+    def __init__(self, cursor: _Cursor) -> None:
+        self.cursor = cursor
+
+    def create_run(self, run: RunRecord, owner: Owner) -> None:
+        return None
+
+    def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+        raise NotImplementedError
+
+    def claim_run(self, run_id: str, owner: Owner) -> tuple[RunRecord, list[TransitionRecord]]:
+        raise NotImplementedError
+
+    def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
+        return None
+
+    def append(self, record: TransitionRecord, owner: Owner, *, status: RunStatus | None = None,
+               error: str | None = None) -> None:
+        row = self.cursor.current(record.from_state)
+        seq = row.seq
+        if record.to_state is None:
+            raise _Diverged(Divergence(seq, row.from_state, "error",
+                                       f"{row.decision} -> {row.to_state}", record.error or "failure"))
+        if record.decision != row.decision:
+            raise _Diverged(Divergence(seq, row.from_state, "decision", str(row.decision),
+                                       str(record.decision)))
+        if record.to_state != row.to_state:
+            raise _Diverged(Divergence(seq, row.from_state, "target", str(row.to_state),
+                                       str(record.to_state)))
+        self.cursor.index += 1
+
+
+def _request_difference(recorded: dict[str, Any], replayed: dict[str, Any]) -> tuple[str, str]:
+    for key in sorted(set(recorded) | set(replayed)):
+        a, b = recorded.get(key), replayed.get(key)
+        if a == b:
+            continue
+        if key == "messages" and isinstance(a, list) and isinstance(b, list):
+            return _text_difference("prompt", _prompt_text(a), _prompt_text(b))
+        if key == "system" and isinstance(a, str) and isinstance(b, str):
+            return _text_difference("system", a, b)
+        return f"{key}={json.dumps(a)[:200]}", f"{key}={json.dumps(b)[:200]}"
+    return "request", "request"
+
+
+def _prompt_text(messages: list[Any]) -> str:
+    parts = [m.get("content") for m in messages if isinstance(m, dict)]
+    return "\n".join(p if isinstance(p, str) else json.dumps(p) for p in parts)
+
+
+def _text_difference(label: str, a: str, b: str) -> tuple[str, str]:
+    """The first differing line of two texts, as (recorded, replayed)."""
+    for number, (old, new) in enumerate(zip_longest(a.splitlines(), b.splitlines()), 1):
+        if old != new:
+            return (f"{label} line {number} {json.dumps((old or '')[:160])}",
+                    f"{json.dumps((new or '')[:160])}")
+    return label, label
+
+
+async def replay_run(store: Store, run_id: str, machine: Machine) -> ReplayReport:
+    """Replay one stored run against `machine` as defined now. Writes nothing."""
+    record, log = store.load_run(run_id)
+    committed = [row for row in log if row.to_state is not None]
+    cursor = _Cursor(committed)
+
+    def recorded_output(state: PythonState, ctx: StepContext) -> Any:
+        return cursor.current(state.name).output
+
+    def report(divergence: Divergence | None) -> ReplayReport:
+        return ReplayReport(run_id, record.machine, record.status.value, cursor.index,
+                            len(committed), divergence)
+
+    if record.machine != machine.name:
+        return report(Divergence(0, "-", "machine", record.machine, machine.name))
+    engine = Engine(_ComparingStore(cursor), model=_RecordedModel(cursor), tracer=Tracer.null(),
+                    python_override=recorded_output)
+    try:
+        run = await engine.start(machine, record.input, run_id=record.run_id,
+                                 machine_ref=record.machine_ref)
+        while not run.done:
+            await run.step()
+    except _Diverged as exc:
+        return report(exc.divergence)
+    except _RecordingEnds:
+        return report(None)
+    except OrchError as exc:
+        return report(Divergence(0, "-", "input", "valid input", str(exc)))
+    if cursor.index < len(committed):
+        row = committed[cursor.index]
+        return report(Divergence(row.seq, row.from_state, "ended", f"continues with {row.from_state}",
+                                 "run ended"))
+    return report(None)
