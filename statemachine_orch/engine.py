@@ -19,7 +19,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -136,20 +136,27 @@ class _Compiled:
     tools: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
 
+def _below_retry_limit(limit: int) -> Callable[[Any], bool]:
+    """Condition on a RETRY self-transition: the state has run fewer than `limit` times."""
+    return lambda event: bool(event.model.attempt < limit)
+
+
+def _below_visit_limit(target: str, bound: int) -> Callable[[Any], bool]:
+    """Condition on a transition into a `max_visits` state."""
+    return lambda event: bool(event.model.visits.get(target, 0) < bound)
+
+
 def compile_machine(machine: Machine) -> _Compiled:
     transitions: list[dict[str, Any]] = []
     for state in machine.states:
         for decision, target in machine.edges(state.name).items():
             conditions: list[Callable[[Any], bool]] = []
             if target == state.name and decision == _RETRY:
-                limit = state.retry_limit or 1
-                conditions.append(lambda ev, limit=limit: bool(ev.model.attempt < limit))
+                conditions.append(_below_retry_limit(state.retry_limit or 1))
             elif target != END and target != state.name:
                 bound = machine.by_name[target].max_visits
                 if bound:
-                    conditions.append(
-                        lambda ev, t=target, b=bound: bool(ev.model.visits.get(t, 0) < b)
-                    )
+                    conditions.append(_below_visit_limit(target, bound))
             transitions.append({"trigger": decision, "source": state.name, "dest": target,
                                 "conditions": conditions})
     fsm = FSM(
@@ -673,7 +680,7 @@ class Engine:
         """Synchronous `aresume`."""
         return self._sync(self.aresume(run_id, machine))
 
-    def _sync(self, coro: Any) -> Any:
+    def _sync(self, coro: Coroutine[Any, Any, RunResult]) -> RunResult:
         try:
             asyncio.get_running_loop()
         except RuntimeError:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -224,9 +224,9 @@ def capture_trace() -> Iterator[tuple[Tracer, list[dict[str, Any]]]]:
     """A tracer whose events land in a list (the event name under "event")."""
     events: list[dict[str, Any]] = []
 
-    def keep(_: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    def keep(_: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         event["log_level"] = name
-        events.append(event)
+        events.append(dict(event))
         raise structlog.DropEvent
 
     logger = structlog.wrap_logger(None, processors=[keep],

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, MutableMapping
-from typing import IO, Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -56,7 +56,7 @@ def secrets_from_env() -> list[str]:
     return [v for v in (os.environ.get(name) for name in SECRET_ENV_VARS) if v]
 
 
-def stream_logger(stream: IO[str], *, json: bool) -> Any:
+def stream_logger(stream: TextIO, *, json: bool) -> Any:
     """A private structlog logger writing to `stream`: console lines, or JSON lines if asked."""
     processors: list[structlog.types.Processor] = [
         structlog.processors.add_log_level,
