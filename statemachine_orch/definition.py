@@ -29,7 +29,7 @@ from .errors import DefinitionError
 from .templates import Template
 from .types import END, Branch, Decision, FlowDecision, Guard, StepFunction
 
-DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MODEL = "claude-sonnet-5-5"
 DEFAULT_MAX_BRANCH_DEPTH = 3
 RESERVED_NAMES = frozenset({END, "END"})
 
