@@ -49,7 +49,8 @@ def _open_store(args: argparse.Namespace, *, create: bool) -> SQLiteStore:
 def _tracer(args: argparse.Namespace) -> Tracer:
     if args.quiet:
         return Tracer.null()
-    return Tracer(stream_logger(sys.stderr, json=bool(args.log_json)))
+    as_json = bool(args.log_json) or os.environ.get("ORCH_LOG_JSON", "") not in ("", "0")
+    return Tracer(stream_logger(sys.stderr, json=as_json))
 
 
 def _read_input(source: str | None) -> Any:
@@ -136,10 +137,6 @@ def _report_result(result: RunResult, args: argparse.Namespace) -> int:
     return 0 if result.status.finished else 1
 
 
-def _drive(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -150,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = _open_store(args, create=True)
     engine = Engine(store, model=model, tracer=_tracer(args))
     try:
-        result = _drive(engine.arun(loaded.machine, data, machine_ref=loaded.ref, options=options,
+        result = asyncio.run(engine.arun(loaded.machine, data, machine_ref=loaded.ref, options=options,
                                     run_id=args.run_id))
     finally:
         store.close()
@@ -164,7 +161,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         loaded = load_machine(args.machine or record.machine_ref)
         model, _ = _model_for(record.options.get("offline"), loaded.machine)
         engine = Engine(store, model=model, tracer=_tracer(args))
-        result = _drive(engine.aresume(args.run_id, loaded.machine))
+        result = asyncio.run(engine.aresume(args.run_id, loaded.machine))
     finally:
         store.close()
     return _report_result(result, args)
@@ -176,13 +173,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.all:
             loaded = load_machine(args.all)
             run_ids = store.run_ids(loaded.machine.name)
-            reports = [_drive(replay_run(store, rid, loaded.machine)) for rid in run_ids]
+            reports = [asyncio.run(replay_run(store, rid, loaded.machine)) for rid in run_ids]
             return _print_replay_summary(reports, loaded.machine.name, args)
         if not args.run_id:
             raise UsageError("give a RUN_ID, or --all MACHINE to replay every run of a machine")
         record = store.get_run(args.run_id)
         loaded = load_machine(args.machine or record.machine_ref)
-        report = _drive(replay_run(store, args.run_id, loaded.machine))
+        report = asyncio.run(replay_run(store, args.run_id, loaded.machine))
     finally:
         store.close()
     if args.json:
@@ -258,11 +255,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
             {"run_id": r.run_id, "machine": r.machine, "status": r.status, "started_at": r.created_at,
              "updated_at": r.updated_at, "steps": r.steps, "input_tokens": r.input_tokens,
              "output_tokens": r.output_tokens, "tokens": r.input_tokens + r.output_tokens,
-             "error": r.error}
+             "error": r.error, "stale": r.stale}
             for r in runs]))
         return 0
     _print_table(
-        [(r.run_id, r.machine, r.status, r.created_at[:19].replace("T", " "), r.steps,
+        [(r.run_id, r.machine, r.status + (" (owner gone: resume it)" if r.stale else ""),
+          r.created_at[:19].replace("T", " "), r.steps,
           r.input_tokens + r.output_tokens, _one_line(r.error, 60)) for r in runs],
         ["run_id", "machine", "status", "started", "steps", "tokens", "error"],
     )
@@ -361,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--sync", choices=["full", "normal"], default=argparse.SUPPRESS,
                         help="SQLite synchronous mode: full survives power loss (default), normal is faster")
     common.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS,
-                        help="trace events as JSON lines on stderr")
+                        help="trace events as JSON lines on stderr (env ORCH_LOG_JSON=1)")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no trace events")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -393,7 +393,7 @@ class _Validator:
         m = self.m
         branching = {
             s.name for s in m.states
-            if len({t for t in m.edges(s.name).values() if t != s.name}) > 1
+            if len({t for t in m.edges(s.name).values() if t not in (s.name, END)}) > 1
         }
         deepest: tuple[int, list[str]] = (0, [])
 

@@ -319,12 +319,7 @@ class Run:
                 self._release_quietly(RunStatus.INTERRUPTED, f"store error: {exc}")
             raise
         self.seq = rec.seq
-        u = rec.usage
-        total = self.usage
-        total.input_tokens += u.input_tokens
-        total.output_tokens += u.output_tokens
-        total.cache_read_tokens += u.cache_read_tokens
-        total.cache_write_tokens += u.cache_write_tokens
+        self.usage.add(rec.usage)
         if rec.to_state is not None:
             outputs[name] = output
             self.path.append(name)
@@ -486,6 +481,56 @@ class Run:
         self.error = error
 
 
+@dataclass(slots=True)
+class _Snapshot:
+    """A run's state rebuilt from its log: what resume continues from."""
+
+    position: _Position
+    outputs: dict[str, Any]
+    path: list[str]
+    usage: Usage
+    pending: TransitionRecord | None
+
+
+def _snapshot(machine: Machine, record: RunRecord, log: list[TransitionRecord]) -> _Snapshot:
+    """Rebuild a run from its log, or explain (UsageError) why `machine` cannot continue it."""
+    rid = record.run_id
+    if record.status.finished:
+        raise UsageError(f"run {rid} is already {record.status.value}; nothing to resume")
+    if record.machine != machine.name:
+        raise UsageError(f"run {rid} belongs to machine '{record.machine}', not '{machine.name}'; "
+                         "pass the right machine")
+    outputs: dict[str, Any] = {}
+    path: list[str] = []
+    visits = {machine.initial: 1}
+    usage = Usage()
+    for row in log:
+        usage.add(row.usage)
+        for name in (row.from_state, row.to_state):
+            if name is not None and name != END and name not in machine.by_name:
+                raise UsageError(f"run {rid} passed through state '{name}', which machine "
+                                 f"'{machine.name}' no longer defines; restore the state to resume it")
+        if row.to_state is None and row.output is None:
+            continue
+        try:
+            output = _restore_output(machine.by_name[row.from_state], row.output)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"run {rid}: the stored output of '{row.from_state}' (seq {row.seq}) "
+                             f"{exc}; restore the output model to resume it") from None
+        if row.to_state is None:
+            continue
+        outputs[row.from_state] = output
+        path.append(row.from_state)
+        if row.to_state != row.from_state:
+            visits[row.to_state] = visits.get(row.to_state, 0) + 1
+    state, attempt = resume_point(log, machine.initial)
+    if state == END:
+        raise UsageError(f"run {rid} already reached its end; nothing to resume")
+    last = log[-1] if log else None
+    pending = last if last is not None and last.to_state is None and last.output is not None else None
+    return _Snapshot(_Position(state, attempt, visits), outputs, path, usage, pending)
+
+
 def resume_point(log: list[TransitionRecord], initial: str) -> tuple[str, int]:
     """(state to run next, its attempt number), read off the last log row: the snapshot."""
     if not log:
@@ -592,73 +637,18 @@ class Engine:
         """Claim a stored run (its owner must be gone) and rebuild it from its log."""
         compiled = self.compiled(machine)
         record, log = self.store.load_run(run_id)
-        self._check_compatible(record, machine, log)  # before claiming: refusing leaves no trace
+        _snapshot(machine, record, log)  # refuse an incompatible run before claiming it
         owner = Owner.for_this_process()
         record, log = self.store.claim_run(run_id, owner)
         context_input, _, values = validate_input(machine, record.input)
-        run = self._rebuild(compiled, record, owner, context_input, values, log)
+        snap = _snapshot(machine, record, log)
+        run = Run(self, compiled, record, owner, input=context_input, input_values=values,
+                  position=snap.position, seq=log[-1].seq if log else 0, outputs=snap.outputs,
+                  path=snap.path, usage=snap.usage, pending=snap.pending)
         if record.machine_hash != machine.source_hash:
             self.tracer.machine_changed(run_id, machine.name, record.machine_hash, machine.source_hash)
         self.tracer.run_started(record, resumed=True)
         return run
-
-    @staticmethod
-    def _check_compatible(record: RunRecord, machine: Machine, log: list[TransitionRecord]) -> None:
-        if record.status.finished:
-            raise UsageError(f"run {record.run_id} is already {record.status.value}; nothing to resume")
-        if record.machine != machine.name:
-            raise UsageError(f"run {record.run_id} belongs to machine '{record.machine}', "
-                             f"not '{machine.name}'; pass the right machine")
-        for row in log:
-            for name in (row.from_state, row.to_state):
-                if name is not None and name != END and name not in machine.by_name:
-                    raise UsageError(
-                        f"run {record.run_id} passed through state '{name}', which machine "
-                        f"'{machine.name}' no longer defines; restore the state to resume it")
-            if row.to_state is not None or row.output is not None:
-                try:
-                    _restore_output(machine.by_name[row.from_state], row.output)
-                except (TypeError, ValueError) as exc:
-                    raise UsageError(
-                        f"run {record.run_id}: the stored output of '{row.from_state}' (seq "
-                        f"{row.seq}) {exc}; restore the output model to resume it") from None
-        validate_input(machine, record.input)
-
-    def _rebuild(
-        self,
-        compiled: _Compiled,
-        record: RunRecord,
-        owner: Owner,
-        context_input: Any,
-        values: dict[str, Any],
-        log: list[TransitionRecord],
-    ) -> Run:
-        machine = compiled.machine
-        outputs: dict[str, Any] = {}
-        path: list[str] = []
-        visits = {machine.initial: 1}
-        usage = Usage()
-        for row in log:
-            u = row.usage
-            usage.input_tokens += u.input_tokens
-            usage.output_tokens += u.output_tokens
-            usage.cache_read_tokens += u.cache_read_tokens
-            usage.cache_write_tokens += u.cache_write_tokens
-            if row.to_state is None:
-                continue
-            outputs[row.from_state] = _restore_output(machine.by_name[row.from_state], row.output)
-            path.append(row.from_state)
-            if row.to_state != row.from_state:
-                visits[row.to_state] = visits.get(row.to_state, 0) + 1
-        state, attempt = resume_point(log, machine.initial)
-        if state == END:
-            raise UsageError(f"run {record.run_id} already reached its end; nothing to resume")
-        last = log[-1] if log else None
-        pending = last if last is not None and last.to_state is None and last.output is not None else None
-        position = _Position(state, attempt, visits)
-        return Run(self, compiled, record, owner, input=context_input, input_values=values,
-                   position=position, seq=log[-1].seq if log else 0, outputs=outputs, path=path,
-                   usage=usage, pending=pending)
 
     async def arun(self, machine: Machine, input: Mapping[str, Any] | None = None,
                    **options: Any) -> RunResult:

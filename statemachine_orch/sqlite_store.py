@@ -357,7 +357,7 @@ class SQLiteStore:
             where.append("r.status = ?")
             params.append(status)
         sql = (
-            "SELECT r.run_id, r.machine, r.status, r.created_at, r.updated_at, r.error, "
+            "SELECT r.run_id, r.machine, r.status, r.created_at, r.updated_at, r.error, r.owner_info, "
             "(SELECT count(to_state) FROM transitions t WHERE t.run_id = r.run_id) AS steps, "
             "(SELECT coalesce(sum(input_tokens), 0) FROM transitions t WHERE t.run_id = r.run_id) "
             "AS input_tokens, "
@@ -367,7 +367,12 @@ class SQLiteStore:
             + "ORDER BY r.created_at DESC, r.run_id DESC LIMIT ?"
         )
         params.append(limit)
-        return [RunSummary(**row) for row in self.db.query(sql, params)]
+        summaries = []
+        for row in self.db.query(sql, params):
+            holder = owner_from_json(row.pop("owner_info"))
+            stale = row["status"] == RunStatus.RUNNING.value and (holder is None or not is_alive(holder))
+            summaries.append(RunSummary(**row, stale=stale))
+        return summaries
 
     def run_ids(self, machine: str) -> Sequence[str]:
         return [row["run_id"] for row in self.db.query(

@@ -53,6 +53,7 @@ class RunSummary:
     input_tokens: int
     output_tokens: int
     error: str | None
+    stale: bool = False  # marked running, but its owning process is gone: resume it
 
 
 class NullStore:

@@ -101,16 +101,15 @@ class FakeMessagesAPI:
         return self
 
     def calls(self, state: str | None = None) -> int:
+        """How many requests arrived (for one state, or in all)."""
         with self._lock:
             return sum(1 for r in self.requests if state is None or r.state == state)
 
     def wait_for(self, state: str, count: int = 1, timeout: float = 10.0) -> bool:
         """Block until `count` requests for `state` arrived (server mode, for kill tests)."""
         with self._lock:
-            return self._lock.wait_for(lambda: self.calls_unlocked(state) >= count, timeout)
-
-    def calls_unlocked(self, state: str) -> int:
-        return sum(1 for r in self.requests if r.state == state)
+            return self._lock.wait_for(
+                lambda: sum(1 for r in self.requests if r.state == state) >= count, timeout)
 
     # ------------------------------------------------------------------ answering
 
