@@ -132,12 +132,9 @@ class Machine:
         self.description = description
         self.module, caller_file = _caller_module()
         self.source_file = source_file or caller_file
-        self.by_name: dict[str, State] = {s.name: s for s in self.states}
-        self.templates: dict[str, tuple[Template, Template | None]] = {
-            s.name: (Template.parse(s.prompt), Template.parse(s.system) if s.system else None)
-            for s in self.states
-            if isinstance(s, LLMState)
-        }
+        self.by_name: dict[str, State] = {
+            s.name: s for s in self.states if isinstance(s, State) and isinstance(s.name, str)}
+        self.templates: dict[str, tuple[Template, Template | None]] = {}
         self.table: dict[str, dict[str, str]] = {}
         self.decisions: dict[str, frozenset[str]] = {}
         problems = _Validator(self).run()
@@ -192,6 +189,7 @@ class _Validator:
     def __init__(self, machine: Machine) -> None:
         self.m = machine
         self.problems: list[str] = []
+        self.table_broken = False
         where = machine.source_file
         if where:
             try:
@@ -201,7 +199,7 @@ class _Validator:
         self.where = where or "<unknown module>"
 
     def add(self, state: str | None, problem: str, fix: str) -> None:
-        subject = f"state '{state}'" if state else f"machine '{self.m.name}'"
+        subject = f"state '{state}'" if state is not None else f"machine '{self.m.name}'"
         self.problems.append(f"{self.where}: {subject}: {problem}; fix: {fix}")
 
     def run(self) -> list[str]:
@@ -221,13 +219,14 @@ class _Validator:
                 self.add(None, f"input_vars key {var!r} is not a free identifier", "rename it")
         if m.max_branch_depth < 0:
             self.add(None, "max_branch_depth is negative", "use 0 or more")
+        before = len(self.problems)
         self._names()
-        if self.problems:
+        if len(self.problems) > before:
             return self.problems  # later checks need unique, valid names
         for index, state in enumerate(m.states):
             self._state(index, state)
-        if self.problems:
-            return self.problems  # graph checks need a sound table
+        if self.table_broken:
+            return self.problems  # graph checks need a sound transition table
         self._reachability()
         self._needs_dominate()
         self._cycles()
@@ -260,52 +259,44 @@ class _Validator:
             FlowDecision.TERMINATE.value: END,
         }
         table = dict(defaults)
+        declared_on: list[str] = []
         for key, target in state.on.items():
             value = _decision_value(key)
             if value is None:
                 self.add(state.name, f"on= key {key!r} is not a decision",
                          "use FlowDecision.X or Branch('name')")
+                self.table_broken = True
                 continue
             if target != END and target not in m.by_name:
                 self.add(state.name, f"transition {value} -> unknown target {target!r}",
                          f"use one of {names} or END")
+                self.table_broken = True
                 continue
             table[value] = target
+            declared_on.append(value)
         m.table[state.name] = table
 
         g = state.guard
+        allowed: set[str] = {FlowDecision.CONTINUE.value}
         if g is None:
-            allowed = {FlowDecision.CONTINUE.value}
-            extra = [k for k in table if k not in defaults]
-            if extra:
-                self.add(state.name, f"has transitions for {extra} but no guard to choose them",
+            unused = [d for d in declared_on if d != FlowDecision.CONTINUE.value]
+            if unused:
+                self.add(state.name, f"has transitions for {unused} but no guard to choose them "
+                         "(without a guard a state always continues)",
                          "add guard= or remove those on= entries")
-        elif isinstance(g, DeclaredGuard):
-            allowed = set()
-            for d in g.decisions:
-                value = _decision_value(d)
-                if value is None:
-                    self.add(state.name, f"guard declares {d!r}, which is not a decision",
-                             "declare FlowDecision.X or Branch('name') values")
-                elif value not in table:
-                    self.add(state.name, f"guard may return {value} but no transition handles it",
-                             f"add on={{{_decision_repr(d)}: '<target state>'}}")
-                else:
-                    allowed.add(value)
-        elif callable(g):
-            allowed = set(table)
-            try:
-                params = inspect.signature(g).parameters
-                positional = [p for p in params.values()
-                              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-                if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params.values()):
-                    self.add(state.name, "guard does not take (output, context)",
-                             "define it as def my_guard(output, ctx) -> FlowDecision")
-            except (TypeError, ValueError):
-                pass
-        else:
+        elif not callable(g):
             self.add(state.name, "guard is not callable", "pass a function (output, ctx) -> FlowDecision")
-            allowed = {FlowDecision.CONTINUE.value}
+            self.table_broken = True
+        else:
+            self._guard_signature(state.name, g.fn if isinstance(g, DeclaredGuard) else g)
+            if isinstance(g, DeclaredGuard):
+                allowed = self._declared(state.name, g, table)
+                unused = [d for d in declared_on if d not in allowed]
+                if unused:
+                    self.add(state.name, f"has transitions for {unused}, which its guard never returns",
+                             "add them to @guard(...) or remove those on= entries")
+            else:
+                allowed = set(table)
         m.decisions[state.name] = frozenset(allowed)
 
         if FlowDecision.RETRY.value in allowed and table[FlowDecision.RETRY.value] == state.name:
@@ -328,8 +319,41 @@ class _Validator:
         elif isinstance(state, PythonState) and not callable(state.run):
             self.add(state.name, "run= is not callable", "pass a function (ctx) -> output")
 
+    def _guard_signature(self, state: str, fn: Callable[..., Any]) -> None:
+        try:
+            inspect.signature(fn).bind(None, None)
+        except TypeError:
+            self.add(state, "guard does not take (output, context)",
+                     "define it as def my_guard(output, ctx) -> FlowDecision")
+        except ValueError:
+            pass  # no signature to inspect (some builtins): trust it
+
+    def _declared(self, state: str, g: DeclaredGuard[Any], table: dict[str, str]) -> set[str]:
+        allowed: set[str] = set()
+        for d in g.decisions:
+            value = _decision_value(d)
+            if value is None:
+                self.add(state, f"guard declares {d!r}, which is not a decision",
+                         "declare FlowDecision.X or Branch('name') values")
+                self.table_broken = True
+            elif value not in table:
+                self.add(state, f"guard may return {value} but no transition handles it",
+                         f"add on={{{_decision_repr(d)}: '<target state>'}}")
+                self.table_broken = True
+            else:
+                allowed.add(value)
+        return allowed
+
     def _llm_state(self, state: LLMState) -> None:
         m = self.m
+        bad = [label for label, text in (("prompt", state.prompt), ("system", state.system))
+               if not isinstance(text, str) and not (label == "system" and text is None)]
+        for label in bad:
+            self.add(state.name, f"{label} is not a string", f"pass the {label} template as a str")
+        if bad:
+            return
+        m.templates[state.name] = (
+            Template.parse(state.prompt), Template.parse(state.system) if state.system else None)
         if not (state.model or m.model):
             self.add(state.name, "has no model", "set model= on the state or the machine")
         if not isinstance(state.max_tokens, int) or state.max_tokens < 1:
@@ -373,7 +397,7 @@ class _Validator:
     def _needs_dominate(self) -> None:
         for state in self.m.states:
             for need in state.needs:
-                if need == self.m.initial:
+                if need == self.m.initial or need not in self.m.by_name or need == state.name:
                     continue
                 if state.name in self._reachable(self.m.initial, blocked=need) or state.name == self.m.initial:
                     self.add(state.name, f"can run before {need!r}, whose output it needs",
@@ -408,12 +432,12 @@ class _Validator:
                     walk(target, path + [node], depth)
 
         walk(m.initial, [], 0)
-        if deepest[0] > m.max_branch_depth:
+        if deepest[0] > max(m.max_branch_depth, 0):
             last = deepest[1][-1]
             self.add(last, f"branching depth {deepest[0]} exceeds the limit {m.max_branch_depth} "
                      f"(path {' -> '.join(deepest[1])})",
-                     "declare guard decisions with @guard(...), flatten the branches, "
-                     "or raise Machine(max_branch_depth=...)")
+                     "flatten the branches, declare the decisions each guard really returns "
+                     "with @guard(...), or raise Machine(max_branch_depth=...)")
 
 
 def _decision_repr(d: Decision) -> str:

@@ -82,11 +82,13 @@ def _import(dotted: str) -> ModuleType:
     try:
         return importlib.import_module(dotted)
     except ModuleNotFoundError as exc:
-        if exc.name and dotted.startswith(exc.name):
+        if exc.name and (exc.name == dotted or dotted.startswith(exc.name + ".")):
             raise MachineNotFoundError(
                 [f"{dotted}: no such module; pass path/to/machine.py or a dotted module on sys.path"]
             ) from None
-        raise DefinitionError([f"{dotted}: importing the module raised {exc}; fix the module"]) from None
+        raise DefinitionError(
+            [f"{dotted}: importing the module raised ModuleNotFoundError: {exc}; fix the module"]
+        ) from None
     except DefinitionError:
         raise
     except SyntaxError as exc:

@@ -145,7 +145,7 @@ class SQLiteStore:
             raise UsageError(f"synchronous={synchronous!r} is not supported; use 'FULL' or 'NORMAL'")
         if not self.path.exists():
             if not create:
-                raise StoreError(f"no database at {self.path}; start a run first or pass --db PATH")
+                raise UsageError(f"no database at {self.path}; start a run first or pass --db PATH")
             _create_private(self.path)
         try:
             conn = sqlite3.connect(

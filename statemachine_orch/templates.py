@@ -14,6 +14,7 @@ from string import Formatter
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,4 +71,4 @@ def as_text(value: Any) -> str:
         return value
     if isinstance(value, BaseModel):
         return value.model_dump_json()
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return json.dumps(value, ensure_ascii=False, default=to_jsonable_python)

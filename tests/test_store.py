@@ -214,7 +214,7 @@ def test_foreign_and_corrupt_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_read_commands_do_not_create_a_database(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="no database"):
+    with pytest.raises(UsageError, match="no database"):
         SQLiteStore(tmp_path / "missing.db", create=False)
     assert not (tmp_path / "missing.db").exists()
 

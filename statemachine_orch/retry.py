@@ -1,0 +1,99 @@
+"""Retry policy for model calls: small pure functions with named constants.
+
+The SDK's own retries are switched off (`max_retries=0`) so this is the only retry layer
+and every attempt is seen, logged and counted. Transient failures (429, 529, 5xx, 408,
+timeouts, connection resets) back off exponentially with jitter, honour `retry-after` /
+`retry-after-ms`, and stop at a number of attempts or a total time; `x-should-retry`
+from the server overrides the status-code rule either way.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+INITIAL_DELAY_S = 1.0
+MULTIPLIER = 2.0
+MAX_DELAY_S = 60.0
+JITTER = 0.25  # each delay is scaled by a random factor in [1 - JITTER, 1]
+MAX_ATTEMPTS = 4
+MAX_TOTAL_S = 300.0
+RETRIABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How a state retries transient API failures (per state, per machine or per engine)."""
+
+    max_attempts: int = MAX_ATTEMPTS
+    initial_delay_s: float = INITIAL_DELAY_S
+    multiplier: float = MULTIPLIER
+    max_delay_s: float = MAX_DELAY_S
+    max_total_s: float = MAX_TOTAL_S
+    jitter: float = JITTER
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if min(self.initial_delay_s, self.max_delay_s, self.max_total_s) < 0 or self.multiplier < 1:
+            raise ValueError("delays must be >= 0 and multiplier >= 1")
+
+    def backoff(self, attempt: int, rand: float | None = None) -> float:
+        """Delay after failed attempt number `attempt` (1-based) when the server gave no hint."""
+        base = min(self.initial_delay_s * self.multiplier ** (attempt - 1), self.max_delay_s)
+        factor = 1 - self.jitter * (random.random() if rand is None else rand)
+        return base * factor
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait (`retry-after-ms`, `retry-after` seconds or date)."""
+    if not headers:
+        return None
+    lower = {k.lower(): v for k, v in headers.items()}
+    try:
+        return max(0.0, float(lower["retry-after-ms"]) / 1000)
+    except (KeyError, TypeError, ValueError):
+        pass
+    value = lower.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    parsed = email.utils.parsedate_tz(value)
+    if parsed is None:
+        return None
+    return max(0.0, float(email.utils.mktime_tz(parsed)) - (time.time() if now is None else now))
+
+
+def should_retry(status: int | None, headers: Mapping[str, str] | None) -> bool:
+    """Whether a failed attempt is transient. `status` None means no response (timeout, reset)."""
+    hint = {k.lower(): v for k, v in (headers or {}).items()}.get("x-should-retry")
+    if hint == "true":
+        return True
+    if hint == "false":
+        return False
+    return status is None or status in RETRIABLE_STATUS or status >= 500
+
+
+def next_delay(policy: RetryPolicy, attempt: int, elapsed_s: float,
+               headers: Mapping[str, str] | None) -> float | None:
+    """Seconds to wait before the next attempt, or None when the policy is exhausted.
+
+    The server's `retry-after` wins over our backoff; either way, a wait that would take the
+    call past `max_total_s` ends the retries instead of sleeping into the limit.
+    """
+    if attempt >= policy.max_attempts:
+        return None
+    hinted = retry_after(headers)
+    delay = hinted if hinted is not None else policy.backoff(attempt)
+    if elapsed_s + delay > policy.max_total_s:
+        return None
+    return delay
