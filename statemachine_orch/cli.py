@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .definition import Machine
+from .definition import LLMState, Machine
 from .engine import Engine, RunResult, new_run_id, resume_point
 from .errors import InputError, OrchError, UsageError
 from .llm import AnthropicModel
@@ -30,6 +30,11 @@ from .trace import Tracer, stream_logger
 from .types import END, ModelClient, RunRecord, RunStatus, TransitionRecord
 
 DEFAULT_DB = "orch.db"
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a run; the message says what is stored and how to continue."""
+
 OFFLINE_BANNER = ("OFFLINE: answers come from {source} through the anthropic SDK and a local fake "
                   "Messages API; no API call is made")
 MAX_INPUT_BYTES = 64 * 1024 * 1024
@@ -81,15 +86,17 @@ def _read_file(path: str) -> bytes:
         return handle.read(MAX_INPUT_BYTES + 1)
 
 
-def _model_for(offline: str | None, machine: Machine) -> tuple[ModelClient, dict[str, Any]]:
-    """The model client for a run, and the run options that let a resume pick the same one.
+def _model_for(offline: str | None, machine: Machine) -> tuple[ModelClient, dict[str, Any], str | None]:
+    """The model client for a run, the run options that let a resume pick the same one, and
+    the banner that labels an offline run.
 
     Offline, a real SDK client talks to the fake Messages API in process; its answers come
     from SCRIPT, else MACHINE.offline.json beside the module, else labelled placeholders.
     """
     if not offline:
-        AnthropicModel.check_credentials()
-        return AnthropicModel(), {}
+        if any(isinstance(s, LLMState) for s in machine.states):
+            AnthropicModel.check_credentials()
+        return AnthropicModel(), {}, None
     from .testing import FakeMessagesAPI, load_script
 
     script_path = offline
@@ -104,9 +111,24 @@ def _model_for(offline: str | None, machine: Machine) -> tuple[ModelClient, dict
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot use offline script {script_path}: {exc}") from None
         script_path = str(Path(script_path).resolve())
-    print(OFFLINE_BANNER.format(source=script_path if script_path != "auto" else "placeholders"),
-          file=sys.stderr)
-    return fake.model(), {"offline": script_path}
+    banner = OFFLINE_BANNER.format(source=script_path if script_path != "auto" else "placeholders")
+    return fake.model(), {"offline": script_path}, banner
+
+
+def _drive(store: SQLiteStore, run_id: str, run: Callable[[], Any]) -> RunResult:
+    """Run the coroutine from `run()`; on Ctrl-C report what the database says happened."""
+    try:
+        result: RunResult = asyncio.run(run())
+        return result
+    except KeyboardInterrupt:
+        try:
+            record, log = store.load_run(run_id)
+        except OrchError:
+            raise Interrupted("interrupted before the run was stored; nothing to resume") from None
+        if record.status.finished:
+            return RunResult.from_log(record, log)
+        raise Interrupted(f"interrupted; run {run_id} is saved: resume it with "
+                          f"`orch resume {run_id}`") from None
 
 
 def _print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
@@ -143,12 +165,20 @@ def _report_result(result: RunResult, args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     loaded = load_machine(args.machine)
     data = _read_input(args.input)
-    model, options = _model_for(args.offline, loaded.machine)
+    model, options, banner = _model_for(args.offline, loaded.machine)
     store = _open_store(args, create=True)
     engine = Engine(store, model=model, tracer=_tracer(args))
+    run_id = args.run_id or new_run_id()
+
+    async def go() -> RunResult:
+        run = await engine.start(loaded.machine, data, run_id=run_id, machine_ref=loaded.ref,
+                                 options=options)
+        if banner:
+            print(banner, file=sys.stderr)
+        return await run.run_to_end()
+
     try:
-        result = asyncio.run(engine.arun(loaded.machine, data, machine_ref=loaded.ref, options=options,
-                                    run_id=args.run_id))
+        result = _drive(store, run_id, go)
     finally:
         store.close()
     return _report_result(result, args)
@@ -159,9 +189,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     try:
         record = store.get_run(args.run_id)
         loaded = load_machine(args.machine or record.machine_ref)
-        model, _ = _model_for(record.options.get("offline"), loaded.machine)
+        model, _, banner = _model_for(record.options.get("offline"), loaded.machine)
         engine = Engine(store, model=model, tracer=_tracer(args))
-        result = asyncio.run(engine.aresume(args.run_id, loaded.machine))
+
+        async def go() -> RunResult:
+            run = await engine.attach(args.run_id, loaded.machine)
+            if banner:
+                print(banner, file=sys.stderr)
+            return await run.run_to_end()
+
+        result = _drive(store, args.run_id, go)
     finally:
         store.close()
     return _report_result(result, args)
@@ -268,10 +305,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _snapshot(record: RunRecord, rows: list[TransitionRecord]) -> dict[str, Any]:
-    state, attempt = resume_point(rows, "(initial state)")
-    return {"status": record.status.value, "next_state": None if state == END else state,
-            "attempt": attempt, "seq": rows[-1].seq if rows else 0, "owned": record.owner is not None,
-            "error": record.error}
+    state, attempt = resume_point(rows, "")
+    last = rows[-1] if rows else None
+    pending = last.output if last is not None and last.to_state is None else None
+    return {"status": record.status.value, "next_state": None if state in ("", END) else state,
+            "attempt": attempt, "seq": last.seq if last else 0, "owned": record.owner is not None,
+            "error": record.error, "pending_answer": pending}
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -295,16 +334,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     if record.options.get("offline"):
         print(f"  offline answers: {record.options['offline']}")
     print("input:")
-    print(_indent(json.dumps(record.input, indent=2, ensure_ascii=False)))
+    print(_indent(_as_block(record.input)))
     print("outputs:")
     for state, output in outputs.items():
-        text = output if isinstance(output, str) else json.dumps(output, indent=2, ensure_ascii=False)
         print(f"  {state}:")
-        print(_indent(text, 4))
+        print(_indent(_as_block(output), 4))
     print("snapshot:")
     for key, value in snapshot.items():
-        print(f"  {key}: {value}")
+        if key == "pending_answer" and value is not None:
+            print("  pending_answer (paid; its guard failed, resume re-runs the guard on it):")
+            print(_indent(_as_block(value), 4))
+        elif key != "pending_answer":
+            print(f"  {key}: {'-' if value is None else value}")
     return 0
+
+
+def _as_block(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
 
 
 def _indent(text: str, width: int = 2) -> str:
@@ -336,7 +382,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not Path(machine_file).is_file():
         raise UsageError("orch demo runs machines/report.py; run it from the statemachine_orch checkout")
     run_id = "demo-" + new_run_id()
-    base = ["--db", args.db] if args.db else []
+    base = [flag for flag, on in (("--log-json", args.log_json), ("--quiet", args.quiet),
+                                  ("--debug", args.debug)) if on]
+    base += [part for option, value in (("--db", args.db), ("--sync", args.sync)) if value
+             for part in (option, value)]
     for step in (["run", machine_file, "--input", input_file, "--offline", "--run-id", run_id],
                  ["log", run_id],
                  ["replay", run_id]):
@@ -434,9 +483,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             print(f"orch: error: {line}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("orch: interrupted; the run is saved: resume it with `orch resume RUN_ID`", file=sys.stderr)
+    except Interrupted as exc:
+        print(f"orch: {exc}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print("orch: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `orch runs | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except Exception as exc:  # a bug: still one line unless --debug
         if args.debug:
             traceback.print_exc()

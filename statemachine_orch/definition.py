@@ -69,7 +69,7 @@ class State:
     needs: Sequence[str] = ()
     guard: Guard | None = None
     on: Mapping[Decision, str] = field(default_factory=dict)
-    retry_limit: int | None = 3
+    retry_limit: int | None = 3  # the most runs in a row (RETRY or any decision routed to itself)
     max_visits: int | None = None
     output: type[BaseModel] | None = None
 
@@ -299,10 +299,10 @@ class _Validator:
                 allowed = set(table)
         m.decisions[state.name] = frozenset(allowed)
 
-        if FlowDecision.RETRY.value in allowed and table[FlowDecision.RETRY.value] == state.name:
-            if not isinstance(state.retry_limit, int) or state.retry_limit < 1:
-                self.add(state.name, "its guard may RETRY but retry_limit is not a positive number",
-                         "set retry_limit=3 (the most runs in a row)")
+        loops = sorted(d for d in allowed if table.get(d) == state.name)
+        if loops and (not isinstance(state.retry_limit, int) or state.retry_limit < 1):
+            self.add(state.name, f"its guard may loop back to it ({', '.join(loops)}) but retry_limit "
+                     "is not a positive number", "set retry_limit=3 (the most runs in a row)")
         if state.max_visits is not None and (not isinstance(state.max_visits, int) or state.max_visits < 1):
             self.add(state.name, "max_visits must be a positive integer", "set max_visits=N or leave it None")
         if state.output is not None and not (
@@ -370,7 +370,7 @@ class _Validator:
                 if name in available:
                     continue
                 if name in m.by_name:
-                    fix = f"add {name!r} to needs=[...]"
+                    fix = f"add {name!r} to needs=[...] (it must run before this state)"
                 else:
                     fix = "add the field to input_model or input_vars, or fix the spelling"
                 self.add(state.name, f"{label} uses {{{name}}}, which no input field or needed state provides", fix)
@@ -404,7 +404,8 @@ class _Validator:
                              f"make every path to it pass through {need!r}, or drop it from needs")
 
     def _cycles(self) -> None:
-        """Every cycle other than a RETRY self-loop needs a state with max_visits."""
+        """Every cycle through two or more states needs a state with max_visits (self-loops are
+        bounded by retry_limit)."""
         for component in _strongly_connected(self.m):
             if len(component) < 2:
                 continue

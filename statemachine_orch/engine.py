@@ -66,7 +66,6 @@ _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _REASON_LIMIT = 500
 _CONTINUE = FlowDecision.CONTINUE.value
 _TERMINATE = FlowDecision.TERMINATE.value
-_RETRY = FlowDecision.RETRY.value
 
 
 def new_run_id() -> str:
@@ -95,6 +94,18 @@ class RunResult:
     @property
     def steps(self) -> int:
         return len(self.path)
+
+    @classmethod
+    def from_log(cls, record: RunRecord, log: list[TransitionRecord]) -> RunResult:
+        """The result of a stored run, read back from its log."""
+        usage = Usage()
+        for row in log:
+            usage.add(row.usage)
+        committed = [row for row in log if row.to_state is not None]
+        return cls(run_id=record.run_id, machine=record.machine, status=record.status,
+                   path=[row.from_state for row in committed],
+                   outputs={row.from_state: row.output for row in committed}, usage=usage,
+                   error=record.error)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -137,7 +148,7 @@ class _Compiled:
 
 
 def _below_retry_limit(limit: int) -> Callable[[Any], bool]:
-    """Condition on a RETRY self-transition: the state has run fewer than `limit` times."""
+    """Condition on a self-transition (RETRY or routed): the state ran fewer than `limit` times."""
     return lambda event: bool(event.model.attempt < limit)
 
 
@@ -151,7 +162,7 @@ def compile_machine(machine: Machine) -> _Compiled:
     for state in machine.states:
         for decision, target in machine.edges(state.name).items():
             conditions: list[Callable[[Any], bool]] = []
-            if target == state.name and decision == _RETRY:
+            if target == state.name:
                 conditions.append(_below_retry_limit(state.retry_limit or 1))
             elif target != END and target != state.name:
                 bound = machine.by_name[target].max_visits
@@ -448,12 +459,12 @@ class Run:
     def _move(self, state: State, decision: str) -> None:
         if self._trigger[decision].trigger(self._pos):
             return
-        if decision == _RETRY:
-            raise RetryLimitError(
-                f"state '{state.name}' asked to RETRY after attempt {self._pos.attempt}, but its "
-                f"retry_limit is {state.retry_limit}; raise retry_limit or route the failure",
-                run_id=self.run_id, state=state.name)
         target = self.machine.table[state.name][decision]
+        if target == state.name:
+            raise RetryLimitError(
+                f"state '{state.name}' decided {decision} (back to itself) after attempt "
+                f"{self._pos.attempt}, but its retry_limit is {state.retry_limit}; raise retry_limit "
+                "or route the failure", run_id=self.run_id, state=state.name)
         raise VisitLimitError(
             f"state '{target}' reached max_visits={self.machine.by_name[target].max_visits}; "
             "raise max_visits or break the loop", run_id=self.run_id, state=state.name)
@@ -645,9 +656,9 @@ class Engine:
         run = Run(self, compiled, record, owner, input=context_input, input_values=values,
                   position=snap.position, seq=log[-1].seq if log else 0, outputs=snap.outputs,
                   path=snap.path, usage=snap.usage, pending=snap.pending)
+        self.tracer.run_started(record, resumed=True)
         if record.machine_hash != machine.source_hash:
             self.tracer.machine_changed(run_id, machine.name, record.machine_hash, machine.source_hash)
-        self.tracer.run_started(record, resumed=True)
         return run
 
     async def arun(self, machine: Machine, input: Mapping[str, Any] | None = None,

@@ -97,10 +97,6 @@ class LLMError(RunError):
         self.request_id = request_id
 
 
-class ReplayError(OrchError):
-    """A run cannot be replayed (nothing recorded for a call the machine now makes)."""
-
-
 # --------------------------------------------------------------------------- storage
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .definition import Machine, PythonState
 from .engine import Engine
-from .errors import OrchError
+from .errors import InputError, OrchError
 from .llm import completion_from_response
 from .ownership import Owner
 from .store import Store
@@ -163,7 +163,7 @@ def _text_difference(label: str, a: str, b: str) -> tuple[str, str]:
     for number, (old, new) in enumerate(zip_longest(a.splitlines(), b.splitlines()), 1):
         if old != new:
             return (f"{label} line {number} {json.dumps((old or '')[:160])}",
-                    f"{json.dumps((new or '')[:160])}")
+                    f"{label} line {number} {json.dumps((new or '')[:160])}")
     return label, label
 
 
@@ -193,8 +193,10 @@ async def replay_run(store: Store, run_id: str, machine: Machine) -> ReplayRepor
         return report(exc.divergence)
     except _RecordingEnds:
         return report(None)
-    except OrchError as exc:
+    except InputError as exc:
         return report(Divergence(0, "-", "input", "valid input", str(exc)))
+    except OrchError as exc:
+        return report(Divergence(cursor.index + 1, "-", "error", "a replayable run", str(exc)))
     if cursor.index < len(committed):
         row = committed[cursor.index]
         return report(Divergence(row.seq, row.from_state, "ended", f"continues with {row.from_state}",

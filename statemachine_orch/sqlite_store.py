@@ -83,7 +83,7 @@ CREATE TABLE transitions (
 CREATE VIEW llm_calls AS
     SELECT run_id, seq, from_state AS state, request_id, request, response,
            input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, started_at, latency_ms
-    FROM transitions WHERE request IS NOT NULL;
+    FROM transitions WHERE source = 'llm' AND request IS NOT NULL;
 CREATE VIEW step_outputs AS
     SELECT run_id, seq, from_state AS state, output FROM transitions
     WHERE output IS NOT NULL AND to_state IS NOT NULL;

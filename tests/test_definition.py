@@ -363,8 +363,15 @@ def test_guards_callable_with_output_and_context_are_accepted(good_guard: Any) -
 )
 def test_retry_needs_a_positive_retry_limit(may_retry: Any, retry_limit: int | None) -> None:
     assert problems_of(step("a", guard=may_retry, retry_limit=retry_limit)) == [
-        state_line("a", "its guard may RETRY but retry_limit is not a positive number",
-                   "set retry_limit=3 (the most runs in a row)")]
+        state_line("a", "its guard may loop back to it (retry) but retry_limit is not a positive "
+                   "number", "set retry_limit=3 (the most runs in a row)")]
+
+
+def test_a_branch_back_to_the_same_state_is_bounded_like_retry() -> None:
+    looping = declared(FlowDecision.CONTINUE, FlowDecision.BRANCH_A)
+    assert problems_of(step("a", guard=looping, on={FlowDecision.BRANCH_A: "a"}, retry_limit=None)) == [
+        state_line("a", "its guard may loop back to it (branch_a) but retry_limit is not a positive "
+                   "number", "set retry_limit=3 (the most runs in a row)")]
 
 
 def test_retry_limit_none_is_fine_when_the_state_cannot_retry() -> None:
@@ -526,7 +533,7 @@ def test_placeholder_naming_a_state_missing_from_needs() -> None:
     problems = problems_of(ask("a"), ask("b", prompt="Improve: {a}"))
     assert problems == [
         state_line("b", "prompt uses {a}, which no input field or needed state provides",
-                   "add 'a' to needs=[...]")]
+                   "add 'a' to needs=[...] (it must run before this state)")]
 
 
 def test_system_template_is_checked_too() -> None:

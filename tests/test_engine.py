@@ -130,6 +130,18 @@ def test_retry_attempts_are_counted_and_bounded(engine: Engine) -> None:
     assert rows[-1].decision == "retry"
 
 
+def test_a_branch_back_to_the_same_state_is_bounded_by_retry_limit(engine: Engine) -> None:
+    machine = Machine("self_loop", [
+        LLMState("work", prompt="w", retry_limit=2, guard=scripted_guard(FlowDecision.BRANCH_A),
+                 on={FlowDecision.BRANCH_A: "work"}),
+    ])
+    result = engine.run(machine)
+    assert result.status is RunStatus.FAILED
+    assert result.path == ["work"]
+    assert "RetryLimitError: state 'work' decided branch_a (back to itself) after attempt 2" in (
+        result.error or "")
+
+
 def test_loop_bounded_by_max_visits(engine: Engine) -> None:
     machine = Machine("loop", [
         LLMState("draft", prompt="draft", max_visits=2),

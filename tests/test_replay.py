@@ -109,7 +109,7 @@ def test_changed_prompt_reports_the_changed_line(db_path: Path, fake: FakeMessag
     d = report.divergence
     assert (d.seq, d.state, d.kind) == (1, "classify", "request")
     assert d.recorded == 'prompt line 1 "Classify: ok"'
-    assert d.replayed == '"Classify the sentiment: ok"'
+    assert d.replayed == 'prompt line 1 "Classify the sentiment: ok"'
 
 
 def test_a_guard_that_now_raises_is_a_divergence(db_path: Path, fake: FakeMessagesAPI) -> None:
