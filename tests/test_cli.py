@@ -1,0 +1,686 @@
+"""End to end: the real `orch` console script, the real anthropic SDK, the fake Messages API
+served on loopback HTTP, and real SQLite files in tmp_path.
+
+The helpers at the top (`Orch`, `answer`, `script`, ...) are shared with test_crash.py and
+test_secrets.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import sqlite3
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from statemachine_orch import SQLiteStore
+from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, error
+
+from .conftest import CANARY_KEY, MACHINES, CLIResult, orch_command, run_orch
+
+CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens there: any API call fails at once
+REPORT = MACHINES / "report.py"
+REPORT_INPUT = MACHINES / "report_input.json"
+ROUTER = MACHINES / "support_router.py"
+EXTRACT = MACHINES / "extract.py"
+EXTRACT_INPUT = MACHINES / "extract_input.json"
+REPORT_STATES = ("data_validation", "trend_analysis", "risk_assessment", "recommendations",
+                 "executive_summary")
+ROUTER_STATES = ("sentiment_analysis", "standard_reply", "upsell", "support")
+SEED_MAX_TOKENS = {"data_validation": 500, "trend_analysis": 1000, "risk_assessment": 800,
+                   "recommendations": 1000, "executive_summary": 600}
+LOG_FIELDS = {"run_id", "seq", "from_state", "to_state", "decision", "reason", "attempt",
+              "started_at", "latency_ms", "input_tokens", "output_tokens"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Orch:
+    """The `orch` command against one database, with the SDK pointed at `base_url`.
+
+    Commands get conftest's canary API key; with `key=False` they get whatever the
+    environment holds (a test that removed the key from it).
+    """
+
+    db: Path
+    base_url: str = CLOSED_PORT
+    cwd: Path | None = None
+    key: bool = True
+    started: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        env = {"ANTHROPIC_BASE_URL": self.base_url}
+        if self.key:
+            env["ANTHROPIC_API_KEY"] = CANARY_KEY
+        return env
+
+    def argv(self, args: Sequence[str | Path]) -> list[str]:
+        return ["--db", str(self.db), *map(str, args)]
+
+    def __call__(self, *args: str | Path) -> CLIResult:
+        return run_orch(*self.argv(args), cwd=self.cwd, env=self.env())
+
+    def ok(self, *args: str | Path) -> CLIResult:
+        result = self(*args)
+        command = " ".join(map(str, args))
+        assert result.code == 0, f"orch {command} exited {result.code}:\n{result.stderr}"
+        return result
+
+    def json(self, *args: str | Path) -> Any:
+        return json.loads(self.ok(*args, "--json").stdout)
+
+    def log(self, run_id: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.ok("log", run_id, "--json").stdout.splitlines()]
+
+    def start(self, *args: str | Path) -> subprocess.Popen[str]:
+        """Start `orch` without waiting (stdout and stderr captured); `stop_all` cleans up."""
+        env = dict(os.environ)
+        env.update(self.env())
+        proc = subprocess.Popen(orch_command() + self.argv(args), cwd=self.cwd, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.started.append(proc)
+        return proc
+
+    @staticmethod
+    def finish(proc: subprocess.Popen[str], timeout: float = 60) -> CLIResult:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return CLIResult(proc.returncode, stdout, stderr)
+
+    def stop_all(self) -> None:
+        """Kill the processes this helper started that are still running (teardown)."""
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
+
+
+@contextmanager
+def offline_environment() -> Iterator[None]:
+    """conftest's offline environment, for module-scoped fixtures (set up before it applies)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ANTHROPIC_BASE_URL", CLOSED_PORT)
+        env.setenv("ANTHROPIC_API_KEY", CANARY_KEY)
+        for name in ("ANTHROPIC_AUTH_TOKEN", "ORCH_DB", "ORCH_SYNC"):
+            env.delenv(name, raising=False)
+        yield
+
+
+@contextmanager
+def orch_against(fake: FakeMessagesAPI, db: Path) -> Iterator[Orch]:
+    """`Orch` on `db` with the fake served on loopback; kills leftover processes on exit."""
+    with fake.serve() as url:
+        cli = Orch(db, url)
+        try:
+            yield cli
+        finally:
+            cli.stop_all()
+
+
+@pytest.fixture
+def orch(fake: FakeMessagesAPI, db_path: Path) -> Iterator[Orch]:
+    """The conftest fake (unscripted states answer 400) served to `orch` on `db_path`."""
+    with orch_against(fake, db_path) as cli:
+        yield cli
+
+
+def answer(state: str) -> Reply:
+    """A recognisable answer for `state`, with usage numbers of its own."""
+    n = sum(map(ord, state))
+    return Reply(text=f"<<{state} answer {n}>>", input_tokens=n % 997 + 100,
+                 output_tokens=n % 89 + 10)
+
+
+def script(fake: FakeMessagesAPI, states: Sequence[str],
+           before: Mapping[str, Sequence[Reply]] | None = None) -> dict[str, Reply]:
+    """Script `answer(state)` for each state, after the replies in `before[state]`."""
+    replies = {}
+    for state in states:
+        replies[state] = answer(state)
+        fake.on(state, *(before or {}).get(state, ()), replies[state])
+    return replies
+
+
+def requests_for(fake: FakeMessagesAPI, state: str) -> list[CapturedRequest]:
+    return [r for r in fake.requests if r.state == state]
+
+
+def query(db: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
+    """Rows from the database file, or none when the file does not exist."""
+    if not db.exists():
+        return []
+    with closing(sqlite3.connect(db)) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(sql, params).fetchall()
+
+
+def run_count(db: Path) -> int:
+    return len(query(db, "SELECT run_id FROM runs"))
+
+
+def stored_log(db: Path, run_id: str) -> list[sqlite3.Row]:
+    """The run's transition rows as stored (where `orch log` itself is not under test)."""
+    return query(db, "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", run_id)
+
+
+def stored_status(db: Path, run_id: str) -> str:
+    (row,) = query(db, "SELECT status FROM runs WHERE run_id = ?", run_id)
+    return str(row["status"])
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def one_error_line(result: CLIResult) -> str:
+    """The single `orch: error: ...` line a refused command prints, without a traceback."""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("orch: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def resume_hint(stdout: str) -> str:
+    """The run id from the `resume with: orch resume RUN_ID` hint of a failed run."""
+    found = re.search(r"^resume with: orch resume (\S+)$", stdout, re.MULTILINE)
+    assert found, stdout
+    return found.group(1)
+
+
+def committed(log: list[dict[str, Any]]) -> list[str]:
+    """The states whose step committed a transition, in log order."""
+    return [row["from_state"] for row in log if row["to_state"] is not None]
+
+
+def router_input(tmp_path: Path, text: str = "I love the new tent!") -> Path:
+    return write(tmp_path / "ticket.json", json.dumps({"text": text}))
+
+
+# --------------------------------------------------------------------------- the seed report
+
+
+@dataclass
+class Recorded:
+    orch: Orch
+    report: dict[str, Any]
+    router: dict[str, Any]
+    replies: dict[str, Reply]
+    requests: list[CapturedRequest]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorded]:
+    """One report run, then one support_router run, in one database (read-only for tests)."""
+    tmp = tmp_path_factory.mktemp("recorded")
+    fake = FakeMessagesAPI(default=None)
+    replies = script(fake, REPORT_STATES + ROUTER_STATES[1:])
+    fake.on("sentiment_analysis", "positive")
+    with offline_environment(), fake.serve() as url:
+        cli = Orch(tmp / "orch.db", url)
+        report = cli.json("run", REPORT, "--input", REPORT_INPUT)
+        router = cli.json("run", ROUTER, "--input", router_input(tmp))
+    yield Recorded(Orch(cli.db), report, router, replies, list(fake.requests))
+
+
+def test_report_run_completes_the_five_seed_states_in_order(recorded: Recorded) -> None:
+    result = recorded.report
+    assert result["status"] == "completed"
+    assert result["path"] == list(REPORT_STATES)
+    assert re.fullmatch(r"[0-9A-Z]{26}", result["run_id"])
+    assert result["outputs"] == {s: recorded.replies[s].text for s in REPORT_STATES}
+    replies = [recorded.replies[s] for s in REPORT_STATES]
+    assert result["input_tokens"] == sum(r.input_tokens or 0 for r in replies)
+    assert result["output_tokens"] == sum(r.output_tokens or 0 for r in replies)
+
+
+def test_report_sends_one_request_per_state_with_the_seed_budgets(recorded: Recorded) -> None:
+    report_requests = [r for r in recorded.requests if r.run_id == recorded.report["run_id"]]
+    assert [r.state for r in report_requests] == list(REPORT_STATES)
+    assert len(recorded.requests) == len(REPORT_STATES) + 2  # plus the router's two calls
+    assert {r.state: r.body["max_tokens"] for r in report_requests} == SEED_MAX_TOKENS
+    raw_data = json.loads(REPORT_INPUT.read_text(encoding="utf-8"))
+    first = report_requests[0].prompt
+    assert raw_data["company"] in first and raw_data["notes"] in first
+
+
+def test_later_report_prompts_contain_the_answers_they_depend_on(recorded: Recorded) -> None:
+    run_id = recorded.report["run_id"]
+    prompts = {r.state: r.prompt for r in recorded.requests if r.run_id == run_id}
+    text = {s: recorded.replies[s].text or "" for s in REPORT_STATES}
+    assert text["data_validation"] in prompts["trend_analysis"]
+    assert text["trend_analysis"] in prompts["risk_assessment"]
+    for needed in ("trend_analysis", "risk_assessment"):
+        assert text[needed] in prompts["recommendations"]
+    for needed in ("trend_analysis", "risk_assessment", "recommendations"):
+        assert text[needed] in prompts["executive_summary"]
+    assert text["executive_summary"] not in "".join(prompts.values())
+
+
+def test_log_json_is_one_consistent_object_per_transition(recorded: Recorded) -> None:
+    run_id = recorded.report["run_id"]
+    rows = recorded.orch.log(run_id)
+    assert len(rows) == len(REPORT_STATES)
+    for seq, (row, state) in enumerate(zip(rows, REPORT_STATES, strict=True), 1):
+        assert LOG_FIELDS <= set(row), LOG_FIELDS - set(row)
+        reply = recorded.replies[state]
+        assert (row["run_id"], row["seq"], row["from_state"]) == (run_id, seq, state)
+        assert (row["decision"], row["attempt"], row["error"]) == ("continue", 1, None)
+        assert row["reason"]
+        assert row["input_tokens"] == reply.input_tokens
+        assert row["output_tokens"] == reply.output_tokens
+        assert row["latency_ms"] > 0
+        assert row["source"] == "llm"
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", row["started_at"])
+    for row, following in itertools.pairwise(rows):
+        assert row["to_state"] == following["from_state"]
+    assert rows[-1]["to_state"] not in REPORT_STATES and rows[-1]["to_state"]
+    assert [r["started_at"] for r in rows] == sorted(r["started_at"] for r in rows)
+
+
+def test_runs_json_lists_runs_newest_first_with_steps_and_tokens(recorded: Recorded) -> None:
+    runs = recorded.orch.json("runs")
+    assert isinstance(runs, list)
+    assert [r["run_id"] for r in runs] == [recorded.router["run_id"], recorded.report["run_id"]]
+    for listed, result in zip(runs, (recorded.router, recorded.report), strict=True):
+        assert listed["machine"] == result["machine"]
+        assert listed["status"] == "completed"
+        assert listed["steps"] == len(result["path"])
+        assert listed["input_tokens"] == result["input_tokens"]
+        assert listed["output_tokens"] == result["output_tokens"]
+        assert listed["tokens"] == result["input_tokens"] + result["output_tokens"]
+    assert runs[0]["started_at"] >= runs[1]["started_at"]
+
+
+def test_show_json_has_input_outputs_and_snapshot(recorded: Recorded) -> None:
+    run_id = recorded.report["run_id"]
+    shown = recorded.orch.json("show", run_id)
+    assert shown["run_id"] == run_id
+    assert shown["machine"] == "report"
+    assert shown["input"] == json.loads(REPORT_INPUT.read_text(encoding="utf-8"))
+    assert shown["outputs"] == {s: recorded.replies[s].text for s in REPORT_STATES}
+    snapshot = shown["snapshot"]
+    assert snapshot["status"] == "completed"
+    assert snapshot["seq"] == len(REPORT_STATES)
+    assert snapshot["next_state"] is None
+    assert snapshot["owned"] is False
+    assert snapshot["error"] is None
+
+
+def test_replay_needs_neither_network_nor_key(recorded: Recorded,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    offline = Orch(recorded.orch.db, CLOSED_PORT, key=False)
+    run_id = recorded.report["run_id"]
+    replayed = offline("replay", run_id)
+    assert replayed.code == 0, replayed.stderr
+    matches = f"replay {run_id}: matches the recording ({len(REPORT_STATES)} transition(s)"
+    assert matches in replayed.stdout
+
+
+# --------------------------------------------------------------------------- routing machines
+
+
+@pytest.mark.parametrize(("sentiment", "path"), [
+    ("positive", ["sentiment_analysis", "upsell"]),
+    ("negative", ["sentiment_analysis", "support"]),
+    ("neutral", ["sentiment_analysis", "standard_reply"]),
+])
+def test_support_router_follows_the_sentiment(orch: Orch, fake: FakeMessagesAPI, tmp_path: Path,
+                                              sentiment: str, path: list[str]) -> None:
+    fake.on("sentiment_analysis", f"Sentiment: {sentiment}. The customer wrote about a tent.")
+    replies = script(fake, ROUTER_STATES[1:])
+    result = orch.json("run", ROUTER, "--input", router_input(tmp_path))
+    assert (result["status"], result["path"]) == ("completed", path)
+    assert result["outputs"][path[-1]] == replies[path[-1]].text
+    assert [r.state for r in fake.requests] == path
+    assert "I love the new tent!" in fake.requests[1].prompt
+    decision = stored_log(orch.db, result["run_id"])[0]
+    assert decision["to_state"] == path[1]
+    assert sentiment in decision["reason"]
+
+
+def test_extract_offline_uses_the_offline_script(db_path: Path) -> None:
+    result = Orch(db_path)("run", EXTRACT, "--input", EXTRACT_INPUT, "--offline", "--json")
+    assert result.code == 0, result.stderr
+    assert "OFFLINE" in result.stderr and "extract.offline.json" in result.stderr
+    out = json.loads(result.stdout)
+    invoice = json.loads((MACHINES / "extract.offline.json").read_text())["extract_invoice"]["json"]
+    assert (out["status"], out["path"]) == ("completed", ["extract_invoice", "check_totals"])
+    assert out["outputs"]["extract_invoice"] == invoice
+    assert out["outputs"]["check_totals"] == {
+        "computed_total": invoice["total"], "stated_total": invoice["total"], "consistent": True}
+
+
+def test_extract_branches_to_review_note_when_totals_disagree(orch: Orch,
+                                                              fake: FakeMessagesAPI) -> None:
+    invoice = {"vendor": "Fjord Tools AS", "invoice_number": "FT-77", "date": "2026-02-01",
+               "currency": "NOK", "line_items": [
+                   {"description": "Axe", "quantity": 2, "unit_price": 30.0},
+                   {"description": "Saw", "quantity": 1, "unit_price": 40.0}],
+               "total": 120.0}
+    fake.on("extract_invoice", invoice)
+    note = script(fake, ["review_note"])["review_note"]
+    result = orch.json("run", EXTRACT, "--input", EXTRACT_INPUT)
+    assert result["status"] == "completed"
+    assert result["path"] == ["extract_invoice", "check_totals", "review_note"]
+    assert result["outputs"]["extract_invoice"] == invoice
+    assert result["outputs"]["check_totals"] == {
+        "computed_total": 100.0, "stated_total": 120.0, "consistent": False}
+    assert result["outputs"]["review_note"] == note.text
+    extract_request, review_request = fake.requests
+    assert extract_request.body["tool_choice"]["type"] == "tool"
+    assert "FT-77" in review_request.prompt and "120" in review_request.prompt
+    check = stored_log(orch.db, result["run_id"])[1]
+    assert (check["from_state"], check["decision"], check["to_state"]) == (
+        "check_totals", "branch_a", "review_note")
+    assert check["source"] == "python"
+    assert "100" in check["reason"] and "120" in check["reason"]
+
+
+# --------------------------------------------------------------------------- exit codes 0 and 1
+
+TERMINATING_MACHINE = '''
+from statemachine_orch import FlowDecision, Machine, PythonState, guard
+
+@guard(FlowDecision.TERMINATE, FlowDecision.CONTINUE)
+def stop_when_told(output, ctx):
+    if output["stop"]:
+        return FlowDecision.TERMINATE.because("the input says stop")
+    return FlowDecision.CONTINUE.because("the input says go on")
+
+machine = Machine("stopper", states=[
+    PythonState("check", run=lambda ctx: {"stop": ctx.input["stop"]}, guard=stop_when_told),
+    PythonState("work", run=lambda ctx: "worked"),
+])
+'''
+
+RAISING_MACHINE = '''
+from statemachine_orch import Machine, PythonState
+
+def fetch(ctx):
+    raise ConnectionError("ledger service unavailable")
+
+machine = Machine("exploding", states=[PythonState("fetch", run=fetch)])
+'''
+
+
+def test_a_guard_that_terminates_ends_the_run_with_exit_0(db_path: Path, tmp_path: Path) -> None:
+    machine = write(tmp_path / "stopper.py", TERMINATING_MACHINE)
+    data = write(tmp_path / "in.json", json.dumps({"stop": True}))
+    result = Orch(db_path)("run", machine, "--input", data, "--json")
+    assert result.code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert (out["status"], out["path"], out["error"]) == ("terminated", ["check"], None)
+    (row,) = stored_log(db_path, out["run_id"])
+    assert (row["from_state"], row["decision"], row["reason"]) == (
+        "check", "terminate", "the input says stop")
+    assert stored_status(db_path, out["run_id"]) == "terminated"
+
+
+def test_a_python_state_that_raises_fails_the_run_with_exit_1(db_path: Path,
+                                                              tmp_path: Path) -> None:
+    cli = Orch(db_path)
+    result = cli("run", write(tmp_path / "exploding.py", RAISING_MACHINE))
+    assert result.code == 1, result.stderr
+    run_id = resume_hint(result.stdout)
+    assert "ledger service unavailable" in result.stdout
+    (row,) = cli.log(run_id)
+    assert (row["from_state"], row["to_state"], row["decision"]) == ("fetch", None, None)
+    assert "ConnectionError" in row["error"] and "ledger service unavailable" in row["error"]
+    assert stored_status(db_path, run_id) == "failed"
+
+
+def test_resume_after_an_api_error_does_not_resend_committed_steps(orch: Orch,
+                                                                   fake: FakeMessagesAPI) -> None:
+    replies = script(fake, REPORT_STATES, before={
+        "risk_assessment": [error(400, "prompt is too long for this model")]})
+    failed = orch("run", REPORT, "--input", REPORT_INPUT)
+    assert failed.code == 1, failed.stderr
+    run_id = resume_hint(failed.stdout)
+    log = orch.log(run_id)
+    assert committed(log) == ["data_validation", "trend_analysis"]
+    assert (log[-1]["from_state"], log[-1]["to_state"]) == ("risk_assessment", None)
+    assert "400" in log[-1]["error"] and "prompt is too long" in log[-1]["error"]
+    assert stored_status(orch.db, run_id) == "failed"
+
+    resumed = orch.json("resume", run_id)
+    assert (resumed["status"], resumed["path"]) == ("completed", list(REPORT_STATES))
+    assert resumed["outputs"] == {s: replies[s].text for s in REPORT_STATES}
+    assert {s: fake.calls(s) for s in REPORT_STATES} == {
+        "data_validation": 1, "trend_analysis": 1, "risk_assessment": 2, "recommendations": 1,
+        "executive_summary": 1}
+    first, second = requests_for(fake, "risk_assessment")
+    assert first.body == second.body  # rebuilt from the stored trend_analysis answer
+    rows = stored_log(orch.db, run_id)
+    assert [row["seq"] for row in rows] == list(range(1, len(REPORT_STATES) + 2))
+    assert [row["from_state"] for row in rows if row["to_state"]] == list(REPORT_STATES)
+    assert stored_status(orch.db, run_id) == "completed"
+
+
+GUARDED_MACHINE = '''
+from pathlib import Path
+from statemachine_orch import FlowDecision, LLMState, Machine, guard
+
+APPROVAL = Path(__file__).with_name("approved.marker")
+
+@guard(FlowDecision.CONTINUE)
+def needs_approval(output, ctx):
+    if not APPROVAL.exists():
+        raise RuntimeError("approval marker missing")
+    return FlowDecision.CONTINUE.because("approved")
+
+machine = Machine("approval", states=[
+    LLMState("draft", prompt="Draft a haiku about state machines.", max_tokens=64,
+             guard=needs_approval),
+    LLMState("polish", prompt="Polish this draft: {draft}", needs=["draft"], max_tokens=64),
+])
+'''
+
+
+def test_a_guard_error_keeps_the_paid_answer_and_resume_rejudges_it(
+        orch: Orch, fake: FakeMessagesAPI, tmp_path: Path) -> None:
+    machine = write(tmp_path / "approval.py", GUARDED_MACHINE)
+    replies = script(fake, ["draft", "polish"])
+    failed = orch("run", machine)
+    assert failed.code == 1, failed.stderr
+    run_id = resume_hint(failed.stdout)
+    assert "approval marker missing" in failed.stdout
+    (stored,) = stored_log(orch.db, run_id)
+    assert (stored["from_state"], stored["to_state"]) == ("draft", None)
+    assert json.loads(stored["output"]) == replies["draft"].text
+    assert replies["draft"].text in stored["response"]
+    assert stored_status(orch.db, run_id) == "failed"
+
+    (tmp_path / "approved.marker").touch()
+    resumed = orch.json("resume", run_id)
+    assert (resumed["status"], resumed["path"]) == ("completed", ["draft", "polish"])
+    assert (fake.calls("draft"), fake.calls("polish")) == (1, 1)
+    assert (replies["draft"].text or "-") in requests_for(fake, "polish")[0].prompt
+    failure, rejudged, polish = orch.log(run_id)
+    assert (failure["seq"], failure["from_state"], failure["to_state"], failure["source"]) == (
+        1, "draft", None, "llm")
+    assert "GuardError" in failure["error"] and "approval marker missing" in failure["error"]
+    assert failure["output_tokens"] == replies["draft"].output_tokens
+    assert (rejudged["seq"], rejudged["from_state"], rejudged["to_state"], rejudged["source"]) == (
+        2, "draft", "polish", "recorded")
+    assert (rejudged["decision"], rejudged["error"]) == ("continue", None)
+    assert (polish["seq"], polish["from_state"], polish["source"]) == (3, "polish", "llm")
+
+
+# --------------------------------------------------------------------------- exit code 2
+
+INVALID_MACHINE = '''
+from statemachine_orch import LLMState, Machine
+
+machine = Machine("broken", states=[
+    LLMState("ask", prompt="Summarise {nowhere}", max_tokens=50),
+])
+'''
+
+
+UsageCase = Callable[[Path, Path], list[str | Path]]
+
+
+def _unknown_run(command: str) -> UsageCase:
+    def args(tmp: Path, db: Path) -> list[str | Path]:
+        SQLiteStore(db).close()  # a database that exists but holds no such run
+        return [command, "NO_SUCH_RUN"]
+
+    return args
+
+
+USAGE_ERRORS: dict[str, tuple[UsageCase, str]] = {
+    "unknown machine file": (
+        lambda tmp, db: ["run", tmp / "no_such_machine.py"], "no such file"),
+    "invalid machine": (
+        lambda tmp, db: ["run", write(tmp / "broken.py", INVALID_MACHINE)], "{nowhere}"),
+    "input not JSON": (
+        lambda tmp, db: ["run", REPORT, "--input", write(tmp / "in.json", '{"quarters": [1,')],
+        "not valid JSON"),
+    "input not an object": (
+        lambda tmp, db: ["run", REPORT, "--input", write(tmp / "in.json", "[1, 2, 3]")],
+        "must be a JSON object"),
+    "input not UTF-8": (
+        lambda tmp, db: ["run", ROUTER, "--input",
+                         write(tmp / "in.json", '{"text": "café"}'.encode("latin-1"))],
+        "not UTF-8"),
+    "input fails the input model": (
+        lambda tmp, db: ["run", ROUTER, "--input", write(tmp / "in.json", "{}")], "Ticket"),
+    **{f"{command} of an unknown run": (_unknown_run(command), "NO_SUCH_RUN")
+       for command in ("log", "show", "resume", "replay")},
+    "log without a database": (lambda tmp, db: ["log", "NO_SUCH_RUN"], ""),
+}
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[CLIResult, Path]]:
+    """Each usage-error case's result and database, the cases run at once (a start is ~1 s)."""
+    started = {}
+    with offline_environment():
+        for case, (make_args, _) in USAGE_ERRORS.items():
+            tmp = tmp_path_factory.mktemp("refused")
+            cli = Orch(tmp / "orch.db")
+            started[case] = (cli, cli.start(*make_args(tmp, cli.db)))
+        return {case: (cli.finish(proc), cli.db) for case, (cli, proc) in started.items()}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_usage_definition_and_input_errors_exit_2_with_one_line(
+        case: str, refused: dict[str, tuple[CLIResult, Path]]) -> None:
+    result, db = refused[case]
+    assert result.code == 2, (result.code, result.stderr)
+    assert USAGE_ERRORS[case][1] in one_error_line(result)
+    assert result.stdout == ""
+    assert run_count(db) == 0
+
+
+def test_debug_adds_the_traceback(db_path: Path, tmp_path: Path) -> None:
+    result = Orch(db_path)("--debug", "run", tmp_path / "no_such_machine.py")
+    assert result.code == 2
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith("orch: error: ")
+    assert not db_path.exists()
+
+
+# --------------------------------------------------------------------------- API key handling
+
+
+def test_offline_runs_without_an_api_key(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    cli = Orch(db_path, key=False)
+    result = cli.json("run", REPORT, "--input", REPORT_INPUT, "--offline")
+    offline = json.loads((MACHINES / "report.offline.json").read_text(encoding="utf-8"))
+    assert (result["status"], result["path"]) == ("completed", list(REPORT_STATES))
+    assert result["outputs"] == offline
+    assert stored_status(db_path, result["run_id"]) == "completed"
+
+
+def test_live_mode_without_an_api_key_exits_2_and_stores_nothing(
+        db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    result = Orch(db_path, key=False)("run", REPORT, "--input", REPORT_INPUT)
+    assert result.code == 2
+    line = one_error_line(result)
+    assert "ANTHROPIC_API_KEY" in line and "--offline" in line
+    assert run_count(db_path) == 0
+
+
+def test_demo_runs_logs_and_replays_offline(machines_dir: Path) -> None:
+    checkout = machines_dir.parent  # holds machines/, as a statemachine_orch checkout does
+    result = run_orch("demo", cwd=checkout)
+    assert result.code == 0, result.stderr
+    (run,) = query(checkout / "orch.db", "SELECT run_id, status FROM runs")
+    assert run["status"] == "completed"
+    assert f"replay {run['run_id']}: matches the recording" in result.stdout
+    steps = query(checkout / "orch.db", "SELECT from_state FROM transitions ORDER BY seq")
+    assert [row["from_state"] for row in steps] == list(REPORT_STATES)
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def edit(machine: Path, old: str, new: str) -> None:
+    source = machine.read_text(encoding="utf-8")
+    assert source.count(old) == 1, old
+    machine.write_text(source.replace(old, new), encoding="utf-8")
+
+
+def _router_runs(orch: Orch, fake: FakeMessagesAPI, tmp_path: Path, machine: Path,
+                 sentiments: Sequence[str]) -> list[str]:
+    fake.on("sentiment_analysis", *sentiments)
+    script(fake, ROUTER_STATES[1:])
+    return [orch.json("run", machine, "--input", router_input(tmp_path))["run_id"]
+            for _ in sentiments]
+
+
+def test_replay_reports_where_an_edited_guard_diverges(
+        orch: Orch, fake: FakeMessagesAPI, tmp_path: Path, machines_dir: Path) -> None:
+    machine = machines_dir / "support_router.py"
+    positive, negative = _router_runs(orch, fake, tmp_path, machine, ["positive", "negative"])
+    before = orch("replay", "--all", machine)
+    assert before.code == 0, before.stderr
+    assert "2 run(s) of support_router: 2 matching, 0 diverged" in before.stdout
+
+    edit(machine, 'FlowDecision.BRANCH_A.because("sentiment positive',
+         'FlowDecision.BRANCH_B.because("sentiment positive')
+    replayed = orch("replay", positive)
+    assert replayed.code == 1, replayed.stderr
+    assert "DIVERGED" in replayed.stdout
+    where = r"seq 1\b.*sentiment_analysis.*branch_a.*branch_b"
+    assert re.search(where, replayed.stdout), replayed.stdout
+    assert negative not in replayed.stdout
+
+    after = orch("replay", "--all", machine)
+    assert after.code == 1
+    assert "2 run(s) of support_router: 1 matching, 1 diverged" in after.stdout
+    rows = {line.split()[0]: line for line in after.stdout.splitlines() if line.strip()}
+    assert "DIVERGED" in rows[positive] and "branch_b" in rows[positive]
+    assert "DIVERGED" not in rows[negative]
+    assert fake.calls() == 4  # replays never call the API
+
+
+def test_replay_reports_an_edited_prompt(orch: Orch, fake: FakeMessagesAPI, tmp_path: Path,
+                                         machines_dir: Path) -> None:
+    machine = machines_dir / "support_router.py"
+    (run_id,) = _router_runs(orch, fake, tmp_path, machine, ["neutral"])
+    edit(machine, "Classify sentiment as positive/negative/neutral:",
+         "Label the sentiment (positive, negative or neutral):")
+    replayed = orch("replay", run_id)
+    assert replayed.code == 1, replayed.stderr
+    assert "seq 1, state sentiment_analysis" in replayed.stdout
+    assert "request differs" in replayed.stdout and "prompt" in replayed.stdout
+    assert "Label the sentiment" in replayed.stdout
