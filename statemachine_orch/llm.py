@@ -8,12 +8,13 @@ key travels in a header the SDK builds and never reaches a record or a log.
 from __future__ import annotations
 
 import os
-from typing import Any
-
-import anthropic
+from typing import TYPE_CHECKING, Any
 
 from .errors import LLMError, UsageError
 from .types import Completion, LLMRequest, Usage
+
+if TYPE_CHECKING:
+    import anthropic
 
 DEFAULT_MAX_RETRIES = 2
 TRANSIENT_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
@@ -36,6 +37,8 @@ class AnthropicModel:
     @property
     def client(self) -> anthropic.AsyncAnthropic:
         if self._client is None:
+            import anthropic  # imported on first use: it costs most of the CLI's start-up time
+
             kwargs: dict[str, Any] = {"max_retries": self._max_retries}
             if self._timeout is not None:
                 kwargs["timeout"] = self._timeout
@@ -52,6 +55,8 @@ class AnthropicModel:
             )
 
     async def complete(self, request: LLMRequest) -> Completion:
+        import anthropic
+
         try:
             message = await self.client.messages.create(
                 **request.body,
