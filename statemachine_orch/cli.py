@@ -14,13 +14,13 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .definition import LLMState, Machine
-from .engine import Engine, RunResult, new_run_id, resume_point
+from .engine import Engine, Run, RunResult, new_run_id, resume_point
 from .errors import InputError, OrchError, UsageError
 from .llm import AnthropicModel
 from .loader import load_machine
@@ -115,11 +115,18 @@ def _model_for(offline: str | None, machine: Machine) -> tuple[ModelClient, dict
     return fake.model(), {"offline": script_path}, banner
 
 
-def _drive(store: SQLiteStore, run_id: str, run: Callable[[], Any]) -> RunResult:
-    """Run the coroutine from `run()`; on Ctrl-C report what the database says happened."""
+def _drive(store: SQLiteStore, run_id: str, banner: str | None,
+           open_run: Callable[[], Awaitable[Run]]) -> RunResult:
+    """Open the run, label it if offline, drive it to its end; on Ctrl-C report what is stored."""
+
+    async def go() -> RunResult:
+        run = await open_run()
+        if banner:
+            print(banner, file=sys.stderr)
+        return await run.run_to_end()
+
     try:
-        result: RunResult = asyncio.run(run())
-        return result
+        return asyncio.run(go())
     except KeyboardInterrupt:
         try:
             record, log = store.load_run(run_id)
@@ -169,16 +176,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = _open_store(args, create=True)
     engine = Engine(store, model=model, tracer=_tracer(args))
     run_id = args.run_id or new_run_id()
-
-    async def go() -> RunResult:
-        run = await engine.start(loaded.machine, data, run_id=run_id, machine_ref=loaded.ref,
-                                 options=options)
-        if banner:
-            print(banner, file=sys.stderr)
-        return await run.run_to_end()
-
     try:
-        result = _drive(store, run_id, go)
+        result = _drive(store, run_id, banner, lambda: engine.start(
+            loaded.machine, data, run_id=run_id, machine_ref=loaded.ref, options=options))
     finally:
         store.close()
     return _report_result(result, args)
@@ -191,14 +191,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
         loaded = load_machine(args.machine or record.machine_ref)
         model, _, banner = _model_for(record.options.get("offline"), loaded.machine)
         engine = Engine(store, model=model, tracer=_tracer(args))
-
-        async def go() -> RunResult:
-            run = await engine.attach(args.run_id, loaded.machine)
-            if banner:
-                print(banner, file=sys.stderr)
-            return await run.run_to_end()
-
-        result = _drive(store, args.run_id, go)
+        result = _drive(store, args.run_id, banner,
+                        lambda: engine.attach(args.run_id, loaded.machine))
     finally:
         store.close()
     return _report_result(result, args)
