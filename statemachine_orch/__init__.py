@@ -1,8 +1,9 @@
 """statemachine_orch: durable, auditable, replayable LLM workflows as explicit state machines."""
 
 from .definition import LLMState, Machine, PythonState, State, guard
-from .engine import Engine, Run, RunResult
+from .engine import Engine, Run
 from .errors import (
+    BudgetExceededError,
     DefinitionError,
     GuardError,
     InputError,
@@ -20,14 +21,20 @@ from .errors import (
     VisitLimitError,
 )
 from .llm import AnthropicModel
+from .prices import Price, PriceTable
+from .retry import RetryPolicy
+from .snapshot import RunResult
 from .sqlite_store import SQLiteStore
 from .store import NullStore, Store
 from .trace import Tracer
 from .types import (
     END,
+    Attempt,
     Branch,
+    Budget,
     Decision,
     FlowDecision,
+    InvalidOutput,
     RunStatus,
     StepContext,
     TransitionRecord,
@@ -40,21 +47,28 @@ __version__ = "0.1.0"
 __all__ = [
     "END",
     "AnthropicModel",
+    "Attempt",
     "Branch",
+    "Budget",
+    "BudgetExceededError",
     "Decision",
     "DefinitionError",
     "Engine",
     "FlowDecision",
     "GuardError",
     "InputError",
+    "InvalidOutput",
     "LLMError",
     "LLMState",
     "Machine",
     "NullStore",
     "OrchError",
     "OwnershipLostError",
+    "Price",
+    "PriceTable",
     "PythonState",
     "RetryLimitError",
+    "RetryPolicy",
     "Run",
     "RunBusyError",
     "RunError",

@@ -20,14 +20,16 @@ from typing import Any
 
 from . import __version__
 from .definition import LLMState, Machine
-from .engine import Engine, Run, RunResult, new_run_id, resume_point
+from .engine import Engine, Run, new_run_id
 from .errors import InputError, OrchError, UsageError
 from .llm import AnthropicModel
+from .prices import PriceTable
 from .loader import load_machine
 from .replay import ReplayReport, replay_run
+from .snapshot import RunResult, resume_point, total_cost, total_usage
 from .sqlite_store import SQLiteStore
 from .trace import Tracer, stream_logger
-from .types import END, ModelClient, RunRecord, RunStatus, TransitionRecord
+from .types import END, Attempt, Budget, ModelClient, RunRecord, RunStatus, TransitionRecord
 
 DEFAULT_DB = "orch.db"
 
@@ -152,18 +154,40 @@ def _one_line(text: str | None, limit: int = 80) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+def _usd(value: float | None) -> str:
+    return "?" if value is None else f"${value:.4f}"
+
+
 def _report_result(result: RunResult, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
         path = " -> ".join(result.path) or "(no steps)"
-        tokens = f"{result.usage.input_tokens} in / {result.usage.output_tokens} out tokens"
+        paid = (f"{result.usage.input_tokens} in / {result.usage.output_tokens} out tokens, "
+                f"{_usd(result.cost_usd)}")
         print(f"run {result.run_id} {result.status.value} after {result.steps} step(s): {path} "
-              f"({tokens})")
-        if result.status is RunStatus.FAILED:
+              f"({paid})")
+        if not result.status.finished:
             print(f"error: {result.error}")
-            print(f"resume with: orch resume {result.run_id}")
+            print(f"resume with: orch resume {result.run_id}"
+                  + (" --max-cost/--max-tokens/--max-seconds ..."
+                     if result.status is RunStatus.BUDGET_EXCEEDED else ""))
     return 0 if result.status.finished else 1
+
+
+def _budget(args: argparse.Namespace) -> Budget | None:
+    budget = Budget(max_cost_usd=args.max_cost, max_tokens=args.max_tokens, max_seconds=args.max_seconds)
+    return budget if budget.to_json() else None
+
+
+def _prices(args: argparse.Namespace) -> PriceTable:
+    path = args.prices or os.environ.get("ORCH_PRICES")
+    if not path:
+        return PriceTable()
+    try:
+        return PriceTable.load(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot use price file {path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- commands
@@ -174,11 +198,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = _read_input(args.input)
     model, options, banner = _model_for(args.offline, loaded.machine)
     store = _open_store(args, create=True)
-    engine = Engine(store, model=model, tracer=_tracer(args))
+    engine = Engine(store, model=model, tracer=_tracer(args), prices=_prices(args))
     run_id = args.run_id or new_run_id()
     try:
         result = _drive(store, run_id, banner, lambda: engine.start(
-            loaded.machine, data, run_id=run_id, machine_ref=loaded.ref, options=options))
+            loaded.machine, data, run_id=run_id, machine_ref=loaded.ref, options=options,
+            budget=_budget(args)))
     finally:
         store.close()
     return _report_result(result, args)
@@ -190,9 +215,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         record = store.get_run(args.run_id)
         loaded = load_machine(args.machine or record.machine_ref)
         model, _, banner = _model_for(record.options.get("offline"), loaded.machine)
-        engine = Engine(store, model=model, tracer=_tracer(args))
+        engine = Engine(store, model=model, tracer=_tracer(args), prices=_prices(args))
         result = _drive(store, args.run_id, banner,
-                        lambda: engine.attach(args.run_id, loaded.machine))
+                        lambda: engine.attach(args.run_id, loaded.machine, budget=_budget(args)))
     finally:
         store.close()
     return _report_result(result, args)
@@ -249,8 +274,22 @@ def _log_row(row: TransitionRecord) -> dict[str, Any]:
         "started_at": row.started_at, "latency_ms": round(row.latency_ms, 3),
         "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
         "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens,
-        "source": row.source, "request_id": row.request_id, "error": row.error,
+        "cost_usd": row.cost_usd, "calls": _calls(row), "source": row.source,
+        "request_id": row.request_id, "error": row.error,
     }
+
+
+def _calls(row: TransitionRecord) -> int:
+    """Model calls the step made: its failed attempts plus the one that answered."""
+    answered = row.source in ("llm", "fallback") and row.response is not None
+    return len(row.attempts) + (1 if answered else 0)
+
+
+def _attempt_row(row: TransitionRecord, a: Attempt) -> dict[str, Any]:
+    return {"run_id": row.run_id, "seq": row.seq, "state": row.from_state, "attempt": a.number,
+            "started_at": a.started_at, "kind": a.kind, "status_code": a.status_code,
+            "request_id": a.request_id, "delay_s": a.delay_s, "input_tokens": a.usage.input_tokens,
+            "output_tokens": a.usage.output_tokens, "cost_usd": a.cost_usd, "error": a.error}
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -260,18 +299,45 @@ def cmd_log(args: argparse.Namespace) -> int:
         rows = store.transitions(args.run_id)
     finally:
         store.close()
+    if args.attempts:
+        return _print_attempts(rows, args)
     if args.json:
         for row in rows:
             print(json.dumps(_log_row(row), ensure_ascii=False))
         return 0
     _print_table(
         [(r.seq, r.from_state, r.to_state or "-", r.decision or "-", r.attempt,
-          f"{r.latency_ms:.1f}", r.usage.input_tokens, r.usage.output_tokens, r.source,
-          _one_line(r.error or r.reason))
+          f"{r.latency_ms:.1f}", r.usage.input_tokens, r.usage.output_tokens, _usd(r.cost_usd),
+          _calls(r), r.source, _one_line(r.error or r.reason))
          for r in rows],
-        ["seq", "from_state", "to_state", "decision", "attempt", "latency_ms", "in", "out", "source",
-         "reason / error"],
+        ["seq", "from_state", "to_state", "decision", "attempt", "latency_ms", "in", "out", "cost",
+         "calls", "source", "reason / error"],
     )
+    print(_totals_line(rows))
+    return 0
+
+
+def _totals_line(rows: list[TransitionRecord]) -> str:
+    t = _totals(rows)
+    return (f"total: {t['steps']} step(s), {t['input_tokens']} in / {t['output_tokens']} out tokens "
+            f"({t['cache_read_tokens']} cache read, {t['cache_write_tokens']} cache write), "
+            f"{_usd(t['cost_usd'])}, {t['calls']} call(s), {t['cache_hits']} cache hit(s)")
+
+
+def _print_attempts(rows: list[TransitionRecord], args: argparse.Namespace) -> int:
+    """Every model call that did not answer its step (the failure log), oldest first."""
+    attempts = [(row, a) for row in rows for a in row.attempts]
+    if args.json:
+        for row, a in attempts:
+            print(json.dumps(_attempt_row(row, a), ensure_ascii=False))
+        return 0
+    _print_table(
+        [(row.seq, row.from_state, a.number, a.kind, a.status_code or "-", a.request_id or "-",
+          "-" if a.delay_s is None else f"{a.delay_s:.2f}", _one_line(a.error, 70))
+         for row, a in attempts],
+        ["seq", "state", "attempt", "kind", "status", "request_id", "slept_s", "error"],
+    )
+    print(f"{len(attempts)} failed attempt(s) in {len(rows)} step(s)")
     return 0
 
 
@@ -279,6 +345,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     store = _open_store(args, create=False)
     try:
         runs = store.list_runs(machine=args.machine, status=args.status, limit=args.limit)
+        totals = store.machine_totals(sorted({r.machine for r in runs}))
     finally:
         store.close()
     if args.json:
@@ -286,15 +353,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
             {"run_id": r.run_id, "machine": r.machine, "status": r.status, "started_at": r.created_at,
              "updated_at": r.updated_at, "steps": r.steps, "input_tokens": r.input_tokens,
              "output_tokens": r.output_tokens, "tokens": r.input_tokens + r.output_tokens,
-             "error": r.error, "stale": r.stale}
+             "cost_usd": r.cost_usd, "error": r.error, "stale": r.stale}
             for r in runs]))
         return 0
     _print_table(
         [(r.run_id, r.machine, r.status + (" (owner gone: resume it)" if r.stale else ""),
-          r.created_at[:19].replace("T", " "), r.steps,
-          r.input_tokens + r.output_tokens, _one_line(r.error, 60)) for r in runs],
-        ["run_id", "machine", "status", "started", "steps", "tokens", "error"],
+          r.created_at[:19].replace("T", " "), r.steps, r.input_tokens + r.output_tokens,
+          _usd(r.cost_usd), _one_line(r.error, 60)) for r in runs],
+        ["run_id", "machine", "status", "started", "steps", "tokens", "cost", "error"],
     )
+    for t in totals:
+        print(f"machine {t.machine}: {t.runs} run(s), {t.steps} step(s), "
+              f"{t.input_tokens + t.output_tokens} tokens, {_usd(t.cost_usd)}, "
+              f"{t.cache_hits} cache hit(s)")
     return 0
 
 
@@ -320,7 +391,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             "run_id": record.run_id, "machine": record.machine, "machine_ref": record.machine_ref,
             "machine_hash": record.machine_hash, "created_at": record.created_at,
             "updated_at": record.updated_at, "options": record.options, "input": record.input,
-            "outputs": outputs, "snapshot": snapshot}, ensure_ascii=False))
+            "outputs": outputs, "snapshot": snapshot, "totals": _totals(rows)}, ensure_ascii=False))
         return 0
     print(f"run {record.run_id}  machine {record.machine}  status {record.status.value}")
     print(f"  created {record.created_at}  updated {record.updated_at}")
@@ -333,6 +404,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     for state, output in outputs.items():
         print(f"  {state}:")
         print(_indent(_as_block(output), 4))
+    print(_totals_line(rows))
     print("snapshot:")
     for key, value in snapshot.items():
         if key == "pending_answer" and value is not None:
@@ -341,6 +413,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         elif key != "pending_answer":
             print(f"  {key}: {'-' if value is None else value}")
     return 0
+
+
+def _totals(rows: list[TransitionRecord]) -> dict[str, Any]:
+    usage = total_usage(rows)
+    return {"steps": sum(1 for r in rows if r.to_state), "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens, "cache_read_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens, "cost_usd": total_cost(rows),
+            "calls": sum(_calls(r) for r in rows), "cache_hits": sum(r.source == "cache" for r in rows)}
 
 
 def _as_block(value: Any) -> str:
@@ -378,7 +458,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_id = "demo-" + new_run_id()
     base = [flag for flag, on in (("--log-json", args.log_json), ("--quiet", args.quiet),
                                   ("--debug", args.debug)) if on]
-    base += [part for option, value in (("--db", args.db), ("--sync", args.sync)) if value
+    base += [part for option, value in (("--db", args.db), ("--sync", args.sync),
+                                        ("--prices", args.prices)) if value
              for part in (option, value)]
     for step in (["run", machine_file, "--input", input_file, "--offline", "--run-id", run_id],
                  ["log", run_id],
@@ -395,12 +476,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _budget_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-cost", type=float, metavar="USD",
+                   help="stop (status budget_exceeded) before a call that could take the run past USD")
+    p.add_argument("--max-tokens", type=int, metavar="N",
+                   help="stop before a call that could take the run's paid tokens past N")
+    p.add_argument("--max-seconds", type=float, metavar="S",
+                   help="stop when the run has been active S seconds (wall clock, across resumes)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS,
                         help=f"SQLite database file (env ORCH_DB; default {DEFAULT_DB})")
     common.add_argument("--sync", choices=["full", "normal"], default=argparse.SUPPRESS,
                         help="SQLite synchronous mode: full survives power loss (default), normal is faster")
+    common.add_argument("--prices", metavar="FILE", default=argparse.SUPPRESS,
+                        help="JSON price overrides, USD per million tokens (env ORCH_PRICES)")
     common.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS,
                         help="trace events as JSON lines on stderr (env ORCH_LOG_JSON=1)")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
@@ -424,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", metavar="FILE", help="JSON object input file, or - for stdin")
     p.add_argument("--offline", nargs="?", const="auto", metavar="SCRIPT",
                    help="answer from a scripted fake Messages API (default script: MACHINE.offline.json)")
+    _budget_options(p)
     p.add_argument("--run-id", metavar="ID",
                    help="use this run id (letters, digits, . _ -; at most 64) instead of a generated one")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -431,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("resume", cmd_resume, "continue a failed, interrupted or crashed run")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--machine", metavar="MACHINE", help="load the machine from here instead of its stored path")
+    _budget_options(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
     p = command("replay", cmd_replay, "re-drive recorded runs on their recorded answers (no API calls)")
@@ -439,8 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", metavar="MACHINE", help="replay every stored run of MACHINE and summarise")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    p = command("log", cmd_log, "print a run's transition log")
+    p = command("log", cmd_log, "print a run's transition log, with tokens and cost")
     p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--attempts", action="store_true",
+                   help="show every failed model call instead (kind, status, request id, delay slept)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
     p = command("runs", cmd_runs, "list runs, newest first")
@@ -466,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("db", "sync", "log_json", "quiet", "debug"):
+    for name in ("db", "sync", "prices", "log_json", "quiet", "debug"):
         if not hasattr(args, name):
             setattr(args, name, None)
     try:

@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
 from .errors import DefinitionError
+from .retry import RetryPolicy
 from .templates import Template
-from .types import END, Branch, Decision, FlowDecision, Guard, StepFunction
+from .types import END, Branch, Budget, Decision, FlowDecision, Guard, StepContext, StepFunction
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
 DEFAULT_MAX_BRANCH_DEPTH = 3
@@ -80,7 +81,17 @@ class State:
 
 @dataclass(frozen=True)
 class LLMState(State):
-    """A state that makes one Messages API call with a rendered prompt."""
+    """A state that makes one Messages API call with a rendered prompt.
+
+    Failure handling: transient API errors are retried by `retry_policy` (else the
+    machine's, else the model client's); an answer that fails `output` is re-asked
+    `repairs` times with the validation error; a still-invalid, refused or truncated answer
+    fails the step, or with `on_invalid="guard"` reaches the guard as `InvalidOutput`.
+    `fallback` (a model name or a function of the context) answers when retries run out.
+    Cost: `cache=True` serves an identical earlier request from the database for free;
+    `prompt_cache=True` marks the system prompt for Anthropic prompt caching; `on_budget`
+    is the decision taken, without calling, when the run's budget cannot cover the call.
+    """
 
     _: KW_ONLY
     prompt: str
@@ -88,6 +99,14 @@ class LLMState(State):
     model: str | None = None
     max_tokens: int = 1024
     temperature: float | None = None
+    timeout: float | None = None
+    retry_policy: RetryPolicy | None = None
+    repairs: int = 1
+    on_invalid: Literal["fail", "guard"] = "fail"
+    fallback: str | Callable[[StepContext], Any] | None = None
+    cache: bool = False
+    prompt_cache: bool = False
+    on_budget: Decision | None = None
 
 
 @dataclass(frozen=True)
@@ -121,9 +140,13 @@ class Machine:
         input_vars: Mapping[str, Callable[[Any], Any]] | None = None,
         max_branch_depth: int = DEFAULT_MAX_BRANCH_DEPTH,
         description: str | None = None,
+        retry_policy: RetryPolicy | None = None,
+        budget: Budget | None = None,
         source_file: str | None = None,
     ) -> None:
         self.name = name
+        self.retry_policy = retry_policy
+        self.budget = budget
         self.states: tuple[State, ...] = tuple(states)
         self.model = model
         self.input_model = input_model
@@ -297,6 +320,15 @@ class _Validator:
                              "add them to @guard(...) or remove those on= entries")
             else:
                 allowed = set(table)
+        if isinstance(state, LLMState) and state.on_budget is not None:
+            value = _decision_value(state.on_budget)
+            if value is None or value not in table:
+                self.add(state.name, f"on_budget={state.on_budget!r} has no transition",
+                         "use a decision with an on= entry, e.g. on_budget=Branch('cheap') with "
+                         "on={Branch('cheap'): 'cheaper_state'}")
+                self.table_broken = True
+            else:
+                allowed.add(value)
         m.decisions[state.name] = frozenset(allowed)
 
         loops = sorted(d for d in allowed if table.get(d) == state.name)
@@ -346,6 +378,32 @@ class _Validator:
 
     def _llm_state(self, state: LLMState) -> None:
         m = self.m
+        if state.on_invalid not in ("fail", "guard"):
+            self.add(state.name, f"on_invalid={state.on_invalid!r} is not 'fail' or 'guard'",
+                     "use on_invalid='guard' to route invalid answers, or leave the default")
+        elif state.on_invalid == "guard" and state.guard is None:
+            self.add(state.name, "on_invalid='guard' needs a guard to route InvalidOutput",
+                     "add guard= that checks isinstance(output, InvalidOutput)")
+        if not isinstance(state.repairs, int) or state.repairs < 0:
+            self.add(state.name, f"repairs={state.repairs!r} is not a count", "use 0 or more re-asks")
+        if state.timeout is not None and not (isinstance(state.timeout, (int, float)) and state.timeout > 0):
+            self.add(state.name, f"timeout={state.timeout!r} is not a positive number of seconds",
+                     "set timeout=60 or leave it None")
+        for label, policy in (("retry_policy", state.retry_policy), ("machine retry_policy", m.retry_policy)):
+            if policy is not None and not isinstance(policy, RetryPolicy):
+                self.add(state.name, f"{label} is not a RetryPolicy", "pass RetryPolicy(max_attempts=...)")
+        fb = state.fallback
+        if fb is not None and not ((isinstance(fb, str) and fb) or callable(fb)):
+            self.add(state.name, "fallback is neither a model name nor a function",
+                     "pass fallback='claude-haiku-4-5' or fallback=lambda ctx: ...")
+        elif callable(fb) and not isinstance(fb, str):
+            try:
+                inspect.signature(fb).bind(None)
+            except TypeError:
+                self.add(state.name, "fallback function does not take (ctx)",
+                         "define it as def my_fallback(ctx) -> output")
+            except ValueError:
+                pass
         bad = [label for label, text in (("prompt", state.prompt), ("system", state.system))
                if not isinstance(text, str) and not (label == "system" and text is None)]
         for label in bad:

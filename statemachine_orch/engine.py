@@ -29,6 +29,7 @@ from transitions import Machine as FSM
 
 from .definition import LLMState, Machine, PythonState, State
 from .errors import (
+    BudgetExceededError,
     GuardError,
     InputError,
     LLMError,
@@ -40,15 +41,25 @@ from .errors import (
     UsageError,
     VisitLimitError,
 )
+from .llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
 from .ownership import Owner
+from .prices import PriceTable
+from .snapshot import (
+    Position,
+    RunResult,
+    Snapshot,
+    output_json,
+    restore_output,
+    snapshot,
+)
 from .sqlite_store import SQLiteStore, now_iso
 from .store import NullStore, Store
 from .trace import Tracer
 from .types import (
     END,
     Branch,
+    Budget,
     FlowDecision,
-    LLMRequest,
     ModelClient,
     RunRecord,
     RunStatus,
@@ -57,9 +68,6 @@ from .types import (
     Usage,
     Verdict,
 )
-
-PythonOverride = Callable[[PythonState, StepContext], Any]
-"""Replaces the execution of Python states (replay serves recorded outputs through it)."""
 
 _NO_OUTPUT = object()
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -77,55 +85,6 @@ def new_run_id() -> str:
         chars.append(alphabet[value & 31])
         value >>= 5
     return "".join(reversed(chars))
-
-
-@dataclass(slots=True, kw_only=True)
-class RunResult:
-    """Where a run ended up after this process drove it."""
-
-    run_id: str
-    machine: str
-    status: RunStatus
-    path: list[str]
-    outputs: dict[str, Any]
-    usage: Usage
-    error: str | None = None
-
-    @property
-    def steps(self) -> int:
-        return len(self.path)
-
-    @classmethod
-    def from_log(cls, record: RunRecord, log: list[TransitionRecord]) -> RunResult:
-        """The result of a stored run, read back from its log."""
-        usage = Usage()
-        for row in log:
-            usage.add(row.usage)
-        committed = [row for row in log if row.to_state is not None]
-        return cls(run_id=record.run_id, machine=record.machine, status=record.status,
-                   path=[row.from_state for row in committed],
-                   outputs={row.from_state: row.output for row in committed}, usage=usage,
-                   error=record.error)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id, "machine": self.machine, "status": self.status.value,
-            "path": self.path, "steps": self.steps, "error": self.error,
-            "input_tokens": self.usage.input_tokens, "output_tokens": self.usage.output_tokens,
-            "outputs": {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v
-                        for k, v in self.outputs.items()},
-        }
-
-
-class _Position:
-    """The `transitions` model of one run: current state plus the counters its conditions read."""
-
-    __slots__ = ("state", "attempt", "visits")
-
-    def __init__(self, state: str, attempt: int, visits: dict[str, int]) -> None:
-        self.state = state
-        self.attempt = attempt
-        self.visits = visits
 
 
 def _after_state_change(event: Any) -> None:
@@ -241,28 +200,30 @@ class Run:
         *,
         input: Any,
         input_values: dict[str, Any],
-        position: _Position,
+        snap: Snapshot,
         seq: int = 0,
-        outputs: dict[str, Any] | None = None,
-        path: list[str] | None = None,
-        usage: Usage | None = None,
-        pending: TransitionRecord | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.engine = engine
         self.machine = compiled.machine
-        self._compiled = compiled
         self._trigger = compiled.fsm.events
         self.record = record
         self.run_id = record.run_id
         self.owner = owner
         self.input = input
         self._input_values = input_values
-        self._pos = position
+        self._pos = snap.position
         self.seq = seq
-        self.outputs: dict[str, Any] = outputs if outputs is not None else {}
-        self.path: list[str] = path if path is not None else []
-        self.usage = usage or Usage()
-        self._pending = pending
+        self.outputs: dict[str, Any] = snap.outputs
+        self.path: list[str] = snap.path
+        self.usage = snap.usage
+        self.spent = Spent(snap.cost_usd, snap.usage.input_tokens + snap.usage.output_tokens,
+                           snap.seconds)
+        self.budget = budget or Budget()
+        self._pending = snap.pending
+        self._llm = LLMStep(run_id=record.run_id, machine=compiled.machine, tools=compiled.tools,
+                            model=lambda: engine.model, store=engine.store, prices=engine.prices,
+                            budget=self.budget, python_override=engine.python_override)
         self.status = RunStatus.RUNNING
         self.error: str | None = None
         self._broken: BaseException | None = None
@@ -279,7 +240,7 @@ class Run:
     def result(self) -> RunResult:
         return RunResult(run_id=self.run_id, machine=self.machine.name, status=self.status,
                          path=list(self.path), outputs=dict(self.outputs), usage=self.usage,
-                         error=self.error)
+                         cost_usd=self.spent.cost_usd, error=self.error)
 
     # ------------------------------------------------------------------ one step
 
@@ -304,21 +265,28 @@ class Run:
         status: RunStatus | None = None
         output: Any = _NO_OUTPUT
         try:
-            if self._pending is not None:
-                output = self._reuse_pending(state, rec)
-            elif isinstance(state, LLMState):
-                output = await self._call_model(state, rec)
+            output = await self._execute(state, rec, ctx)
+            if isinstance(output, BudgetRoute):
+                assert isinstance(state, LLMState) and state.on_budget is not None
+                rec.source = "budget"
+                verdict = Verdict(state.on_budget, output.reason)
+                output = None
             else:
-                output = await self._call_python(state, ctx)
-            rec.output = output
-            verdict = self._judge(state, output, ctx)
+                rec.output = output_json(output)
+                verdict = self._judge(state, output, ctx)
             rec.decision = verdict.decision.value
-            rec.reason = verdict.reason[:_REASON_LIMIT]
+            note = rec.reason
+            rec.reason = (verdict.reason if note is None else f"{verdict.reason} [{note}]")[:_REASON_LIMIT]
             self._move(state, rec.decision)
             rec.to_state = pos.state
+        except BudgetExceededError as exc:
+            status = RunStatus.BUDGET_EXCEEDED
+            rec.error = f"{type(exc).__name__}: {exc}"
         except RunError as exc:
             status = RunStatus.FAILED
             rec.error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, LLMError) and not rec.attempts:
+                rec.attempts = exc.attempts
         rec.latency_ms = (perf_counter() - t0) * 1000.0
         if rec.to_state == END:
             status = RunStatus.TERMINATED if rec.decision == _TERMINATE else RunStatus.COMPLETED
@@ -331,6 +299,10 @@ class Run:
             raise
         self.seq = rec.seq
         self.usage.add(rec.usage)
+        spent = self.spent
+        spent.cost_usd += rec.cost_usd or 0.0
+        spent.tokens += rec.usage.input_tokens + rec.usage.output_tokens
+        spent.seconds += rec.latency_ms / 1000.0
         if rec.to_state is not None:
             outputs[name] = output
             self.path.append(name)
@@ -342,6 +314,31 @@ class Run:
         self.engine.tracer.transition(rec, self.machine.name)
         return rec
 
+    async def _execute(self, state: State, rec: TransitionRecord, ctx: StepContext) -> Any:
+        """The state's output, within what is left of the run's wall-clock budget."""
+        if self._pending is not None:
+            return self._reuse_pending(state, rec)
+        limit = self.budget.max_seconds
+        if limit is None:
+            return await self._run_state(state, rec, ctx)
+        left = limit - self.spent.seconds
+        if left <= 0:
+            raise BudgetExceededError(
+                f"the run has been active {self.spent.seconds:.1f}s, its max_seconds is {limit:g}; "
+                "raise it and resume", run_id=self.run_id, state=state.name)
+        try:
+            async with asyncio.timeout(left):
+                return await self._run_state(state, rec, ctx)
+        except TimeoutError:
+            raise BudgetExceededError(
+                f"state '{state.name}' was stopped when the run reached max_seconds={limit:g}; "
+                "raise it and resume", run_id=self.run_id, state=state.name) from None
+
+    async def _run_state(self, state: State, rec: TransitionRecord, ctx: StepContext) -> Any:
+        if isinstance(state, LLMState):
+            return await self._llm.execute(state, rec, ctx, self._values, self.spent)
+        return await self._call_python(state, ctx)
+
     def _reuse_pending(self, state: State, rec: TransitionRecord) -> Any:
         """Re-run the guard on an answer that was already paid for, instead of calling again."""
         pending = self._pending
@@ -351,56 +348,7 @@ class Run:
         rec.request = pending.request
         rec.response = pending.response
         rec.request_id = pending.request_id
-        return _restore_output(state, pending.output)
-
-    async def _call_model(self, state: LLMState, rec: TransitionRecord) -> Any:
-        prompt, system = self.machine.templates[state.name]
-        body: dict[str, Any] = {
-            "model": state.model or self.machine.model,
-            "max_tokens": state.max_tokens,
-            "messages": [{"role": "user", "content": prompt.render(self._values(prompt.names))}],
-        }
-        if system is not None:
-            body["system"] = system.render(self._values(system.names))
-        if state.temperature is not None:
-            body["temperature"] = state.temperature
-        tool = self._compiled.tools.get(state.name)
-        if tool is not None:
-            body["tools"] = [tool[1]]
-            body["tool_choice"] = {"type": "tool", "name": tool[0]}
-        rec.request = body
-        request = LLMRequest(run_id=self.run_id, state=state.name, body=body,
-                             tool_name=tool[0] if tool else None)
-        try:
-            completion = await self.engine.model.complete(request)
-        except OrchError:
-            raise
-        except Exception as exc:  # an adapter bug must still be recorded against the step
-            raise LLMError(f"model client failed: {type(exc).__name__}: {exc}", kind="unexpected",
-                           run_id=self.run_id, state=state.name) from exc
-        rec.response = completion.response
-        rec.request_id = completion.request_id
-        rec.usage = completion.usage
-        if completion.stop_reason == "refusal":
-            raise LLMError("the model refused to answer (stop_reason=refusal)", kind="refusal",
-                           request_id=completion.request_id, run_id=self.run_id, state=state.name)
-        if completion.stop_reason == "max_tokens":
-            raise LLMError(
-                f"the answer was cut off at max_tokens={state.max_tokens}; raise max_tokens for "
-                f"state '{state.name}' and resume", kind="truncated",
-                request_id=completion.request_id, run_id=self.run_id, state=state.name)
-        if state.output is None:
-            return completion.text
-        if completion.data is None:
-            raise LLMError(f"the model did not call the {tool[0] if tool else 'output'} tool",
-                           kind="invalid_output", request_id=completion.request_id,
-                           run_id=self.run_id, state=state.name)
-        try:
-            return state.output.model_validate(completion.data)
-        except ValidationError as exc:
-            raise LLMError(f"answer does not match {state.output.__name__}: {_first_error(exc)}",
-                           kind="invalid_output", request_id=completion.request_id,
-                           run_id=self.run_id, state=state.name) from None
+        return restore_output(state, pending.output)
 
     def _values(self, names: tuple[str, ...]) -> dict[str, Any]:
         outputs = self.outputs
@@ -423,7 +371,7 @@ class Run:
             raise StepError(f"{type(exc).__name__}: {exc}", run_id=self.run_id,
                             state=state.name) from exc
         try:
-            return _restore_output(state, result)
+            return restore_output(state, result)
         except (TypeError, ValueError) as exc:
             raise StepError(f"returned a value that cannot be stored: {exc}", run_id=self.run_id,
                             state=state.name) from None
@@ -480,7 +428,8 @@ class Run:
                 self._release_quietly(RunStatus.INTERRUPTED, "interrupted; resume to continue")
             raise
         self.engine.tracer.run_finished(self.run_id, self.machine.name, self.status.value,
-                                        steps=len(self.path), usage=self.usage, error=self.error)
+                                        steps=len(self.path), usage=self.usage,
+                                        cost_usd=self.spent.cost_usd, error=self.error)
         return self.result()
 
     def _release_quietly(self, status: RunStatus, error: str) -> None:
@@ -490,89 +439,6 @@ class Run:
             pass  # the owner check on resume treats a dead process as gone anyway
         self.status = status
         self.error = error
-
-
-@dataclass(slots=True)
-class _Snapshot:
-    """A run's state rebuilt from its log: what resume continues from."""
-
-    position: _Position
-    outputs: dict[str, Any]
-    path: list[str]
-    usage: Usage
-    pending: TransitionRecord | None
-
-
-def _snapshot(machine: Machine, record: RunRecord, log: list[TransitionRecord]) -> _Snapshot:
-    """Rebuild a run from its log, or explain (UsageError) why `machine` cannot continue it."""
-    rid = record.run_id
-    if record.status.finished:
-        raise UsageError(f"run {rid} is already {record.status.value}; nothing to resume")
-    if record.machine != machine.name:
-        raise UsageError(f"run {rid} belongs to machine '{record.machine}', not '{machine.name}'; "
-                         "pass the right machine")
-    outputs: dict[str, Any] = {}
-    path: list[str] = []
-    visits = {machine.initial: 1}
-    usage = Usage()
-    for row in log:
-        usage.add(row.usage)
-        for name in (row.from_state, row.to_state):
-            if name is not None and name != END and name not in machine.by_name:
-                raise UsageError(f"run {rid} passed through state '{name}', which machine "
-                                 f"'{machine.name}' no longer defines; restore the state to resume it")
-        if row.to_state is None and row.output is None:
-            continue
-        try:
-            output = _restore_output(machine.by_name[row.from_state], row.output)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"run {rid}: the stored output of '{row.from_state}' (seq {row.seq}) "
-                             f"{exc}; restore the output model to resume it") from None
-        if row.to_state is None:
-            continue
-        outputs[row.from_state] = output
-        path.append(row.from_state)
-        if row.to_state != row.from_state:
-            visits[row.to_state] = visits.get(row.to_state, 0) + 1
-    state, attempt = resume_point(log, machine.initial)
-    if state == END:
-        raise UsageError(f"run {rid} already reached its end; nothing to resume")
-    last = log[-1] if log else None
-    pending = last if last is not None and last.to_state is None and last.output is not None else None
-    return _Snapshot(_Position(state, attempt, visits), outputs, path, usage, pending)
-
-
-def resume_point(log: list[TransitionRecord], initial: str) -> tuple[str, int]:
-    """(state to run next, its attempt number), read off the last log row: the snapshot."""
-    if not log:
-        return initial, 1
-    last = log[-1]
-    if last.to_state is None:  # the last step failed: that state runs again
-        return last.from_state, last.attempt + 1
-    if last.to_state == last.from_state:
-        return last.to_state, last.attempt + 1
-    return last.to_state, 1
-
-
-def _restore_output(state: State, value: Any) -> Any:
-    """Outputs as a resumed run would see them: validated model, or JSON-normalised data."""
-    if state.output is not None:
-        if isinstance(value, state.output):
-            return value
-        try:
-            return state.output.model_validate(value)
-        except ValidationError as exc:
-            raise ValueError(f"does not match {state.output.__name__}: {_first_error(exc)}") from None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    return json.loads(json.dumps(value, allow_nan=False))
-
-
-def _first_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in first['loc']) or 'value'}: {first['msg']}"
 
 
 def _excerpt(value: Any, limit: int = 120) -> str:
@@ -589,6 +455,7 @@ class Engine:
         *,
         model: ModelClient | None = None,
         tracer: Tracer | None = None,
+        prices: PriceTable | None = None,
         python_override: PythonOverride | None = None,
     ) -> None:
         if store is None:
@@ -598,6 +465,7 @@ class Engine:
         self.store: Store = store
         self._model = model
         self.tracer = tracer if tracer is not None else Tracer.default()
+        self.prices = prices or PriceTable()
         self.python_override = python_override
         self._compiled: dict[int, _Compiled] = {}
         self._loop: asyncio.Runner | None = None
@@ -624,38 +492,54 @@ class Engine:
         run_id: str | None = None,
         machine_ref: str | None = None,
         options: dict[str, Any] | None = None,
+        budget: Budget | None = None,
     ) -> Run:
-        """Validate the input, persist a new run (owned by this process) and return it unstarted."""
+        """Validate the input, persist a new run (owned by this process) and return it unstarted.
+
+        `budget` overrides the machine's `Budget` limit by limit; the result is stored with
+        the run, so a resume keeps it unless given a new one.
+        """
         compiled = self.compiled(machine)
         if run_id is not None and not _RUN_ID.fullmatch(run_id):
             raise UsageError(f"run id {run_id!r} is not valid; use 1-64 letters, digits, '.', '_' or '-'")
         context_input, stored, values = validate_input(machine, input)
+        effective = (machine.budget or Budget()).merged(budget)
+        options = dict(options or {})
+        if effective.to_json():
+            options["budget"] = effective.to_json()
         now = now_iso()
         record = RunRecord(
             run_id=run_id or new_run_id(), machine=machine.name,
             machine_ref=machine_ref or machine.ref, machine_hash=machine.source_hash,
-            input=stored, status=RunStatus.RUNNING, created_at=now, updated_at=now,
-            options=options or {},
+            input=stored, status=RunStatus.RUNNING, created_at=now, updated_at=now, options=options,
         )
         owner = Owner.for_this_process()
         self.store.create_run(record, owner)
         self.tracer.run_started(record)
-        position = _Position(machine.initial, 1, {machine.initial: 1})
+        snap = Snapshot(Position(machine.initial, 1, {machine.initial: 1}), {}, [], Usage(), 0.0,
+                        0.0, None)
         return Run(self, compiled, record, owner, input=context_input, input_values=values,
-                   position=position)
+                   snap=snap, budget=effective)
 
-    async def attach(self, run_id: str, machine: Machine) -> Run:
-        """Claim a stored run (its owner must be gone) and rebuild it from its log."""
+    async def attach(self, run_id: str, machine: Machine, *, budget: Budget | None = None) -> Run:
+        """Claim a stored run (its owner must be gone) and rebuild it from its log.
+
+        A `budget` given here replaces the stored one limit by limit (raise a limit to resume
+        a run that stopped with `budget_exceeded`) and is stored with the run.
+        """
         compiled = self.compiled(machine)
         record, log = self.store.load_run(run_id)
-        _snapshot(machine, record, log)  # refuse an incompatible run before claiming it
+        snapshot(machine, record, log)  # refuse an incompatible run before claiming it
         owner = Owner.for_this_process()
-        record, log = self.store.claim_run(run_id, owner)
+        effective = Budget(**record.options.get("budget", {})).merged(budget)
+        options = None
+        if budget is not None:
+            options = {**record.options, "budget": effective.to_json()}
+        record, log = self.store.claim_run(run_id, owner, options=options)
         context_input, _, values = validate_input(machine, record.input)
-        snap = _snapshot(machine, record, log)
-        run = Run(self, compiled, record, owner, input=context_input, input_values=values,
-                  position=snap.position, seq=log[-1].seq if log else 0, outputs=snap.outputs,
-                  path=snap.path, usage=snap.usage, pending=snap.pending)
+        snap = snapshot(machine, record, log)
+        run = Run(self, compiled, record, owner, input=context_input, input_values=values, snap=snap,
+                  seq=log[-1].seq if log else 0, budget=effective)
         self.tracer.run_started(record, resumed=True)
         if record.machine_hash != machine.source_hash:
             self.tracer.machine_changed(run_id, machine.name, record.machine_hash, machine.source_hash)
@@ -667,9 +551,9 @@ class Engine:
         run = await self.start(machine, input, **options)
         return await run.run_to_end()
 
-    async def aresume(self, run_id: str, machine: Machine) -> RunResult:
+    async def aresume(self, run_id: str, machine: Machine, *, budget: Budget | None = None) -> RunResult:
         """Continue a stored run from its last committed step."""
-        run = await self.attach(run_id, machine)
+        run = await self.attach(run_id, machine, budget=budget)
         return await run.run_to_end()
 
     def run(self, machine: Machine, input: Mapping[str, Any] | None = None,
@@ -677,9 +561,9 @@ class Engine:
         """Synchronous `arun`, on an event loop this engine keeps for its lifetime."""
         return self._sync(self.arun(machine, input, **options))
 
-    def resume(self, run_id: str, machine: Machine) -> RunResult:
+    def resume(self, run_id: str, machine: Machine, *, budget: Budget | None = None) -> RunResult:
         """Synchronous `aresume`."""
-        return self._sync(self.aresume(run_id, machine))
+        return self._sync(self.aresume(run_id, machine, budget=budget))
 
     def _sync(self, coro: Coroutine[Any, Any, RunResult]) -> RunResult:
         try:

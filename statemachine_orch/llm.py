@@ -1,45 +1,60 @@
-"""Anthropic Messages API adapter: one `messages.create` per LLM state, through the official SDK.
+"""Anthropic Messages API adapter: `messages.create` through the official SDK, with our retries.
 
 The client is configured by the SDK's own environment (`ANTHROPIC_API_KEY`,
-`ANTHROPIC_BASE_URL`) unless one is passed in. Only the request body is ever stored; the
-key travels in a header the SDK builds and never reaches a record or a log.
+`ANTHROPIC_BASE_URL`) unless one is passed in. The SDK's retries are switched off
+(`max_retries=0`): `retry.py` is the one retry layer, so every attempt is seen and
+returned as an `Attempt`. Only the request body is ever stored; the key travels in a
+header the SDK builds and never reaches a record or a log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .errors import LLMError, UsageError
-from .types import Completion, LLMRequest, Usage
+from .retry import RetryPolicy, next_delay, should_retry
+from .types import Attempt, Completion, LLMRequest, Usage
 
 if TYPE_CHECKING:
     import anthropic
 
-DEFAULT_MAX_RETRIES = 2
-TRANSIENT_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+SPEND_LIMIT_CODES = frozenset({"enforced_spend_limit_reached", "contract_spend_limit_reached",
+                               "linked_organization_spend_limit_reached"})
+TRANSIENT_KINDS = frozenset({"transient", "timeout", "connection"})
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class AnthropicModel:
-    """`ModelClient` backed by `anthropic.AsyncAnthropic`."""
+    """`ModelClient` backed by `anthropic.AsyncAnthropic`; `sleep`/`clock` are injectable for tests."""
 
     def __init__(
         self,
         client: anthropic.AsyncAnthropic | None = None,
         *,
-        max_retries: int = DEFAULT_MAX_RETRIES,
+        retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._client = client
-        self._max_retries = max_retries
+        # one retry layer: a client passed in with its own retries gets them switched off
+        self._client = client if client is None or client.max_retries == 0 else client.with_options(
+            max_retries=0)
+        self.retry = retry or RetryPolicy()
         self._timeout = timeout
+        self._sleep = sleep
+        self._clock = clock
 
     @property
     def client(self) -> anthropic.AsyncAnthropic:
         if self._client is None:
             import anthropic  # imported on first use: it costs most of the CLI's start-up time
 
-            kwargs: dict[str, Any] = {"max_retries": self._max_retries}
+            kwargs: dict[str, Any] = {"max_retries": 0}
             if self._timeout is not None:
                 kwargs["timeout"] = self._timeout
             self._client = anthropic.AsyncAnthropic(**kwargs)
@@ -55,28 +70,53 @@ class AnthropicModel:
             )
 
     async def complete(self, request: LLMRequest) -> Completion:
+        """One answer, retrying transient failures; raises LLMError with every attempt."""
         import anthropic
 
-        try:
-            message = await self.client.messages.create(
-                **request.body,
-                extra_headers={"x-orch-run": request.run_id, "x-orch-state": request.state},
-            )
-        except anthropic.APIStatusError as exc:
-            kind = "transient" if exc.status_code in TRANSIENT_STATUS else "deterministic"
-            raise LLMError(
-                f"Messages API returned {exc.status_code}: {_error_text(exc)}",
-                kind=kind, status_code=exc.status_code, request_id=exc.request_id,
-                run_id=request.run_id, state=request.state,
-            ) from None
-        except anthropic.APITimeoutError:
-            raise LLMError("Messages API request timed out", kind="transient",
-                           run_id=request.run_id, state=request.state) from None
-        except anthropic.APIConnectionError as exc:
-            raise LLMError(f"cannot reach the Messages API: {exc}", kind="transient",
-                           run_id=request.run_id, state=request.state) from None
-        response = message.model_dump(mode="json", exclude_none=True)
-        return completion_from_response(response, request.tool_name, message._request_id)
+        policy = request.retry or self.retry
+        client = self.client
+        extra: dict[str, Any] = {"extra_headers": {"x-orch-run": request.run_id,
+                                                   "x-orch-state": request.state}}
+        if request.timeout_s is not None:
+            extra["timeout"] = request.timeout_s
+        attempts: list[Attempt] = []
+        began = self._clock()
+        number = 0
+        while True:
+            number += 1
+            started_at = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            status: int | None = None
+            headers: Mapping[str, str] | None = None
+            request_id: str | None = None
+            try:
+                message = await client.messages.create(**request.body, **extra)
+            except anthropic.APIStatusError as exc:
+                status, headers, request_id = exc.status_code, exc.response.headers, exc.request_id
+                kind = "spend_limit" if _is_spend_limit(exc) else (
+                    "transient" if should_retry(status, headers) else "deterministic")
+                error = f"Messages API returned {status}: {_error_text(exc)}"
+            except anthropic.APITimeoutError:
+                kind, error = "timeout", "Messages API request timed out"
+            except anthropic.APIConnectionError as exc:
+                kind, error = "connection", f"cannot reach the Messages API: {exc}"
+            else:
+                response = message.model_dump(mode="json", exclude_none=True)
+                completion = completion_from_response(response, request.tool_name, message._request_id)
+                completion.attempts = attempts
+                return completion
+            delay = (next_delay(policy, number, self._clock() - began, headers)
+                     if kind in TRANSIENT_KINDS else None)
+            attempts.append(Attempt(number=number, started_at=started_at, kind=kind, error=error,
+                                    status_code=status, request_id=request_id, delay_s=delay,
+                                    request=request.body))
+            if delay is None:
+                final = "transient" if kind in TRANSIENT_KINDS else kind
+                if final == "transient":
+                    error = f"{error} (gave up after {number} attempt{'s' if number > 1 else ''})"
+                raise LLMError(error, kind=final, status_code=status,
+                               request_id=request_id, run_id=request.run_id, state=request.state,
+                               attempts=attempts)
+            await self._sleep(delay)
 
 
 def completion_from_response(
@@ -104,6 +144,11 @@ def completion_from_response(
         request_id=request_id,
         response=response,
     )
+
+
+def _is_spend_limit(exc: anthropic.APIStatusError) -> bool:
+    """A 429 (or 402) for an exhausted spend limit: retrying cannot help."""
+    return exc.status_code == 402 or getattr(exc, "error_code", None) in SPEND_LIMIT_CODES
 
 
 def _error_text(exc: anthropic.APIStatusError) -> str:

@@ -17,14 +17,22 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Any
 
-from .definition import Machine, PythonState
+from .definition import LLMState, Machine, PythonState
 from .engine import Engine
-from .errors import InputError, OrchError
+from .errors import InputError, LLMError, OrchError
 from .llm import completion_from_response
 from .ownership import Owner
 from .store import Store
 from .trace import Tracer
-from .types import Completion, LLMRequest, RunRecord, RunStatus, StepContext, TransitionRecord
+from .types import (
+    Attempt,
+    Completion,
+    LLMRequest,
+    RunRecord,
+    RunStatus,
+    StepContext,
+    TransitionRecord,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +87,8 @@ class _Cursor:
     def __init__(self, rows: list[TransitionRecord]) -> None:
         self.rows = rows
         self.index = 0
+        self._calls: list[tuple[dict[str, Any] | None, Attempt | None, TransitionRecord | None]] = []
+        self._calls_of = -1
 
     def current(self, state: str) -> TransitionRecord:
         if self.index >= len(self.rows):
@@ -88,21 +98,52 @@ class _Cursor:
             raise _Diverged(Divergence(row.seq, state, "state", row.from_state, state))
         return row
 
+    def next_call(self, state: str) -> tuple[dict[str, Any] | None, Attempt | None, TransitionRecord | None]:
+        """The next model call the recorded step made: (request, failed attempt | None, answer row)."""
+        row = self.current(state)
+        if self._calls_of != self.index:
+            self._calls_of = self.index
+            self._calls = [(a.request, None if a.response is not None else a,
+                            _answer_row(row, a) if a.response is not None else None)
+                           for a in row.attempts if a.response is not None or a.delay_s is None]
+            if row.response is not None:
+                self._calls.append((row.request, None, row))
+        if not self._calls:
+            raise _Diverged(Divergence(row.seq, state, "request", "no recorded call", "a model call"))
+        return self._calls.pop(0)
+
+    def advance(self) -> None:
+        self.index += 1
+
+
+def _answer_row(row: TransitionRecord, attempt: Attempt) -> TransitionRecord:
+    """An invalid answer that was re-asked, as a row the recorded model can serve."""
+    return TransitionRecord(run_id=row.run_id, seq=row.seq, from_state=row.from_state, to_state=None,
+                            decision=None, reason=None, attempt=row.attempt, started_at=attempt.started_at,
+                            latency_ms=0.0, source="llm", request=attempt.request,
+                            response=attempt.response, request_id=attempt.request_id,
+                            usage=attempt.usage)
+
 
 class _RecordedModel:
+    """Serves each step's recorded calls in order; a changed request is a divergence."""
+
     def __init__(self, cursor: _Cursor) -> None:
         self.cursor = cursor
 
     async def complete(self, request: LLMRequest) -> Completion:
-        row = self.cursor.current(request.state)
-        if row.request != request.body:
-            raise _Diverged(Divergence(row.seq, request.state, "request",
-                                       *_request_difference(row.request or {}, request.body)))
-        if row.response is None:
-            raise _Diverged(Divergence(row.seq, request.state, "request", "no recorded call",
-                                       "a model call"))
-        completion = completion_from_response(row.response, request.tool_name, row.request_id)
-        completion.usage = row.usage
+        recorded, failure, answer = self.cursor.next_call(request.state)
+        seq = self.cursor.rows[self.cursor.index].seq
+        if recorded != request.body:
+            raise _Diverged(Divergence(seq, request.state, "request",
+                                       *_request_difference(recorded or {}, request.body)))
+        if failure is not None:
+            raise LLMError(f"recorded failure: {failure.error}", kind="transient",
+                           status_code=failure.status_code, request_id=failure.request_id,
+                           run_id=request.run_id, state=request.state)
+        assert answer is not None and answer.response is not None
+        completion = completion_from_response(answer.response, request.tool_name, answer.request_id)
+        completion.usage = answer.usage
         return completion
 
 
@@ -116,12 +157,21 @@ class _ComparingStore:
         return None
 
     def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
-        raise NotImplementedError
+        raise NotImplementedError("replay never loads through its comparing store")
 
-    def claim_run(self, run_id: str, owner: Owner) -> tuple[RunRecord, list[TransitionRecord]]:
-        raise NotImplementedError
+    def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
+                  ) -> tuple[RunRecord, list[TransitionRecord]]:
+        raise NotImplementedError("replay never resumes")
 
     def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
+        return None
+
+    def find_cached(self, request_hash: str) -> TransitionRecord | None:
+        """A step served from the cache when recorded is served from its recorded answer."""
+        if self.cursor.index < len(self.cursor.rows):
+            row = self.cursor.rows[self.cursor.index]
+            if row.source == "cache" and row.request_hash == request_hash:
+                return row
         return None
 
     def append(self, record: TransitionRecord, owner: Owner, *, status: RunStatus | None = None,
@@ -137,7 +187,7 @@ class _ComparingStore:
         if record.to_state != row.to_state:
             raise _Diverged(Divergence(seq, row.from_state, "target", str(row.to_state),
                                        str(record.to_state)))
-        self.cursor.index += 1
+        self.cursor.advance()
 
 
 def _request_difference(recorded: dict[str, Any], replayed: dict[str, Any]) -> tuple[str, str]:
@@ -173,7 +223,7 @@ async def replay_run(store: Store, run_id: str, machine: Machine) -> ReplayRepor
     committed = [row for row in log if row.to_state is not None]
     cursor = _Cursor(committed)
 
-    def recorded_output(state: PythonState, ctx: StepContext) -> Any:
+    def recorded_output(state: PythonState | LLMState, ctx: StepContext) -> Any:
         return cursor.current(state.name).output
 
     def report(divergence: Divergence | None) -> ReplayReport:

@@ -34,8 +34,8 @@ from .errors import (
     UsageError,
 )
 from .ownership import Owner, is_alive, owner_from_json
-from .store import RunSummary
-from .types import RunRecord, RunStatus, TransitionRecord, Usage
+from .store import MachineTotals, RunSummary
+from .types import Attempt, RunRecord, RunStatus, TransitionRecord, Usage
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
@@ -73,37 +73,68 @@ CREATE TABLE transitions (
     output_tokens      INTEGER NOT NULL DEFAULT 0,
     cache_read_tokens  INTEGER NOT NULL DEFAULT 0,
     cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd           REAL,
     error              TEXT,
     output             TEXT,
     request            TEXT,
     response           TEXT,
     request_id         TEXT,
+    request_hash       TEXT,
     PRIMARY KEY (run_id, seq)
+);
+CREATE INDEX transitions_by_request_hash ON transitions (request_hash)
+    WHERE request_hash IS NOT NULL;
+CREATE TABLE attempts (
+    run_id             TEXT NOT NULL,
+    seq                INTEGER NOT NULL,
+    attempt            INTEGER NOT NULL,
+    state              TEXT NOT NULL,
+    started_at         TEXT NOT NULL,
+    kind               TEXT NOT NULL,
+    status_code        INTEGER,
+    request_id         TEXT,
+    delay_s            REAL,
+    error              TEXT NOT NULL,
+    input_tokens       INTEGER NOT NULL DEFAULT 0,
+    output_tokens      INTEGER NOT NULL DEFAULT 0,
+    cache_read_tokens  INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd           REAL,
+    request            TEXT,
+    response           TEXT,
+    PRIMARY KEY (run_id, seq, attempt)
 );
 CREATE VIEW llm_calls AS
     SELECT run_id, seq, from_state AS state, request_id, request, response,
-           input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, started_at, latency_ms
-    FROM transitions WHERE source = 'llm' AND request IS NOT NULL;
+           input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
+           started_at, latency_ms
+    FROM transitions WHERE source IN ('llm', 'fallback') AND response IS NOT NULL;
 CREATE VIEW step_outputs AS
     SELECT run_id, seq, from_state AS state, output FROM transitions
     WHERE output IS NOT NULL AND to_state IS NOT NULL;
 CREATE VIEW run_totals AS
     SELECT run_id, count(to_state) AS steps, sum(input_tokens) AS input_tokens,
            sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens,
-           sum(cache_write_tokens) AS cache_write_tokens, sum(latency_ms) AS latency_ms
+           sum(cache_write_tokens) AS cache_write_tokens, sum(cost_usd) AS cost_usd,
+           sum(source = 'cache') AS cache_hits, sum(latency_ms) AS latency_ms
     FROM transitions GROUP BY run_id;
 """
 
 _TRANSITION_COLUMNS = (
     "run_id, seq, from_state, to_state, decision, reason, attempt, started_at, latency_ms, source, "
-    "input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, error, output, request, "
-    "response, request_id"
+    "input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, error, output, "
+    "request, response, request_id, request_hash"
 )
 # The owner check makes the INSERT itself the fence: no row unless we still own the run.
 _APPEND = (
     f"INSERT INTO transitions ({_TRANSITION_COLUMNS}) "
-    "SELECT ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,? "
+    "SELECT ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,? "
     "WHERE EXISTS (SELECT 1 FROM runs WHERE run_id = ? AND owner = ?)"
+)
+_APPEND_ATTEMPT = (
+    "INSERT INTO attempts (run_id, seq, attempt, state, started_at, kind, status_code, request_id, "
+    "delay_s, error, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, "
+    "request, response) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _SET_STATUS = (
     "UPDATE runs SET status = ?, error = ?, updated_at = ?, "
@@ -233,7 +264,8 @@ class SQLiteStore:
                  owner.token, owner.info_json()),
             )
 
-    def claim_run(self, run_id: str, owner: Owner) -> tuple[RunRecord, list[TransitionRecord]]:
+    def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
+                  ) -> tuple[RunRecord, list[TransitionRecord]]:
         with self._write() as conn:
             row = conn.execute(
                 "SELECT status, owner, owner_info FROM runs WHERE run_id = ?", (run_id,)
@@ -250,9 +282,10 @@ class SQLiteStore:
                     f"run {run_id} is being driven by {who}; wait for it to finish or stop it first"
                 )
             conn.execute(
-                "UPDATE runs SET status = ?, error = NULL, updated_at = ?, owner = ?, owner_info = ? "
-                "WHERE run_id = ?",
-                (RunStatus.RUNNING.value, now_iso(), owner.token, owner.info_json(), run_id),
+                "UPDATE runs SET status = ?, error = NULL, updated_at = ?, owner = ?, owner_info = ?, "
+                "options = coalesce(?, options) WHERE run_id = ?",
+                (RunStatus.RUNNING.value, now_iso(), owner.token, owner.info_json(), _dump(options),
+                 run_id),
             )
         return self.load_run(run_id)
 
@@ -272,8 +305,8 @@ class SQLiteStore:
         params = (
             r.run_id, r.seq, r.from_state, r.to_state, r.decision, r.reason, r.attempt, r.started_at,
             r.latency_ms, r.source, u.input_tokens, u.output_tokens, u.cache_read_tokens,
-            u.cache_write_tokens, r.error, _dump(r.output), _dump(r.request), _dump(r.response),
-            r.request_id, r.run_id, owner.token,
+            u.cache_write_tokens, r.cost_usd, r.error, _dump(r.output), _dump(r.request),
+            _dump(r.response), r.request_id, r.request_hash, r.run_id, owner.token,
         )
         try:
             with self._write() as conn:
@@ -282,6 +315,13 @@ class SQLiteStore:
                         f"run {r.run_id} was taken over by another process; this process stopped "
                         f"before writing step {r.seq}"
                     )
+                if r.attempts:
+                    conn.executemany(_APPEND_ATTEMPT, [
+                        (r.run_id, r.seq, a.number, r.from_state, a.started_at, a.kind, a.status_code,
+                         a.request_id, a.delay_s, a.error, a.usage.input_tokens, a.usage.output_tokens,
+                         a.usage.cache_read_tokens, a.usage.cache_write_tokens, a.cost_usd,
+                         _dump(a.request), _dump(a.response))
+                        for a in r.attempts])
                 if status is not None:
                     self._set_status(conn, r.run_id, owner, status, error)
         except StoreError as exc:
@@ -322,24 +362,31 @@ class SQLiteStore:
         return owner_from_json(row[0]) if row else None
 
     def transitions(self, run_id: str) -> list[TransitionRecord]:
+        attempts: dict[int, list[Attempt]] = {}
+        for a in self.attempts(run_id):
+            attempts.setdefault(a[0], []).append(a[1])
+        return [_transition(row, attempts.get(row["seq"], [])) for row in self.db.query(
+            "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", [run_id])]
+
+    def attempts(self, run_id: str) -> list[tuple[int, Attempt]]:
+        """(seq, attempt) for every recorded failed attempt of a run, in order."""
         return [
-            TransitionRecord(
-                run_id=row["run_id"], seq=row["seq"], from_state=row["from_state"],
-                to_state=row["to_state"], decision=row["decision"], reason=row["reason"],
-                attempt=row["attempt"], started_at=row["started_at"], latency_ms=row["latency_ms"],
-                source=row["source"], output=_load(row["output"]), error=row["error"],
-                request=_load(row["request"]), response=_load(row["response"]),
-                request_id=row["request_id"],
-                usage=Usage(
-                    input_tokens=row["input_tokens"], output_tokens=row["output_tokens"],
-                    cache_read_tokens=row["cache_read_tokens"],
-                    cache_write_tokens=row["cache_write_tokens"],
-                ),
-            )
+            (row["seq"], Attempt(
+                number=row["attempt"], started_at=row["started_at"], kind=row["kind"],
+                error=row["error"], status_code=row["status_code"], request_id=row["request_id"],
+                delay_s=row["delay_s"], usage=_usage(row), cost_usd=row["cost_usd"],
+                request=_load(row["request"]), response=_load(row["response"])))
             for row in self.db.query(
-                "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", [run_id]
-            )
+                "SELECT * FROM attempts WHERE run_id = ? ORDER BY seq, attempt", [run_id])
         ]
+
+    def find_cached(self, request_hash: str) -> TransitionRecord | None:
+        """An earlier successful call with exactly this request (the step cache)."""
+        for row in self.db.query(
+            "SELECT * FROM transitions WHERE request_hash = ? AND response IS NOT NULL "
+            "AND to_state IS NOT NULL AND source IN ('llm', 'fallback') LIMIT 1", [request_hash]):
+            return _transition(row, [])
+        return None
 
     def list_runs(
         self,
@@ -362,7 +409,9 @@ class SQLiteStore:
             "(SELECT coalesce(sum(input_tokens), 0) FROM transitions t WHERE t.run_id = r.run_id) "
             "AS input_tokens, "
             "(SELECT coalesce(sum(output_tokens), 0) FROM transitions t WHERE t.run_id = r.run_id) "
-            "AS output_tokens FROM runs r "
+            "AS output_tokens, "
+            "(SELECT sum(cost_usd) FROM transitions t WHERE t.run_id = r.run_id) AS cost_usd "
+            "FROM runs r "
             + ("WHERE " + " AND ".join(where) + " " if where else "")
             + "ORDER BY r.created_at DESC, r.run_id DESC LIMIT ?"
         )
@@ -374,12 +423,41 @@ class SQLiteStore:
             summaries.append(RunSummary(**row, stale=stale))
         return summaries
 
+    def machine_totals(self, machines: Sequence[str]) -> list[MachineTotals]:
+        """Runs, committed steps, paid tokens, cost and cache hits per machine."""
+        if not machines:
+            return []
+        marks = ",".join("?" * len(machines))
+        return [MachineTotals(**row) for row in self.db.query(
+            "SELECT r.machine, count(DISTINCT r.run_id) AS runs, count(t.to_state) AS steps, "
+            "coalesce(sum(t.input_tokens), 0) AS input_tokens, "
+            "coalesce(sum(t.output_tokens), 0) AS output_tokens, sum(t.cost_usd) AS cost_usd, "
+            "coalesce(sum(t.source = 'cache'), 0) AS cache_hits "
+            f"FROM runs r LEFT JOIN transitions t ON t.run_id = r.run_id WHERE r.machine IN ({marks}) "
+            "GROUP BY r.machine ORDER BY r.machine", list(machines))]
+
     def run_ids(self, machine: str) -> Sequence[str]:
         return [row["run_id"] for row in self.db.query(
             "SELECT run_id FROM runs WHERE machine = ? ORDER BY created_at, run_id", [machine])]
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _usage(row: dict[str, Any]) -> Usage:
+    return Usage(input_tokens=row["input_tokens"], output_tokens=row["output_tokens"],
+                 cache_read_tokens=row["cache_read_tokens"], cache_write_tokens=row["cache_write_tokens"])
+
+
+def _transition(row: dict[str, Any], attempts: list[Attempt]) -> TransitionRecord:
+    return TransitionRecord(
+        run_id=row["run_id"], seq=row["seq"], from_state=row["from_state"], to_state=row["to_state"],
+        decision=row["decision"], reason=row["reason"], attempt=row["attempt"],
+        started_at=row["started_at"], latency_ms=row["latency_ms"], source=row["source"],
+        output=_load(row["output"]), error=row["error"], request=_load(row["request"]),
+        response=_load(row["response"]), request_id=row["request_id"], usage=_usage(row),
+        cost_usd=row["cost_usd"], request_hash=row["request_hash"], attempts=attempts,
+    )
 
 
 def _create_private(path: Path) -> None:

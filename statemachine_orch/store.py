@@ -9,7 +9,7 @@ SQLite implements it now (`sqlite_store.SQLiteStore`); PostgreSQL will implement
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import RunNotFoundError
 from .ownership import Owner
@@ -23,8 +23,10 @@ class Store(Protocol):
     def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
         """The run and its log, read without taking ownership."""
 
-    def claim_run(self, run_id: str, owner: Owner) -> tuple[RunRecord, list[TransitionRecord]]:
-        """Take ownership of a stored run whose owner is gone; return it with its log."""
+    def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
+                  ) -> tuple[RunRecord, list[TransitionRecord]]:
+        """Take ownership of a stored run whose owner is gone (replacing its options if given);
+        return it with its log."""
 
     def append(
         self,
@@ -39,6 +41,9 @@ class Store(Protocol):
     def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
         """Give up ownership, leaving the run in `status` (used when a run is interrupted)."""
 
+    def find_cached(self, request_hash: str) -> TransitionRecord | None:
+        """An earlier successful model call with this exact request, for the step cache."""
+
 
 @dataclass(slots=True, kw_only=True)
 class RunSummary:
@@ -52,8 +57,22 @@ class RunSummary:
     steps: int
     input_tokens: int
     output_tokens: int
+    cost_usd: float | None
     error: str | None
     stale: bool = False  # marked running, but its owning process is gone: resume it
+
+
+@dataclass(slots=True, kw_only=True)
+class MachineTotals:
+    """Totals over every stored run of one machine."""
+
+    machine: str
+    runs: int
+    steps: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    cache_hits: int
 
 
 class NullStore:
@@ -65,7 +84,8 @@ class NullStore:
     def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
         raise RunNotFoundError(f"run {run_id!r} was not persisted (no store)")
 
-    def claim_run(self, run_id: str, owner: Owner) -> tuple[RunRecord, list[TransitionRecord]]:
+    def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
+                  ) -> tuple[RunRecord, list[TransitionRecord]]:
         raise RunNotFoundError(f"run {run_id!r} cannot be resumed: it was not persisted (no store)")
 
     def append(
@@ -79,4 +99,7 @@ class NullStore:
         return None
 
     def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
+        return None
+
+    def find_cached(self, request_hash: str) -> TransitionRecord | None:
         return None

@@ -89,6 +89,7 @@ class FakeMessagesAPI:
         self._served: dict[str, int] = {}
         self.default = default
         self.requests: list[CapturedRequest] = []
+        self.slept: list[float] = []  # backoff delays an AnthropicModel from model() asked for
         self._lock = threading.Condition()
         for state, entry in (script or {}).items():
             self.on(state, *(entry if isinstance(entry, list) else [entry]))
@@ -172,15 +173,25 @@ class FakeMessagesAPI:
 
         return httpx2.MockTransport(handler)
 
-    def client(self, *, max_retries: int = 0) -> anthropic.AsyncAnthropic:
+    def client(self) -> anthropic.AsyncAnthropic:
         """A real SDK client whose HTTP goes to this fake, in process."""
         return anthropic.AsyncAnthropic(
             api_key="fake-key-not-secret", base_url="http://fake-messages-api.invalid",
-            max_retries=max_retries, http_client=httpx2.AsyncClient(transport=self.transport()),
+            max_retries=0, http_client=httpx2.AsyncClient(transport=self.transport()),
         )
 
-    def model(self, *, max_retries: int = 0) -> AnthropicModel:
-        return AnthropicModel(self.client(max_retries=max_retries))
+    def model(self, **options: Any) -> AnthropicModel:
+        """An AnthropicModel on this fake; `options` (retry, sleep, clock...) go to it.
+
+        By default backoff does not wait: each delay is appended to `slept` instead, so tests
+        of retry behaviour run instantly and can assert the delays.
+        """
+        options.setdefault("sleep", self._sleep)
+        return AnthropicModel(self.client(), **options)
+
+    async def _sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        await asyncio.sleep(0)
 
     @contextmanager
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:

@@ -107,21 +107,25 @@ class Tracer:
             "run_id": rec.run_id, "machine": machine, "seq": rec.seq, "from_state": rec.from_state,
             "to_state": rec.to_state, "decision": rec.decision, "attempt": rec.attempt,
             "latency_ms": round(rec.latency_ms, 3), "tokens": u.input_tokens + u.output_tokens,
-            "input_tokens": u.input_tokens, "output_tokens": u.output_tokens, "source": rec.source,
+            "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+            "cost_usd": rec.cost_usd, "source": rec.source,
         }
+        if rec.attempts:
+            fields["failed_attempts"] = len(rec.attempts)
         if rec.error is not None:
             self._log.error("transition", error=rec.error, **fields)
         else:
             self._log.info("transition", **fields)
 
     def run_finished(
-        self, run_id: str, machine: str, status: str, *, steps: int, usage: Usage, error: str | None
+        self, run_id: str, machine: str, status: str, *, steps: int, usage: Usage,
+        cost_usd: float | None, error: str | None,
     ) -> None:
         if self._log is None:
             return
         self._log.info(
             "run_finished", run_id=run_id, machine=machine, status=status, steps=steps,
-            tokens=usage.input_tokens + usage.output_tokens, error=error,
+            tokens=usage.input_tokens + usage.output_tokens, cost_usd=cost_usd, error=error,
         )
 
     def machine_changed(self, run_id: str, machine: str, recorded: str, current: str) -> None:

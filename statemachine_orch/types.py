@@ -9,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+if TYPE_CHECKING:
+    from .retry import RetryPolicy
 
 END = "__end__"
 """Pseudo-state that ends a run; use it as a transition target."""
@@ -72,6 +75,7 @@ class RunStatus(str, Enum):
     COMPLETED = "completed"
     TERMINATED = "terminated"
     FAILED = "failed"
+    BUDGET_EXCEEDED = "budget_exceeded"
     INTERRUPTED = "interrupted"
 
     @property
@@ -115,6 +119,28 @@ class Usage:
 
 
 @dataclass(slots=True, kw_only=True)
+class Attempt:
+    """One model call that did not give the step its answer: the seed's failure_log row.
+
+    `kind` is "transient" (retried), "deterministic" (not retried), "timeout",
+    "connection", "invalid_output", "refusal", "truncated" or "spend_limit". A call that got
+    a response (an invalid answer) keeps it, so replay can serve it again.
+    """
+
+    number: int
+    started_at: str
+    kind: str
+    error: str
+    status_code: int | None = None
+    request_id: str | None = None
+    delay_s: float | None = None  # slept before the next attempt
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float | None = None
+    request: dict[str, Any] | None = None
+    response: dict[str, Any] | None = None
+
+
+@dataclass(slots=True, kw_only=True)
 class LLMRequest:
     """One Messages API request as the engine sees it. `body` is what gets sent and stored."""
 
@@ -122,11 +148,16 @@ class LLMRequest:
     state: str
     body: dict[str, Any]
     tool_name: str | None = None
+    timeout_s: float | None = None
+    retry: RetryPolicy | None = None  # None: the model client's own policy
 
 
 @dataclass(slots=True, kw_only=True)
 class Completion:
-    """A model answer: `text` or, for structured output, the tool input in `data`."""
+    """A model answer: `text` or, for structured output, the tool input in `data`.
+
+    `attempts` lists the failed tries (retried errors) that came before this answer.
+    """
 
     text: str
     data: dict[str, Any] | None
@@ -134,6 +165,55 @@ class Completion:
     usage: Usage
     request_id: str | None
     response: dict[str, Any]
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidOutput:
+    """What a guard sees (with `on_invalid="guard"`) when no valid answer came back.
+
+    `kind` is "invalid_output" (schema or format still wrong after re-asks), "refusal" or
+    "truncated" (stop_reason max_tokens). It is never a valid answer: route on it.
+    """
+
+    kind: str
+    error: str
+    text: str = ""
+    data: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {INVALID_MARKER: {"kind": self.kind, "error": self.error, "text": self.text,
+                                 "data": self.data}}
+
+
+INVALID_MARKER = "__orch_invalid_output__"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Budget:
+    """Limits of one run: money, paid tokens and active wall-clock time (None: no limit).
+
+    Money and tokens are checked before every model call against what was spent plus the
+    call's worst case (estimated input plus its max_tokens).
+    """
+
+    max_cost_usd: float | None = None
+    max_tokens: int | None = None
+    max_seconds: float | None = None
+
+    def to_json(self) -> dict[str, float | int]:
+        return {k: v for k, v in (("max_cost_usd", self.max_cost_usd), ("max_tokens", self.max_tokens),
+                                  ("max_seconds", self.max_seconds)) if v is not None}
+
+    def merged(self, other: Budget | None) -> Budget:
+        """This budget with `other`'s limits taking precedence where set."""
+        if other is None:
+            return self
+        return Budget(
+            max_cost_usd=other.max_cost_usd if other.max_cost_usd is not None else self.max_cost_usd,
+            max_tokens=other.max_tokens if other.max_tokens is not None else self.max_tokens,
+            max_seconds=other.max_seconds if other.max_seconds is not None else self.max_seconds,
+        )
 
 
 class ModelClient(Protocol):
@@ -162,13 +242,16 @@ class TransitionRecord:
     attempt: int
     started_at: str
     latency_ms: float
-    source: str  # "llm" | "python" | "recorded"
+    source: str  # "llm" | "python" | "recorded" | "cache" | "fallback" | "budget"
     output: Any = None
     error: str | None = None
     request: dict[str, Any] | None = None
     response: dict[str, Any] | None = None
     request_id: str | None = None
     usage: Usage = field(default_factory=Usage)
+    cost_usd: float | None = None
+    request_hash: str | None = None  # set for states with a step cache
+    attempts: list[Attempt] = field(default_factory=list)
 
 
 @dataclass(slots=True, kw_only=True)

@@ -29,6 +29,7 @@ from statemachine_orch import (
     guard,
 )
 from statemachine_orch.ownership import Owner
+from statemachine_orch.retry import NO_RETRY
 from statemachine_orch.testing import FakeMessagesAPI, Reply, capture_trace, error
 from statemachine_orch.trace import Tracer
 
@@ -345,7 +346,7 @@ def test_resume_after_failure_does_not_resend_committed_steps(db_path: Path,
     fake.default = "auto"
     fake.on("c", error(500, "boom"), "recovered")
     machine = four_states(None)
-    with Engine(db_path, model=fake.model(), tracer=Tracer.null()) as engine:
+    with Engine(db_path, model=fake.model(retry=NO_RETRY), tracer=Tracer.null()) as engine:
         failed = engine.run(machine)
         assert failed.status is RunStatus.FAILED and failed.path == ["a", "b"]
         resumed = engine.resume(failed.run_id, machine)

@@ -21,6 +21,7 @@ from statemachine_orch import (
     guard,
 )
 from statemachine_orch.replay import ReplayReport, replay_run
+from statemachine_orch.retry import NO_RETRY
 from statemachine_orch.testing import FakeMessagesAPI, error
 from statemachine_orch.trace import Tracer
 
@@ -132,7 +133,7 @@ def test_failed_and_resumed_runs_replay_cleanly(db_path: Path, fake: FakeMessage
     fake.on("support", error(529, "overloaded"), "sorry")
     machine = router()
     fake.default = "auto"
-    with Engine(db_path, model=fake.model(), tracer=Tracer.null()) as engine:
+    with Engine(db_path, model=fake.model(retry=NO_RETRY), tracer=Tracer.null()) as engine:
         failed = engine.run(machine, {"text": "bad"})
         assert failed.status is RunStatus.FAILED
         partial = replay(db_path, failed.run_id, machine)

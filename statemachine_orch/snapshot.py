@@ -1,0 +1,185 @@
+"""A stored run read back: the snapshot a resume continues from, and a run's result.
+
+The snapshot is the run's row plus its log: the next state and attempt come from the last
+log row, outputs from the committed rows (a failed row's answer is `pending`, to be judged
+again rather than paid for again). Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .definition import Machine, State
+from .errors import UsageError
+from .types import END, INVALID_MARKER, InvalidOutput, RunRecord, RunStatus, TransitionRecord, Usage
+
+
+@dataclass(slots=True, kw_only=True)
+class RunResult:
+    """Where a run ended up."""
+
+    run_id: str
+    machine: str
+    status: RunStatus
+    path: list[str]
+    outputs: dict[str, Any]
+    usage: Usage
+    cost_usd: float | None = None
+    error: str | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.path)
+
+    @classmethod
+    def from_log(cls, record: RunRecord, log: list[TransitionRecord]) -> RunResult:
+        """The result of a stored run, read back from its log."""
+        usage = total_usage(log)
+        committed = [row for row in log if row.to_state is not None]
+        return cls(run_id=record.run_id, machine=record.machine, status=record.status,
+                   path=[row.from_state for row in committed],
+                   outputs={row.from_state: row.output for row in committed}, usage=usage,
+                   cost_usd=total_cost(log), error=record.error)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "machine": self.machine, "status": self.status.value,
+            "path": self.path, "steps": self.steps, "error": self.error,
+            "input_tokens": self.usage.input_tokens, "output_tokens": self.usage.output_tokens,
+            "cache_read_tokens": self.usage.cache_read_tokens,
+            "cache_write_tokens": self.usage.cache_write_tokens, "cost_usd": self.cost_usd,
+            "outputs": {k: output_json(v) for k, v in self.outputs.items()},
+        }
+
+
+def total_usage(log: list[TransitionRecord]) -> Usage:
+    usage = Usage()
+    for row in log:
+        usage.add(row.usage)
+    return usage
+
+
+def total_cost(log: list[TransitionRecord]) -> float | None:
+    """Sum of the rows' costs; None when a paid call had no known price."""
+    total = 0.0
+    for row in log:
+        if row.cost_usd is None and (row.usage.input_tokens or row.usage.output_tokens):
+            return None
+        total += row.cost_usd or 0.0
+    return total
+
+
+class Position:
+    """The `transitions` model of one run: current state plus the counters its conditions read."""
+
+    __slots__ = ("state", "attempt", "visits")
+
+    def __init__(self, state: str, attempt: int, visits: dict[str, int]) -> None:
+        self.state = state
+        self.attempt = attempt
+        self.visits = visits
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A run rebuilt from its log: what resume continues from."""
+
+    position: Position
+    outputs: dict[str, Any]
+    path: list[str]
+    usage: Usage
+    cost_usd: float
+    seconds: float
+    pending: TransitionRecord | None
+
+
+def snapshot(machine: Machine, record: RunRecord, log: list[TransitionRecord]) -> Snapshot:
+    """Rebuild a run from its log, or explain (UsageError) why `machine` cannot continue it."""
+    rid = record.run_id
+    if record.status.finished:
+        raise UsageError(f"run {rid} is already {record.status.value}; nothing to resume")
+    if record.machine != machine.name:
+        raise UsageError(f"run {rid} belongs to machine '{record.machine}', not '{machine.name}'; "
+                         "pass the right machine")
+    outputs: dict[str, Any] = {}
+    path: list[str] = []
+    visits = {machine.initial: 1}
+    usage = Usage()
+    cost = seconds = 0.0
+    for row in log:
+        usage.add(row.usage)
+        cost += row.cost_usd or 0.0
+        seconds += row.latency_ms / 1000.0
+        for name in (row.from_state, row.to_state):
+            if name is not None and name != END and name not in machine.by_name:
+                raise UsageError(f"run {rid} passed through state '{name}', which machine "
+                                 f"'{machine.name}' no longer defines; restore the state to resume it")
+        if row.to_state is None and row.output is None:
+            continue
+        try:
+            output = restore_output(machine.by_name[row.from_state], row.output)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"run {rid}: the stored output of '{row.from_state}' (seq {row.seq}) "
+                             f"{exc}; restore the output model to resume it") from None
+        if row.to_state is None:
+            continue
+        outputs[row.from_state] = output
+        path.append(row.from_state)
+        if row.to_state != row.from_state:
+            visits[row.to_state] = visits.get(row.to_state, 0) + 1
+    state, attempt = resume_point(log, machine.initial)
+    if state == END:
+        raise UsageError(f"run {rid} already reached its end; nothing to resume")
+    last = log[-1] if log else None
+    pending = last if last is not None and last.to_state is None and last.output is not None else None
+    return Snapshot(Position(state, attempt, visits), outputs, path, usage, cost, seconds, pending)
+
+
+def resume_point(log: list[TransitionRecord], initial: str) -> tuple[str, int]:
+    """(state to run next, its attempt number), read off the last log row: the snapshot."""
+    if not log:
+        return initial, 1
+    last = log[-1]
+    if last.to_state is None:  # the last step failed: that state runs again
+        return last.from_state, last.attempt + 1
+    if last.to_state == last.from_state:
+        return last.to_state, last.attempt + 1
+    return last.to_state, 1
+
+
+def restore_output(state: State, value: Any) -> Any:
+    """Outputs as a resumed run would see them: validated model, InvalidOutput, or JSON data."""
+    if isinstance(value, dict) and INVALID_MARKER in value and len(value) == 1:
+        return InvalidOutput(**value[INVALID_MARKER])
+    if isinstance(value, InvalidOutput):
+        return value
+    if state.output is not None:
+        if isinstance(value, state.output):
+            return value
+        try:
+            return state.output.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(f"does not match {state.output.__name__}: {first_error(exc)}") from None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return json.loads(json.dumps(value, allow_nan=False))
+
+
+def output_json(value: Any) -> Any:
+    """How an output is stored: models and InvalidOutput as JSON, the rest as it is."""
+    if isinstance(value, InvalidOutput):
+        return value.to_json()
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value
+
+
+def first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc']) or 'value'}: {first['msg']}"
