@@ -231,12 +231,19 @@ class _Call:
         state, rec = self.state, self.rec
         fallback = state.fallback
         rec.source = "fallback"
+        name = fallback if isinstance(fallback, str) else getattr(fallback, "__name__", "function")
+        rec.reason = f"answered by fallback {name} after: {failure}"
         if isinstance(fallback, str):
             fallback_body = {**body, "model": fallback}
             route = self._afford(fallback_body)
             if route is not None:
                 return route
-            completion = await self._complete(fallback_body)
+            try:
+                completion = await self._complete(fallback_body)
+            except LLMError as exc:
+                raise LLMError(f"{failure}; fallback {fallback} failed too: {exc}", kind=exc.kind,
+                               status_code=exc.status_code, request_id=exc.request_id,
+                               run_id=rec.run_id, state=state.name) from None
             output, problem = _check(state, completion, self.tool_name)
             if problem is not None:
                 return self._unusable(completion, *problem)

@@ -7,8 +7,9 @@ Use it to test your own machines the way statemachine_orch tests its own::
     with fake.serve() as base_url: ...                      # or a loopback HTTP server
     assert fake.calls("upsell") == 1
 
-Answers are scripted per state (the engine tags each request with `x-orch-state`); a list
-is served in order and its last answer repeats. Unscripted states get `default`: "auto"
+Answers are scripted per state (the engine tags each request with `x-orch-state`), or per
+"state@model" to answer one model differently (a fallback); a list is served in order and
+its last answer repeats. Unscripted states get `default`: "auto"
 writes a labelled placeholder (or a schema-shaped object for structured output), None
 answers 400 so a test notices. Every request is captured without its auth headers.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,9 +47,22 @@ class Reply:
     error_type: str = "api_error"
     message: str = "scripted error"
     headers: dict[str, str] = field(default_factory=dict)
-    gate: threading.Event | None = None  # block the answer until the event is set (server mode)
+    gate: threading.Event | None = None  # block the answer until the event is set
+    fault: str | None = None  # "timeout" or "disconnect": no HTTP answer at all
+    hold_s: float = 0.0  # server mode: wait this long before answering (or dropping)
     input_tokens: int | None = None
     output_tokens: int | None = None
+
+
+def timeout(hold_s: float = 0.0) -> Reply:
+    """No answer: in process, a read timeout at once; served, the connection is held `hold_s`
+    seconds (longer than the client's timeout) and then dropped."""
+    return Reply(fault="timeout", hold_s=hold_s)
+
+
+def disconnect() -> Reply:
+    """The connection is closed without any response (a reset mid-request)."""
+    return Reply(fault="disconnect")
 
 
 def error(status: int, message: str = "scripted error", *, error_type: str | None = None,
@@ -147,10 +162,14 @@ class FakeMessagesAPI:
         return status, hdrs, data, reply
 
     def _next_reply(self, request: CapturedRequest) -> Reply:
-        queue = self._script.get(request.state or "")
+        state = request.state or ""
+        key = f"{state}@{request.body.get('model')}"  # e.g. a fallback model's answers
+        if key not in self._script:
+            key = state
+        queue = self._script.get(key)
         if queue:
-            served = self._served.get(request.state or "", 0)
-            self._served[request.state or ""] = served + 1
+            served = self._served.get(key, 0)
+            self._served[key] = served + 1
             return queue[min(served, len(queue) - 1)]
         if callable(self.default):
             return _as_reply(self.default(request))
@@ -169,6 +188,10 @@ class FakeMessagesAPI:
             if reply is not None and reply.gate is not None:
                 while not reply.gate.is_set():
                     await asyncio.sleep(0.005)
+            if reply is not None and reply.fault == "timeout":
+                raise httpx2.ReadTimeout("scripted read timeout", request=request)
+            if reply is not None and reply.fault == "disconnect":
+                raise httpx2.RemoteProtocolError("scripted disconnect: no response", request=request)
             return httpx2.Response(status, headers=headers, content=body)
 
         return httpx2.MockTransport(handler)
@@ -208,6 +231,11 @@ class FakeMessagesAPI:
                     "POST", self.path, {k: v for k, v in self.headers.items()}, body)
                 if reply is not None and reply.gate is not None:
                     reply.gate.wait(60)
+                if reply is not None and reply.hold_s:
+                    time.sleep(reply.hold_s)
+                if reply is not None and reply.fault:
+                    self.close_connection = True  # drop the connection with no response
+                    return
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
