@@ -52,6 +52,8 @@ class Reply:
     hold_s: float = 0.0  # server mode: wait this long before answering (or dropping)
     input_tokens: int | None = None
     output_tokens: int | None = None
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 def timeout(hold_s: float = 0.0) -> Reply:
@@ -360,7 +362,9 @@ def _message(request: dict[str, Any], reply: Reply, number: int) -> dict[str, An
         "usage": {"input_tokens": reply.input_tokens if reply.input_tokens is not None
                   else max(1, prompt_chars // 4),
                   "output_tokens": reply.output_tokens if reply.output_tokens is not None
-                  else max(1, out_chars // 4)},
+                  else max(1, out_chars // 4),
+                  "cache_read_input_tokens": reply.cache_read_tokens,
+                  "cache_creation_input_tokens": reply.cache_write_tokens},
     }
 
 
