@@ -32,7 +32,6 @@ from .errors import (
     BudgetExceededError,
     GuardError,
     InputError,
-    LLMError,
     OrchError,
     OwnershipLostError,
     RetryLimitError,
@@ -285,8 +284,6 @@ class Run:
         except RunError as exc:
             status = RunStatus.FAILED
             rec.error = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, LLMError) and not rec.attempts:
-                rec.attempts = exc.attempts
         rec.latency_ms = (perf_counter() - t0) * 1000.0
         if rec.to_state == END:
             status = RunStatus.TERMINATED if rec.decision == _TERMINATE else RunStatus.COMPLETED

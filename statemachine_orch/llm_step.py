@@ -121,7 +121,7 @@ class LLMStep:
             rec.request_hash = request_hash(body)
             hit = self.store.find_cached(rec.request_hash)
             if hit is not None and hit.response is not None:
-                rec.source = "cache"
+                rec.source, rec.cost_usd = "cache", 0.0
                 rec.response, rec.request_id = hit.response, hit.request_id
                 rec.reason = f"cache hit: same request as run {hit.run_id} seq {hit.seq}"
                 completion = completion_from_response(hit.response, tool_name, hit.request_id)
@@ -129,6 +129,7 @@ class LLMStep:
                 if problem is None:
                     return output
                 rec.source, rec.response, rec.request_id, rec.reason = "llm", None, None, None
+                rec.cost_usd = None
         call = _Call(self, state, rec, tool_name, spent)
         return await call.run(body, ctx)
 
