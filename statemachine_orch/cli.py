@@ -170,7 +170,7 @@ def _report_result(result: RunResult, args: argparse.Namespace) -> int:
         if not result.status.finished:
             print(f"error: {result.error}")
             print(f"resume with: orch resume {result.run_id}"
-                  + (" --max-cost/--max-tokens/--max-seconds ..."
+                  + (" and a raised --max-cost, --max-tokens or --max-seconds"
                      if result.status is RunStatus.BUDGET_EXCEEDED else ""))
     return 0 if result.status.finished else 1
 
@@ -566,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, None)
     try:
+        _prices(args)  # a bad price file is an error whatever the command
         return int(args.func(args))
     except OrchError as exc:
         if args.debug:

@@ -83,6 +83,9 @@ class State:
 class LLMState(State):
     """A state that makes one Messages API call with a rendered prompt.
 
+    `params` are further Messages API parameters sent as they are (for example
+    `{"stop_sequences": ["END"], "thinking": {...}, "metadata": {...}}`).
+
     Failure handling: transient API errors are retried by `retry_policy` (else the
     machine's, else the model client's); an answer that fails `output` is re-asked
     `repairs` times with the validation error; a still-invalid, refused or truncated answer
@@ -98,7 +101,7 @@ class LLMState(State):
     system: str | None = None
     model: str | None = None
     max_tokens: int = 1024
-    temperature: float | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
     timeout: float | None = None
     retry_policy: RetryPolicy | None = None
     repairs: int = 1
@@ -242,6 +245,10 @@ class _Validator:
                 self.add(None, f"input_vars key {var!r} is not a free identifier", "rename it")
         if m.max_branch_depth < 0:
             self.add(None, "max_branch_depth is negative", "use 0 or more")
+        if m.retry_policy is not None and not isinstance(m.retry_policy, RetryPolicy):
+            self.add(None, "retry_policy is not a RetryPolicy", "pass RetryPolicy(max_attempts=...)")
+        if m.budget is not None and not isinstance(m.budget, Budget):
+            self.add(None, "budget is not a Budget", "pass Budget(max_cost_usd=...)")
         before = len(self.problems)
         self._names()
         if len(self.problems) > before:
@@ -301,8 +308,10 @@ class _Validator:
 
         g = state.guard
         allowed: set[str] = {FlowDecision.CONTINUE.value}
+        on_budget = (_decision_value(state.on_budget)
+                     if isinstance(state, LLMState) and state.on_budget is not None else None)
         if g is None:
-            unused = [d for d in declared_on if d != FlowDecision.CONTINUE.value]
+            unused = [d for d in declared_on if d not in (FlowDecision.CONTINUE.value, on_budget)]
             if unused:
                 self.add(state.name, f"has transitions for {unused} but no guard to choose them "
                          "(without a guard a state always continues)",
@@ -314,14 +323,14 @@ class _Validator:
             self._guard_signature(state.name, g.fn if isinstance(g, DeclaredGuard) else g)
             if isinstance(g, DeclaredGuard):
                 allowed = self._declared(state.name, g, table)
-                unused = [d for d in declared_on if d not in allowed]
+                unused = [d for d in declared_on if d not in allowed and d != on_budget]
                 if unused:
                     self.add(state.name, f"has transitions for {unused}, which its guard never returns",
                              "add them to @guard(...) or remove those on= entries")
             else:
                 allowed = set(table)
         if isinstance(state, LLMState) and state.on_budget is not None:
-            value = _decision_value(state.on_budget)
+            value = on_budget
             if value is None or value not in table:
                 self.add(state.name, f"on_budget={state.on_budget!r} has no transition",
                          "use a decision with an on= entry, e.g. on_budget=Branch('cheap') with "
@@ -389,9 +398,16 @@ class _Validator:
         if state.timeout is not None and not (isinstance(state.timeout, (int, float)) and state.timeout > 0):
             self.add(state.name, f"timeout={state.timeout!r} is not a positive number of seconds",
                      "set timeout=60 or leave it None")
-        for label, policy in (("retry_policy", state.retry_policy), ("machine retry_policy", m.retry_policy)):
-            if policy is not None and not isinstance(policy, RetryPolicy):
-                self.add(state.name, f"{label} is not a RetryPolicy", "pass RetryPolicy(max_attempts=...)")
+        if state.retry_policy is not None and not isinstance(state.retry_policy, RetryPolicy):
+            self.add(state.name, "retry_policy is not a RetryPolicy", "pass RetryPolicy(max_attempts=...)")
+        params = state.params
+        managed = {"model", "max_tokens", "messages", "system", "tools", "tool_choice"}
+        if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+            self.add(state.name, "params is not a mapping of Messages API parameter names",
+                     "pass params={'stop_sequences': [...]}")
+        elif managed & set(params):
+            self.add(state.name, f"params sets {sorted(managed & set(params))}, which the state "
+                     "itself controls", "use the LLMState fields (model=, max_tokens=, system=, output=)")
         fb = state.fallback
         if fb is not None and not ((isinstance(fb, str) and fb) or callable(fb)):
             self.add(state.name, "fallback is neither a model name nor a function",

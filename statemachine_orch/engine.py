@@ -40,7 +40,7 @@ from .errors import (
     UsageError,
     VisitLimitError,
 )
-from .llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
+from .llm_step import BudgetRoute, LLMStep, PythonOverride, Spent, paid_tokens
 from .ownership import Owner
 from .prices import PriceTable
 from .snapshot import (
@@ -216,8 +216,8 @@ class Run:
         self.outputs: dict[str, Any] = snap.outputs
         self.path: list[str] = snap.path
         self.usage = snap.usage
-        self.spent = Spent(snap.cost_usd, snap.usage.input_tokens + snap.usage.output_tokens,
-                           snap.seconds)
+        self.spent = Spent(snap.cost_usd or 0.0, paid_tokens(snap.usage), snap.seconds)
+        self.cost_known = snap.cost_usd is not None
         self.budget = budget or Budget()
         self._pending = snap.pending
         self._llm = LLMStep(run_id=record.run_id, machine=compiled.machine, tools=compiled.tools,
@@ -239,7 +239,7 @@ class Run:
     def result(self) -> RunResult:
         return RunResult(run_id=self.run_id, machine=self.machine.name, status=self.status,
                          path=list(self.path), outputs=dict(self.outputs), usage=self.usage,
-                         cost_usd=self.spent.cost_usd, error=self.error)
+                         cost_usd=self.spent.cost_usd if self.cost_known else None, error=self.error)
 
     # ------------------------------------------------------------------ one step
 
@@ -297,8 +297,10 @@ class Run:
         self.seq = rec.seq
         self.usage.add(rec.usage)
         spent = self.spent
+        if rec.cost_usd is None:
+            self.cost_known = False
         spent.cost_usd += rec.cost_usd or 0.0
-        spent.tokens += rec.usage.input_tokens + rec.usage.output_tokens
+        spent.tokens += paid_tokens(rec.usage)
         spent.seconds += rec.latency_ms / 1000.0
         if rec.to_state is not None:
             outputs[name] = output
@@ -426,7 +428,7 @@ class Run:
             raise
         self.engine.tracer.run_finished(self.run_id, self.machine.name, self.status.value,
                                         steps=len(self.path), usage=self.usage,
-                                        cost_usd=self.spent.cost_usd, error=self.error)
+                                        cost_usd=self.result().cost_usd, error=self.error)
         return self.result()
 
     def _release_quietly(self, status: RunStatus, error: str) -> None:
@@ -537,7 +539,7 @@ class Engine:
         snap = snapshot(machine, record, log)
         run = Run(self, compiled, record, owner, input=context_input, input_values=values, snap=snap,
                   seq=log[-1].seq if log else 0, budget=effective)
-        self.tracer.run_started(record, resumed=True)
+        self.tracer.run_started(record, resumed=True, machine_hash=machine.source_hash)
         if record.machine_hash != machine.source_hash:
             self.tracer.machine_changed(run_id, machine.name, record.machine_hash, machine.source_hash)
         return run

@@ -75,8 +75,13 @@ class AnthropicModel:
 
         policy = request.retry or self.retry
         client = self.client
+        body = request.body
+        # everything beyond the three required fields goes through as the API spells it, so
+        # any Messages API parameter works (and an unknown one is the API's 400, not a TypeError)
+        required = {"model": body["model"], "max_tokens": body["max_tokens"], "messages": body["messages"]}
         extra: dict[str, Any] = {"extra_headers": {"x-orch-run": request.run_id,
-                                                   "x-orch-state": request.state}}
+                                                   "x-orch-state": request.state},
+                                 "extra_body": {k: v for k, v in body.items() if k not in required}}
         if request.timeout_s is not None:
             extra["timeout"] = request.timeout_s
         attempts: list[Attempt] = []
@@ -89,7 +94,7 @@ class AnthropicModel:
             headers: Mapping[str, str] | None = None
             request_id: str | None = None
             try:
-                message = await client.messages.create(**request.body, **extra)
+                message = await client.messages.create(**required, **extra)
             except anthropic.APIStatusError as exc:
                 status, headers, request_id = exc.status_code, exc.response.headers, exc.request_id
                 kind = "spend_limit" if _is_spend_limit(exc) else (
@@ -104,15 +109,16 @@ class AnthropicModel:
                 completion = completion_from_response(response, request.tool_name, message._request_id)
                 completion.attempts = attempts
                 return completion
-            delay = (next_delay(policy, number, self._clock() - began, headers)
-                     if kind in TRANSIENT_KINDS else None)
+            delay, why = (next_delay(policy, number, self._clock() - began, headers)
+                          if kind in TRANSIENT_KINDS else (None, "not retriable"))
             attempts.append(Attempt(number=number, started_at=started_at, kind=kind, error=error,
                                     status_code=status, request_id=request_id, delay_s=delay,
                                     request=request.body))
             if delay is None:
                 final = "transient" if kind in TRANSIENT_KINDS else kind
                 if final == "transient":
-                    error = f"{error} (gave up after {number} attempt{'s' if number > 1 else ''})"
+                    error = (f"{error} (gave up after {number} attempt{'s' if number > 1 else ''}: "
+                             f"{why})")
                 raise LLMError(error, kind=final, status_code=status,
                                request_id=request_id, run_id=request.run_id, state=request.state,
                                attempts=attempts)

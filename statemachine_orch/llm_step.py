@@ -22,6 +22,7 @@ from .errors import BudgetExceededError, LLMError, OrchError
 from .llm import TRANSIENT_KINDS, completion_from_response
 from .prices import PriceTable
 from .snapshot import first_error
+from .sqlite_store import now_iso
 from .store import Store
 from .types import (
     Attempt,
@@ -64,6 +65,12 @@ def request_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def paid_tokens(usage: Usage) -> int:
+    """Every token a call is billed for: input, output, cache writes and cache reads."""
+    return (usage.input_tokens + usage.output_tokens + usage.cache_read_tokens
+            + usage.cache_write_tokens)
+
+
 def estimate_input_tokens(body: dict[str, Any]) -> int:
     return math.ceil(len(json.dumps(body, ensure_ascii=False)) / CHARS_PER_TOKEN_ESTIMATE)
 
@@ -103,8 +110,7 @@ class LLMStep:
             text = system.render(values(system.names))
             body["system"] = ([{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
                               if state.prompt_cache else text)
-        if state.temperature is not None:
-            body["temperature"] = state.temperature
+        body.update(state.params)
         tool = self.tools.get(state.name)
         if tool is not None:
             body["tools"] = [tool[1]]
@@ -144,6 +150,7 @@ class _Call:
         self.rec = rec
         self.tool_name = tool_name
         self.spent = spent
+        self.call_started = rec.started_at
         rec.usage = Usage()
         rec.cost_usd = 0.0
 
@@ -181,6 +188,7 @@ class _Call:
                              timeout_s=state.timeout,
                              retry=state.retry_policy or self.step.machine.retry_policy)
         rec.request = body
+        self.call_started = now_iso()
         try:
             completion = await self.step._model().complete(request)
         except LLMError as exc:
@@ -216,7 +224,7 @@ class _Call:
     def _record_invalid(self, completion: Completion, kind: str, error: str, body: dict[str, Any]) -> None:
         """An answer that will be re-asked: kept as an attempt with its response."""
         self.rec.attempts.append(Attempt(
-            number=len(self.rec.attempts) + 1, started_at=self.rec.started_at, kind=kind, error=error,
+            number=len(self.rec.attempts) + 1, started_at=self.call_started, kind=kind, error=error,
             request_id=completion.request_id, usage=completion.usage,
             cost_usd=self.step.prices.cost(body["model"], completion.usage),
             request=body, response=completion.response))
@@ -236,6 +244,8 @@ class _Call:
         rec.reason = f"answered by fallback {name} after: {failure}"
         if isinstance(fallback, str):
             fallback_body = {**body, "model": fallback}
+            # cache the fallback's answer under its own request, never under the primary's
+            rec.request_hash = request_hash(fallback_body) if state.cache else None
             route = self._afford(fallback_body)
             if route is not None:
                 return route
@@ -251,6 +261,7 @@ class _Call:
             self._answered(completion)
             return output
         assert fallback is not None
+        rec.request_hash = None
         override = self.step.python_override
         result = override(state, ctx) if override is not None else fallback(ctx)
         if inspect.isawaitable(result):
@@ -272,18 +283,20 @@ class _Call:
             return None
         estimate = estimate_input_tokens(body)
         worst_tokens = estimate + state.max_tokens
-        so_far_tokens = spent.tokens + self.rec.usage.input_tokens + self.rec.usage.output_tokens
+        so_far_tokens = spent.tokens + paid_tokens(self.rec.usage)
         problem = None
         if budget.max_tokens is not None and so_far_tokens + worst_tokens > budget.max_tokens:
             problem = (f"tokens: spent {so_far_tokens} + worst case {worst_tokens} (about {estimate} in, "
                        f"{state.max_tokens} out) > max_tokens {budget.max_tokens}")
         if problem is None and budget.max_cost_usd is not None:
-            worst = self.step.prices.cost(body["model"], Usage(input_tokens=estimate,
-                                                               output_tokens=state.max_tokens))
+            worst_usage = (Usage(cache_write_tokens=estimate, output_tokens=state.max_tokens)
+                           if state.prompt_cache else
+                           Usage(input_tokens=estimate, output_tokens=state.max_tokens))
+            worst = self.step.prices.cost(body["model"], worst_usage)
             so_far = spent.cost_usd + (self.rec.cost_usd or 0.0)
             if worst is None:
                 problem = (f"cost: no price known for model {body['model']!r}, so max_cost_usd cannot "
-                           "be checked; add its price with --prices")
+                           "be checked")
             elif so_far + worst > budget.max_cost_usd:
                 problem = (f"cost: spent ${so_far:.4f} + worst case ${worst:.4f} > max_cost_usd "
                            f"${budget.max_cost_usd:.4f}")
@@ -292,8 +305,10 @@ class _Call:
         if state.on_budget is not None:
             return BudgetRoute(f"budget exhausted before calling {state.name} ({problem}); "
                                f"routed to {state.on_budget.value}")
-        raise BudgetExceededError(f"budget exceeded before calling {state.name}: {problem}; raise the "
-                                  "limit and resume", run_id=self.rec.run_id, state=state.name)
+        fix = ("add the model's price (--prices FILE or PriceTable) and resume" if "no price" in problem
+               else "raise the limit and resume")
+        raise BudgetExceededError(f"budget exceeded before calling {state.name}: {problem}; {fix}",
+                                  run_id=self.rec.run_id, state=state.name)
 
 
 def _check(state: LLMState, completion: Completion, tool_name: str | None) -> tuple[Any, tuple[str, str] | None]:

@@ -38,11 +38,14 @@ class Price:
 
 
 DEFAULT_PRICES: dict[str, Price] = {
+    # older generations, priced differently from their family's current models
     "claude-opus-4-1": Price(15.0, 75.0),
     "claude-opus-4-0": Price(15.0, 75.0),
-    "claude-sonnet-4-0": Price(3.0, 15.0),
-    "claude-3-7-sonnet": Price(3.0, 15.0),
+    "claude-opus-4-2025": Price(15.0, 75.0),  # dated ids: claude-opus-4-20250514
+    "claude-3-opus": Price(15.0, 75.0),
+    "claude-3-haiku": Price(0.25, 1.25),
     "claude-3-5-haiku": Price(0.80, 4.0),
+    # current families (claude-opus-4-5 and later, claude-sonnet-*, claude-haiku-4-5 and later)
     "opus": Price(5.0, 25.0),
     "sonnet": Price(3.0, 15.0),
     "haiku": Price(1.0, 5.0),

@@ -84,16 +84,18 @@ def should_retry(status: int | None, headers: Mapping[str, str] | None) -> bool:
 
 
 def next_delay(policy: RetryPolicy, attempt: int, elapsed_s: float,
-               headers: Mapping[str, str] | None) -> float | None:
-    """Seconds to wait before the next attempt, or None when the policy is exhausted.
+               headers: Mapping[str, str] | None) -> tuple[float | None, str]:
+    """(seconds to wait before the next attempt, or None when the policy is exhausted; why).
 
     The server's `retry-after` wins over our backoff; either way, a wait that would take the
     call past `max_total_s` ends the retries instead of sleeping into the limit.
     """
     if attempt >= policy.max_attempts:
-        return None
+        return None, f"max_attempts={policy.max_attempts} reached"
     hinted = retry_after(headers)
     delay = hinted if hinted is not None else policy.backoff(attempt)
     if elapsed_s + delay > policy.max_total_s:
-        return None
-    return delay
+        asked = "the server asked to wait" if hinted is not None else "the next backoff is"
+        return None, (f"{asked} {delay:g}s, which would pass max_total_s={policy.max_total_s:g} "
+                      f"after {elapsed_s:.1f}s")
+    return delay, "retrying"

@@ -67,9 +67,9 @@ def total_cost(log: list[TransitionRecord]) -> float | None:
     """Sum of the rows' costs; None when a paid call had no known price."""
     total = 0.0
     for row in log:
-        if row.cost_usd is None and (row.usage.input_tokens or row.usage.output_tokens):
+        if row.cost_usd is None:
             return None
-        total += row.cost_usd or 0.0
+        total += row.cost_usd
     return total
 
 
@@ -92,7 +92,7 @@ class Snapshot:
     outputs: dict[str, Any]
     path: list[str]
     usage: Usage
-    cost_usd: float
+    cost_usd: float | None  # None when a paid call had no known price
     seconds: float
     pending: TransitionRecord | None
 
@@ -109,10 +109,9 @@ def snapshot(machine: Machine, record: RunRecord, log: list[TransitionRecord]) -
     path: list[str] = []
     visits = {machine.initial: 1}
     usage = Usage()
-    cost = seconds = 0.0
+    seconds = 0.0
     for row in log:
         usage.add(row.usage)
-        cost += row.cost_usd or 0.0
         seconds += row.latency_ms / 1000.0
         for name in (row.from_state, row.to_state):
             if name is not None and name != END and name not in machine.by_name:
@@ -136,7 +135,8 @@ def snapshot(machine: Machine, record: RunRecord, log: list[TransitionRecord]) -
         raise UsageError(f"run {rid} already reached its end; nothing to resume")
     last = log[-1] if log else None
     pending = last if last is not None and last.to_state is None and last.output is not None else None
-    return Snapshot(Position(state, attempt, visits), outputs, path, usage, cost, seconds, pending)
+    return Snapshot(Position(state, attempt, visits), outputs, path, usage, total_cost(log), seconds,
+                    pending)
 
 
 def resume_point(log: list[TransitionRecord], initial: str) -> tuple[str, int]:

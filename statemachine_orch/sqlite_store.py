@@ -37,7 +37,7 @@ from .ownership import Owner, is_alive, owner_from_json
 from .store import MachineTotals, RunSummary
 from .types import Attempt, RunRecord, RunStatus, TransitionRecord, Usage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
 Synchronous = Literal["FULL", "NORMAL"]
 
@@ -104,6 +104,13 @@ CREATE TABLE attempts (
     response           TEXT,
     PRIMARY KEY (run_id, seq, attempt)
 );
+"""
+
+# Cost sums are NULL when any paid call had no known price (SQL sum() would skip it).
+_VIEWS = """
+DROP VIEW IF EXISTS llm_calls;
+DROP VIEW IF EXISTS step_outputs;
+DROP VIEW IF EXISTS run_totals;
 CREATE VIEW llm_calls AS
     SELECT run_id, seq, from_state AS state, request_id, request, response,
            input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
@@ -115,10 +122,31 @@ CREATE VIEW step_outputs AS
 CREATE VIEW run_totals AS
     SELECT run_id, count(to_state) AS steps, sum(input_tokens) AS input_tokens,
            sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens,
-           sum(cache_write_tokens) AS cache_write_tokens, sum(cost_usd) AS cost_usd,
+           sum(cache_write_tokens) AS cache_write_tokens,
+           CASE WHEN sum(cost_usd IS NULL) > 0 THEN NULL ELSE sum(cost_usd) END AS cost_usd,
            sum(source = 'cache') AS cache_hits, sum(latency_ms) AS latency_ms
     FROM transitions GROUP BY run_id;
 """
+
+# version -> statements that bring a database at that version to the next one
+_MIGRATIONS: dict[int, str] = {
+    1: """
+ALTER TABLE transitions ADD COLUMN cost_usd REAL;
+ALTER TABLE transitions ADD COLUMN request_hash TEXT;
+CREATE INDEX transitions_by_request_hash ON transitions (request_hash)
+    WHERE request_hash IS NOT NULL;
+CREATE TABLE attempts (
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, attempt INTEGER NOT NULL, state TEXT NOT NULL,
+    started_at TEXT NOT NULL, kind TEXT NOT NULL, status_code INTEGER, request_id TEXT,
+    delay_s REAL, error TEXT NOT NULL, input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0, cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0, cost_usd REAL, request TEXT, response TEXT,
+    PRIMARY KEY (run_id, seq, attempt)
+);
+UPDATE transitions SET cost_usd = 0 WHERE input_tokens = 0 AND output_tokens = 0;
+""",
+}
+_COST_SUM = "CASE WHEN sum({t}cost_usd IS NULL{extra}) > 0 THEN NULL ELSE coalesce(sum({t}cost_usd), 0) END"
 
 _TRANSITION_COLUMNS = (
     "run_id, seq, from_state, to_state, decision, reason, attempt, started_at, latency_ms, source, "
@@ -211,9 +239,7 @@ class SQLiteStore:
                     raise StoreError(
                         f"{self.path} holds another application's tables; use a new file with --db"
                     )
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                _run_script(conn, _SCHEMA + _VIEWS)
                 conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             return
@@ -224,6 +250,14 @@ class SQLiteStore:
                 f"{self.path} has schema version {version}, newer than this statemachine_orch "
                 f"understands ({SCHEMA_VERSION}); upgrade statemachine_orch"
             )
+        if version < SCHEMA_VERSION:
+            with self._write():  # all steps or none; a concurrent opener waits, then sees it done
+                current = conn.execute("PRAGMA user_version").fetchone()[0]
+                for step in range(current, SCHEMA_VERSION):
+                    _run_script(conn, _MIGRATIONS[step])
+                if current < SCHEMA_VERSION:
+                    _run_script(conn, _VIEWS)
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -410,7 +444,8 @@ class SQLiteStore:
             "AS input_tokens, "
             "(SELECT coalesce(sum(output_tokens), 0) FROM transitions t WHERE t.run_id = r.run_id) "
             "AS output_tokens, "
-            "(SELECT sum(cost_usd) FROM transitions t WHERE t.run_id = r.run_id) AS cost_usd "
+            f"(SELECT {_COST_SUM.format(t='', extra='')} FROM transitions t WHERE t.run_id = r.run_id) "
+            "AS cost_usd "
             "FROM runs r "
             + ("WHERE " + " AND ".join(where) + " " if where else "")
             + "ORDER BY r.created_at DESC, r.run_id DESC LIMIT ?"
@@ -431,7 +466,8 @@ class SQLiteStore:
         return [MachineTotals(**row) for row in self.db.query(
             "SELECT r.machine, count(DISTINCT r.run_id) AS runs, count(t.to_state) AS steps, "
             "coalesce(sum(t.input_tokens), 0) AS input_tokens, "
-            "coalesce(sum(t.output_tokens), 0) AS output_tokens, sum(t.cost_usd) AS cost_usd, "
+            "coalesce(sum(t.output_tokens), 0) AS output_tokens, "
+            f"{_COST_SUM.format(t='t.', extra=' AND t.run_id IS NOT NULL')} AS cost_usd, "
             "coalesce(sum(t.source = 'cache'), 0) AS cache_hits "
             f"FROM runs r LEFT JOIN transitions t ON t.run_id = r.run_id WHERE r.machine IN ({marks}) "
             "GROUP BY r.machine ORDER BY r.machine", list(machines))]
@@ -442,6 +478,13 @@ class SQLiteStore:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Statements separated by ';' inside the caller's transaction (executescript would commit)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def _usage(row: dict[str, Any]) -> Usage:

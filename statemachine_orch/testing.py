@@ -46,6 +46,7 @@ class Reply:
     status: int = 200
     error_type: str = "api_error"
     message: str = "scripted error"
+    error_code: str | None = None  # error.details.error_code, e.g. "enforced_spend_limit_reached"
     headers: dict[str, str] = field(default_factory=dict)
     gate: threading.Event | None = None  # block the answer until the event is set
     fault: str | None = None  # "timeout" or "disconnect": no HTTP answer at all
@@ -68,12 +69,12 @@ def disconnect() -> Reply:
 
 
 def error(status: int, message: str = "scripted error", *, error_type: str | None = None,
-          headers: Mapping[str, str] | None = None) -> Reply:
-    """An HTTP error answer, shaped like the API's error body."""
+          headers: Mapping[str, str] | None = None, error_code: str | None = None) -> Reply:
+    """An HTTP error answer, shaped like the API's error body (with `error_code` in its details)."""
     types = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "not_found_error", 429: "rate_limit_error", 529: "overloaded_error"}
     return Reply(status=status, message=message, error_type=error_type or types.get(status, "api_error"),
-                 headers=dict(headers or {}))
+                 headers=dict(headers or {}), error_code=error_code)
 
 
 @dataclass
@@ -153,8 +154,10 @@ class FakeMessagesAPI:
             reply = self._next_reply(captured)
             self._lock.notify_all()
         if reply.status >= 400:
-            status, hdrs, data, _ = _json(reply.status, {
-                "type": "error", "error": {"type": reply.error_type, "message": reply.message}})
+            problem: dict[str, Any] = {"type": reply.error_type, "message": reply.message}
+            if reply.error_code:
+                problem["details"] = {"error_code": reply.error_code}
+            status, hdrs, data, _ = _json(reply.status, {"type": "error", "error": problem})
             hdrs.update(reply.headers)
             hdrs["request-id"] = f"req_fake_{number:06d}"
             return status, hdrs, data, reply

@@ -91,12 +91,13 @@ class Tracer:
     def null(cls) -> Tracer:
         return cls(None)
 
-    def run_started(self, run: RunRecord, *, resumed: bool = False) -> None:
+    def run_started(self, run: RunRecord, *, resumed: bool = False, machine_hash: str | None = None) -> None:
+        """`machine_hash`: the code driving the run now (defaults to the hash it started with)."""
         if self._log is None:
             return
         self._log.info(
             "run_resumed" if resumed else "run_started",
-            run_id=run.run_id, machine=run.machine, machine_hash=run.machine_hash[:12],
+            run_id=run.run_id, machine=run.machine, machine_hash=(machine_hash or run.machine_hash)[:12],
         )
 
     def transition(self, rec: TransitionRecord, machine: str) -> None:

@@ -249,7 +249,7 @@ class TransitionRecord:
     response: dict[str, Any] | None = None
     request_id: str | None = None
     usage: Usage = field(default_factory=Usage)
-    cost_usd: float | None = None
+    cost_usd: float | None = 0.0  # None: a paid call whose model has no known price
     request_hash: str | None = None  # set for states with a step cache
     attempts: list[Attempt] = field(default_factory=list)
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from statemachine_orch import (
     END,
     Branch,
+    Budget,
     Engine,
     FlowDecision,
     InputError,
@@ -419,3 +420,21 @@ def test_many_concurrent_runs_in_one_process_share_one_database(db_path: Path,
     conn = sqlite3.connect(db_path)
     assert conn.execute("SELECT count(*) FROM transitions").fetchone()[0] == 50 * 4
     assert conn.execute("SELECT count(DISTINCT run_id) FROM runs").fetchone()[0] == 50
+
+
+def test_an_exhausted_budget_routes_to_the_declared_branch_without_calling(
+        db_path: Path, fake: FakeMessagesAPI) -> None:
+    fake.default = "auto"
+    machine = Machine("budgeted", [
+        LLMState("deep", prompt="Go deep", max_tokens=4000, on_budget=Branch("cheap"),
+                 on={Branch("cheap"): "quick", FlowDecision.CONTINUE: END}),
+        LLMState("quick", prompt="Be brief", max_tokens=50),
+    ])
+    with Engine(db_path, model=fake.model(), tracer=Tracer.null()) as engine:
+        result = engine.run(machine, budget=Budget(max_tokens=1000))
+    assert result.status is RunStatus.COMPLETED and result.path == ["deep", "quick"]
+    assert fake.calls("deep") == 0 and fake.calls("quick") == 1
+    first = SQLiteStore(db_path).transitions(result.run_id)[0]
+    assert (first.source, first.decision, first.to_state) == ("budget", "branch:cheap", "quick")
+    assert first.reason is not None and "max_tokens 1000" in first.reason
+

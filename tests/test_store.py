@@ -24,7 +24,7 @@ from statemachine_orch import (
     UsageError,
 )
 from statemachine_orch.ownership import Owner
-from statemachine_orch.sqlite_store import SCHEMA_VERSION, now_iso
+from statemachine_orch.sqlite_store import APPLICATION_ID, SCHEMA_VERSION, now_iso
 from statemachine_orch.types import RunRecord, TransitionRecord, Usage
 
 StoreFactory = Callable[[Path], Any]
@@ -247,3 +247,29 @@ def test_views_present_calls_outputs_and_totals(tmp_path: Path) -> None:
     assert [r["seq"] for r in db.query("SELECT seq FROM step_outputs")] == [1, 2]
     totals = next(db.query("SELECT * FROM run_totals"))
     assert (totals["steps"], totals["input_tokens"], totals["output_tokens"]) == (2, 3, 4)
+
+
+def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.executescript((Path(__file__).parent / "data" / "schema_v1.sql").read_text())
+    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    conn.execute("PRAGMA user_version=1")
+    conn.execute("INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, status, "
+                 "created_at, updated_at) VALUES ('old', 'm', 'm.py', 'h', '{}', 'completed', '2020-01-01T00:00:00Z', "
+                 "'2020-01-01T00:00:00Z')")
+    conn.execute("INSERT INTO transitions (run_id, seq, from_state, to_state, decision, attempt, "
+                 "started_at, latency_ms, source, input_tokens, output_tokens, output) "
+                 "VALUES ('old', 1, 'a', '__end__', 'continue', 1, 't', 1.0, 'python', 0, 0, '1')")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    _, log = store.load_run("old")
+    assert [(r.seq, r.output, r.cost_usd, r.attempts) for r in log] == [(1, 1, 0.0, [])]
+    assert store.list_runs()[0].cost_usd == 0.0
+    owner = me()
+    store.create_run(new_run("new"), owner)
+    store.append(row(1, run_id="new", attempts=[]), owner)
+    assert [r.run_id for r in store.list_runs()] == ["new", "old"]
+
