@@ -229,13 +229,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.all:
             loaded = load_machine(args.all)
             run_ids = store.run_ids(loaded.machine.name)
-            reports = [asyncio.run(replay_run(store, rid, loaded.machine)) for rid in run_ids]
+            reports = [asyncio.run(replay_run(store, rid, loaded.machine, prices=_prices(args)))
+                       for rid in run_ids]
             return _print_replay_summary(reports, loaded.machine.name, args)
         if not args.run_id:
             raise UsageError("give a RUN_ID, or --all MACHINE to replay every run of a machine")
         record = store.get_run(args.run_id)
         loaded = load_machine(args.machine or record.machine_ref)
-        report = asyncio.run(replay_run(store, args.run_id, loaded.machine))
+        report = asyncio.run(replay_run(store, args.run_id, loaded.machine, prices=_prices(args)))
     finally:
         store.close()
     if args.json:

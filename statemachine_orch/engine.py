@@ -278,12 +278,10 @@ class Run:
             rec.reason = (verdict.reason if note is None else f"{verdict.reason} [{note}]")[:_REASON_LIMIT]
             self._move(state, rec.decision)
             rec.to_state = pos.state
-        except BudgetExceededError as exc:
-            status = RunStatus.BUDGET_EXCEEDED
-            rec.error = f"{type(exc).__name__}: {exc}"
         except RunError as exc:
-            status = RunStatus.FAILED
-            rec.error = f"{type(exc).__name__}: {exc}"
+            is_budget = isinstance(exc, BudgetExceededError)
+            status = RunStatus.BUDGET_EXCEEDED if is_budget else RunStatus.FAILED
+            rec.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"  # always one line
         rec.latency_ms = (perf_counter() - t0) * 1000.0
         if rec.to_state == END:
             status = RunStatus.TERMINATED if rec.decision == _TERMINATE else RunStatus.COMPLETED

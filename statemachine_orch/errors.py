@@ -9,10 +9,6 @@ or input), 3 the run is busy in another process.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .types import Attempt
 
 
 class OrchError(Exception):
@@ -86,7 +82,7 @@ class LLMError(RunError):
     """The model call failed or its answer is unusable (refused, truncated, invalid).
 
     `kind`: "transient" (retries exhausted), "deterministic" (not retriable), "spend_limit",
-    "invalid_output", "refusal", "truncated" or "unexpected". `attempts` lists every try.
+    "invalid_output", "refusal", "truncated" or "unexpected".
     """
 
     def __init__(
@@ -98,13 +94,11 @@ class LLMError(RunError):
         request_id: str | None = None,
         run_id: str | None = None,
         state: str | None = None,
-        attempts: list[Attempt] | None = None,
     ) -> None:
         super().__init__(message, run_id=run_id, state=state)
         self.kind = kind
         self.status_code = status_code
         self.request_id = request_id
-        self.attempts: list[Attempt] = attempts or []
 
 
 class BudgetExceededError(RunError):

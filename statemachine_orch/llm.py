@@ -70,7 +70,8 @@ class AnthropicModel:
             )
 
     async def complete(self, request: LLMRequest) -> Completion:
-        """One answer, retrying transient failures; raises LLMError with every attempt."""
+        """One answer, retrying transient failures; each failed try is appended to
+        `request.attempts` as it happens, then LLMError when the retries are used up."""
         import anthropic
 
         policy = request.retry or self.retry
@@ -84,7 +85,7 @@ class AnthropicModel:
                                  "extra_body": {k: v for k, v in body.items() if k not in required}}
         if request.timeout_s is not None:
             extra["timeout"] = request.timeout_s
-        attempts: list[Attempt] = []
+        attempts = request.attempts  # shared, so a step stopped mid-retry still logs its tries
         began = self._clock()
         number = 0
         while True:
@@ -95,20 +96,29 @@ class AnthropicModel:
             request_id: str | None = None
             try:
                 message = await client.messages.create(**required, **extra)
+            except asyncio.CancelledError:
+                attempts.append(Attempt(number=number, started_at=started_at, kind="cancelled",
+                                        error="abandoned in flight when the step was stopped; it may "
+                                        "have been billed", request=body))
+                raise
             except anthropic.APIStatusError as exc:
                 status, headers, request_id = exc.status_code, exc.response.headers, exc.request_id
                 kind = "spend_limit" if _is_spend_limit(exc) else (
                     "transient" if should_retry(status, headers) else "deterministic")
                 error = f"Messages API returned {status}: {_error_text(exc)}"
             except anthropic.APITimeoutError:
-                kind, error = "timeout", "Messages API request timed out"
+                limit = f"{request.timeout_s:g}s (the state's timeout=)" if request.timeout_s else (
+                    "the client's default")
+                kind, error = "timeout", f"Messages API request timed out after {limit}"
             except anthropic.APIConnectionError as exc:
                 kind, error = "connection", f"cannot reach the Messages API: {exc}"
+            except ValueError as exc:  # the SDK refuses, e.g. a call too long to make unstreamed
+                kind, error = "deterministic", (
+                    f"the SDK refused the request: {' '.join(str(exc).split())[:300]}; set timeout= "
+                    "(seconds) on the state or lower its max_tokens")
             else:
                 response = message.model_dump(mode="json", exclude_none=True)
-                completion = completion_from_response(response, request.tool_name, message._request_id)
-                completion.attempts = attempts
-                return completion
+                return completion_from_response(response, request.tool_name, message._request_id)
             delay, why = (next_delay(policy, number, self._clock() - began, headers)
                           if kind in TRANSIENT_KINDS else (None, "not retriable"))
             attempts.append(Attempt(number=number, started_at=started_at, kind=kind, error=error,
@@ -120,8 +130,7 @@ class AnthropicModel:
                     error = (f"{error} (gave up after {number} attempt{'s' if number > 1 else ''}: "
                              f"{why})")
                 raise LLMError(error, kind=final, status_code=status,
-                               request_id=request_id, run_id=request.run_id, state=request.state,
-                               attempts=attempts)
+                               request_id=request_id, run_id=request.run_id, state=request.state)
             await self._sleep(delay)
 
 

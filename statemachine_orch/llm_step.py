@@ -156,17 +156,18 @@ class _Call:
 
     async def run(self, body: dict[str, Any], ctx: StepContext) -> Any:
         state = self.state
-        route = self._afford(body)
-        if route is not None:
-            return route
-        try:
-            completion = await self._complete(body)
-        except LLMError as exc:
-            if exc.kind not in TRANSIENT_KINDS or state.fallback is None:
-                raise
-            return await self._fallback(body, ctx, exc)
+        first = body
         repairs = state.repairs
         while True:
+            route = self._afford(body)
+            if route is not None:
+                return route
+            try:
+                completion = await self._complete(body)
+            except LLMError as exc:
+                if exc.kind not in TRANSIENT_KINDS or state.fallback is None:
+                    raise
+                return await self._fallback(first, ctx, exc)
             output, problem = _check(state, completion, self.tool_name)
             if problem is None:
                 self._answered(completion)
@@ -177,10 +178,6 @@ class _Call:
             repairs -= 1
             self._record_invalid(completion, kind, error, body)
             body = _reask(body, completion, error, self.tool_name)
-            route = self._afford(body)
-            if route is not None:
-                return route
-            completion = await self._complete(body)
 
     async def _complete(self, body: dict[str, Any]) -> Completion:
         state, rec = self.state, self.rec
@@ -191,15 +188,13 @@ class _Call:
         self.call_started = now_iso()
         try:
             completion = await self.step._model().complete(request)
-        except LLMError as exc:
-            self._add_attempts(exc.attempts)
-            raise
         except OrchError:
             raise
         except Exception as exc:  # an adapter bug must still be recorded against the step
             raise LLMError(f"model client failed: {type(exc).__name__}: {exc}", kind="unexpected",
                            run_id=rec.run_id, state=state.name) from exc
-        self._add_attempts(completion.attempts)
+        finally:  # also when the step is cancelled mid-retry: the tries already made are logged
+            self._add_attempts(request.attempts)
         self._pay(body["model"], completion.usage)
         return completion
 
@@ -263,9 +258,15 @@ class _Call:
         assert fallback is not None
         rec.request_hash = None
         override = self.step.python_override
-        result = override(state, ctx) if override is not None else fallback(ctx)
-        if inspect.isawaitable(result):
-            result = await result
+        try:
+            result = override(state, ctx) if override is not None else fallback(ctx)
+            if inspect.isawaitable(result):
+                result = await result
+        except OrchError:
+            raise
+        except Exception as exc:
+            raise LLMError(f"{failure}; fallback {name} failed too: {type(exc).__name__}: {exc}",
+                           kind=failure.kind, run_id=rec.run_id, state=state.name) from exc
         if state.output is not None and not isinstance(result, state.output):
             try:
                 result = state.output.model_validate(result)

@@ -22,10 +22,12 @@ from .engine import Engine
 from .errors import InputError, LLMError, OrchError
 from .llm import completion_from_response
 from .ownership import Owner
+from .prices import PriceTable
 from .store import Store
 from .trace import Tracer
 from .types import (
     Attempt,
+    Budget,
     Completion,
     LLMRequest,
     RunRecord,
@@ -217,8 +219,10 @@ def _text_difference(label: str, a: str, b: str) -> tuple[str, str]:
     return label, label
 
 
-async def replay_run(store: Store, run_id: str, machine: Machine) -> ReplayReport:
-    """Replay one stored run against `machine` as defined now. Writes nothing."""
+async def replay_run(store: Store, run_id: str, machine: Machine, *,
+                     prices: PriceTable | None = None) -> ReplayReport:
+    """Replay one stored run against `machine` as defined now, with its stored budget and
+    `prices` (give the table the run was made with). Writes nothing."""
     record, log = store.load_run(run_id)
     committed = [row for row in log if row.to_state is not None]
     cursor = _Cursor(committed)
@@ -233,10 +237,11 @@ async def replay_run(store: Store, run_id: str, machine: Machine) -> ReplayRepor
     if record.machine != machine.name:
         return report(Divergence(0, "-", "machine", record.machine, machine.name))
     engine = Engine(_ComparingStore(cursor), model=_RecordedModel(cursor), tracer=Tracer.null(),
-                    python_override=recorded_output)
+                    prices=prices, python_override=recorded_output)
     try:
         run = await engine.start(machine, record.input, run_id=record.run_id,
-                                 machine_ref=record.machine_ref)
+                                 machine_ref=record.machine_ref,
+                                 budget=Budget(**record.options.get("budget", {})))
         while not run.done:
             await run.step()
     except _Diverged as exc:

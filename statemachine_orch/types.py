@@ -150,14 +150,12 @@ class LLMRequest:
     tool_name: str | None = None
     timeout_s: float | None = None
     retry: RetryPolicy | None = None  # None: the model client's own policy
+    attempts: list[Attempt] = field(default_factory=list)  # the client appends each failed try
 
 
 @dataclass(slots=True, kw_only=True)
 class Completion:
-    """A model answer: `text` or, for structured output, the tool input in `data`.
-
-    `attempts` lists the failed tries (retried errors) that came before this answer.
-    """
+    """A model answer: `text` or, for structured output, the tool input in `data`."""
 
     text: str
     data: dict[str, Any] | None
@@ -165,7 +163,6 @@ class Completion:
     usage: Usage
     request_id: str | None
     response: dict[str, Any]
-    attempts: list[Attempt] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from statemachine_orch import (
     AnthropicModel,
     Branch,
     Budget,
-    DefinitionError,
+    Decision,
     Engine,
     FlowDecision,
     InvalidOutput,
@@ -261,12 +261,14 @@ def test_jitter_only_shortens_a_delay_by_at_most_its_fraction(attempt: int, rand
 
 def test_next_delay_ends_at_max_attempts_and_before_max_total() -> None:
     p = policy(3, max_total_s=10.0)
-    assert next_delay(p, 1, 0.0, None) == 1.0
-    assert next_delay(p, 2, 1.0, None) == 2.0
-    assert next_delay(p, 3, 3.0, None) is None  # third attempt was the last
-    assert next_delay(p, 1, 9.5, None) is None  # the wait would end past max_total_s
-    assert next_delay(p, 1, 0.0, {"retry-after": "7"}) == 7.0
-    assert next_delay(p, 1, 4.0, {"retry-after": "7"}) is None
+    assert next_delay(p, 1, 0.0, None) == (1.0, "retrying")
+    assert next_delay(p, 2, 1.0, None) == (2.0, "retrying")
+    assert next_delay(p, 3, 3.0, None) == (None, "max_attempts=3 reached")
+    assert next_delay(p, 1, 9.5, None) == (
+        None, "the next backoff is 1s, which would pass max_total_s=10 after 9.5s")
+    assert next_delay(p, 1, 0.0, {"retry-after": "7"}) == (7.0, "retrying")
+    assert next_delay(p, 1, 4.0, {"retry-after": "7"}) == (
+        None, "the server asked to wait 7s, which would pass max_total_s=10 after 4.0s")
 
 
 @pytest.mark.parametrize("options", [{"max_attempts": 0}, {"initial_delay_s": -1.0},
@@ -321,7 +323,8 @@ def test_exhausted_retries_fail_the_run_with_one_line_and_resume_continues(h: Ha
     machine = one_state(retry_policy=policy(3))
     h.fake.on("ask", error(503, "unavailable"))
     failed = h.run(machine)
-    expected = "LLMError: Messages API returned 503: api_error: unavailable (gave up after 3 attempts)"
+    expected = ("LLMError: Messages API returned 503: api_error: unavailable (gave up after 3 "
+                "attempts: max_attempts=3 reached)")
     assert (failed.status, failed.error) == (RunStatus.FAILED, expected)
     assert h.fake.calls("ask") == 3 and h.fake.slept == [1.0, 2.0]
     assert h.attempt_log(failed.run_id) == [
@@ -338,20 +341,22 @@ def test_exhausted_retries_fail_the_run_with_one_line_and_resume_continues(h: Ha
         (1, None, 1, 3), (2, END, 2, 0)]
 
 
-@pytest.mark.parametrize(("failure", "calls", "slept"), [
-    (error(503), 3, [1.0, 2.0]),  # waits 1 and 2; the next wait, 4 s, would end past 5 s
-    (error(429, headers={"retry-after": "30"}), 1, []),  # the server's wait alone is too long
+@pytest.mark.parametrize(("failure", "slept", "gave_up"), [
+    (error(503), [1.0, 2.0],  # waits 1 and 2; the next wait, 4 s, would end past 5 s
+     "gave up after 3 attempts: the next backoff is 4s, which would pass max_total_s=5 after 3.0s"),
+    (error(429, headers={"retry-after": "30"}), [],  # the server's wait alone is too long
+     "gave up after 1 attempt: the server asked to wait 30s, which would pass max_total_s=5 after 0.0s"),
 ])
 def test_retries_stop_before_a_wait_would_pass_max_total(db_path: Path, fake: FakeMessagesAPI,
-                                                         failure: Reply, calls: int,
-                                                         slept: list[float]) -> None:
+                                                         failure: Reply, slept: list[float],
+                                                         gave_up: str) -> None:
     time = VirtualTime()
     fake.on("ask", failure)
     with harness_for(db_path, fake, sleep=time.sleep, clock=time.clock) as h:
         result = h.run(one_state(retry_policy=policy(10, max_total_s=5.0)))
     assert result.status is RunStatus.FAILED
-    assert (fake.calls("ask"), time.slept) == (calls, slept)
-    assert f"(gave up after {calls} attempt" in (result.error or "")
+    assert (fake.calls("ask"), time.slept) == (len(slept) + 1, slept)
+    assert (result.error or "").endswith(f"({gave_up})")
 
 
 @pytest.mark.parametrize(("machine_attempts", "state_attempts", "calls"), [
@@ -413,51 +418,30 @@ def test_attempt_numbers_run_on_across_the_reasks_and_retries_of_one_step(h: Har
     assert h.fake.calls("ask") == 3 and h.fake.slept == [1.0]
 
 
-def test_a_429_for_an_exhausted_spend_limit_is_not_retried(db_path: Path) -> None:
-    sent: list[httpx2.Request] = []
-
-    def spend_limited(request: httpx2.Request) -> httpx2.Response:
-        sent.append(request)
-        return httpx2.Response(429, headers={"request-id": "req_limit"}, json={
-            "type": "error", "error": {"type": "rate_limit_error", "message": "spend limit reached",
-                                       "details": {"error_code": "enforced_spend_limit_reached"}}})
-
-    client = anthropic.AsyncAnthropic(api_key="fake-key-not-secret", base_url="http://fake.invalid",
-                                      max_retries=0,
-                                      http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(spend_limited)))
-    time = VirtualTime()
-    with Engine(db_path, model=AnthropicModel(client, retry=policy(4), sleep=time.sleep),
-                tracer=Tracer.null()) as engine:
-        result = engine.run(one_state())
-    assert result.status is RunStatus.FAILED
-    assert result.error == "LLMError: Messages API returned 429: rate_limit_error: spend limit reached"
-    assert len(sent) == 1 and time.slept == []
-    with closing(sqlite3.connect(db_path)) as conn:
-        assert conn.execute("SELECT kind, status_code, request_id, delay_s FROM attempts").fetchall() == [
-            ("spend_limit", 429, "req_limit", None)]
-
-
 # --------------------------------------------------------------------------- deterministic failures
 
 
-DETERMINISTIC = {
-    "prompt too long": (400, "invalid_request_error", "prompt is too long: 250123 tokens > 200000 maximum",
+DETERMINISTIC = {  # a failure retrying cannot fix -> the kind it is logged as
+    "prompt too long": (error(400, "prompt is too long: 250123 tokens > 200000 maximum"),
                         "deterministic"),
-    "bad key": (401, "authentication_error", "invalid x-api-key", "deterministic"),
-    "forbidden": (403, "permission_error", "your key cannot use this model", "deterministic"),
-    "unknown model": (404, "not_found_error", "model: claude-nope", "deterministic"),
-    "spend limit": (402, "api_error", "spend limit reached", "spend_limit"),
+    "bad key": (error(401, "invalid x-api-key"), "deterministic"),
+    "forbidden": (error(403, "your key cannot use this model"), "deterministic"),
+    "unknown model": (error(404, "model: claude-nope"), "deterministic"),
+    "payment required": (error(402, "spend limit reached"), "spend_limit"),
+    "spend limit 429": (error(429, "spend limit reached", error_code="enforced_spend_limit_reached"),
+                        "spend_limit"),
 }
 
 
 @pytest.mark.parametrize("case", list(DETERMINISTIC))
 def test_deterministic_errors_fail_fast_with_one_line_and_stay_resumable(h: Harness,
                                                                          case: str) -> None:
-    status, error_type, message, kind = DETERMINISTIC[case]
+    failure, kind = DETERMINISTIC[case]
+    status = failure.status
     machine = one_state(retry_policy=policy(5))
-    h.fake.on("ask", error(status, message), reply("after the fix"))
+    h.fake.on("ask", failure, reply("after the fix"))
     failed = h.run(machine)
-    expected = f"LLMError: Messages API returned {status}: {error_type}: {message}"
+    expected = f"LLMError: Messages API returned {status}: {failure.error_type}: {failure.message}"
     assert (failed.status, failed.error) == (RunStatus.FAILED, expected)
     assert h.fake.calls("ask") == 1 and h.fake.slept == []
     assert h.attempt_log(failed.run_id) == [(1, 1, "ask", kind, status, "req_fake_000001", None)]
@@ -548,7 +532,7 @@ def test_output_still_invalid_reaches_the_guard_which_branches_to_a_repair_state
     complaint = "answer does not match Out: score: Field required"
     assert spy.seen == [InvalidOutput("invalid_output", complaint, "", {"label": "x"})]
     assert h.fake.calls("ask") == 2  # one re-ask before giving the guard the invalid outcome
-    ask, repair = h.rows(result.run_id)
+    ask, _ = h.rows(result.run_id)
     assert (ask.decision, ask.to_state, ask.reason) == ("branch:repair", "repair",
                                                        f"invalid_output: {complaint}")
     assert ask.output == spy.seen[0].to_json()
@@ -557,8 +541,8 @@ def test_output_still_invalid_reaches_the_guard_which_branches_to_a_repair_state
 
 UNUSABLE = {
     "refusal": ("refusal", "the model refused to answer (stop_reason=refusal)"),
-    "max_tokens": ("truncated", "the answer was cut off at max_tokens=64; raise max_tokens for "
-                                "state 'ask' and resume"),
+    "max_tokens": ("truncated", ("the answer was cut off at max_tokens=64; raise max_tokens for "
+                                 "state 'ask' and resume")),
 }
 
 
@@ -630,12 +614,24 @@ def test_a_fallback_model_answers_when_retries_are_exhausted(h: Harness) -> None
     (row,) = h.rows(result.run_id)
     assert row.source == "fallback"
     assert row.reason == (f"no guard: continue [answered by fallback {FALLBACK} after: Messages API "
-                          "returned 529: overloaded_error: overloaded (gave up after 2 attempts)]")
+                          "returned 529: overloaded_error: overloaded (gave up after 2 attempts: "
+                          "max_attempts=2 reached)]")
     assert [(a.kind, a.status_code) for a in row.attempts] == [("transient", 529)] * 2
     assert (row.request or {})["model"] == FALLBACK and row.request_id == "req_fake_000003"
     assert row.usage == usage_of(backup)
     assert row.cost_usd == pytest.approx(cost_of(backup, model=FALLBACK))
     assert cost_of(backup, model=FALLBACK) != pytest.approx(cost_of(backup))  # priced as haiku
+
+
+def test_a_fallback_also_answers_when_retries_run_out_during_a_reask(h: Harness) -> None:
+    h.fake.on("ask", reply(data={"label": "x"}), error(529))
+    h.fake.on(f"ask@{FALLBACK}", reply(data={"label": "backup", "score": 2}))
+    result = h.run(one_state(output=Out, retry_policy=policy(2), fallback=FALLBACK))
+    assert (result.status, result.error) == (RunStatus.COMPLETED, None)
+    assert result.outputs["ask"] == Out(label="backup", score=2)
+    (row,) = h.rows(result.run_id)
+    assert row.source == "fallback"
+    assert [a.kind for a in row.attempts] == ["invalid_output", "transient", "transient"]
 
 
 def test_a_fallback_function_answers_with_a_validated_typed_object(h: Harness) -> None:
@@ -671,9 +667,14 @@ def test_a_fallback_function_that_raises_fails_the_run_and_keeps_the_attempts(h:
 
 
 def test_a_fallback_is_not_used_for_a_deterministic_error(h: Harness) -> None:
-    used: list[str] = []
+    used: list[StepContext] = []
+
+    def backup(ctx: StepContext) -> str:
+        used.append(ctx)
+        return "from the backup"
+
     h.fake.on("ask", error(400, "prompt is too long"))
-    result = h.run(one_state(fallback=lambda ctx: used.append("fallback") or "x"))
+    result = h.run(one_state(fallback=backup))
     assert result.status is RunStatus.FAILED and "prompt is too long" in (result.error or "")
     assert used == [] and h.fake.calls() == 1
 
@@ -684,9 +685,9 @@ def test_a_failing_fallback_model_fails_the_step_naming_both_failures(h: Harness
     result = h.run(one_state(retry_policy=policy(2), fallback=FALLBACK))
     assert result.status is RunStatus.FAILED
     assert result.error == (
-        "LLMError: Messages API returned 503: api_error: primary down (gave up after 2 attempts); "
-        f"fallback {FALLBACK} failed too: Messages API returned 529: overloaded_error: backup "
-        "overloaded (gave up after 2 attempts)")
+        "LLMError: Messages API returned 503: api_error: primary down (gave up after 2 attempts: "
+        f"max_attempts=2 reached); fallback {FALLBACK} failed too: Messages API returned 529: "
+        "overloaded_error: backup overloaded (gave up after 2 attempts: max_attempts=2 reached)")
     assert h.attempt_log(result.run_id) == [
         (1, 1, "ask", "transient", 503, "req_fake_000001", 1.0),
         (1, 2, "ask", "transient", 503, "req_fake_000002", None),
@@ -837,20 +838,30 @@ def test_a_token_budget_stops_before_a_reask_and_keeps_what_was_paid(
     assert stopped.usage == usage_of(invalid)
 
 
+def test_a_token_budget_counts_cache_tokens_as_paid(h: Harness) -> None:
+    draft = reply("d", input_tokens=10, output_tokens=10, cache_write_tokens=5000)
+    h.fake.on("draft", draft)
+    h.fake.on("expand", reply("e"))
+    stopped = h.run(two_states(), budget=Budget(max_tokens=1000))
+    assert (stopped.status, stopped.path) == (RunStatus.BUDGET_EXCEEDED, ["draft"])
+    assert "tokens: spent 5020 + worst case" in (stopped.error or "")
+    assert h.fake.calls("expand") == 0
+
+
 def test_a_budget_without_a_price_for_the_model_stops_with_the_fix(h: Harness) -> None:
     machine = Machine("unpriced", model="house-model-7", states=[LLMState("ask", prompt="Hi.")])
     result = h.run(machine, budget=Budget(max_cost_usd=10.0))
     assert result.status is RunStatus.BUDGET_EXCEEDED
     assert result.error == (
         "BudgetExceededError: budget exceeded before calling ask: cost: no price known for model "
-        "'house-model-7', so max_cost_usd cannot be checked; add its price with --prices; raise the "
-        "limit and resume")
+        "'house-model-7', so max_cost_usd cannot be checked; add the model's price (--prices FILE or "
+        "PriceTable) and resume")
     assert h.fake.calls() == 0
 
 
 def budget_routed(guard_fn: Any = None) -> Machine:
     """`big` routes to `cheap` when the budget cannot cover it."""
-    on = {Branch("cheap"): "cheap", FlowDecision.CONTINUE: END}
+    on: dict[Decision, str] = {Branch("cheap"): "cheap", FlowDecision.CONTINUE: END}
     return Machine("routed", model=MODEL, states=[
         LLMState("draft", prompt="Draft a note.", max_tokens=50),
         LLMState("big", prompt="Expand: {draft}", needs=["draft"], max_tokens=20_000,
@@ -870,17 +881,14 @@ def test_on_budget_routes_to_the_declared_branch_without_calling(h: Harness) -> 
                                                                    None)
     assert (big.reason or "").startswith("budget exhausted before calling big (cost: spent $")
     assert (big.reason or "").endswith("> max_cost_usd $0.0500); routed to branch:cheap")
-    assert big.usage == Usage() and not big.cost_usd
+    assert (big.usage, big.cost_usd) == (Usage(), 0.0)
 
 
 @pytest.mark.parametrize("guard_fn", [None, guard(FlowDecision.CONTINUE)(lambda o, c: FlowDecision.CONTINUE)],
                          ids=["no-guard", "guard-without-the-budget-branch"])
 def test_on_budget_is_itself_a_way_to_take_its_branch(guard_fn: Any) -> None:
     """The budget branch needs no guard to return it: on_budget chooses it."""
-    try:
-        machine = budget_routed(guard_fn)
-    except DefinitionError as exc:
-        pytest.fail(f"a valid on_budget machine was refused: {exc}")
+    machine = budget_routed(guard_fn)
     assert machine.edges("big")["branch:cheap"] == "cheap"
 
 
@@ -903,6 +911,17 @@ def test_max_seconds_stops_a_state_in_flight_and_counts_across_resumes(h: Harnes
     done = h.resume(stopped.run_id, machine, budget=Budget(max_seconds=60))
     assert (done.status, done.outputs["slow"]) == (RunStatus.COMPLETED, "late")
     assert (h.fake.calls("slow"), h.fake.calls("after")) == (2, 1)
+
+
+def test_attempts_made_before_max_seconds_stopped_the_step_are_logged(h: Harness) -> None:
+    gate = threading.Event()  # never set: the retry hangs until the run's clock runs out
+    h.fake.on("ask", error(503, "unavailable"), Reply(text="late", gate=gate))
+    stopped = h.run(one_state(retry_policy=policy(3)), budget=Budget(max_seconds=0.05))
+    gate.set()
+    assert stopped.status is RunStatus.BUDGET_EXCEEDED
+    assert h.fake.calls("ask") == 2 and h.fake.slept == [1.0]
+    assert h.attempt_log(stopped.run_id)[:1] == [
+        (1, 1, "ask", "transient", 503, "req_fake_000001", 1.0)]
 
 
 # --------------------------------------------------------------------------- caching
@@ -954,6 +973,20 @@ def test_the_step_cache_never_serves_an_answer_that_did_not_commit(h: Harness) -
     fresh = h.run(cached(repairs=1), {"topic": "kites"})
     assert fresh.status is RunStatus.COMPLETED
     assert h.fake.calls() == 3 and h.rows(fresh.run_id)[0].source == "llm"
+
+
+def test_a_fallback_answer_is_never_served_for_the_primary_request(h: Harness) -> None:
+    h.fake.on("ask", error(529), error(529), reply(data={"label": "primary", "score": 9}))
+    h.fake.on(f"ask@{FALLBACK}", reply(data={"label": "backup", "score": 1}))
+    machine = cached(retry_policy=policy(2), fallback=FALLBACK)
+    first = h.run(machine, {"topic": "kites"})
+    assert first.outputs["ask"] == Out(label="backup", score=1)
+    second = h.run(machine, {"topic": "kites"})  # the primary model is back
+    assert second.outputs["ask"] == Out(label="primary", score=9)
+    assert [r.body["model"] for r in h.fake.requests] == [MODEL, MODEL, FALLBACK, MODEL]
+    third = h.run(machine, {"topic": "kites"})  # now the primary's own answer is cached
+    assert third.outputs["ask"] == Out(label="primary", score=9)
+    assert h.fake.calls() == 4 and h.rows(third.run_id)[0].source == "cache"
 
 
 @pytest.mark.parametrize("prompt_cache", [True, False])
@@ -1116,7 +1149,7 @@ def test_a_budget_routed_run_replays_as_matching(h: Harness) -> None:
 
 
 def test_replay_serves_the_recorded_invalid_answer_so_fewer_repairs_diverge(h: Harness) -> None:
-    machine, run_id = reasked(h)
+    _, run_id = reasked(h)
     report = h.replay(run_id, one_state(output=Out, repairs=1, guard=GuardSpy()))
     assert report.divergence is not None
     assert (report.divergence.seq, report.divergence.kind) == (1, "error")

@@ -121,7 +121,8 @@ def test_max_cost_stops_the_run_and_a_resume_with_more_completes_it(
     assert summary.startswith("run capped budget_exceeded after 1 step(s): draft")
     assert reason.startswith("error: BudgetExceededError: budget exceeded before calling expand: cost:")
     assert reason.endswith("> max_cost_usd $0.0500; raise the limit and resume")
-    assert hint == "resume with: orch resume capped --max-cost/--max-tokens/--max-seconds ..."
+    assert hint == ("resume with: orch resume capped and a raised --max-cost, --max-tokens or "
+                    "--max-seconds")
     assert stored_status(orch.db, "capped") == "budget_exceeded"
     assert fake.calls("expand") == 0
 
