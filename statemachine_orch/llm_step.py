@@ -320,6 +320,8 @@ def _check(state: LLMState, completion: Completion, tool_name: str | None) -> tu
         return None, ("truncated", f"the answer was cut off at max_tokens={state.max_tokens}; raise "
                                    f"max_tokens for state '{state.name}' and resume")
     if state.output is None:
+        if not completion.text.strip():
+            return None, ("empty", "the model returned an empty answer")
         return completion.text, None
     if completion.data is None:
         return None, ("invalid_output", f"the model did not call the {tool_name} tool")

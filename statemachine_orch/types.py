@@ -169,8 +169,9 @@ class Completion:
 class InvalidOutput:
     """What a guard sees (with `on_invalid="guard"`) when no valid answer came back.
 
-    `kind` is "invalid_output" (schema or format still wrong after re-asks), "refusal" or
-    "truncated" (stop_reason max_tokens). It is never a valid answer: route on it.
+    `kind` is "invalid_output" (schema or format still wrong after re-asks), "refusal",
+    "truncated" (stop_reason max_tokens) or "empty" (no text at all). It is never a valid
+    answer: route on it.
     """
 
     kind: str

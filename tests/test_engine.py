@@ -438,3 +438,12 @@ def test_an_exhausted_budget_routes_to_the_declared_branch_without_calling(
     assert (first.source, first.decision, first.to_state) == ("budget", "branch:cheap", "quick")
     assert first.reason is not None and "max_tokens 1000" in first.reason
 
+
+def test_an_empty_answer_is_never_taken_as_output(engine: Engine, fake: FakeMessagesAPI) -> None:
+    fake.on("a", "   ")
+    result = engine.run(four_states(lambda output, ctx: FlowDecision.CONTINUE))
+    assert result.status is RunStatus.FAILED
+    row = log_of(engine, result.run_id)[0]
+    assert row.error == "LLMError: the model returned an empty answer"
+    assert row.decision is None and row.response is not None
+
