@@ -23,8 +23,8 @@ from .definition import LLMState, Machine
 from .engine import Engine, Run, new_run_id
 from .errors import InputError, OrchError, UsageError
 from .llm import AnthropicModel
-from .prices import PriceTable
 from .loader import load_machine
+from .prices import PriceTable
 from .replay import ReplayReport, replay_run
 from .snapshot import RunResult, resume_point, total_cost, total_usage
 from .sqlite_store import SQLiteStore
@@ -144,7 +144,7 @@ def _print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _one_line(text: str | None, limit: int = 80) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from transitions import Machine as FSM
 
 from .definition import LLMState, Machine, PythonState, State

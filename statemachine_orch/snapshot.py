@@ -76,7 +76,7 @@ def total_cost(log: list[TransitionRecord]) -> float | None:
 class Position:
     """The `transitions` model of one run: current state plus the counters its conditions read."""
 
-    __slots__ = ("state", "attempt", "visits")
+    __slots__ = ("attempt", "state", "visits")
 
     def __init__(self, state: str, attempt: int, visits: dict[str, int]) -> None:
         self.state = state

@@ -32,7 +32,8 @@ class Template:
         try:
             parsed = list(Formatter().parse(source))
         except ValueError as exc:
-            return cls(source, (source,), (), (f"template is malformed ({exc}); write {{{{ and }}}} for literal braces",))
+            problem = f"template is malformed ({exc}); write {{{{ and }}}} for literal braces"
+            return cls(source, (source,), (), (problem,))
         pending = ""
         for literal, name, spec, conversion in parsed:
             pending += literal
@@ -59,7 +60,7 @@ class Template:
     def render(self, values: Mapping[str, Any]) -> str:
         """Substitute each placeholder with `as_text(value)`; `values` must hold every name."""
         out = [self.literals[0]]
-        for name, literal in zip(self.names, self.literals[1:]):
+        for name, literal in zip(self.names, self.literals[1:], strict=True):
             out.append(as_text(values[name]))
             out.append(literal)
         return "".join(out)

@@ -68,7 +68,7 @@ def decision_from_value(value: str) -> Decision:
     return FlowDecision(value)
 
 
-class RunStatus(str, Enum):
+class RunStatus(str, Enum):  # noqa: UP042 (str mixin: statuses compare equal to their text)
     """Lifecycle of a run. Only `running` can be advanced; failed/interrupted can be resumed."""
 
     RUNNING = "running"
