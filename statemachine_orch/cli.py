@@ -25,11 +25,25 @@ from .errors import InputError, OrchError, UsageError
 from .llm import AnthropicModel
 from .loader import load_machine
 from .prices import PriceTable
+from .render import (
+    as_block,
+    attempt_row,
+    calls_of,
+    indent,
+    log_row,
+    mermaid,
+    one_line,
+    print_table,
+    snapshot_view,
+    totals,
+    totals_line,
+    usd,
+)
 from .replay import ReplayReport, replay_run
-from .snapshot import RunResult, resume_point, total_cost, total_usage
+from .snapshot import RunResult
 from .sqlite_store import SQLiteStore
 from .trace import Tracer, stream_logger
-from .types import END, Attempt, Budget, ModelClient, RunRecord, RunStatus, TransitionRecord
+from .types import Budget, ModelClient, RunStatus, TransitionRecord
 
 DEFAULT_DB = "orch.db"
 
@@ -140,31 +154,13 @@ def _drive(store: SQLiteStore, run_id: str, banner: str | None,
                           f"`orch resume {run_id}`") from None
 
 
-def _print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _one_line(text: str | None, limit: int = 80) -> str:
-    if not text:
-        return ""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-def _usd(value: float | None) -> str:
-    return "?" if value is None else f"${value:.4f}"
-
-
 def _report_result(result: RunResult, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
         path = " -> ".join(result.path) or "(no steps)"
         paid = (f"{result.usage.input_tokens} in / {result.usage.output_tokens} out tokens, "
-                f"{_usd(result.cost_usd)}")
+                f"{usd(result.cost_usd)}")
         print(f"run {result.run_id} {result.status.value} after {result.steps} step(s): {path} "
               f"({paid})")
         if not result.status.finished:
@@ -256,7 +252,7 @@ def _print_replay_summary(reports: list[ReplayReport], machine: str, args: argpa
         print(json.dumps({"machine": machine, "runs": len(reports), "matching": len(reports) - len(diverged),
                           "diverged": len(diverged), "reports": [r.to_json() for r in reports]}))
     else:
-        _print_table(
+        print_table(
             [(r.run_id, r.status, "match" if r.matches else "DIVERGED",
               f"{r.compared}/{r.recorded}", r.divergence.describe() if r.divergence else "")
              for r in reports],
@@ -265,32 +261,6 @@ def _print_replay_summary(reports: list[ReplayReport], machine: str, args: argpa
         print(f"{len(reports)} run(s) of {machine}: {len(reports) - len(diverged)} matching, "
               f"{len(diverged)} diverged")
     return 1 if diverged else 0
-
-
-def _log_row(row: TransitionRecord) -> dict[str, Any]:
-    u = row.usage
-    return {
-        "run_id": row.run_id, "seq": row.seq, "from_state": row.from_state, "to_state": row.to_state,
-        "decision": row.decision, "reason": row.reason, "attempt": row.attempt,
-        "started_at": row.started_at, "latency_ms": round(row.latency_ms, 3),
-        "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
-        "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens,
-        "cost_usd": row.cost_usd, "calls": _calls(row), "source": row.source,
-        "request_id": row.request_id, "error": row.error,
-    }
-
-
-def _calls(row: TransitionRecord) -> int:
-    """Model calls the step made: its failed attempts plus the one that answered."""
-    answered = row.source in ("llm", "fallback") and row.response is not None
-    return len(row.attempts) + (1 if answered else 0)
-
-
-def _attempt_row(row: TransitionRecord, a: Attempt) -> dict[str, Any]:
-    return {"run_id": row.run_id, "seq": row.seq, "state": row.from_state, "attempt": a.number,
-            "started_at": a.started_at, "kind": a.kind, "status_code": a.status_code,
-            "request_id": a.request_id, "delay_s": a.delay_s, "input_tokens": a.usage.input_tokens,
-            "output_tokens": a.usage.output_tokens, "cost_usd": a.cost_usd, "error": a.error}
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -304,25 +274,18 @@ def cmd_log(args: argparse.Namespace) -> int:
         return _print_attempts(rows, args)
     if args.json:
         for row in rows:
-            print(json.dumps(_log_row(row), ensure_ascii=False))
+            print(json.dumps(log_row(row), ensure_ascii=False))
         return 0
-    _print_table(
+    print_table(
         [(r.seq, r.from_state, r.to_state or "-", r.decision or "-", r.attempt,
-          f"{r.latency_ms:.1f}", r.usage.input_tokens, r.usage.output_tokens, _usd(r.cost_usd),
-          _calls(r), r.source, _one_line(r.error or r.reason))
+          f"{r.latency_ms:.1f}", r.usage.input_tokens, r.usage.output_tokens, usd(r.cost_usd),
+          calls_of(r), r.source, one_line(r.error or r.reason))
          for r in rows],
         ["seq", "from_state", "to_state", "decision", "attempt", "latency_ms", "in", "out", "cost",
          "calls", "source", "reason / error"],
     )
-    print(_totals_line(rows))
+    print(totals_line(rows))
     return 0
-
-
-def _totals_line(rows: list[TransitionRecord]) -> str:
-    t = _totals(rows)
-    return (f"total: {t['steps']} step(s), {t['input_tokens']} in / {t['output_tokens']} out tokens "
-            f"({t['cache_read_tokens']} cache read, {t['cache_write_tokens']} cache write), "
-            f"{_usd(t['cost_usd'])}, {t['calls']} call(s), {t['cache_hits']} cache hit(s)")
 
 
 def _print_attempts(rows: list[TransitionRecord], args: argparse.Namespace) -> int:
@@ -330,11 +293,11 @@ def _print_attempts(rows: list[TransitionRecord], args: argparse.Namespace) -> i
     attempts = [(row, a) for row in rows for a in row.attempts]
     if args.json:
         for row, a in attempts:
-            print(json.dumps(_attempt_row(row, a), ensure_ascii=False))
+            print(json.dumps(attempt_row(row, a), ensure_ascii=False))
         return 0
-    _print_table(
+    print_table(
         [(row.seq, row.from_state, a.number, a.kind, a.status_code or "-", a.request_id or "-",
-          "-" if a.delay_s is None else f"{a.delay_s:.2f}", _one_line(a.error, 70))
+          "-" if a.delay_s is None else f"{a.delay_s:.2f}", one_line(a.error, 70))
          for row, a in attempts],
         ["seq", "state", "attempt", "kind", "status", "request_id", "slept_s", "error"],
     )
@@ -357,26 +320,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
              "cost_usd": r.cost_usd, "error": r.error, "stale": r.stale}
             for r in runs]))
         return 0
-    _print_table(
+    print_table(
         [(r.run_id, r.machine, r.status + (" (owner gone: resume it)" if r.stale else ""),
           r.created_at[:19].replace("T", " "), r.steps, r.input_tokens + r.output_tokens,
-          _usd(r.cost_usd), _one_line(r.error, 60)) for r in runs],
+          usd(r.cost_usd), one_line(r.error, 60)) for r in runs],
         ["run_id", "machine", "status", "started", "steps", "tokens", "cost", "error"],
     )
     for t in totals:
         print(f"machine {t.machine}: {t.runs} run(s), {t.steps} step(s), "
-              f"{t.input_tokens + t.output_tokens} tokens, {_usd(t.cost_usd)}, "
+              f"{t.input_tokens + t.output_tokens} tokens, {usd(t.cost_usd)}, "
               f"{t.cache_hits} cache hit(s)")
     return 0
-
-
-def _snapshot(record: RunRecord, rows: list[TransitionRecord]) -> dict[str, Any]:
-    state, attempt = resume_point(rows, "")
-    last = rows[-1] if rows else None
-    pending = last.output if last is not None and last.to_state is None else None
-    return {"status": record.status.value, "next_state": None if state in ("", END) else state,
-            "attempt": attempt, "seq": last.seq if last else 0, "owned": record.owner is not None,
-            "error": record.error, "pending_answer": pending}
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -386,13 +340,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     finally:
         store.close()
     outputs = {r.from_state: r.output for r in rows if r.to_state is not None}
-    snapshot = _snapshot(record, rows)
+    snapshot = snapshot_view(record, rows)
     if args.json:
         print(json.dumps({
             "run_id": record.run_id, "machine": record.machine, "machine_ref": record.machine_ref,
             "machine_hash": record.machine_hash, "created_at": record.created_at,
             "updated_at": record.updated_at, "options": record.options, "input": record.input,
-            "outputs": outputs, "snapshot": snapshot, "totals": _totals(rows)}, ensure_ascii=False))
+            "outputs": outputs, "snapshot": snapshot, "totals": totals(rows)}, ensure_ascii=False))
         return 0
     print(f"run {record.run_id}  machine {record.machine}  status {record.status.value}")
     print(f"  created {record.created_at}  updated {record.updated_at}")
@@ -400,44 +354,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     if record.options.get("offline"):
         print(f"  offline answers: {record.options['offline']}")
     print("input:")
-    print(_indent(_as_block(record.input)))
+    print(indent(as_block(record.input)))
     print("outputs:")
     for state, output in outputs.items():
         print(f"  {state}:")
-        print(_indent(_as_block(output), 4))
-    print(_totals_line(rows))
+        print(indent(as_block(output), 4))
+    print(totals_line(rows))
     print("snapshot:")
     for key, value in snapshot.items():
         if key == "pending_answer" and value is not None:
             print("  pending_answer (paid; its guard failed, resume re-runs the guard on it):")
-            print(_indent(_as_block(value), 4))
+            print(indent(as_block(value), 4))
         elif key != "pending_answer":
             print(f"  {key}: {'-' if value is None else value}")
     return 0
-
-
-def _totals(rows: list[TransitionRecord]) -> dict[str, Any]:
-    usage = total_usage(rows)
-    return {"steps": sum(1 for r in rows if r.to_state), "input_tokens": usage.input_tokens,
-            "output_tokens": usage.output_tokens, "cache_read_tokens": usage.cache_read_tokens,
-            "cache_write_tokens": usage.cache_write_tokens, "cost_usd": total_cost(rows),
-            "calls": sum(_calls(r) for r in rows), "cache_hits": sum(r.source == "cache" for r in rows)}
-
-
-def _as_block(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
-
-
-def _indent(text: str, width: int = 2) -> str:
-    return "\n".join(" " * width + line for line in text.splitlines())
-
-
-def mermaid(machine: Machine) -> str:
-    lines = ["stateDiagram-v2", f"    [*] --> {machine.initial}"]
-    for state in machine.states:
-        for decision, target in sorted(machine.edges(state.name).items()):
-            lines.append(f"    {state.name} --> {'[*]' if target == END else target}: {decision}")
-    return "\n".join(lines)
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

@@ -14,24 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Coroutine, Mapping
 from time import perf_counter
 from typing import Any
-
-from pydantic import ValidationError
-from transitions import Machine as FSM
 
 from .definition import LLMState, Machine, PythonState, State
 from .errors import (
     BudgetExceededError,
     GuardError,
-    InputError,
     OrchError,
     OwnershipLostError,
     RetryLimitError,
@@ -40,11 +34,12 @@ from .errors import (
     UsageError,
     VisitLimitError,
 )
+from .fsm import Compiled, Position, compile_machine
+from .inputs import validate_input
 from .llm_step import BudgetRoute, LLMStep, PythonOverride, Spent, paid_tokens
 from .ownership import Owner
 from .prices import PriceTable
 from .snapshot import (
-    Position,
     RunResult,
     Snapshot,
     output_json,
@@ -86,114 +81,13 @@ def new_run_id() -> str:
     return "".join(reversed(chars))
 
 
-def _after_state_change(event: Any) -> None:
-    pos = event.model
-    transition = event.transition
-    if transition.dest == transition.source:
-        pos.attempt += 1
-    else:
-        pos.attempt = 1
-        pos.visits[transition.dest] = pos.visits.get(transition.dest, 0) + 1
-
-
-@dataclass(slots=True)
-class _Compiled:
-    """A machine as the engine runs it: its FSM, output tools and input names, built once."""
-
-    machine: Machine
-    fsm: FSM
-    tools: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
-
-
-def _below_retry_limit(limit: int) -> Callable[[Any], bool]:
-    """Condition on a self-transition (RETRY or routed): the state ran fewer than `limit` times."""
-    return lambda event: bool(event.model.attempt < limit)
-
-
-def _below_visit_limit(target: str, bound: int) -> Callable[[Any], bool]:
-    """Condition on a transition into a `max_visits` state."""
-    return lambda event: bool(event.model.visits.get(target, 0) < bound)
-
-
-def compile_machine(machine: Machine) -> _Compiled:
-    transitions: list[dict[str, Any]] = []
-    for state in machine.states:
-        for decision, target in machine.edges(state.name).items():
-            conditions: list[Callable[[Any], bool]] = []
-            if target == state.name:
-                conditions.append(_below_retry_limit(state.retry_limit or 1))
-            elif target != END and target != state.name:
-                bound = machine.by_name[target].max_visits
-                if bound:
-                    conditions.append(_below_visit_limit(target, bound))
-            transitions.append({"trigger": decision, "source": state.name, "dest": target,
-                                "conditions": conditions})
-    fsm = FSM(
-        model=None,
-        states=[s.name for s in machine.states] + [END],
-        transitions=transitions,
-        initial=machine.initial,
-        auto_transitions=False,
-        send_event=True,
-        ignore_invalid_triggers=False,
-        after_state_change=[_after_state_change],
-    )
-    compiled = _Compiled(machine, fsm)
-    for state in machine.states:
-        if isinstance(state, LLMState) and state.output is not None:
-            name = f"submit_{state.name}"[:64]
-            compiled.tools[state.name] = (name, {
-                "name": name,
-                "description": f"Submit the {state.name} result as {state.output.__name__}.",
-                "input_schema": state.output.model_json_schema(),
-            })
-    return compiled
-
-
-def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """(input for contexts, input as stored, template values from the input) or InputError."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise InputError(f"run input must be a JSON object, got {type(data).__name__}; "
-                         'wrap it, e.g. {"data": ...}')
-    values: dict[str, Any] = {}
-    if machine.input_model is not None:
-        try:
-            model = machine.input_model.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "input"
-            raise InputError(
-                f"input does not match {machine.input_model.__name__}: {where}: {first['msg']} "
-                f"({exc.error_count()} error(s)); fix the input file"
-            ) from None
-        stored = model.model_dump(mode="json")
-        values.update((name, getattr(model, name)) for name in machine.input_model.model_fields)
-        context_input: Any = model
-    else:
-        stored = data
-        context_input = data
-    for name, fn in machine.input_vars.items():
-        try:
-            values[name] = fn(context_input)
-        except Exception as exc:
-            raise InputError(f"input_vars[{name!r}] failed on this input: "
-                             f"{type(exc).__name__}: {exc}; fix the input or the function") from None
-    try:
-        json.dumps(stored)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"input is not JSON-serialisable: {exc}") from None
-    return context_input, stored, values
-
-
 class Run:
     """One run driven by this process, which owns it in the store until it stops."""
 
     def __init__(
         self,
         engine: Engine,
-        compiled: _Compiled,
+        compiled: Compiled,
         record: RunRecord,
         owner: Owner,
         *,
@@ -464,7 +358,7 @@ class Engine:
         self.tracer = tracer if tracer is not None else Tracer.default()
         self.prices = prices or PriceTable()
         self.python_override = python_override
-        self._compiled: dict[int, _Compiled] = {}
+        self._compiled: dict[int, Compiled] = {}
         self._loop: asyncio.Runner | None = None
 
     @property
@@ -475,7 +369,7 @@ class Engine:
             self._model = AnthropicModel()
         return self._model
 
-    def compiled(self, machine: Machine) -> _Compiled:
+    def compiled(self, machine: Machine) -> Compiled:
         found = self._compiled.get(id(machine))
         if found is None or found.machine is not machine:
             found = self._compiled[id(machine)] = compile_machine(machine)

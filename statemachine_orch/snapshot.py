@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from .definition import Machine, State
 from .errors import UsageError
+from .fsm import Position
 from .types import END, INVALID_MARKER, InvalidOutput, RunRecord, RunStatus, TransitionRecord, Usage
 
 
@@ -71,17 +72,6 @@ def total_cost(log: list[TransitionRecord]) -> float | None:
             return None
         total += row.cost_usd
     return total
-
-
-class Position:
-    """The `transitions` model of one run: current state plus the counters its conditions read."""
-
-    __slots__ = ("attempt", "state", "visits")
-
-    def __init__(self, state: str, attempt: int, visits: dict[str, int]) -> None:
-        self.state = state
-        self.attempt = attempt
-        self.visits = visits
 
 
 @dataclass(slots=True)

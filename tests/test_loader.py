@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from statemachine_orch import DefinitionError, Machine
-from statemachine_orch.cli import mermaid
+from statemachine_orch.render import mermaid
 from statemachine_orch.errors import MachineNotFoundError
 from statemachine_orch.loader import load_machine
 

@@ -1,0 +1,48 @@
+"""The run input: validated against the machine's input model, and turned into template values."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from .definition import Machine
+from .errors import InputError
+
+
+def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(input for contexts, input as stored, template values from the input) or InputError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"run input must be a JSON object, got {type(data).__name__}; "
+                         'wrap it, e.g. {"data": ...}')
+    values: dict[str, Any] = {}
+    if machine.input_model is not None:
+        try:
+            model = machine.input_model.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "input"
+            raise InputError(
+                f"input does not match {machine.input_model.__name__}: {where}: {first['msg']} "
+                f"({exc.error_count()} error(s)); fix the input file"
+            ) from None
+        stored = model.model_dump(mode="json")
+        values.update((name, getattr(model, name)) for name in machine.input_model.model_fields)
+        context_input: Any = model
+    else:
+        stored = data
+        context_input = data
+    for name, fn in machine.input_vars.items():
+        try:
+            values[name] = fn(context_input)
+        except Exception as exc:
+            raise InputError(f"input_vars[{name!r}] failed on this input: "
+                             f"{type(exc).__name__}: {exc}; fix the input or the function") from None
+    try:
+        json.dumps(stored)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"input is not JSON-serialisable: {exc}") from None
+    return context_input, stored, values
