@@ -4,6 +4,7 @@ from .definition import LLMState, Machine, PythonState, State, guard
 from .engine import Engine, Run
 from .errors import (
     BudgetExceededError,
+    CorruptRunError,
     DefinitionError,
     GuardError,
     InputError,
@@ -51,6 +52,7 @@ __all__ = [
     "Branch",
     "Budget",
     "BudgetExceededError",
+    "CorruptRunError",
     "Decision",
     "DefinitionError",
     "Engine",

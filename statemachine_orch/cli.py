@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -54,6 +55,8 @@ class Interrupted(Exception):
 OFFLINE_BANNER = ("OFFLINE: answers come from {source} through the anthropic SDK and a local fake "
                   "Messages API; no API call is made")
 MAX_INPUT_BYTES = 64 * 1024 * 1024
+DEFAULT_STOP_GRACE_S = 30.0  # SIGTERM: how long a step in progress may take to finish
+EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, the run saved and resumable
 
 
 # --------------------------------------------------------------------------- helpers
@@ -64,7 +67,12 @@ def _open_store(args: argparse.Namespace, *, create: bool) -> SQLiteStore:
     sync = (args.sync or os.environ.get("ORCH_SYNC") or "full").upper()
     if sync not in ("FULL", "NORMAL"):
         raise UsageError(f"--sync {sync.lower()!r} is not supported; use full or normal")
-    return SQLiteStore(path, synchronous=sync, create=create)  # type: ignore[arg-type]
+    busy = os.environ.get("ORCH_BUSY_TIMEOUT")
+    try:
+        busy_s = float(busy) if busy else 30.0
+    except ValueError:
+        raise UsageError(f"ORCH_BUSY_TIMEOUT={busy!r} is not a number of seconds") from None
+    return SQLiteStore(path, synchronous=sync, create=create, busy_timeout_s=busy_s)  # type: ignore[arg-type]
 
 
 def _tracer(args: argparse.Namespace) -> Tracer:
@@ -139,6 +147,8 @@ def _drive(store: SQLiteStore, run_id: str, banner: str | None,
         run = await open_run()
         if banner:
             print(banner, file=sys.stderr)
+        grace = float(os.environ.get("ORCH_STOP_GRACE") or DEFAULT_STOP_GRACE_S)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, run.request_stop, grace)
         return await run.run_to_end()
 
     try:
@@ -155,6 +165,7 @@ def _drive(store: SQLiteStore, run_id: str, banner: str | None,
 
 
 def _report_result(result: RunResult, args: argparse.Namespace) -> int:
+    """Print the result; exit code 0 finished, 1 failed or over budget, 143 stopped by SIGTERM."""
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
@@ -168,6 +179,8 @@ def _report_result(result: RunResult, args: argparse.Namespace) -> int:
             print(f"resume with: orch resume {result.run_id}"
                   + (" and a raised --max-cost, --max-tokens or --max-seconds"
                      if result.status is RunStatus.BUDGET_EXCEEDED else ""))
+    if result.status is RunStatus.INTERRUPTED:
+        return EXIT_STOPPED
     return 0 if result.status.finished else 1
 
 
@@ -212,8 +225,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
         loaded = load_machine(args.machine or record.machine_ref)
         model, _, banner = _model_for(record.options.get("offline"), loaded.machine)
         engine = Engine(store, model=model, tracer=_tracer(args), prices=_prices(args))
-        result = _drive(store, args.run_id, banner,
-                        lambda: engine.attach(args.run_id, loaded.machine, budget=_budget(args)))
+        result = _drive(store, args.run_id, banner, lambda: engine.attach(
+            args.run_id, loaded.machine, budget=_budget(args), allow_changed=args.allow_changed))
     finally:
         store.close()
     return _report_result(result, args)
@@ -279,12 +292,15 @@ def cmd_log(args: argparse.Namespace) -> int:
     print_table(
         [(r.seq, r.from_state, r.to_state or "-", r.decision or "-", r.attempt,
           f"{r.latency_ms:.1f}", r.usage.input_tokens, r.usage.output_tokens, usd(r.cost_usd),
-          calls_of(r), r.source, one_line(r.error or r.reason))
+          calls_of(r), r.source + ("!" if r.in_doubt else ""), one_line(r.error or r.reason))
          for r in rows],
         ["seq", "from_state", "to_state", "decision", "attempt", "latency_ms", "in", "out", "cost",
          "calls", "source", "reason / error"],
     )
     print(totals_line(rows))
+    if any(r.in_doubt for r in rows):
+        print("! in doubt: the step re-sent a call that was in flight when an earlier process died; "
+              "that call may have been paid twice")
     return 0
 
 
@@ -368,6 +384,23 @@ def cmd_show(args: argparse.Namespace) -> int:
         elif key != "pending_answer":
             print(f"  {key}: {'-' if value is None else value}")
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Check the hash chain of one run's log, or of every run's."""
+    store = _open_store(args, create=False)
+    try:
+        run_ids = [args.run_id] if args.run_id else store.all_run_ids()
+        if args.run_id:
+            store.get_run(args.run_id)
+        problems = {run_id: store.verify_chain(run_id) for run_id in run_ids}
+    finally:
+        store.close()
+    for run_id, problem in problems.items():
+        print(f"run {run_id}: {'ok' if problem is None else 'TAMPERED: ' + problem}")
+    broken = sum(problem is not None for problem in problems.values())
+    print(f"{len(problems)} run(s) checked, {broken} with a broken log")
+    return 1 if broken else 0
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
@@ -455,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("resume", cmd_resume, "continue a failed, interrupted or crashed run")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--machine", metavar="MACHINE", help="load the machine from here instead of its stored path")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="resume even if the changed machine no longer replays the recorded steps")
     _budget_options(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
@@ -479,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("show", cmd_show, "print a run's input, outputs and snapshot")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("audit", cmd_audit, "verify the tamper-evident hash chain of transition logs")
+    p.add_argument("action", choices=["verify"], help="verify: recompute every row's hash")
+    p.add_argument("run_id", metavar="RUN_ID", nargs="?", help="one run (default: every run)")
 
     p = command("graph", cmd_graph, "print a machine as a Mermaid state diagram")
     p.add_argument("machine", metavar="MACHINE")

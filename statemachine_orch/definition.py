@@ -33,6 +33,7 @@ __all__ = ["DEFAULT_MODEL", "DeclaredGuard", "LLMState", "Machine", "PythonState
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
 DEFAULT_MAX_BRANCH_DEPTH = 3
+DEFAULT_CONTEXT_TOKENS = 200_000  # the smallest context of current models; inputs beyond it fail early
 
 
 def _caller_module() -> tuple[str | None, str | None]:
@@ -60,9 +61,11 @@ class Machine:
         description: str | None = None,
         retry_policy: RetryPolicy | None = None,
         budget: Budget | None = None,
+        context_tokens: int = DEFAULT_CONTEXT_TOKENS,
         source_file: str | None = None,
     ) -> None:
         self.name = name
+        self.context_tokens = context_tokens
         self.retry_policy = retry_policy
         self.budget = budget
         self.states: tuple[State, ...] = tuple(states)

@@ -34,6 +34,7 @@ from .errors import (
     UsageError,
     VisitLimitError,
 )
+from .faults import kill_point
 from .fsm import Compiled, Position, compile_machine
 from .inputs import validate_input
 from .llm_step import BudgetRoute, LLMStep, PythonOverride, Spent, paid_tokens
@@ -114,12 +115,18 @@ class Run:
         self.cost_known = snap.cost_usd is not None
         self.budget = budget or Budget()
         self._pending = snap.pending
+        in_flight = record.in_flight or {}
+        doubt = in_flight.get("seq") if isinstance(in_flight.get("seq"), int) else None
         self._llm = LLMStep(run_id=record.run_id, machine=compiled.machine, tools=compiled.tools,
                             model=lambda: engine.model, store=engine.store, prices=engine.prices,
-                            budget=self.budget, python_override=engine.python_override)
+                            budget=self.budget, python_override=engine.python_override, owner=owner,
+                            in_doubt_seq=doubt if doubt is not None and doubt > seq else None)
         self.status = RunStatus.RUNNING
         self.error: str | None = None
         self._broken: BaseException | None = None
+        self._stop: str | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._grace: asyncio.TimerHandle | None = None
 
     @property
     def state(self) -> str:
@@ -179,6 +186,7 @@ class Run:
         rec.latency_ms = (perf_counter() - t0) * 1000.0
         if rec.to_state == END:
             status = RunStatus.TERMINATED if rec.decision == _TERMINATE else RunStatus.COMPLETED
+        kill_point("after_response")
         try:
             self.engine.store.append(rec, self.owner, status=status, error=rec.error)
         except BaseException as exc:
@@ -186,6 +194,7 @@ class Run:
             if not isinstance(exc, OwnershipLostError):
                 self._release_quietly(RunStatus.INTERRUPTED, f"store error: {exc}")
             raise
+        kill_point("after_commit")
         self.seq = rec.seq
         self.usage.add(rec.usage)
         spent = self.spent
@@ -310,14 +319,33 @@ class Run:
 
     # ------------------------------------------------------------------ whole run
 
+    def request_stop(self, grace_s: float = 30.0) -> None:
+        """Stop before the next step (SIGTERM). A step in progress gets `grace_s` seconds to
+        finish and commit; after that its call is abandoned and the run left resumable."""
+        if self._stop is not None:
+            return
+        self._stop = "stopped on request; resume to continue"
+        task = self._task
+        if task is not None and not task.done():
+            self._grace = asyncio.get_running_loop().call_later(grace_s, task.cancel)
+
     async def run_to_end(self) -> RunResult:
+        self._task = asyncio.current_task()
         try:
             while not self.done:
+                if self._stop is not None:
+                    self._release_quietly(RunStatus.INTERRUPTED, self._stop)
+                    break
                 await self.step()
         except (KeyboardInterrupt, asyncio.CancelledError):
             if self._broken is None:
-                self._release_quietly(RunStatus.INTERRUPTED, "interrupted; resume to continue")
-            raise
+                self._release_quietly(RunStatus.INTERRUPTED, self._stop or "interrupted; resume to continue")
+            if self._stop is None or self._task is None:
+                raise
+            self._task.uncancel()  # our own grace period ran out: a stop, not a cancellation
+        finally:
+            if self._grace is not None:
+                self._grace.cancel()
         self.engine.tracer.run_finished(self.run_id, self.machine.name, self.status.value,
                                         steps=len(self.path), usage=self.usage,
                                         cost_usd=self.result().cost_usd, error=self.error)
@@ -406,21 +434,27 @@ class Engine:
         )
         owner = Owner.for_this_process()
         self.store.create_run(record, owner)
+        kill_point("run_created")
         self.tracer.run_started(record)
         snap = Snapshot(Position(machine.initial, 1, {machine.initial: 1}), {}, [], Usage(), 0.0,
                         0.0, None)
         return Run(self, compiled, record, owner, input=context_input, input_values=values,
                    snap=snap, budget=effective)
 
-    async def attach(self, run_id: str, machine: Machine, *, budget: Budget | None = None) -> Run:
+    async def attach(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
+                     allow_changed: bool = False) -> Run:
         """Claim a stored run (its owner must be gone) and rebuild it from its log.
 
         A `budget` given here replaces the stored one limit by limit (raise a limit to resume
-        a run that stopped with `budget_exceeded`) and is stored with the run.
+        a run that stopped with `budget_exceeded`) and is stored with the run. If the
+        machine's source changed since the run started, its recorded steps are replayed on
+        the new code first; a divergence refuses the resume unless `allow_changed`.
         """
         compiled = self.compiled(machine)
         record, log = self.store.load_run(run_id)
         snapshot(machine, record, log)  # refuse an incompatible run before claiming it
+        if record.machine_hash != machine.source_hash and not allow_changed:
+            await self._check_still_compatible(record, machine)
         owner = Owner.for_this_process()
         effective = Budget(**record.options.get("budget", {})).merged(budget)
         options = None
@@ -436,15 +470,26 @@ class Engine:
             self.tracer.machine_changed(run_id, machine.name, record.machine_hash, machine.source_hash)
         return run
 
+    async def _check_still_compatible(self, record: RunRecord, machine: Machine) -> None:
+        from .replay import replay_run  # replay drives an engine of its own
+
+        report = await replay_run(self.store, record.run_id, machine, prices=self.prices)
+        if report.divergence is not None:
+            raise UsageError(
+                f"machine '{machine.name}' changed since run {record.run_id} started and its recorded "
+                f"steps no longer replay ({report.divergence.describe()}); fix the machine, or resume "
+                "anyway with --allow-changed (allow_changed=True)")
+
     async def arun(self, machine: Machine, input: Mapping[str, Any] | None = None,
                    **options: Any) -> RunResult:
         """Start a run and drive it to its end (completed, terminated or failed)."""
         run = await self.start(machine, input, **options)
         return await run.run_to_end()
 
-    async def aresume(self, run_id: str, machine: Machine, *, budget: Budget | None = None) -> RunResult:
+    async def aresume(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
+                      allow_changed: bool = False) -> RunResult:
         """Continue a stored run from its last committed step."""
-        run = await self.attach(run_id, machine, budget=budget)
+        run = await self.attach(run_id, machine, budget=budget, allow_changed=allow_changed)
         return await run.run_to_end()
 
     def run(self, machine: Machine, input: Mapping[str, Any] | None = None,
@@ -452,9 +497,10 @@ class Engine:
         """Synchronous `arun`, on an event loop this engine keeps for its lifetime."""
         return self._sync(self.arun(machine, input, **options))
 
-    def resume(self, run_id: str, machine: Machine, *, budget: Budget | None = None) -> RunResult:
+    def resume(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
+               allow_changed: bool = False) -> RunResult:
         """Synchronous `aresume`."""
-        return self._sync(self.aresume(run_id, machine, budget=budget))
+        return self._sync(self.aresume(run_id, machine, budget=budget, allow_changed=allow_changed))
 
     def _sync(self, coro: Coroutine[Any, Any, RunResult]) -> RunResult:
         try:

@@ -112,6 +112,10 @@ class StoreError(OrchError):
     """The database could not be read or written."""
 
 
+class CorruptRunError(StoreError):
+    """A stored run holds data that is not what statemachine_orch writes (JSON only)."""
+
+
 class SchemaVersionError(StoreError):
     """The database was written by a newer (or unknown) schema version."""
 

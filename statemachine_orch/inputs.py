@@ -10,6 +10,8 @@ from pydantic import ValidationError
 from .definition import Machine
 from .errors import InputError
 
+CHARS_PER_TOKEN = 4  # a typical average: the check only stops inputs that clearly cannot fit
+
 
 def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(input for contexts, input as stored, template values from the input) or InputError."""
@@ -42,7 +44,12 @@ def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], di
             raise InputError(f"input_vars[{name!r}] failed on this input: "
                              f"{type(exc).__name__}: {exc}; fix the input or the function") from None
     try:
-        json.dumps(stored)
+        text = json.dumps(stored, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise InputError(f"input is not JSON-serialisable: {exc}") from None
+    estimate = len(text) // CHARS_PER_TOKEN
+    if estimate > machine.context_tokens:
+        raise InputError(f"input is about {estimate:,} tokens, more than fits in the model's context "
+                         f"({machine.context_tokens:,}); pass less data, or raise "
+                         "Machine(context_tokens=...) for a larger model")
     return context_input, stored, values

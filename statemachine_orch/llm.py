@@ -32,6 +32,8 @@ Sleep = Callable[[float], Awaitable[None]]
 class AnthropicModel:
     """`ModelClient` backed by `anthropic.AsyncAnthropic`; `sleep`/`clock` are injectable for tests."""
 
+    bills = True  # its calls may cost money: the engine marks each one in flight before sending
+
     def __init__(
         self,
         client: anthropic.AsyncAnthropic | None = None,

@@ -19,7 +19,9 @@ from pydantic import ValidationError
 
 from .definition import LLMState, Machine, PythonState
 from .errors import BudgetExceededError, LLMError, OrchError
+from .faults import kill_point
 from .llm import TRANSIENT_KINDS, completion_from_response
+from .ownership import Owner
 from .prices import PriceTable
 from .snapshot import first_error
 from .sqlite_store import now_iso
@@ -89,6 +91,8 @@ class LLMStep:
         prices: PriceTable,
         budget: Budget,
         python_override: PythonOverride | None,
+        owner: Owner,
+        in_doubt_seq: int | None = None,
     ) -> None:
         self.run_id = run_id
         self.machine = machine
@@ -98,6 +102,8 @@ class LLMStep:
         self.prices = prices
         self.budget = budget
         self.python_override = python_override
+        self.owner = owner
+        self.in_doubt_seq = in_doubt_seq  # a call of this step was in flight when a process died
 
     def body(self, state: LLMState, values: Callable[[tuple[str, ...]], dict[str, Any]]) -> dict[str, Any]:
         prompt, system = self.machine.templates[state.name]
@@ -151,6 +157,7 @@ class _Call:
         self.tool_name = tool_name
         self.spent = spent
         self.call_started = rec.started_at
+        self.marked = False
         rec.usage = Usage()
         rec.cost_usd = 0.0
 
@@ -185,9 +192,17 @@ class _Call:
                              timeout_s=state.timeout,
                              retry=state.retry_policy or self.step.machine.retry_policy)
         rec.request = body
+        model = self.step._model()
+        if not self.marked:
+            kill_point("before_request")
+            if getattr(model, "bills", False):
+                self.step.store.mark_in_flight(rec.run_id, self.step.owner, rec.seq, state.name)
+            self.marked = True
+        if rec.seq == self.step.in_doubt_seq:
+            rec.in_doubt = True
         self.call_started = now_iso()
         try:
-            completion = await self.step._model().complete(request)
+            completion = await model.complete(request)
         except OrchError:
             raise
         except Exception as exc:  # an adapter bug must still be recorded against the step

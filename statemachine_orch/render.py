@@ -38,7 +38,7 @@ def log_row(row: TransitionRecord) -> dict[str, Any]:
         "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
         "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens,
         "cost_usd": row.cost_usd, "calls": calls_of(row), "source": row.source,
-        "request_id": row.request_id, "error": row.error,
+        "request_id": row.request_id, "in_doubt": row.in_doubt, "error": row.error,
     }
 
 

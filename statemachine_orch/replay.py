@@ -168,6 +168,9 @@ class _ComparingStore:
     def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
         return None
 
+    def mark_in_flight(self, run_id: str, owner: Owner, seq: int, state: str) -> None:
+        return None
+
     def find_cached(self, request_hash: str) -> TransitionRecord | None:
         """A step served from the cache when recorded is served from its recorded answer."""
         if self.cursor.index < len(self.cursor.rows):

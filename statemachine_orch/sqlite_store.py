@@ -14,6 +14,7 @@ and is fenced on the owner token and on (run_id, seq) uniqueness.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -26,6 +27,7 @@ from typing import Any, Literal
 import sqlite_utils
 
 from .errors import (
+    CorruptRunError,
     OwnershipLostError,
     RunBusyError,
     RunNotFoundError,
@@ -33,6 +35,7 @@ from .errors import (
     StoreError,
     UsageError,
 )
+from .faults import kill_point
 from .ownership import Owner, is_alive, owner_from_json
 from .store import MachineTotals, RunSummary
 from .types import Attempt, RunRecord, RunStatus, TransitionRecord, Usage
@@ -54,7 +57,8 @@ CREATE TABLE runs (
     created_at   TEXT NOT NULL,
     updated_at   TEXT NOT NULL,
     owner        TEXT,
-    owner_info   TEXT
+    owner_info   TEXT,
+    in_flight    TEXT
 );
 CREATE INDEX runs_by_created ON runs (created_at);
 CREATE INDEX runs_by_machine ON runs (machine, created_at);
@@ -80,6 +84,8 @@ CREATE TABLE transitions (
     response           TEXT,
     request_id         TEXT,
     request_hash       TEXT,
+    in_doubt           INTEGER NOT NULL DEFAULT 0,
+    chain              TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
 );
 CREATE INDEX transitions_by_request_hash ON transitions (request_hash)
@@ -144,19 +150,22 @@ CREATE TABLE attempts (
     PRIMARY KEY (run_id, seq, attempt)
 );
 UPDATE transitions SET cost_usd = 0 WHERE input_tokens = 0 AND output_tokens = 0;
+ALTER TABLE transitions ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE transitions ADD COLUMN chain TEXT NOT NULL DEFAULT '';
+ALTER TABLE runs ADD COLUMN in_flight TEXT;
 """,
 }
 _COST_SUM = "CASE WHEN sum({t}cost_usd IS NULL{extra}) > 0 THEN NULL ELSE coalesce(sum({t}cost_usd), 0) END"
 
-_TRANSITION_COLUMNS = (
+_CHAINED_COLUMNS = (
     "run_id, seq, from_state, to_state, decision, reason, attempt, started_at, latency_ms, source, "
     "input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, error, output, "
-    "request, response, request_id, request_hash"
+    "request, response, request_id, request_hash, in_doubt"
 )
 # The owner check makes the INSERT itself the fence: no row unless we still own the run.
 _APPEND = (
-    f"INSERT INTO transitions ({_TRANSITION_COLUMNS}) "
-    "SELECT ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,? "
+    f"INSERT INTO transitions ({_CHAINED_COLUMNS}, chain) "
+    "SELECT ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,? "
     "WHERE EXISTS (SELECT 1 FROM runs WHERE run_id = ? AND owner = ?)"
 )
 _APPEND_ATTEMPT = (
@@ -184,8 +193,18 @@ def _dump(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _load(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+def _load(text: str | None, where: str = "") -> Any:
+    """A stored JSON value; anything else (truncated JSON, a pickle, binary junk) is refused."""
+    if text is None:
+        return None
+    try:
+        if not isinstance(text, str):
+            raise ValueError(f"a {type(text).__name__} value where JSON text belongs")
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptRunError(f"{where or 'a stored value'} is not valid JSON ({str(exc)[:80]}); this run "
+                              "cannot be read or resumed (other runs are unaffected); restore the "
+                              "database from a backup") from None
 
 
 class SQLiteStore:
@@ -206,13 +225,10 @@ class SQLiteStore:
             if not create:
                 raise UsageError(f"no database at {self.path}; start a run first or pass --db PATH")
             _create_private(self.path)
-        try:
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
-        self.conn = conn
+        self._busy_timeout_s = busy_timeout_s
+        self._chains: dict[str, tuple[int, str]] = {}  # run -> (seq, chain) of its last row here
+        self._marks: sqlite3.Connection | None = None
+        conn = self.conn = _connect(self.path, busy_timeout_s)
         self.db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -257,6 +273,7 @@ class SQLiteStore:
                     _run_script(conn, _MIGRATIONS[step])
                 if current < SCHEMA_VERSION:
                     _run_script(conn, _VIEWS)
+                    _chain_unchained_rows(conn)
                     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
@@ -336,15 +353,19 @@ class SQLiteStore:
     ) -> None:
         r = record
         u = r.usage
-        params = (
+        content = (
             r.run_id, r.seq, r.from_state, r.to_state, r.decision, r.reason, r.attempt, r.started_at,
             r.latency_ms, r.source, u.input_tokens, u.output_tokens, u.cache_read_tokens,
             u.cache_write_tokens, r.cost_usd, r.error, _dump(r.output), _dump(r.request),
-            _dump(r.response), r.request_id, r.request_hash, r.run_id, owner.token,
+            _dump(r.response), r.request_id, r.request_hash, int(r.in_doubt),
         )
         try:
             with self._write() as conn:
-                if conn.execute(_APPEND, params).rowcount != 1:
+                previous = self._chains.get(r.run_id)
+                if previous is None or previous[0] != r.seq - 1:
+                    previous = (r.seq - 1, _last_chain(conn, r.run_id))
+                chain = chain_hash(previous[1], content)
+                if conn.execute(_APPEND, (*content, chain, r.run_id, owner.token)).rowcount != 1:
                     raise OwnershipLostError(
                         f"run {r.run_id} was taken over by another process; this process stopped "
                         f"before writing step {r.seq}"
@@ -358,6 +379,8 @@ class SQLiteStore:
                         for a in r.attempts])
                 if status is not None:
                     self._set_status(conn, r.run_id, owner, status, error)
+                kill_point("mid_commit")
+            self._chains[r.run_id] = (r.seq, chain)
         except StoreError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
                 raise OwnershipLostError(
@@ -368,6 +391,32 @@ class SQLiteStore:
     def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
         with self._write() as conn:
             self._set_status(conn, run_id, owner, status, error)
+        self._chains.pop(run_id, None)
+
+    def mark_in_flight(self, run_id: str, owner: Owner, seq: int, state: str) -> None:
+        """Note, before a paid call is sent, that step `seq` has a call in flight.
+
+        A resume that finds the mark ahead of the log knows the call may have been paid
+        already and flags the step it re-sends (`in_doubt`). Written on a second connection
+        with synchronous=OFF: it survives a killed process (not a power cut) for a fraction of
+        a durable commit's cost. Fenced like every write: no mark, no call.
+        """
+        marks = self._marks
+        if marks is None:
+            marks = self._marks = _connect(self.path, self._busy_timeout_s)
+            marks.execute("PRAGMA synchronous=OFF")
+        mark = json.dumps({"seq": seq, "state": state, "at": now_iso()}, separators=(",", ":"))
+        try:
+            marks.execute("BEGIN IMMEDIATE")
+            updated = marks.execute("UPDATE runs SET in_flight = ? WHERE run_id = ? AND owner = ?",
+                                    (mark, run_id, owner.token)).rowcount
+            marks.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if marks.in_transaction:
+                marks.execute("ROLLBACK")
+            raise StoreError(f"cannot write to {self.path}: {exc}; no call was made") from exc
+        if updated != 1:
+            raise OwnershipLostError(f"run {run_id} was taken over by another process; no call was made")
 
     @staticmethod
     def _set_status(
@@ -385,10 +434,11 @@ class SQLiteStore:
         row = rows[0]
         return RunRecord(
             run_id=row["run_id"], machine=row["machine"], machine_ref=row["machine_ref"],
-            machine_hash=row["machine_hash"], input=_load(row["input"]),
+            machine_hash=row["machine_hash"], input=_load(row["input"], f"run {run_id} input"),
             status=RunStatus(row["status"]), created_at=row["created_at"],
-            updated_at=row["updated_at"], error=row["error"], options=_load(row["options"]) or {},
-            owner=row["owner"],
+            updated_at=row["updated_at"], error=row["error"],
+            options=_load(row["options"], f"run {run_id} options") or {},
+            owner=row["owner"], in_flight=_load(row["in_flight"], f"run {run_id} in-flight mark"),
         )
 
     def owner_of(self, run_id: str) -> Owner | None:
@@ -409,7 +459,8 @@ class SQLiteStore:
                 number=row["attempt"], started_at=row["started_at"], kind=row["kind"],
                 error=row["error"], status_code=row["status_code"], request_id=row["request_id"],
                 delay_s=row["delay_s"], usage=_usage(row), cost_usd=row["cost_usd"],
-                request=_load(row["request"]), response=_load(row["response"])))
+                request=_load(row["request"], f"run {run_id} attempt request"),
+                response=_load(row["response"], f"run {run_id} attempt response")))
             for row in self.db.query(
                 "SELECT * FROM attempts WHERE run_id = ? ORDER BY seq, attempt", [run_id])
         ]
@@ -472,12 +523,70 @@ class SQLiteStore:
             f"FROM runs r LEFT JOIN transitions t ON t.run_id = r.run_id WHERE r.machine IN ({marks}) "
             "GROUP BY r.machine ORDER BY r.machine", list(machines))]
 
+    def all_run_ids(self) -> list[str]:
+        return [row[0] for row in self.conn.execute("SELECT run_id FROM runs ORDER BY created_at, run_id")]
+
     def run_ids(self, machine: str) -> Sequence[str]:
         return [row["run_id"] for row in self.db.query(
             "SELECT run_id FROM runs WHERE machine = ? ORDER BY created_at, run_id", [machine])]
 
+    def verify_chain(self, run_id: str) -> str | None:
+        """None when the run's log is intact, else what is wrong and at which row."""
+        expected_seq, previous = 1, chain_hash("", (run_id,))
+        for row in self.conn.execute(
+                f"SELECT {_CHAINED_COLUMNS}, chain FROM transitions WHERE run_id = ? ORDER BY seq",
+                (run_id,)):
+            content, stored = row[:-1], row[-1]
+            seq = content[1]
+            if seq != expected_seq:
+                what = "missing (deleted)" if seq > expected_seq else "duplicated"
+                return f"row seq {expected_seq} is {what}: the log jumps to seq {seq}"
+            previous = chain_hash(previous, content)
+            if previous != stored:
+                return (f"row seq {seq} does not match its hash: it was edited, or inserted, or a row "
+                        "before it was removed")
+            expected_seq += 1
+        return None
+
     def close(self) -> None:
+        if self._marks is not None:
+            self._marks.close()
         self.conn.close()
+
+
+def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+    try:
+        return sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open database {path}: {exc}") from exc
+
+
+def chain_hash(previous: str, content: tuple[Any, ...]) -> str:
+    """sha256 over the previous row's hash and this row's stored values (response included).
+
+    The first row chains to sha256 of the run id, so rows cannot move between runs.
+    """
+    digest = hashlib.sha256(previous.encode())
+    digest.update(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode())
+    return digest.hexdigest()
+
+
+def _last_chain(conn: sqlite3.Connection, run_id: str) -> str:
+    row = conn.execute("SELECT chain FROM transitions WHERE run_id = ? ORDER BY seq DESC LIMIT 1",
+                       (run_id,)).fetchone()
+    return row[0] if row else chain_hash("", (run_id,))
+
+
+def _chain_unchained_rows(conn: sqlite3.Connection) -> None:
+    """Rows written before the audit chain existed get one when the schema is upgraded."""
+    runs = [r[0] for r in conn.execute("SELECT DISTINCT run_id FROM transitions WHERE chain = ''")]
+    for run_id in runs:
+        previous = chain_hash("", (run_id,))
+        for row in conn.execute(f"SELECT {_CHAINED_COLUMNS} FROM transitions WHERE run_id = ? "
+                                "ORDER BY seq", (run_id,)).fetchall():
+            previous = chain_hash(previous, tuple(row))
+            conn.execute("UPDATE transitions SET chain = ? WHERE run_id = ? AND seq = ?",
+                         (previous, run_id, row[1]))
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
@@ -497,9 +606,12 @@ def _transition(row: dict[str, Any], attempts: list[Attempt]) -> TransitionRecor
         run_id=row["run_id"], seq=row["seq"], from_state=row["from_state"], to_state=row["to_state"],
         decision=row["decision"], reason=row["reason"], attempt=row["attempt"],
         started_at=row["started_at"], latency_ms=row["latency_ms"], source=row["source"],
-        output=_load(row["output"]), error=row["error"], request=_load(row["request"]),
-        response=_load(row["response"]), request_id=row["request_id"], usage=_usage(row),
-        cost_usd=row["cost_usd"], request_hash=row["request_hash"], attempts=attempts,
+        output=_load(row["output"], f"run {row['run_id']} seq {row['seq']} output"),
+        error=row["error"], request=_load(row["request"], f"run {row['run_id']} seq {row['seq']} request"),
+        response=_load(row["response"], f"run {row['run_id']} seq {row['seq']} response"),
+        request_id=row["request_id"], usage=_usage(row),
+        cost_usd=row["cost_usd"], request_hash=row["request_hash"], in_doubt=bool(row["in_doubt"]),
+        attempts=attempts,
     )
 
 

@@ -44,6 +44,9 @@ class Store(Protocol):
     def find_cached(self, request_hash: str) -> TransitionRecord | None:
         """An earlier successful model call with this exact request, for the step cache."""
 
+    def mark_in_flight(self, run_id: str, owner: Owner, seq: int, state: str) -> None:
+        """Record, before a paid call is sent, that step `seq` has a call in flight (fenced)."""
+
 
 @dataclass(slots=True, kw_only=True)
 class RunSummary:
@@ -102,4 +105,7 @@ class NullStore:
         return None
 
     def find_cached(self, request_hash: str) -> TransitionRecord | None:
+        return None
+
+    def mark_in_flight(self, run_id: str, owner: Owner, seq: int, state: str) -> None:
         return None

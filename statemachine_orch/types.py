@@ -215,7 +215,11 @@ class Budget:
 
 
 class ModelClient(Protocol):
-    """The seam between the engine and a model provider (Anthropic, recorded answers...)."""
+    """The seam between the engine and a model provider (Anthropic, recorded answers...).
+
+    A client whose calls cost money sets `bills = True`: the engine then writes an in-flight
+    mark before each step's first call, so a crash mid-call is known at resume.
+    """
 
     async def complete(self, request: LLMRequest) -> Completion: ...
 
@@ -249,6 +253,7 @@ class TransitionRecord:
     usage: Usage = field(default_factory=Usage)
     cost_usd: float | None = 0.0  # None: a paid call whose model has no known price
     request_hash: str | None = None  # set for states with a step cache
+    in_doubt: bool = False  # re-sent a call that was in flight when a process died: maybe paid twice
     attempts: list[Attempt] = field(default_factory=list)
 
 
@@ -267,3 +272,4 @@ class RunRecord:
     error: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     owner: str | None = None
+    in_flight: dict[str, Any] | None = None  # {"seq", "state", "at"} of the last paid call sent
