@@ -54,7 +54,7 @@ class Spec:
 
 @st.composite
 def specs(draw: st.DrawFn) -> Spec:
-    n = draw(st.integers(1, 5))
+    n = draw(st.integers(2, 6))
     names = [f"s{i}" for i in range(n)]
     targets = st.sampled_from([*names, END])
     declared, branch_targets = [], []
