@@ -148,7 +148,9 @@ def _drive(store: SQLiteStore, run_id: str, banner: str | None,
         if banner:
             print(banner, file=sys.stderr)
         grace = float(os.environ.get("ORCH_STOP_GRACE") or DEFAULT_STOP_GRACE_S)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, run.request_stop, grace)
+        # a plain handler, not loop.add_signal_handler: it must act even while a synchronous
+        # step holds the loop, so that step is the last
+        signal.signal(signal.SIGTERM, lambda *_: run.request_stop(grace))
         return await run.run_to_end()
 
     try:

@@ -321,13 +321,21 @@ class Run:
 
     def request_stop(self, grace_s: float = 30.0) -> None:
         """Stop before the next step (SIGTERM). A step in progress gets `grace_s` seconds to
-        finish and commit; after that its call is abandoned and the run left resumable."""
+        finish and commit; after that its call is abandoned and the run left resumable.
+
+        Safe to call from a signal handler: the flag is set at once, so even a step that never
+        yields to the event loop (a plain Python state) is the last one to run."""
         if self._stop is not None:
             return
         self._stop = "stopped on request; resume to continue"
         task = self._task
         if task is not None and not task.done():
-            self._grace = asyncio.get_running_loop().call_later(grace_s, task.cancel)
+            task.get_loop().call_soon_threadsafe(self._arm_grace, grace_s)
+
+    def _arm_grace(self, grace_s: float) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            self._grace = task.get_loop().call_later(grace_s, task.cancel)
 
     async def run_to_end(self) -> RunResult:
         self._task = asyncio.current_task()
