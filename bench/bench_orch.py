@@ -1,0 +1,105 @@
+"""statemachine_orch row for the engine-overhead anchors (../shared/bench-anchors/common.py).
+
+The workload goes through the real engine: a machine of LLM states named out0..outN (the
+`transitions` FSM, the guard, the transition table, the step records), with an in-process
+model client instead of HTTP (`fake_llm` / `fake_llm_async` give the answers):
+  A: no persistence (NullStore), tracing off            -> bench_orch.py
+     the same with structlog JSON lines to a file       -> ORCH_BENCH_TRACE=1 (bench_orch_traced.py)
+  B: SQLiteStore, one commit per transition with the audit row, the output, the LLM call
+     record and the snapshot; synchronous=NORMAL like the floor (ORCH_BENCH_SYNC=FULL for ours)
+  C: 1000 concurrent runs of 5 steps, each call awaiting 50 ms, no persistence
+Run through the harness: see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import structlog
+
+from common import STEPS_A, STEPS_C, fake_llm, fake_llm_async, main, pkg_version, route_of
+from statemachine_orch import Engine, FlowDecision, LLMState, Machine, SQLiteStore, StepContext, guard
+from statemachine_orch.trace import Tracer, stream_logger
+from statemachine_orch.types import Completion, LLMRequest, Usage
+
+SYNC = os.environ.get("ORCH_BENCH_SYNC", "NORMAL").upper()
+TRACE = os.environ.get("ORCH_BENCH_TRACE") == "1"
+
+
+@guard(FlowDecision.CONTINUE, FlowDecision.TERMINATE)
+def route(output: str, ctx: StepContext) -> FlowDecision:
+    return FlowDecision.CONTINUE if route_of(output) == "continue" else FlowDecision.TERMINATE
+
+
+def workflow(steps: int) -> Machine:
+    return Machine("bench", [LLMState(f"out{k}", prompt=f"step {k}", max_tokens=16, guard=route)
+                             for k in range(steps)])
+
+
+def _completion(text: str) -> Completion:
+    return Completion(text=text, data=None, stop_reason="end_turn", usage=Usage(input_tokens=3, output_tokens=2),
+                      request_id=None, response={"content": [{"type": "text", "text": text}]})
+
+
+class InstantModel:
+    """The fake LLM of modes A and B: answers at once."""
+
+    async def complete(self, request: LLMRequest) -> Completion:
+        return _completion(fake_llm(int(request.state[3:])))
+
+
+class SlowModel:
+    """The fake LLM of mode C: every answer takes 50 ms."""
+
+    async def complete(self, request: LLMRequest) -> Completion:
+        return _completion(await fake_llm_async(int(request.state[3:])))
+
+
+def _tracer() -> Tracer:
+    if not TRACE:
+        return Tracer.null()
+    sink = open(os.devnull if os.environ.get("ORCH_BENCH_TRACE_FILE") is None
+                else os.environ["ORCH_BENCH_TRACE_FILE"], "w")  # noqa: SIM115 (lives as long as the run)
+    return Tracer(stream_logger(sink, json=True))
+
+
+def make_A():  # noqa: N802 (the harness's names)
+    machine = workflow(STEPS_A)
+    engine = Engine(None, model=InstantModel(), tracer=_tracer())
+
+    async def run_once(i: int) -> dict[str, str]:
+        return (await engine.arun(machine, run_id=f"run-{i}")).outputs
+
+    return run_once
+
+
+def make_B(db_path: str):  # noqa: N802
+    machine = workflow(STEPS_A)
+    store = SQLiteStore(db_path, synchronous=SYNC)  # type: ignore[arg-type]
+    engine = Engine(store, model=InstantModel(), tracer=Tracer.null())
+
+    async def run_once(i: int) -> dict[str, str]:
+        return (await engine.arun(machine, run_id=f"run-{i}")).outputs
+
+    return run_once, store.close
+
+
+def make_C():  # noqa: N802
+    machine = workflow(STEPS_C)
+    engine = Engine(None, model=SlowModel(), tracer=Tracer.null())
+
+    async def run_once(i: int) -> dict[str, str]:
+        return (await engine.arun(machine, run_id=f"run-{i}")).outputs
+
+    return run_once
+
+
+if __name__ == "__main__":
+    structlog.get_logger()  # imports settled before the harness reads RSS
+    name = "statemachine_orch" + (" traced" if TRACE else "") + (" FULL" if SYNC == "FULL" else "")
+    main(name, pkg_version("statemachine-orch"), make_A=make_A, make_B=make_B, make_C=make_C,
+         notes={"B": f"SQLiteStore, WAL + synchronous={SYNC}, one transaction per transition",
+                "A": "NullStore" + (", structlog JSON lines to a file" if TRACE else ", tracing off"),
+                "C": "NullStore, 1000 runs under asyncio.gather"})
+    sys.exit(0)
