@@ -22,7 +22,8 @@ from typing import Any
 from . import __version__
 from .definition import LLMState, Machine
 from .engine import Engine, Run, new_run_id
-from .errors import InputError, OrchError, UsageError
+from .inputs import validate_input
+from .errors import DefinitionError, InputError, OrchError, UsageError
 from .llm import AnthropicModel
 from .loader import load_machine
 from .prices import PriceTable
@@ -97,12 +98,22 @@ def _read_input(source: str | None) -> Any:
     except UnicodeDecodeError as exc:
         raise InputError(f"input {where} is not UTF-8 (byte {exc.start}); re-encode it as UTF-8") from None
     try:
-        return json.loads(text)
+        data = json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as exc:
         raise InputError(f"input {where} is not valid JSON: {exc.msg} at line {exc.lineno} "
                          f"column {exc.colno}") from None
     except RecursionError:
         raise InputError(f"input {where} is nested too deeply; flatten it") from None
+    except ValueError as exc:  # NaN/Infinity, integers too long to convert
+        raise InputError(f"input {where} is not valid JSON: {one_line(str(exc), 120)}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"input {where} must be a JSON object, got {type(data).__name__}; "
+                         'wrap it, e.g. {"data": ...}')
+    return data
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 def _read_file(path: str) -> bytes:
@@ -207,6 +218,7 @@ def _prices(args: argparse.Namespace) -> PriceTable:
 def cmd_run(args: argparse.Namespace) -> int:
     loaded = load_machine(args.machine)
     data = _read_input(args.input)
+    validate_input(loaded.machine, data)  # bad input: refused before a database is even created
     model, options, banner = _model_for(args.offline, loaded.machine)
     store = _open_store(args, create=True)
     engine = Engine(store, model=model, tracer=_tracer(args), prices=_prices(args))
@@ -289,7 +301,7 @@ def cmd_log(args: argparse.Namespace) -> int:
         return _print_attempts(rows, args)
     if args.json:
         for row in rows:
-            print(json.dumps(log_row(row), ensure_ascii=False))
+            print(json.dumps(log_row(row)))  # ASCII: no line separator can split a JSON line
         return 0
     print_table(
         [(r.seq, r.from_state, r.to_state or "-", r.decision or "-", r.attempt,
@@ -311,7 +323,7 @@ def _print_attempts(rows: list[TransitionRecord], args: argparse.Namespace) -> i
     attempts = [(row, a) for row in rows for a in row.attempts]
     if args.json:
         for row, a in attempts:
-            print(json.dumps(attempt_row(row, a), ensure_ascii=False))
+            print(json.dumps(attempt_row(row, a)))
         return 0
     print_table(
         [(row.seq, row.from_state, a.number, a.kind, a.status_code or "-", a.request_id or "-",
@@ -543,8 +555,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OrchError as exc:
         if args.debug:
             traceback.print_exc()
-        for line in str(exc).splitlines() or [type(exc).__name__]:
-            print(f"orch: error: {line}", file=sys.stderr)
+        # one line per problem; values quoted in a message cannot add lines or escape codes
+        lines = exc.problems if isinstance(exc, DefinitionError) else [str(exc)]
+        for line in lines or [type(exc).__name__]:
+            print(f"orch: error: {one_line(str(line), 10_000)}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
         print(f"orch: {exc}", file=sys.stderr)
@@ -559,8 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line unless --debug
         if args.debug:
             traceback.print_exc()
-        print(f"orch: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
+        print(f"orch: internal error: {type(exc).__name__}: {one_line(str(exc), 500)} (rerun with "
+              "--debug for the traceback)", file=sys.stderr)
         return 1
 
 

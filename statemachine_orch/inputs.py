@@ -11,6 +11,20 @@ from .definition import Machine
 from .errors import InputError
 
 CHARS_PER_TOKEN = 4  # a typical average: the check only stops inputs that clearly cannot fit
+MAX_DEPTH = 256  # deeper JSON is refused before it can exhaust the recursion limit anywhere
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists and objects, without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level > MAX_DEPTH:
+                return level
+            todo.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -20,6 +34,8 @@ def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], di
     if not isinstance(data, dict):
         raise InputError(f"run input must be a JSON object, got {type(data).__name__}; "
                          'wrap it, e.g. {"data": ...}')
+    if _depth(data) > MAX_DEPTH:
+        raise InputError(f"input is nested too deeply (more than {MAX_DEPTH} levels); flatten it")
     values: dict[str, Any] = {}
     if machine.input_model is not None:
         try:
@@ -44,9 +60,10 @@ def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], di
             raise InputError(f"input_vars[{name!r}] failed on this input: "
                              f"{type(exc).__name__}: {exc}; fix the input or the function") from None
     try:
-        text = json.dumps(stored, ensure_ascii=False)
+        text = json.dumps(stored, ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")  # lone surrogates cannot be stored or sent
     except (TypeError, ValueError) as exc:
-        raise InputError(f"input is not JSON-serialisable: {exc}") from None
+        raise InputError(f"input is not valid JSON data: {str(exc)[:200]}; fix the input") from None
     estimate = len(text) // CHARS_PER_TOKEN
     if estimate > machine.context_tokens:
         raise InputError(f"input is about {estimate:,} tokens, more than fits in the model's context "

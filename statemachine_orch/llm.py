@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import LLMError, UsageError
 from .retry import RetryPolicy, next_delay, should_retry
+from .trace import redact
 from .types import Attempt, Completion, LLMRequest, Usage
 
 if TYPE_CHECKING:
@@ -123,6 +124,7 @@ class AnthropicModel:
                 return completion_from_response(response, request.tool_name, message._request_id)
             delay, why = (next_delay(policy, number, self._clock() - began, headers)
                           if kind in TRANSIENT_KINDS else (None, "not retriable"))
+            error = redact(error)  # a server may quote the credentials it refused
             attempts.append(Attempt(number=number, started_at=started_at, kind=kind, error=error,
                                     status_code=status, request_id=request_id, delay_s=delay,
                                     request=request.body))

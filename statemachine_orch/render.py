@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,10 +20,15 @@ def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
 
 
 def one_line(text: str | None, limit: int = 80) -> str:
+    """Text for one terminal line: whitespace runs become a space, control characters (escape
+    sequences, U+2028...) are shown escaped, long text is cut."""
     if not text:
         return ""
-    flat = " ".join(text.split())
+    flat = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), " ".join(text.split()))
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def usd(value: float | None) -> str:

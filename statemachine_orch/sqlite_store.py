@@ -459,8 +459,8 @@ class SQLiteStore:
                 number=row["attempt"], started_at=row["started_at"], kind=row["kind"],
                 error=row["error"], status_code=row["status_code"], request_id=row["request_id"],
                 delay_s=row["delay_s"], usage=_usage(row), cost_usd=row["cost_usd"],
-                request=_load(row["request"], f"run {run_id} attempt request"),
-                response=_load(row["response"], f"run {run_id} attempt response")))
+                request=_load(row["request"], f"run {run_id} seq {row['seq']} attempt {row['attempt']} request"),
+                response=_load(row["response"], f"run {run_id} seq {row['seq']} attempt {row['attempt']} response")))
             for row in self.db.query(
                 "SELECT * FROM attempts WHERE run_id = ? ORDER BY seq, attempt", [run_id])
         ]

@@ -24,14 +24,21 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 SECRET_ENV_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 
 
+def redact(text: str, secrets: Iterable[str] | None = None) -> str:
+    """`text` with API keys blanked: the given values (default: the SDK's credential
+    environment variables) and anything shaped like an Anthropic key."""
+    for secret in secrets_from_env() if secrets is None else secrets:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "[REDACTED]")
+    return _KEY_PATTERN.sub("[REDACTED]", text)
+
+
 def redact_secrets(secrets: Iterable[str] = ()) -> structlog.types.Processor:
     """A processor that blanks API keys (the given values and anything shaped like one)."""
-    known = [s for s in secrets if s and len(s) >= 8]
+    known = list(secrets)
 
     def scrub(value: str) -> str:
-        for secret in known:
-            value = value.replace(secret, "[REDACTED]")
-        return _KEY_PATTERN.sub("[REDACTED]", value)
+        return redact(value, known)
 
     def processor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in event.items():

@@ -1,0 +1,372 @@
+"""The tamper-evident audit log: every transition row's `chain` is sha256 over the previous
+row's chain and the row's stored values (response included); a run's first row chains to its
+run id. `orch audit verify [RUN_ID]` recomputes the chains and names the first bad row of
+each run: exit 0 when all are intact, 1 otherwise.
+
+One database is recorded by the real `orch` (plain, retried, fallback, cache-hit, guard-failed
+then resumed, over-budget then resumed runs). Each tamper case edits a copy of it the way
+someone with write access to the file could, and the audit must name the right row.
+
+What a chain alone cannot show, and the code does not claim (docs/cli.md, `orch audit`):
+rows cut off the END of a log leave a shorter consistent chain (the run's status and step
+count show it instead; tested below); a run whose rows are all deleted has nothing to check;
+anyone who can write the file can also recompute every later hash (the chain is not keyed);
+the `runs` row (input, status) and the `attempts` table are outside the chain. Those are
+measured and recorded as figures, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from statemachine_orch.sqlite_store import APPLICATION_ID, chain_hash
+from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, ScriptEntry, error
+
+from ..conftest import CLIResult
+from ..test_cli import Orch, offline_environment, query, write
+from .conftest import Figures
+from .test_bad_inputs import in_parallel
+
+MODEL = "claude-sonnet-5-5"
+FALLBACK_MODEL = "claude-haiku-4-5"
+LEDGER_MACHINE = f"""
+from pathlib import Path
+from statemachine_orch import FlowDecision, LLMState, Machine, PythonState, RetryPolicy, guard
+
+APPROVED = Path(__file__).with_name("approved.marker")
+
+
+@guard(FlowDecision.CONTINUE)
+def approved(output, ctx):
+    if ctx.run_id == "guarded" and not APPROVED.exists():
+        raise RuntimeError("approval marker missing")
+    return FlowDecision.CONTINUE.because("approved")
+
+
+machine = Machine("ledger", model={MODEL!r}, input_vars={{"text": lambda data: data["text"]}},
+                  retry_policy=RetryPolicy(max_attempts=2, initial_delay_s=0.0, jitter=0.0), states=[
+    LLMState("draft", prompt="Draft an entry for: {{text}}", max_tokens=64, cache=True,
+             fallback={FALLBACK_MODEL!r}),
+    PythonState("measure", run=lambda ctx: {{"chars": len(ctx.outputs["draft"])}}, needs=["draft"]),
+    LLMState("review", prompt="Review: {{draft}}", needs=["draft"], max_tokens=64, guard=approved),
+    LLMState("summary", prompt="Summarise: {{review}}", needs=["review"], max_tokens=64),
+])
+"""
+# run id -> (input text, extra `orch run` options), all started at once
+FIRST_RUNS = {"plain": ("a tent", []), "retried": ("a stove", []), "fallback": ("a lamp", []),
+              "guarded": ("a tarp", []), "over-budget": ("a map", ["--max-cost", "0.00001"])}
+# (run id, state, model) -> the failures its calls get before an answer
+FAILURES: dict[tuple[str, str, str], list[Reply]] = {
+    ("retried", "draft", MODEL): [error(529, "Overloaded")],
+    ("fallback", "draft", MODEL): [error(529, "Overloaded"), error(529, "Overloaded")],
+}
+RUNS = ("plain", "retried", "fallback", "guarded", "over-budget", "cached")
+
+
+def second_round(machine: Path, inputs: dict[str, Path]) -> dict[str, list[str | Path]]:
+    """After the approval marker exists: a cache hit on "plain"'s request, and two resumes."""
+    return {"cached": ["run", machine, "--input", inputs["plain"], "--run-id", "cached"],
+            "guarded": ["resume", "guarded"],
+            "over-budget": ["resume", "over-budget", "--max-cost", "10"]}
+
+
+class Responder:
+    """Answers each request by run: the scripted failures first, then a recognisable text."""
+
+    def __init__(self) -> None:
+        self.served: dict[tuple[str, str, str], int] = {}
+
+    def __call__(self, request: CapturedRequest) -> ScriptEntry:
+        key = (request.run_id or "", request.state or "", request.body["model"])
+        count = self.served[key] = self.served.get(key, 0) + 1
+        failures = FAILURES.get(key, [])
+        return failures[count - 1] if count <= len(failures) else f"{key[1]} of {key[0]} by {key[2]}"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    db: Path
+    first: dict[str, CLIResult]
+    then: dict[str, CLIResult]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
+    home = tmp_path_factory.mktemp("ledger")
+    machine = write(home / "ledger.py", LEDGER_MACHINE)
+    inputs = {run_id: write(home / f"{run_id}.json", json.dumps({"text": text}))
+              for run_id, (text, _) in FIRST_RUNS.items()}
+    fake = FakeMessagesAPI(default=Responder())
+    with offline_environment(), fake.serve() as url:
+        cli = Orch(home / "orch.db", url)
+        first = in_parallel({run_id: (lambda run_id=run_id, extra=extra: cli(
+            "run", machine, "--input", inputs[run_id], "--run-id", run_id, *extra))
+            for run_id, (_, extra) in FIRST_RUNS.items()})
+        (home / "approved.marker").touch()
+        then = in_parallel({name: (lambda args=args: cli(*args))
+                            for name, args in second_round(machine, inputs).items()})
+    return Recorded(home / "orch.db", first, then)
+
+
+def stored(db: Path, run_id: str) -> list[sqlite3.Row]:
+    return query(db, "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", run_id)
+
+
+def snapshot_copy(source: Path, target: Path) -> Path:
+    """A consistent copy of a database (WAL included), through SQLite's backup API."""
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+    return target
+
+
+AUDIT_LINE = re.compile(r"run (\S+): (ok|TAMPERED: (.*))")
+
+
+def verdicts(result: CLIResult) -> dict[str, int | None]:
+    """run id -> the seq `orch audit verify` names as its first bad row (None: ok)."""
+    found: dict[str, int | None] = {}
+    for line in result.stdout.splitlines():
+        match = AUDIT_LINE.fullmatch(line)
+        if match:
+            named = re.search(r"\brow seq (\d+)\b", match.group(3) or "")
+            found[match.group(1)] = None if match.group(2) == "ok" else int(named.group(1)) if named else -1
+    return found
+
+
+# --------------------------------------------------------------------------- untouched logs
+
+
+def test_the_recorded_runs_cover_resumes_retries_fallbacks_and_cache_hits(recorded: Recorded) -> None:
+    assert {k: r.code for k, r in recorded.first.items()} == {
+        "plain": 0, "retried": 0, "fallback": 0, "guarded": 1, "over-budget": 1}
+    assert {k: r.code for k, r in recorded.then.items()} == {"cached": 0, "guarded": 0, "over-budget": 0}
+    db = recorded.db
+    sources = {run_id: [row["source"] for row in stored(db, run_id)] for run_id in RUNS}
+    assert sources["fallback"][0] == "fallback" and sources["cached"][0] == "cache"
+    assert "recorded" in sources["guarded"]  # the failed guard's answer, judged again on resume
+    assert stored(db, "over-budget")[0]["error"].startswith("BudgetExceededError")
+    assert len(query(db, "SELECT * FROM attempts WHERE run_id = 'retried'")) == 1
+    assert {row["status"] for row in query(db, "SELECT status FROM runs")} == {"completed"}
+
+
+def test_audit_verify_passes_every_untouched_run(recorded: Recorded) -> None:
+    cli = Orch(recorded.db)
+    every = cli("audit", "verify")
+    assert every.code == 0, every.stdout + every.stderr
+    assert verdicts(every) == dict.fromkeys(RUNS)
+    assert every.stdout.splitlines()[-1] == f"{len(RUNS)} run(s) checked, 0 with a broken log"
+    one = cli("audit", "verify", "guarded")
+    assert (one.code, verdicts(one)) == (0, {"guarded": None})
+
+
+V1_ROWS = (("old", 1, "a", "b", "continue", "first"), ("old", 2, "b", "__end__", "continue", "second"))
+
+
+def test_a_database_upgraded_from_version_1_chains_its_old_rows(tmp_path: Path) -> None:
+    db = tmp_path / "v1.db"
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.executescript((Path(__file__).parent.parent / "data" / "schema_v1.sql").read_text())
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        conn.execute("PRAGMA user_version=1")
+        conn.execute("INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, status, created_at, "
+                     "updated_at) VALUES ('old', 'm', 'm.py', 'h', '{}', 'completed', 't', 't')")
+        conn.executemany("INSERT INTO transitions (run_id, seq, from_state, to_state, decision, reason, attempt, "
+                         "started_at, latency_ms, source) VALUES (?, ?, ?, ?, ?, ?, 1, 't', 1.0, 'python')", V1_ROWS)
+    cli = Orch(db)
+    upgraded = cli("audit", "verify")
+    assert (upgraded.code, verdicts(upgraded)) == (0, {"old": None})
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE transitions SET reason = 'edited' WHERE seq = 2")
+    edited = cli("audit", "verify", "old")
+    assert (edited.code, verdicts(edited)) == (1, {"old": 2})
+
+
+# --------------------------------------------------------------------------- tampering
+
+Tamper = Callable[[sqlite3.Connection], None]
+
+
+def edit(run_id: str, seq: int, assignment: str, *values: object) -> Tamper:
+    def apply(conn: sqlite3.Connection) -> None:
+        conn.execute(f"UPDATE transitions SET {assignment} WHERE run_id = ? AND seq = ?", (*values, run_id, seq))
+    return apply
+
+
+def delete(run_id: str, seq: int) -> Tamper:
+    return lambda conn: conn.execute("DELETE FROM transitions WHERE run_id = ? AND seq = ?", (run_id, seq))
+
+
+def renumber(run_id: str, from_seq: int, by: int) -> Tamper:
+    """Shift the seq of rows from `from_seq` on (through negatives, so no two rows clash)."""
+    def apply(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE transitions SET seq = -seq WHERE run_id = ? AND seq >= ?", (run_id, from_seq))
+        conn.execute("UPDATE transitions SET seq = ? - seq WHERE run_id = ? AND seq < 0", (by, run_id))
+    return apply
+
+
+def copy_row(run_id: str, seq: int, *, to_run: str | None = None, to_seq: int, reason: str | None = None) -> Tamper:
+    """Insert a copy of a row elsewhere (its chain value copied too, as a forger would)."""
+    def apply(conn: sqlite3.Connection) -> None:
+        conn.row_factory = sqlite3.Row
+        row = dict(conn.execute("SELECT * FROM transitions WHERE run_id = ? AND seq = ?", (run_id, seq)).fetchone())
+        row.update(run_id=to_run or run_id, seq=to_seq, reason=reason or row["reason"])
+        conn.execute(f"INSERT INTO transitions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                     list(row.values()))
+    return apply
+
+
+def move(run_id: str, seq: int, to_run: str) -> Tamper:
+    """Give a row another run id (rows swap runs this way)."""
+    return edit(run_id, seq, "run_id = ?", to_run)
+
+
+def steps(*tampers: Tamper) -> Tamper:
+    def apply(conn: sqlite3.Connection) -> None:
+        for tamper in tampers:
+            tamper(conn)
+    return apply
+
+
+@dataclass(frozen=True)
+class TamperCase:
+    name: str
+    apply: Tamper
+    first_bad: dict[str, int]  # run id -> the row audit must name; other runs must stay ok
+
+
+TAMPER_CASES = [
+    TamperCase("edit a middle row's reason", edit("plain", 2, "reason = 'approved by the CFO'"), {"plain": 2}),
+    TamperCase("edit the first row's model output", edit("fallback", 1, "output = '\"a lamp, cheaper\"'"),
+               {"fallback": 1}),
+    TamperCase("edit a stored response", edit("retried", 1, "response = replace(response, 'draft of', 'draft by')"),
+               {"retried": 1}),
+    TamperCase("edit a row's token counts", edit("cached", 3, "input_tokens = input_tokens + 1000"), {"cached": 3}),
+    TamperCase("edit the last row's decision and target", edit(
+        "over-budget", 5, "decision = 'terminate', to_state = '__end__', reason = 'stopped'"), {"over-budget": 5}),
+    TamperCase("erase a failed row's error", edit("guarded", 3, "error = NULL"), {"guarded": 3}),
+    TamperCase("re-serialise a JSON value without changing it",
+               edit("plain", 1, "request = replace(request, ',\"', ', \"')"), {"plain": 1}),
+    TamperCase("overwrite a row's chain with its predecessor's", edit(
+        "retried", 2, "chain = (SELECT chain FROM transitions WHERE run_id = 'retried' AND seq = 1)"),
+        {"retried": 2}),
+    TamperCase("insert a forged row mid-log, renumbering the rest",
+               steps(renumber("plain", 3, +1), copy_row("plain", 2, to_seq=3, reason="forged approval")),
+               {"plain": 3}),
+    TamperCase("append a forged row after the last", copy_row("fallback", 4, to_seq=5, reason="one more"),
+               {"fallback": 5}),
+    TamperCase("delete a middle row", delete("cached", 2), {"cached": 2}),
+    TamperCase("delete a middle row and renumber the rest",
+               steps(delete("over-budget", 2), renumber("over-budget", 3, -1)), {"over-budget": 2}),
+    TamperCase("swap two rows of a run", steps(edit("guarded", 1, "seq = -1"), edit("guarded", 2, "seq = 1"),
+                                               edit("guarded", -1, "seq = 2")), {"guarded": 1}),
+    TamperCase("move a row to the end of another run",
+               steps(copy_row("retried", 2, to_run="plain", to_seq=5), delete("retried", 2)),
+               {"retried": 2, "plain": 5}),
+    TamperCase("swap rows between two runs",
+               steps(move("plain", 3, "swap"), move("cached", 3, "plain"), move("swap", 3, "cached")),
+               {"plain": 3, "cached": 3}),
+    TamperCase("edit the first row of every run", steps(*(edit(run_id, 1, "latency_ms = latency_ms + 1")
+                                                        for run_id in RUNS)), dict.fromkeys(RUNS, 1)),
+]
+
+
+def tampered_copy(recorded: Recorded, workdir: Path, name: str, tamper: Tamper) -> Path:
+    db = snapshot_copy(recorded.db, workdir / (re.sub(r"\W+", "-", name) + ".db"))
+    with closing(sqlite3.connect(db)) as conn, conn:
+        tamper(conn)
+    return db
+
+
+@dataclass(frozen=True)
+class Audited:
+    every: CLIResult  # orch audit verify
+    one: CLIResult | None  # orch audit verify RUN_ID, where the case tampered with several runs
+
+
+@pytest.fixture(scope="module")
+def audited(recorded: Recorded, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Audited]:
+    workdir = tmp_path_factory.mktemp("tampered")
+
+    def audit(case: TamperCase) -> Audited:
+        cli = Orch(tampered_copy(recorded, workdir, case.name, case.apply))
+        several = len(case.first_bad) > 1
+        return Audited(cli("audit", "verify"), cli("audit", "verify", next(iter(case.first_bad))) if several else None)
+
+    with offline_environment():
+        return in_parallel({case.name: (lambda case=case: audit(case)) for case in TAMPER_CASES})
+
+
+@pytest.mark.parametrize("case", TAMPER_CASES, ids=lambda case: case.name)
+def test_audit_names_the_first_tampered_row_of_each_run(case: TamperCase, audited: dict[str, Audited]) -> None:
+    every, one = audited[case.name].every, audited[case.name].one
+    assert every.code == 1, every.stdout + every.stderr
+    assert verdicts(every) == {run_id: case.first_bad.get(run_id) for run_id in RUNS}
+    assert every.stdout.splitlines()[-1] == f"{len(RUNS)} run(s) checked, {len(case.first_bad)} with a broken log"
+    if one is not None:  # one run of several: only that run is checked and reported
+        first = next(iter(case.first_bad))
+        assert (one.code, verdicts(one)) == (1, {first: case.first_bad[first]})
+
+
+# --------------------------------------------------------------------------- what a chain cannot show
+
+
+def test_rows_cut_off_the_end_leave_a_consistent_chain_but_show_in_status_and_steps(
+        recorded: Recorded, tmp_path: Path) -> None:
+    """docs/cli.md: a shorter but consistent chain, which the run's status and step count show."""
+    db = tampered_copy(recorded, tmp_path, "cut the tail", delete("plain", 4))
+    cli = Orch(db)
+    audit = cli("audit", "verify", "plain")
+    assert (audit.code, verdicts(audit)) == (0, {"plain": None})
+    listed = {run["run_id"]: run for run in cli.json("runs")}
+    assert (listed["plain"]["status"], listed["plain"]["steps"]) == ("completed", 3)
+    assert listed["cached"]["steps"] == 4  # the same machine's untouched run shows what is missing
+    snapshot = cli.json("show", "plain")["snapshot"]
+    assert (snapshot["status"], snapshot["next_state"]) == ("completed", "summary")  # completed, not at the end
+
+
+def rechain(run_id: str, from_seq: int) -> Tamper:
+    """Recompute every hash from `from_seq` on, as anyone who can write the file can."""
+    def apply(conn: sqlite3.Connection) -> None:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(transitions)") if r[1] != "chain"]
+        previous = conn.execute("SELECT chain FROM transitions WHERE run_id = ? AND seq = ?",
+                                (run_id, from_seq - 1)).fetchone()
+        chain = previous[0] if previous else chain_hash("", (run_id,))
+        for row in conn.execute(f"SELECT {', '.join(columns)} FROM transitions WHERE run_id = ? AND seq >= ? "
+                                "ORDER BY seq", (run_id, from_seq)).fetchall():
+            chain = chain_hash(chain, tuple(row))
+            conn.execute("UPDATE transitions SET chain = ? WHERE run_id = ? AND seq = ?", (chain, run_id, row[1]))
+    return apply
+
+
+OUTSIDE_THE_CHAIN = {
+    "cut the last row": delete("plain", 4),
+    "delete every row of a run": lambda conn: conn.execute("DELETE FROM transitions WHERE run_id = 'fallback'"),
+    "edit a row and recompute the later hashes": steps(edit("plain", 2, "reason = 'approved by the CFO'"),
+                                                        rechain("plain", 2)),
+    "edit a run's input": lambda conn: conn.execute("UPDATE runs SET input = '{\"text\": \"a yacht\"}' "
+                                                    "WHERE run_id = 'plain'"),
+    "edit a failed attempt": lambda conn: conn.execute("UPDATE attempts SET error = 'fine' WHERE run_id = 'retried'"),
+}
+
+
+def test_audit_figures(recorded: Recorded, audited: dict[str, Audited], tmp_path: Path, figures: Figures) -> None:
+    detected = [case.name for case in TAMPER_CASES if audited[case.name].every.code == 1
+                and verdicts(audited[case.name].every) == {r: case.first_bad.get(r) for r in RUNS}]
+    outside = {name: Orch(tampered_copy(recorded, tmp_path, name, tamper))("audit", "verify")
+               for name, tamper in OUTSIDE_THE_CHAIN.items()}
+    figures["runs_recorded"] = len(RUNS)
+    figures["rows_recorded"] = len(query(recorded.db, "SELECT seq FROM transitions"))
+    figures["tamper_cases_total"] = len(TAMPER_CASES)
+    figures["tamper_cases_detected_at_the_right_row"] = len(detected)
+    figures["tamper_cases_missed"] = sorted({case.name for case in TAMPER_CASES} - set(detected))
+    figures["outside_the_chain_detected"] = {name: result.code == 1 for name, result in outside.items()}
+    assert len(detected) == len(TAMPER_CASES)
+    assert all(result.code in (0, 1) for result in outside.values())  # measured, never a crash
