@@ -17,8 +17,8 @@ import os
 import sys
 
 import structlog
-
 from common import STEPS_A, STEPS_C, fake_llm, fake_llm_async, main, pkg_version, route_of
+
 from statemachine_orch import Engine, FlowDecision, LLMState, Machine, SQLiteStore, StepContext, guard
 from statemachine_orch.trace import Tracer, stream_logger
 from statemachine_orch.types import Completion, LLMRequest, Usage
@@ -60,11 +60,11 @@ def _tracer() -> Tracer:
     if not TRACE:
         return Tracer.null()
     sink = open(os.devnull if os.environ.get("ORCH_BENCH_TRACE_FILE") is None
-                else os.environ["ORCH_BENCH_TRACE_FILE"], "w")  # noqa: SIM115 (lives as long as the run)
+                else os.environ["ORCH_BENCH_TRACE_FILE"], "w")
     return Tracer(stream_logger(sink, json=True))
 
 
-def make_A():  # noqa: N802 (the harness's names)
+def make_A():
     machine = workflow(STEPS_A)
     engine = Engine(None, model=InstantModel(), tracer=_tracer())
 
@@ -74,7 +74,7 @@ def make_A():  # noqa: N802 (the harness's names)
     return run_once
 
 
-def make_B(db_path: str):  # noqa: N802
+def make_B(db_path: str):
     machine = workflow(STEPS_A)
     store = SQLiteStore(db_path, synchronous=SYNC)  # type: ignore[arg-type]
     engine = Engine(store, model=InstantModel(), tracer=Tracer.null())
@@ -85,7 +85,7 @@ def make_B(db_path: str):  # noqa: N802
     return run_once, store.close
 
 
-def make_C():  # noqa: N802
+def make_C():
     machine = workflow(STEPS_C)
     engine = Engine(None, model=SlowModel(), tracer=Tracer.null())
 

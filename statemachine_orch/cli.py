@@ -22,8 +22,8 @@ from typing import Any
 from . import __version__
 from .definition import LLMState, Machine
 from .engine import Engine, Run, new_run_id
-from .inputs import validate_input
 from .errors import DefinitionError, InputError, OrchError, UsageError
+from .inputs import validate_input
 from .llm import AnthropicModel
 from .loader import load_machine
 from .prices import PriceTable

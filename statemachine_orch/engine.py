@@ -25,6 +25,7 @@ from typing import Any
 from .definition import LLMState, Machine, PythonState, State
 from .errors import (
     BudgetExceededError,
+    CorruptRunError,
     GuardError,
     OrchError,
     OwnershipLostError,
@@ -460,7 +461,11 @@ class Engine:
         """
         compiled = self.compiled(machine)
         record, log = self.store.load_run(run_id)
-        snapshot(machine, record, log)  # refuse an incompatible run before claiming it
+        snapshot(machine, record, log)  # refuse an incompatible or tampered run before claiming it
+        problem = self.store.verify_chain(run_id)
+        if problem is not None:
+            raise CorruptRunError(f"run {run_id} cannot be resumed: its transition log fails the audit "
+                                  f"chain ({problem}); restore the database from a backup")
         if record.machine_hash != machine.source_hash and not allow_changed:
             await self._check_still_compatible(record, machine)
         owner = Owner.for_this_process()

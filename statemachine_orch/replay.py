@@ -171,6 +171,9 @@ class _ComparingStore:
     def mark_in_flight(self, run_id: str, owner: Owner, seq: int, state: str) -> None:
         return None
 
+    def verify_chain(self, run_id: str) -> str | None:
+        return None
+
     def find_cached(self, request_hash: str) -> TransitionRecord | None:
         """A step served from the cache when recorded is served from its recorded answer."""
         if self.cursor.index < len(self.cursor.rows):

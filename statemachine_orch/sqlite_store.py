@@ -1,6 +1,6 @@
 """SQLite store (through sqlite-utils): one file, WAL, one short transaction per transition.
 
-Layout (schema version 1, see docs/storage.md):
+Layout (schema version 2, see docs/storage.md):
   runs         one row per run: identity, input, status, owner. With the run's last log
                row it is the resumable snapshot, so a transition writes one INSERT only.
   transitions  the append-only log: one row per step, with the step's output and the LLM
@@ -18,11 +18,13 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import sqlite_utils
 
@@ -228,18 +230,36 @@ class SQLiteStore:
         self._busy_timeout_s = busy_timeout_s
         self._chains: dict[str, tuple[int, str]] = {}  # run -> (seq, chain) of its last row here
         self._marks: sqlite3.Connection | None = None
-        conn = self.conn = _connect(self.path, busy_timeout_s)
+        # A closed WAL database in a directory we cannot write: SQLite could not create the
+        # -shm file it needs even to read, so open it immutable (reads work, writes say read-only).
+        frozen = not os.access(self.path.parent, os.W_OK) and not Path(f"{self.path}-wal").exists()
+        conn = self.conn = _connect(self.path, busy_timeout_s, immutable=frozen)
         self.db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            if not frozen:
+                self._while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute(f"PRAGMA synchronous={synchronous}")
-            self._migrate()
+            self._while_busy(self._migrate)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{self.path} is not a usable SQLite database: {exc}") from exc
         except StoreError:
             conn.close()
             raise
+
+    def _while_busy(self, action: Callable[[], object]) -> None:
+        """Run `action`, retrying while another opener holds the file (switching a new file to
+        WAL and creating the schema do not always wait on the busy handler), up to the timeout."""
+        deadline, delay = time.monotonic() + self._busy_timeout_s, 0.001
+        while True:
+            try:
+                action()
+                return
+            except (sqlite3.OperationalError, StoreError) as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     # ------------------------------------------------------------------ schema
 
@@ -414,7 +434,8 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             if marks.in_transaction:
                 marks.execute("ROLLBACK")
-            raise StoreError(f"cannot write to {self.path}: {exc}; no call was made") from exc
+            hint = "; retry when the database is free" if _is_busy(exc) else ""
+            raise StoreError(f"cannot write to {self.path}: {exc}; no call was made{hint}") from exc
         if updated != 1:
             raise OwnershipLostError(f"run {run_id} was taken over by another process; no call was made")
 
@@ -554,11 +575,24 @@ class SQLiteStore:
         self.conn.close()
 
 
-def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+def _connect(path: Path, busy_timeout_s: float, *, immutable: bool = False) -> sqlite3.Connection:
+    target = f"file:{quote(str(path.absolute()))}?immutable=1" if immutable else path
     try:
-        return sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False)
+        return sqlite3.connect(target, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False,
+                               uri=immutable)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}") from exc
+
+
+def _is_busy(exc: Exception) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _blob(value: Any) -> Any:
+    """A value someone stored as a BLOB still hashes (so a tampered row is reported, not a crash)."""
+    if isinstance(value, bytes):
+        return {"blob": value.hex()}
+    raise TypeError(f"cannot hash a {type(value).__name__}")
 
 
 def chain_hash(previous: str, content: tuple[Any, ...]) -> str:
@@ -567,7 +601,7 @@ def chain_hash(previous: str, content: tuple[Any, ...]) -> str:
     The first row chains to sha256 of the run id, so rows cannot move between runs.
     """
     digest = hashlib.sha256(previous.encode())
-    digest.update(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode())
+    digest.update(json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=_blob).encode())
     return digest.hexdigest()
 
 

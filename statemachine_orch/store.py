@@ -47,6 +47,9 @@ class Store(Protocol):
     def mark_in_flight(self, run_id: str, owner: Owner, seq: int, state: str) -> None:
         """Record, before a paid call is sent, that step `seq` has a call in flight (fenced)."""
 
+    def verify_chain(self, run_id: str) -> str | None:
+        """None when the run's log is intact, else which row was edited, inserted or removed."""
+
 
 @dataclass(slots=True, kw_only=True)
 class RunSummary:
@@ -108,4 +111,7 @@ class NullStore:
         return None
 
     def mark_in_flight(self, run_id: str, owner: Owner, seq: int, state: str) -> None:
+        return None
+
+    def verify_chain(self, run_id: str) -> str | None:
         return None

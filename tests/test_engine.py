@@ -287,7 +287,7 @@ def test_sync_entry_point_refuses_a_running_loop(engine: Engine) -> None:
     async def inside() -> None:
         engine.run(four_states(None))
 
-    with pytest.raises(UsageError, match="await engine.arun"):
+    with pytest.raises(UsageError, match=r"await engine\.arun"):
         asyncio.run(inside())
 
 
@@ -395,7 +395,7 @@ def test_trace_emits_one_transition_event_per_log_row(db_path: Path, fake: FakeM
     assert [e["event"] for e in events] == ["run_started", "transition", "transition", "run_finished"]
     transitions = [e for e in events if e["event"] == "transition"]
     rows = SQLiteStore(db_path).transitions(result.run_id)
-    for event, row in zip(transitions, rows):
+    for event, row in zip(transitions, rows, strict=True):
         assert {k: event[k] for k in ("run_id", "machine", "seq", "from_state", "to_state", "decision",
                                       "attempt", "input_tokens", "output_tokens")} == {
             "run_id": row.run_id, "machine": "two", "seq": row.seq, "from_state": row.from_state,

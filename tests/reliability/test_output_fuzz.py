@@ -168,8 +168,8 @@ def check(machine: Machine, db: Path, run_ids: list[str], figures: Figures) -> N
                 assert row.decision in machine.decisions[row.from_state], row
                 assert row.to_state == machine.table[row.from_state][row.decision], row
                 figures.add("declared_transitions")
-                if row.response is not None and (stop in ("refusal", "max_tokens") or not text.strip()
-                                                 and stop != "tool_use"):
+                if row.response is not None and (stop in ("refusal", "max_tokens") or (not text.strip()
+                                                 and stop != "tool_use")):
                     # only a guard that routes InvalidOutput may act on it, never on its text
                     assert isinstance(row.output, dict) and "__orch_invalid_output__" in row.output, row
                     figures.add("invalid_outcomes_routed")
