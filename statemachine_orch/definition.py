@@ -76,6 +76,7 @@ class Machine:
         self.description = description
         self.module, caller_file = _caller_module()
         self.source_file = source_file or caller_file
+        self._ref: str | None = None
         self.by_name: dict[str, State] = {
             s.name: s for s in self.states if isinstance(s, State) and isinstance(s.name, str)}
         self.templates: dict[str, tuple[Template, Template | None]] = {}
@@ -104,13 +105,22 @@ class Machine:
             digest.update(repr([(s.name, type(s).__name__) for s in self.states]).encode())
         return digest.hexdigest()
 
+    @cached_property
+    def _where(self) -> str:
+        return str(Path(self.source_file).resolve()) if self.source_file else (self.module or "?")
+
     @property
     def ref(self) -> str:
         """How to load this machine again: `path/to/module.py:attribute` (stored with each run)."""
+        if self._ref is not None:
+            return self._ref
         module = sys.modules.get(self.module or "")
         attr = next((k for k, v in vars(module).items() if v is self), None) if module else None
-        where = str(Path(self.source_file).resolve()) if self.source_file else (self.module or "?")
-        return f"{where}:{attr}" if attr else where
+        where = self._where
+        if not attr:
+            return where  # the module may not have bound it yet: look again next time
+        self._ref = f"{where}:{attr}"
+        return self._ref
 
     def edges(self, state: str) -> dict[str, str]:
         """decision value -> target for the decisions this state can actually take."""

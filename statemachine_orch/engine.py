@@ -1,11 +1,12 @@
 """The engine: compiles a `Machine` into a `transitions` FSM and drives runs step by step.
 
 One step = run the current state (LLM call or Python function), let its guard pick a
-decision, fire the trigger named after that decision, and commit the log row. The
+decision, apply the FSM transition named after that decision, and commit the log row. The
 `transitions` machine owns the position: its triggers are the decisions, its conditions
 bound RETRY (`retry_limit`) and cycles (`max_visits`), and its `after_state_change`
-callback keeps the attempt and visit counters. Nothing is held in a transaction across a
-model call; the row is written after the step completes, in one transaction.
+callback keeps the attempt and visit counters (`Compiled.move` applies them per step).
+Nothing is held in a transaction across a model call; the row is written after the step
+completes, in one transaction.
 
 `Run.step()` is the unit; `Run.run_to_end()` and `Engine.arun()` are loops over it.
 """
@@ -48,7 +49,7 @@ from .snapshot import (
     restore_output,
     snapshot,
 )
-from .sqlite_store import SQLiteStore, now_iso
+from .sqlite_store import SQLiteStore
 from .store import NullStore, Store
 from .trace import Tracer
 from .types import (
@@ -63,6 +64,7 @@ from .types import (
     TransitionRecord,
     Usage,
     Verdict,
+    now_iso,
 )
 
 _NO_OUTPUT = object()
@@ -101,7 +103,7 @@ class Run:
     ) -> None:
         self.engine = engine
         self.machine = compiled.machine
-        self._trigger = compiled.fsm.events
+        self._compiled = compiled
         self.record = record
         self.run_id = record.run_id
         self.owner = owner
@@ -166,7 +168,10 @@ class Run:
         status: RunStatus | None = None
         output: Any = _NO_OUTPUT
         try:
-            output = await self._execute(state, rec, ctx)
+            if self._pending is None and self.budget.max_seconds is None:
+                output = await self._run_state(state, rec, ctx)
+            else:
+                output = await self._execute(state, rec, ctx)
             if isinstance(output, BudgetRoute):
                 assert isinstance(state, LLMState) and state.on_budget is not None
                 rec.source = "budget"
@@ -235,10 +240,11 @@ class Run:
                 f"state '{state.name}' was stopped when the run reached max_seconds={limit:g}; "
                 "raise it and resume", run_id=self.run_id, state=state.name) from None
 
-    async def _run_state(self, state: State, rec: TransitionRecord, ctx: StepContext) -> Any:
+    def _run_state(self, state: State, rec: TransitionRecord, ctx: StepContext) -> Coroutine[Any, Any, Any]:
+        """The state's work, as a coroutine the caller awaits (no frame of its own)."""
         if isinstance(state, LLMState):
-            return await self._llm.execute(state, rec, ctx, self._values, self.spent)
-        return await self._call_python(state, ctx)
+            return self._llm.execute(state, rec, ctx, self._values, self.spent)
+        return self._call_python(state, ctx)
 
     def _reuse_pending(self, state: State, rec: TransitionRecord) -> Any:
         """Re-run the guard on an answer that was already paid for, instead of calling again."""
@@ -306,7 +312,7 @@ class Run:
         return verdict
 
     def _move(self, state: State, decision: str) -> None:
-        if self._trigger[decision].trigger(self._pos):
+        if self._compiled.move(self._pos, decision):
             return
         target = self.machine.table[state.name][decision]
         if target == state.name:

@@ -24,7 +24,6 @@ from .llm import TRANSIENT_KINDS, completion_from_response
 from .ownership import Owner
 from .prices import PriceTable
 from .snapshot import first_error
-from .sqlite_store import now_iso
 from .store import Store
 from .types import (
     Attempt,
@@ -36,6 +35,7 @@ from .types import (
     StepContext,
     TransitionRecord,
     Usage,
+    now_iso,
 )
 
 CHARS_PER_TOKEN_ESTIMATE = 3  # conservative: English averages nearer 4 characters per token

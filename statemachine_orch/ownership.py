@@ -27,8 +27,8 @@ class Owner:
 
     @classmethod
     def for_this_process(cls) -> Owner:
-        pid = os.getpid()
-        return cls(uuid.uuid4().hex, socket.gethostname(), pid, _boot_id(), _process_start(pid))
+        """A new token, with this process's identity (read once per process, not per run)."""
+        return cls(uuid.uuid4().hex, *_identity(os.getpid()))
 
     def info_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -68,6 +68,12 @@ def is_alive(owner: Owner) -> bool:
     if state in ("Z", "X"):
         return False  # zombie: exited, not yet reaped
     return owner.started is None or owner.started == started
+
+
+@cache
+def _identity(pid: int) -> tuple[str, int, str | None, str | None]:
+    """(host, pid, boot id, start time) of a process; keyed on the pid so a fork reads its own."""
+    return socket.gethostname(), pid, _boot_id(), _process_start(pid)
 
 
 @cache

@@ -56,15 +56,15 @@ class PriceTable:
     """Model id -> Price, with exact ids taking precedence over family names."""
 
     def __init__(self, prices: Mapping[str, Price] | None = None) -> None:
-        self.prices = dict(DEFAULT_PRICES if prices is None else prices)
+        self.prices: Mapping[str, Price] = dict(DEFAULT_PRICES if prices is None else prices)
+        self._found: dict[str, Price | None] = {}  # model id -> its price, looked up once
 
     def price_for(self, model: str) -> Price | None:
-        if model in self.prices:
-            return self.prices[model]
-        for key in sorted(self.prices, key=len, reverse=True):
-            if key in model:
-                return self.prices[key]
-        return None
+        found = self._found
+        if model not in found:
+            found[model] = self.prices.get(model) or next(
+                (self.prices[key] for key in sorted(self.prices, key=len, reverse=True) if key in model), None)
+        return found[model]
 
     def cost(self, model: str, usage: Usage) -> float | None:
         price = self.price_for(model)

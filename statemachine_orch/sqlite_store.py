@@ -21,7 +21,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
@@ -40,7 +39,7 @@ from .errors import (
 from .faults import kill_point
 from .ownership import Owner, is_alive, owner_from_json
 from .store import MachineTotals, RunSummary
-from .types import Attempt, RunRecord, RunStatus, TransitionRecord, Usage
+from .types import Attempt, RunRecord, RunStatus, TransitionRecord, Usage, now_iso
 
 SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
@@ -181,10 +180,6 @@ _SET_STATUS = (
     "owner_info = CASE WHEN ? THEN owner_info ELSE NULL END "
     "WHERE run_id = ? AND owner = ?"
 )
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _dump(value: Any) -> str | None:

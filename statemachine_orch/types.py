@@ -8,11 +8,28 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import Enum
+from functools import lru_cache
+from time import time
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     from .retry import RetryPolicy
+
+@lru_cache(maxsize=1)
+def _iso_second(whole: int) -> str:
+    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def now_iso() -> str:
+    """UTC now as stored: ISO 8601 with microseconds and a Z, e.g. 2026-11-24T07:16:46.327481Z.
+
+    The date part is formatted once per second: this runs twice per step."""
+    now = time()
+    whole = int(now)
+    return f"{_iso_second(whole)}.{int((now - whole) * 1_000_000):06d}Z"
+
 
 END = "__end__"
 """Pseudo-state that ends a run; use it as a transition target."""

@@ -24,8 +24,8 @@ from statemachine_orch import (
     UsageError,
 )
 from statemachine_orch.ownership import Owner
-from statemachine_orch.sqlite_store import APPLICATION_ID, SCHEMA_VERSION, now_iso
-from statemachine_orch.types import RunRecord, TransitionRecord, Usage
+from statemachine_orch.sqlite_store import APPLICATION_ID, SCHEMA_VERSION
+from statemachine_orch.types import RunRecord, TransitionRecord, Usage, now_iso
 
 StoreFactory = Callable[[Path], Any]
 BACKENDS: dict[str, StoreFactory] = {"sqlite": lambda tmp: SQLiteStore(tmp / "contract.db")}
