@@ -21,6 +21,7 @@ import secrets
 import time
 from collections.abc import Coroutine, Mapping
 from time import perf_counter
+from types import MappingProxyType
 from typing import Any
 
 from .definition import LLMState, Machine, PythonState, State
@@ -68,6 +69,7 @@ from .types import (
 )
 
 _NO_OUTPUT = object()
+_NO_NEEDS: Mapping[str, Any] = MappingProxyType({})
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _REASON_LIMIT = 500
 _CONTINUE = FlowDecision.CONTINUE.value
@@ -164,7 +166,7 @@ class Run:
         )
         outputs = self.outputs
         ctx = StepContext(self.run_id, name, pos.attempt, self.input,
-                          {n: outputs[n] for n in state.needs})
+                          {n: outputs[n] for n in state.needs} if state.needs else _NO_NEEDS)
         status: RunStatus | None = None
         output: Any = _NO_OUTPUT
         try:

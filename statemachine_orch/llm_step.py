@@ -141,7 +141,6 @@ class LLMStep:
                 if problem is None:
                     return output
                 rec.source, rec.response, rec.request_id, rec.reason = "llm", None, None, None
-                rec.cost_usd = None
         call = _Call(self, state, rec, tool_name, spent)
         return await call.run(body, ctx)
 
@@ -157,9 +156,7 @@ class _Call:
         self.tool_name = tool_name
         self.spent = spent
         self.call_started = rec.started_at
-        self.marked = False
-        rec.usage = Usage()
-        rec.cost_usd = 0.0
+        self.marked = False  # the record is fresh: no usage, cost 0.0 until calls are paid
 
     async def run(self, body: dict[str, Any], ctx: StepContext) -> Any:
         state = self.state

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from .types import RunRecord, TransitionRecord, Usage
+from .types import RunRecord, TransitionRecord, Usage, now_iso
 
 _KEY_PATTERN = re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -35,10 +35,12 @@ def redact(text: str, secrets: Iterable[str] | None = None) -> str:
 
 def redact_secrets(secrets: Iterable[str] = ()) -> structlog.types.Processor:
     """A processor that blanks API keys (the given values and anything shaped like one)."""
-    known = list(secrets)
+    known = [s for s in secrets if s and len(s) >= 8]
+    # one search per value; most values hold no secret and are left as they are
+    suspect = re.compile("|".join([*map(re.escape, known), _KEY_PATTERN.pattern])).search
 
     def scrub(value: str) -> str:
-        return redact(value, known)
+        return redact(value, known) if suspect(value) else value
 
     def processor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in event.items():
@@ -59,6 +61,12 @@ def _escape_controls(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutabl
     return event
 
 
+def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """ISO 8601 UTC, as the database stores times (TimeStamper builds a datetime per event)."""
+    event["timestamp"] = now_iso()
+    return event
+
+
 def secrets_from_env() -> list[str]:
     return [v for v in (os.environ.get(name) for name in SECRET_ENV_VARS) if v]
 
@@ -67,7 +75,7 @@ def stream_logger(stream: TextIO, *, json: bool) -> Any:
     """A private structlog logger writing to `stream`: console lines, or JSON lines if asked."""
     processors: list[structlog.types.Processor] = [
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
         redact_secrets(secrets_from_env()),
     ]
     if json:
