@@ -4,7 +4,7 @@ The workload goes through the real engine: a machine of LLM states named out0..o
 `transitions` FSM, the guard, the transition table, the step records), with an in-process
 model client instead of HTTP (`fake_llm` / `fake_llm_async` give the answers):
   A: no persistence (NullStore), tracing off            -> bench_orch.py
-     the same with structlog JSON lines to a file       -> ORCH_BENCH_TRACE=1 (bench_orch_traced.py)
+     the same with structlog JSON lines to a file       -> ORCH_BENCH_TRACE=1 (+ ORCH_BENCH_TRACE_FILE)
   B: SQLiteStore, one commit per transition with the audit row, the output, the LLM call
      record and the snapshot; synchronous=NORMAL like the floor (ORCH_BENCH_SYNC=FULL for ours)
   C: 1000 concurrent runs of 5 steps, each call awaiting 50 ms, no persistence
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import structlog
 from common import STEPS_A, STEPS_C, fake_llm, fake_llm_async, main, pkg_version, route_of
@@ -56,12 +57,15 @@ class SlowModel:
         return _completion(await fake_llm_async(int(request.state[3:])))
 
 
+_SINKS: list[Any] = []  # one trace file per process, appended to by every rep
+
+
 def _tracer() -> Tracer:
     if not TRACE:
         return Tracer.null()
-    sink = open(os.devnull if os.environ.get("ORCH_BENCH_TRACE_FILE") is None
-                else os.environ["ORCH_BENCH_TRACE_FILE"], "w")
-    return Tracer(stream_logger(sink, json=True))
+    if not _SINKS:
+        _SINKS.append(open(os.environ.get("ORCH_BENCH_TRACE_FILE", os.devnull), "a"))
+    return Tracer(stream_logger(_SINKS[0], json=True))
 
 
 def make_A():

@@ -398,7 +398,10 @@ class SQLiteStore:
                 if status is not None:
                     self._set_status(conn, r.run_id, owner, status, error)
                 kill_point("mid_commit")
-            self._chains[r.run_id] = (r.seq, chain)
+            if status is None or status is RunStatus.RUNNING:
+                self._chains[r.run_id] = (r.seq, chain)
+            else:
+                self._chains.pop(r.run_id, None)  # the run is over here: keep no state for it
         except StoreError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
                 raise OwnershipLostError(

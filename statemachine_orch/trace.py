@@ -87,7 +87,7 @@ def stream_logger(stream: TextIO, *, json: bool) -> Any:
         structlog.PrintLogger(stream),
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-    )
+    ).bind()  # bound once, not re-bound on every event
 
 
 class Tracer:
