@@ -447,3 +447,25 @@ def test_an_empty_answer_is_never_taken_as_output(engine: Engine, fake: FakeMess
     assert row.error == "LLMError: the model returned an empty answer"
     assert row.decision is None and row.response is not None
 
+
+
+@pytest.mark.parametrize("module", ["report", "support_router", "extract"])
+def test_the_fast_move_equals_firing_the_fsm_trigger(module: str) -> None:
+    """`Compiled.move` must give exactly what `Event.trigger` gives, limits included."""
+    from statemachine_orch.fsm import Position, compile_machine
+    from statemachine_orch.loader import load_machine
+
+    compiled = compile_machine(load_machine(str(MACHINES / f"{module}.py")).machine)
+    compared = 0
+    for source, decision in compiled.moves:
+        for attempt in (1, 2, 3, 5):
+            for visits in (0, 1, 2, 4):
+                counters = {name: visits for name in compiled.machine.by_name}
+                fast = Position(source, attempt, dict(counters))
+                slow = Position(source, attempt, dict(counters))
+                moved = compiled.move(fast, decision)
+                fired = compiled.fsm.events[decision].trigger(slow)
+                assert (moved, fast.state, fast.attempt, fast.visits) == (
+                    fired, slow.state, slow.attempt, slow.visits), (source, decision, attempt, visits)
+                compared += 1
+    assert compared >= 16 * 3
