@@ -1,8 +1,9 @@
 """SQLite store (through sqlite-utils): one file, WAL, one short transaction per transition.
 
-Layout (schema version 2, see docs/storage.md):
-  runs         one row per run: identity, input, status, owner. With the run's last log
-               row it is the resumable snapshot, so a transition writes one INSERT only.
+Layout (schema version 3, see docs/storage.md):
+  runs         one row per run: identity, input, status, owner and running totals. With the
+               run's last log row it is the resumable snapshot, so a transition writes one
+               INSERT and one UPDATE (the totals, fenced on the owner), never a snapshot copy.
   transitions  the append-only log: one row per step, with the step's output and the LLM
                request/response/usage of its call. Views `llm_calls`, `step_outputs` and
                `run_totals` present the same rows by concept.
@@ -41,7 +42,7 @@ from .ownership import Owner, is_alive, owner_from_json
 from .store import MachineTotals, RunSummary
 from .types import Attempt, RunRecord, RunStatus, TransitionRecord, Usage, now_iso
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
 Synchronous = Literal["FULL", "NORMAL"]
 
@@ -59,7 +60,12 @@ CREATE TABLE runs (
     updated_at   TEXT NOT NULL,
     owner        TEXT,
     owner_info   TEXT,
-    in_flight    TEXT
+    in_flight    TEXT,
+    steps         INTEGER NOT NULL DEFAULT 0,
+    input_tokens  INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd      REAL DEFAULT 0,
+    cache_hits    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX runs_by_created ON runs (created_at);
 CREATE INDEX runs_by_machine ON runs (machine, created_at);
@@ -155,20 +161,41 @@ ALTER TABLE transitions ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE transitions ADD COLUMN chain TEXT NOT NULL DEFAULT '';
 ALTER TABLE runs ADD COLUMN in_flight TEXT;
 """,
+    2: """
+ALTER TABLE runs ADD COLUMN steps INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN cost_usd REAL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN cache_hits INTEGER NOT NULL DEFAULT 0;
+UPDATE runs SET
+    steps = (SELECT count(to_state) FROM transitions t WHERE t.run_id = runs.run_id),
+    input_tokens = (SELECT coalesce(sum(input_tokens), 0) FROM transitions t WHERE t.run_id = runs.run_id),
+    output_tokens = (SELECT coalesce(sum(output_tokens), 0) FROM transitions t WHERE t.run_id = runs.run_id),
+    cost_usd = (SELECT CASE WHEN sum(cost_usd IS NULL) > 0 THEN NULL ELSE coalesce(sum(cost_usd), 0) END
+                FROM transitions t WHERE t.run_id = runs.run_id),
+    cache_hits = (SELECT coalesce(sum(source = 'cache'), 0) FROM transitions t WHERE t.run_id = runs.run_id);
+""",
 }
-_COST_SUM = "CASE WHEN sum({t}cost_usd IS NULL{extra}) > 0 THEN NULL ELSE coalesce(sum({t}cost_usd), 0) END"
 
 _CHAINED_COLUMNS = (
     "run_id, seq, from_state, to_state, decision, reason, attempt, started_at, latency_ms, source, "
     "input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, error, output, "
     "request, response, request_id, request_hash, in_doubt"
 )
-# The owner check makes the INSERT itself the fence: no row unless we still own the run.
-_APPEND = (
-    f"INSERT INTO transitions ({_CHAINED_COLUMNS}, chain) "
-    "SELECT ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,? "
-    "WHERE EXISTS (SELECT 1 FROM runs WHERE run_id = ? AND owner = ?)"
+# The fence: the run's totals (and its status, when it changes) are updated only while we
+# own it; no row changed means another process took the run, and nothing is inserted.
+_ADVANCE = (
+    "UPDATE runs SET steps = steps + :step, input_tokens = input_tokens + :input_tokens, "
+    "output_tokens = output_tokens + :output_tokens, cache_hits = cache_hits + :cache_hit, "
+    "cost_usd = CASE WHEN cost_usd IS NULL OR :cost IS NULL THEN NULL ELSE cost_usd + :cost END, "
+    "status = coalesce(:status, status), "
+    "error = CASE WHEN :status IS NULL THEN error ELSE :error END, "
+    "updated_at = CASE WHEN :status IS NULL THEN updated_at ELSE :now END, "
+    "owner = CASE WHEN :release THEN NULL ELSE owner END, "
+    "owner_info = CASE WHEN :release THEN NULL ELSE owner_info END "
+    "WHERE run_id = :run_id AND owner = :owner"
 )
+_APPEND = f"INSERT INTO transitions ({_CHAINED_COLUMNS}, chain) VALUES ({','.join('?' * 23)})"
 _APPEND_ATTEMPT = (
     "INSERT INTO attempts (run_id, seq, attempt, state, started_at, kind, status_code, request_id, "
     "delay_s, error, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, "
@@ -383,11 +410,18 @@ class SQLiteStore:
                 if previous is None or previous[0] != r.seq - 1:
                     previous = (r.seq - 1, _last_chain(conn, r.run_id))
                 chain = chain_hash(previous[1], content)
-                if conn.execute(_APPEND, (*content, chain, r.run_id, owner.token)).rowcount != 1:
+                final = status is not None and status is not RunStatus.RUNNING
+                if conn.execute(_ADVANCE, {
+                    "step": r.to_state is not None, "input_tokens": u.input_tokens,
+                    "output_tokens": u.output_tokens, "cache_hit": r.source == "cache", "cost": r.cost_usd,
+                    "status": None if status is None else status.value, "error": error, "now": now_iso(),
+                    "release": final, "run_id": r.run_id, "owner": owner.token,
+                }).rowcount != 1:
                     raise OwnershipLostError(
                         f"run {r.run_id} was taken over by another process; this process stopped "
                         f"before writing step {r.seq}"
                     )
+                conn.execute(_APPEND, (*content, chain))
                 if r.attempts:
                     conn.executemany(_APPEND_ATTEMPT, [
                         (r.run_id, r.seq, a.number, r.from_state, a.started_at, a.kind, a.status_code,
@@ -395,10 +429,8 @@ class SQLiteStore:
                          a.usage.cache_read_tokens, a.usage.cache_write_tokens, a.cost_usd,
                          _dump(a.request), _dump(a.response))
                         for a in r.attempts])
-                if status is not None:
-                    self._set_status(conn, r.run_id, owner, status, error)
                 kill_point("mid_commit")
-            if status is None or status is RunStatus.RUNNING:
+            if not final:
                 self._chains[r.run_id] = (r.seq, chain)
             else:
                 self._chains.pop(r.run_id, None)  # the run is over here: keep no state for it
@@ -512,13 +544,7 @@ class SQLiteStore:
             params.append(status)
         sql = (
             "SELECT r.run_id, r.machine, r.status, r.created_at, r.updated_at, r.error, r.owner_info, "
-            "(SELECT count(to_state) FROM transitions t WHERE t.run_id = r.run_id) AS steps, "
-            "(SELECT coalesce(sum(input_tokens), 0) FROM transitions t WHERE t.run_id = r.run_id) "
-            "AS input_tokens, "
-            "(SELECT coalesce(sum(output_tokens), 0) FROM transitions t WHERE t.run_id = r.run_id) "
-            "AS output_tokens, "
-            f"(SELECT {_COST_SUM.format(t='', extra='')} FROM transitions t WHERE t.run_id = r.run_id) "
-            "AS cost_usd "
+            "r.steps, r.input_tokens, r.output_tokens, r.cost_usd "
             "FROM runs r "
             + ("WHERE " + " AND ".join(where) + " " if where else "")
             + "ORDER BY r.created_at DESC, r.run_id DESC LIMIT ?"
@@ -537,13 +563,11 @@ class SQLiteStore:
             return []
         marks = ",".join("?" * len(machines))
         return [MachineTotals(**row) for row in self.db.query(
-            "SELECT r.machine, count(DISTINCT r.run_id) AS runs, count(t.to_state) AS steps, "
-            "coalesce(sum(t.input_tokens), 0) AS input_tokens, "
-            "coalesce(sum(t.output_tokens), 0) AS output_tokens, "
-            f"{_COST_SUM.format(t='t.', extra=' AND t.run_id IS NOT NULL')} AS cost_usd, "
-            "coalesce(sum(t.source = 'cache'), 0) AS cache_hits "
-            f"FROM runs r LEFT JOIN transitions t ON t.run_id = r.run_id WHERE r.machine IN ({marks}) "
-            "GROUP BY r.machine ORDER BY r.machine", list(machines))]
+            "SELECT machine, count(*) AS runs, sum(steps) AS steps, sum(input_tokens) AS input_tokens, "
+            "sum(output_tokens) AS output_tokens, "
+            "CASE WHEN sum(cost_usd IS NULL) > 0 THEN NULL ELSE sum(cost_usd) END AS cost_usd, "
+            f"sum(cache_hits) AS cache_hits FROM runs WHERE machine IN ({marks}) "
+            "GROUP BY machine ORDER BY machine", list(machines))]
 
     def all_run_ids(self) -> list[str]:
         return [row[0] for row in self.conn.execute("SELECT run_id FROM runs ORDER BY created_at, run_id")]

@@ -260,16 +260,20 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
                  "'2020-01-01T00:00:00Z')")
     conn.execute("INSERT INTO transitions (run_id, seq, from_state, to_state, decision, attempt, "
                  "started_at, latency_ms, source, input_tokens, output_tokens, output) "
-                 "VALUES ('old', 1, 'a', '__end__', 'continue', 1, 't', 1.0, 'python', 0, 0, '1')")
+                 "VALUES ('old', 1, 'a', '__end__', 'continue', 1, 't', 1.0, 'python', 5, 7, '1')")
     conn.commit()
     conn.close()
     store = SQLiteStore(path)
     assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     _, log = store.load_run("old")
-    assert [(r.seq, r.output, r.cost_usd, r.attempts) for r in log] == [(1, 1, 0.0, [])]
-    assert store.list_runs()[0].cost_usd == 0.0
+    # tokens from before costs were recorded: the cost is unknown, not zero
+    assert [(r.seq, r.output, r.cost_usd, r.attempts) for r in log] == [(1, 1, None, [])]
+    old = store.list_runs()[0]
+    assert (old.steps, old.input_tokens, old.output_tokens, old.cost_usd) == (1, 5, 7, None)  # carried over
     owner = me()
     store.create_run(new_run("new"), owner)
     store.append(row(1, run_id="new", attempts=[]), owner)
     assert [r.run_id for r in store.list_runs()] == ["new", "old"]
+    [totals] = store.machine_totals(["m"])
+    assert (totals.runs, totals.steps, totals.input_tokens, totals.output_tokens) == (2, 2, 5 + 3, 7 + 4)
 
