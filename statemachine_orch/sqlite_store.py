@@ -67,7 +67,7 @@ CREATE TABLE runs (
     cost_usd      REAL DEFAULT 0,
     cache_hits    INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX runs_by_created ON runs (created_at);
+CREATE INDEX runs_by_created ON runs (created_at, run_id);
 CREATE INDEX runs_by_machine ON runs (machine, created_at);
 CREATE TABLE transitions (
     run_id             TEXT NOT NULL REFERENCES runs (run_id),
@@ -162,6 +162,8 @@ ALTER TABLE transitions ADD COLUMN chain TEXT NOT NULL DEFAULT '';
 ALTER TABLE runs ADD COLUMN in_flight TEXT;
 """,
     2: """
+DROP INDEX runs_by_created;
+CREATE INDEX runs_by_created ON runs (created_at, run_id);
 ALTER TABLE runs ADD COLUMN steps INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0;
