@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .definition import Machine
-from .snapshot import resume_point, total_cost, total_usage
+from .runlog import resume_point, total_cost, total_usage
 from .types import END, Attempt, RunRecord, TransitionRecord
+
+if TYPE_CHECKING:
+    from .definition import Machine
 
 
 def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from .definition import Machine, State
 from .errors import UsageError
 from .fsm import Position
+from .runlog import resume_point, total_cost, total_usage
 from .types import END, INVALID_MARKER, InvalidOutput, RunRecord, RunStatus, TransitionRecord, Usage
 
 
@@ -55,23 +56,6 @@ class RunResult:
             "cache_write_tokens": self.usage.cache_write_tokens, "cost_usd": self.cost_usd,
             "outputs": {k: output_json(v) for k, v in self.outputs.items()},
         }
-
-
-def total_usage(log: list[TransitionRecord]) -> Usage:
-    usage = Usage()
-    for row in log:
-        usage.add(row.usage)
-    return usage
-
-
-def total_cost(log: list[TransitionRecord]) -> float | None:
-    """Sum of the rows' costs; None when a paid call had no known price."""
-    total = 0.0
-    for row in log:
-        if row.cost_usd is None:
-            return None
-        total += row.cost_usd
-    return total
 
 
 @dataclass(slots=True)
@@ -127,18 +111,6 @@ def snapshot(machine: Machine, record: RunRecord, log: list[TransitionRecord]) -
     pending = last if last is not None and last.to_state is None and last.output is not None else None
     return Snapshot(Position(state, attempt, visits), outputs, path, usage, total_cost(log), seconds,
                     pending)
-
-
-def resume_point(log: list[TransitionRecord], initial: str) -> tuple[str, int]:
-    """(state to run next, its attempt number), read off the last log row: the snapshot."""
-    if not log:
-        return initial, 1
-    last = log[-1]
-    if last.to_state is None:  # the last step failed: that state runs again
-        return last.from_state, last.attempt + 1
-    if last.to_state == last.from_state:
-        return last.to_state, last.attempt + 1
-    return last.to_state, 1
 
 
 def restore_output(state: State, value: Any) -> Any:

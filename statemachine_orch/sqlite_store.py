@@ -1,4 +1,4 @@
-"""SQLite store (through sqlite-utils): one file, WAL, one short transaction per transition.
+"""SQLite store: one file, WAL, one short transaction per transition; `store.db` is sqlite-utils.
 
 Layout (schema version 3, see docs/storage.md):
   runs         one row per run: identity, input, status, owner and running totals. With the
@@ -22,11 +22,10 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
-
-import sqlite_utils
 
 from .errors import (
     CorruptRunError,
@@ -41,6 +40,9 @@ from .faults import kill_point
 from .ownership import Owner, is_alive, owner_from_json
 from .store import MachineTotals, RunSummary
 from .types import Attempt, RunRecord, RunStatus, TransitionRecord, Usage, now_iso
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 SCHEMA_VERSION = 3
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
@@ -261,7 +263,6 @@ class SQLiteStore:
         # -shm file it needs even to read, so open it immutable (reads work, writes say read-only).
         frozen = not os.access(self.path.parent, os.W_OK) and not Path(f"{self.path}-wal").exists()
         conn = self.conn = _connect(self.path, busy_timeout_s, immutable=frozen)
-        self.db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
         try:
             if not frozen:
                 self._while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
@@ -273,6 +274,22 @@ class SQLiteStore:
         except StoreError:
             conn.close()
             raise
+
+    @cached_property
+    def db(self) -> sqlite_utils.Database:
+        """The same connection as a `sqlite_utils.Database`, for your own queries and tools.
+
+        Built on first use: the store's own statements are prepared SQL on the connection,
+        so `orch runs` and friends start without importing sqlite-utils."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn, execute_plugins=False, recursive_triggers=False)
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> Iterator[dict[str, Any]]:
+        cursor = self.conn.execute(sql, params)
+        names = [column[0] for column in cursor.description]
+        for row in cursor:
+            yield dict(zip(names, row, strict=True))
 
     def _while_busy(self, action: Callable[[], object]) -> None:
         """Run `action`, retrying while another opener holds the file (switching a new file to
@@ -484,7 +501,7 @@ class SQLiteStore:
     # ------------------------------------------------------------------ reading
 
     def get_run(self, run_id: str) -> RunRecord:
-        rows = list(self.db.query("SELECT * FROM runs WHERE run_id = ?", [run_id]))
+        rows = list(self._query("SELECT * FROM runs WHERE run_id = ?", [run_id]))
         if not rows:
             raise RunNotFoundError(f"no run {run_id!r} in {self.path}; list runs with `orch runs`")
         row = rows[0]
@@ -505,7 +522,7 @@ class SQLiteStore:
         attempts: dict[int, list[Attempt]] = {}
         for a in self.attempts(run_id):
             attempts.setdefault(a[0], []).append(a[1])
-        return [_transition(row, attempts.get(row["seq"], [])) for row in self.db.query(
+        return [_transition(row, attempts.get(row["seq"], [])) for row in self._query(
             "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", [run_id])]
 
     def attempts(self, run_id: str) -> list[tuple[int, Attempt]]:
@@ -517,13 +534,13 @@ class SQLiteStore:
                 delay_s=row["delay_s"], usage=_usage(row), cost_usd=row["cost_usd"],
                 request=_load(row["request"], f"run {run_id} seq {row['seq']} attempt {row['attempt']} request"),
                 response=_load(row["response"], f"run {run_id} seq {row['seq']} attempt {row['attempt']} response")))
-            for row in self.db.query(
+            for row in self._query(
                 "SELECT * FROM attempts WHERE run_id = ? ORDER BY seq, attempt", [run_id])
         ]
 
     def find_cached(self, request_hash: str) -> TransitionRecord | None:
         """An earlier successful call with exactly this request (the step cache)."""
-        for row in self.db.query(
+        for row in self._query(
             "SELECT * FROM transitions WHERE request_hash = ? AND response IS NOT NULL "
             "AND to_state IS NOT NULL AND source IN ('llm', 'fallback') LIMIT 1", [request_hash]):
             return _transition(row, [])
@@ -553,7 +570,7 @@ class SQLiteStore:
         )
         params.append(limit)
         summaries = []
-        for row in self.db.query(sql, params):
+        for row in self._query(sql, params):
             holder = owner_from_json(row.pop("owner_info"))
             stale = row["status"] == RunStatus.RUNNING.value and (holder is None or not is_alive(holder))
             summaries.append(RunSummary(**row, stale=stale))
@@ -564,7 +581,7 @@ class SQLiteStore:
         if not machines:
             return []
         marks = ",".join("?" * len(machines))
-        return [MachineTotals(**row) for row in self.db.query(
+        return [MachineTotals(**row) for row in self._query(
             "SELECT machine, count(*) AS runs, sum(steps) AS steps, sum(input_tokens) AS input_tokens, "
             "sum(output_tokens) AS output_tokens, "
             "CASE WHEN sum(cost_usd IS NULL) > 0 THEN NULL ELSE sum(cost_usd) END AS cost_usd, "
@@ -575,7 +592,7 @@ class SQLiteStore:
         return [row[0] for row in self.conn.execute("SELECT run_id FROM runs ORDER BY created_at, run_id")]
 
     def run_ids(self, machine: str) -> Sequence[str]:
-        return [row["run_id"] for row in self.db.query(
+        return [row["run_id"] for row in self._query(
             "SELECT run_id FROM runs WHERE machine = ? ORDER BY created_at, run_id", [machine])]
 
     def verify_chain(self, run_id: str) -> str | None:

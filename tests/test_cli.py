@@ -684,3 +684,30 @@ def test_replay_reports_an_edited_prompt(orch: Orch, fake: FakeMessagesAPI, tmp_
     assert "seq 1, state sentiment_analysis" in replayed.stdout
     assert "request differs" in replayed.stdout and "prompt" in replayed.stdout
     assert "Label the sentiment" in replayed.stdout
+
+
+def test_reading_commands_start_without_the_engine_stack() -> None:
+    """`orch runs/log/show/audit` must not import what only running machines needs."""
+    import subprocess
+    import sys
+
+    heavy = ["pydantic", "structlog", "transitions", "anthropic", "asyncio", "sqlite_utils",
+             "statemachine_orch.engine", "statemachine_orch.definition"]
+    code = ("import sys, statemachine_orch.cli as c; c.build_parser(); "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_public_name_resolves_lazily() -> None:
+    import importlib
+
+    import statemachine_orch
+
+    names = [n for n in statemachine_orch.__all__ if n != "__version__"]
+    assert sorted(names) == sorted(statemachine_orch._WHERE)
+    for name in names:
+        module = importlib.import_module(f"statemachine_orch.{statemachine_orch._WHERE[name]}")
+        assert getattr(statemachine_orch, name) is getattr(module, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        statemachine_orch.nope  # noqa: B018

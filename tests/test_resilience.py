@@ -54,7 +54,7 @@ from statemachine_orch import (
 from statemachine_orch.llm_step import estimate_input_tokens
 from statemachine_orch.replay import ReplayReport, replay_run
 from statemachine_orch.retry import next_delay, retry_after, should_retry
-from statemachine_orch.snapshot import total_cost
+from statemachine_orch.runlog import total_cost
 from statemachine_orch.testing import FakeMessagesAPI, Reply, disconnect, error, timeout
 from statemachine_orch.trace import Tracer
 
