@@ -190,14 +190,15 @@ class _Call:
                              retry=state.retry_policy or self.step.machine.retry_policy)
         rec.request = body
         model = self.step._model()
-        if not self.marked:
+        if not self.marked:  # the step's first call: it starts with the step
             kill_point("before_request")
             if getattr(model, "bills", False):
                 self.step.store.mark_in_flight(rec.run_id, self.step.owner, rec.seq, state.name)
             self.marked = True
+        else:
+            self.call_started = now_iso()
         if rec.seq == self.step.in_doubt_seq:
             rec.in_doubt = True
-        self.call_started = now_iso()
         try:
             completion = await model.complete(request)
         except OrchError:
