@@ -72,6 +72,7 @@ ALLOWED_CODE_LOADING = {
     ("loader.py", "call exec_module"): "runs that machine module (a .py file the user passed, or stored with "
                                        "the run by `orch run`), never a value read from a row's JSON",
     ("loader.py", "call import_module"): "imports a dotted machine module, as above",
+    ("__init__.py", "from importlib import"): "lazy public names: imports the package's own submodules",
 }
 
 
@@ -320,16 +321,17 @@ ALLOWED_SQL_PARTS = {
     "APPLICATION_ID": "an int constant",
     "synchronous": "checked to be 'FULL' or 'NORMAL' before the connection is made",
     "marks": "machine_totals: one '?' per machine name",
-    "_COST_SUM.format(t='t.', extra=' AND t.run_id IS NOT NULL')": "a constant expression",
+    "_ADVANCE": "constant UPDATE with :named placeholders",
 }
 
 
 def sql_parts(source: str) -> list[str]:
-    """The non-literal parts of the SQL text given to execute/executemany/executescript/query."""
+    """The non-literal parts of the SQL text given to execute/executemany/executescript/query
+    (and the store's own `_query`)."""
     parts = []
     for node in ast.walk(ast.parse(source)):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr in ("execute", "executemany", "executescript", "query") and node.args):
+                and node.func.attr in ("execute", "executemany", "executescript", "query", "_query") and node.args):
             continue
         sql = node.args[0]
         if isinstance(sql, ast.JoinedStr):
