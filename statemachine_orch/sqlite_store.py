@@ -63,6 +63,7 @@ CREATE TABLE runs (
     owner        TEXT,
     owner_info   TEXT,
     in_flight    TEXT,
+    last_seq      INTEGER NOT NULL DEFAULT 0,
     steps         INTEGER NOT NULL DEFAULT 0,
     input_tokens  INTEGER NOT NULL DEFAULT 0,
     output_tokens INTEGER NOT NULL DEFAULT 0,
@@ -166,12 +167,14 @@ ALTER TABLE runs ADD COLUMN in_flight TEXT;
     2: """
 DROP INDEX runs_by_created;
 CREATE INDEX runs_by_created ON runs (created_at, run_id);
+ALTER TABLE runs ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN steps INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN cost_usd REAL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN cache_hits INTEGER NOT NULL DEFAULT 0;
 UPDATE runs SET
+    last_seq = (SELECT coalesce(max(seq), 0) FROM transitions t WHERE t.run_id = runs.run_id),
     steps = (SELECT count(to_state) FROM transitions t WHERE t.run_id = runs.run_id),
     input_tokens = (SELECT coalesce(sum(input_tokens), 0) FROM transitions t WHERE t.run_id = runs.run_id),
     output_tokens = (SELECT coalesce(sum(output_tokens), 0) FROM transitions t WHERE t.run_id = runs.run_id),
@@ -189,7 +192,7 @@ _CHAINED_COLUMNS = (
 # The fence: the run's totals (and its status, when it changes) are updated only while we
 # own it; no row changed means another process took the run, and nothing is inserted.
 _ADVANCE = (
-    "UPDATE runs SET steps = steps + :step, input_tokens = input_tokens + :input_tokens, "
+    "UPDATE runs SET last_seq = :seq, steps = steps + :step, input_tokens = input_tokens + :input_tokens, "
     "output_tokens = output_tokens + :output_tokens, cache_hits = cache_hits + :cache_hit, "
     "cost_usd = CASE WHEN cost_usd IS NULL OR :cost IS NULL THEN NULL ELSE cost_usd + :cost END, "
     "status = coalesce(:status, status), "
@@ -431,7 +434,7 @@ class SQLiteStore:
                 chain = chain_hash(previous[1], content)
                 final = status is not None and status is not RunStatus.RUNNING
                 if conn.execute(_ADVANCE, {
-                    "step": r.to_state is not None, "input_tokens": u.input_tokens,
+                    "seq": r.seq, "step": r.to_state is not None, "input_tokens": u.input_tokens,
                     "output_tokens": u.output_tokens, "cache_hit": r.source == "cache", "cost": r.cost_usd,
                     "status": None if status is None else status.value, "error": error, "now": now_iso(),
                     "release": final, "run_id": r.run_id, "owner": owner.token,
@@ -611,6 +614,15 @@ class SQLiteStore:
                 return (f"row seq {seq} does not match its hash: it was edited, or inserted, or a row "
                         "before it was removed")
             expected_seq += 1
+        # the log's end against the run's own record of it: rows cut from the end leave a
+        # consistent chain, but not the seq the run row was last advanced to
+        row = self.conn.execute("SELECT last_seq FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        last = expected_seq - 1
+        if row is not None and row[0] > last:
+            return (f"row seq {last + 1} is missing (deleted): the run was advanced to seq {row[0]}, "
+                    f"its log ends at seq {last}")
+        if row is not None and row[0] < last:
+            return f"row seq {row[0] + 1} was added after the run's last recorded step (seq {row[0]})"
         return None
 
     def close(self) -> None:

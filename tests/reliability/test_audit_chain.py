@@ -273,6 +273,9 @@ TAMPER_CASES = [
     TamperCase("swap rows between two runs",
                steps(move("plain", 3, "swap"), move("cached", 3, "plain"), move("swap", 3, "cached")),
                {"plain": 3, "cached": 3}),
+    TamperCase("cut the last row", delete("plain", 4), {"plain": 4}),
+    TamperCase("delete every row of a run", lambda conn: conn.execute(
+        "DELETE FROM transitions WHERE run_id = 'fallback'"), {"fallback": 1}),
     TamperCase("edit the first row of every run", steps(*(edit(run_id, 1, "latency_ms = latency_ms + 1")
                                                         for run_id in RUNS)), dict.fromkeys(RUNS, 1)),
 ]
@@ -318,18 +321,13 @@ def test_audit_names_the_first_tampered_row_of_each_run(case: TamperCase, audite
 # --------------------------------------------------------------------------- what a chain cannot show
 
 
-def test_rows_cut_off_the_end_leave_a_consistent_chain_but_show_in_status_and_steps(
-        recorded: Recorded, tmp_path: Path) -> None:
-    """docs/cli.md: a shorter but consistent chain, which the run's status and step count show."""
+def test_rows_cut_off_the_end_are_named_from_the_runs_last_seq(recorded: Recorded, tmp_path: Path) -> None:
+    """The chain of a shortened log is consistent; the run row's last_seq is what shows the cut."""
     db = tampered_copy(recorded, tmp_path, "cut the tail", delete("plain", 4))
     cli = Orch(db)
     audit = cli("audit", "verify", "plain")
-    assert (audit.code, verdicts(audit)) == (0, {"plain": None})
-    listed = {run["run_id"]: run for run in cli.json("runs")}
-    assert (listed["plain"]["status"], listed["plain"]["steps"]) == ("completed", 3)
-    assert listed["cached"]["steps"] == 4  # the same machine's untouched run shows what is missing
-    snapshot = cli.json("show", "plain")["snapshot"]
-    assert (snapshot["status"], snapshot["next_state"]) == ("completed", "summary")  # completed, not at the end
+    assert (audit.code, verdicts(audit)) == (1, {"plain": 4})
+    assert "advanced to seq 4, its log ends at seq 3" in audit.stdout
 
 
 def rechain(run_id: str, from_seq: int) -> Tamper:
@@ -347,8 +345,6 @@ def rechain(run_id: str, from_seq: int) -> Tamper:
 
 
 OUTSIDE_THE_CHAIN = {
-    "cut the last row": delete("plain", 4),
-    "delete every row of a run": lambda conn: conn.execute("DELETE FROM transitions WHERE run_id = 'fallback'"),
     "edit a row and recompute the later hashes": steps(edit("plain", 2, "reason = 'approved by the CFO'"),
                                                         rechain("plain", 2)),
     "edit a run's input": lambda conn: conn.execute("UPDATE runs SET input = '{\"text\": \"a yacht\"}' "
