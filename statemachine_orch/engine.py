@@ -177,14 +177,14 @@ class Run:
             if isinstance(output, BudgetRoute):
                 assert isinstance(state, LLMState) and state.on_budget is not None
                 rec.source = "budget"
-                verdict = Verdict(state.on_budget, output.reason)
+                decision, reason = state.on_budget.value, output.reason
                 output = None
             else:
                 rec.output = output_json(output)
-                verdict = self._judge(state, output, ctx)
-            rec.decision = verdict.decision.value
+                decision, reason = self._judge(state, output, ctx)
+            rec.decision = decision
             note = rec.reason
-            rec.reason = (verdict.reason if note is None else f"{verdict.reason} [{note}]")[:_REASON_LIMIT]
+            rec.reason = (reason if note is None else f"{reason} [{note}]")[:_REASON_LIMIT]
             self._move(state, rec.decision)
             rec.to_state = pos.state
         except RunError as exc:
@@ -285,33 +285,33 @@ class Run:
             raise StepError(f"returned a value that cannot be stored: {exc}", run_id=self.run_id,
                             state=state.name) from None
 
-    def _judge(self, state: State, output: Any, ctx: StepContext) -> Verdict:
+    def _judge(self, state: State, output: Any, ctx: StepContext) -> tuple[str, str]:
+        """(decision value, reason) from the state's guard, or GuardError."""
         g = state.guard
         if g is None:
-            return Verdict(FlowDecision.CONTINUE, "no guard: continue")
-        gname = getattr(g, "__name__", type(g).__name__)
+            return _CONTINUE, "no guard: continue"
         try:
             result = g(output, ctx)
         except Exception as exc:
-            raise GuardError(f"guard {gname} raised {type(exc).__name__}: {exc}",
+            raise GuardError(f"guard {_name(g)} raised {type(exc).__name__}: {exc}",
                              run_id=self.run_id, state=state.name) from exc
-        if isinstance(result, Verdict) and isinstance(result.decision, (FlowDecision, Branch)):
-            verdict = Verdict(result.decision, str(result.reason))
-        elif isinstance(result, (FlowDecision, Branch)):
-            verdict = Verdict(result, f"{gname} saw {_excerpt(output)} -> {result.value}")
+        if isinstance(result, (FlowDecision, Branch)):
+            decision, reason = result.value, ""
+        elif isinstance(result, Verdict) and isinstance(result.decision, (FlowDecision, Branch)):
+            decision, reason = result.decision.value, str(result.reason)
         else:
             if inspect.isawaitable(result) and hasattr(result, "close"):
                 result.close()
             raise GuardError(
-                f"guard {gname} returned {_excerpt(result)}, which is not a decision; return a "
+                f"guard {_name(g)} returned {_excerpt(result)}, which is not a decision; return a "
                 f"FlowDecision or Branch (allowed here: {sorted(self.machine.decisions[state.name])})",
                 run_id=self.run_id, state=state.name)
-        if verdict.decision.value not in self.machine.decisions[state.name]:
+        if decision not in self.machine.decisions[state.name]:
             raise GuardError(
-                f"guard {gname} returned {verdict.decision.value}, which state '{state.name}' has no "
+                f"guard {_name(g)} returned {decision}, which state '{state.name}' has no "
                 f"transition for (allowed: {sorted(self.machine.decisions[state.name])}); "
                 "add it to on={...} and @guard(...)", run_id=self.run_id, state=state.name)
-        return verdict
+        return decision, reason or f"{_name(g)} saw {_excerpt(output)} -> {decision}"
 
     def _move(self, state: State, decision: str) -> None:
         if self._compiled.move(self._pos, decision):
@@ -363,10 +363,11 @@ class Run:
         finally:
             if self._grace is not None:
                 self._grace.cancel()
+        result = self.result()
         self.engine.tracer.run_finished(self.run_id, self.machine.name, self.status.value,
                                         steps=len(self.path), usage=self.usage,
-                                        cost_usd=self.result().cost_usd, error=self.error)
-        return self.result()
+                                        cost_usd=result.cost_usd, error=self.error)
+        return result
 
     def _release_quietly(self, status: RunStatus, error: str) -> None:
         try:
@@ -375,6 +376,10 @@ class Run:
             pass  # the owner check on resume treats a dead process as gone anyway
         self.status = status
         self.error = error
+
+
+def _name(guard: Any) -> str:
+    return getattr(guard, "__name__", type(guard).__name__)
 
 
 def _excerpt(value: Any, limit: int = 120) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import uuid
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -28,7 +27,7 @@ class Owner:
     @classmethod
     def for_this_process(cls) -> Owner:
         """A new token, with this process's identity (read once per process, not per run)."""
-        return cls(uuid.uuid4().hex, *_identity(os.getpid()))
+        return cls(os.urandom(16).hex(), *_identity(os.getpid()))
 
     def info_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
