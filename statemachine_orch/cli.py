@@ -45,7 +45,7 @@ class Interrupted(Exception):
 # --------------------------------------------------------------------------- helpers
 
 
-def _open_store(args: argparse.Namespace, *, create: bool) -> SQLiteStore:
+def open_store(args: argparse.Namespace, *, create: bool) -> SQLiteStore:
     path = args.db or os.environ.get("ORCH_DB") or DEFAULT_DB
     sync = (args.sync or os.environ.get("ORCH_SYNC") or "full").upper()
     if sync not in ("FULL", "NORMAL"):
@@ -58,7 +58,7 @@ def _open_store(args: argparse.Namespace, *, create: bool) -> SQLiteStore:
     return SQLiteStore(path, synchronous=sync, create=create, busy_timeout_s=busy_s)  # type: ignore[arg-type]
 
 
-def _prices(args: argparse.Namespace) -> PriceTable:
+def price_table(args: argparse.Namespace) -> PriceTable:
     path = args.prices or os.environ.get("ORCH_PRICES")
     if not path:
         return PriceTable()
@@ -72,7 +72,7 @@ def _prices(args: argparse.Namespace) -> PriceTable:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    store = _open_store(args, create=False)
+    store = open_store(args, create=False)
     try:
         store.get_run(args.run_id)
         rows = store.transitions(args.run_id)
@@ -117,7 +117,7 @@ def _print_attempts(rows: list[TransitionRecord], args: argparse.Namespace) -> i
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    store = _open_store(args, create=False)
+    store = open_store(args, create=False)
     try:
         runs = store.list_runs(machine=args.machine, status=args.status, limit=args.limit)
         totals = store.machine_totals(sorted({r.machine for r in runs}))
@@ -145,7 +145,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    store = _open_store(args, create=False)
+    store = open_store(args, create=False)
     try:
         record, rows = store.load_run(args.run_id)
     finally:
@@ -183,7 +183,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Check the hash chain of one run's log, or of every run's."""
-    store = _open_store(args, create=False)
+    store = open_store(args, create=False)
     try:
         run_ids = [args.run_id] if args.run_id else store.all_run_ids()
         if args.run_id:
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, None)
     try:
-        _prices(args)  # a bad price file is an error whatever the command
+        price_table(args)  # a bad price file is an error whatever the command
         return int(args.func(args))
     except OrchError as exc:
         if args.debug:

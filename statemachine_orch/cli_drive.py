@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .cli import Interrupted, _open_store, _prices, main
+from .cli import Interrupted, main, open_store, price_table
 from .definition import LLMState, Machine
 from .engine import Engine, Run, new_run_id
 from .errors import InputError, OrchError, UsageError
@@ -167,8 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = _read_input(args.input)
     validate_input(loaded.machine, data)  # bad input: refused before a database is even created
     model, options, banner = _model_for(args.offline, loaded.machine)
-    store = _open_store(args, create=True)
-    engine = Engine(store, model=model, tracer=_tracer(args), prices=_prices(args))
+    store = open_store(args, create=True)
+    engine = Engine(store, model=model, tracer=_tracer(args), prices=price_table(args))
     run_id = args.run_id or new_run_id()
     try:
         result = _drive(store, run_id, banner, lambda: engine.start(
@@ -180,12 +180,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    store = _open_store(args, create=False)
+    store = open_store(args, create=False)
     try:
         record = store.get_run(args.run_id)
         loaded = load_machine(args.machine or record.machine_ref)
         model, _, banner = _model_for(record.options.get("offline"), loaded.machine)
-        engine = Engine(store, model=model, tracer=_tracer(args), prices=_prices(args))
+        engine = Engine(store, model=model, tracer=_tracer(args), prices=price_table(args))
         result = _drive(store, args.run_id, banner, lambda: engine.attach(
             args.run_id, loaded.machine, budget=_budget(args), allow_changed=args.allow_changed))
     finally:
@@ -194,19 +194,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    store = _open_store(args, create=False)
+    store = open_store(args, create=False)
     try:
         if args.all:
             loaded = load_machine(args.all)
             run_ids = store.run_ids(loaded.machine.name)
-            reports = [asyncio.run(replay_run(store, rid, loaded.machine, prices=_prices(args)))
+            reports = [asyncio.run(replay_run(store, rid, loaded.machine, prices=price_table(args)))
                        for rid in run_ids]
             return _print_replay_summary(reports, loaded.machine.name, args)
         if not args.run_id:
             raise UsageError("give a RUN_ID, or --all MACHINE to replay every run of a machine")
         record = store.get_run(args.run_id)
         loaded = load_machine(args.machine or record.machine_ref)
-        report = asyncio.run(replay_run(store, args.run_id, loaded.machine, prices=_prices(args)))
+        report = asyncio.run(replay_run(store, args.run_id, loaded.machine, prices=price_table(args)))
     finally:
         store.close()
     if args.json:
