@@ -118,7 +118,10 @@ class Machine:
         attr = next((k for k, v in vars(module).items() if v is self), None) if module else None
         where = self._where
         if not attr:
-            return where  # the module may not have bound it yet: look again next time
+            spec = getattr(module, "__spec__", None)
+            if not getattr(spec, "_initializing", False):
+                self._ref = where  # the module is loaded and does not name it: it never will
+            return where  # still importing: it may bind the machine yet, so look again next time
         self._ref = f"{where}:{attr}"
         return self._ref
 

@@ -12,6 +12,7 @@ from .errors import InputError
 
 CHARS_PER_TOKEN = 4  # a typical average: the check only stops inputs that clearly cannot fit
 MAX_DEPTH = 256  # deeper JSON is refused before it can exhaust the recursion limit anywhere
+_as_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode  # built once, used per run
 
 
 def _depth(value: Any) -> int:
@@ -60,7 +61,7 @@ def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], di
             raise InputError(f"input_vars[{name!r}] failed on this input: "
                              f"{type(exc).__name__}: {exc}; fix the input or the function") from None
     try:
-        text = json.dumps(stored, ensure_ascii=False, allow_nan=False)
+        text = _as_json(stored)
         text.encode("utf-8")  # lone surrogates cannot be stored or sent
     except (TypeError, ValueError) as exc:
         raise InputError(f"input is not valid JSON data: {str(exc)[:200]}; fix the input") from None

@@ -148,6 +148,8 @@ class LLMStep:
 class _Call:
     """The calls of one step: accumulates attempts, usage and cost into the record."""
 
+    __slots__ = ("call_started", "marked", "rec", "spent", "state", "step", "tool_name")
+
     def __init__(self, step: LLMStep, state: LLMState, rec: TransitionRecord, tool_name: str | None,
                  spent: Spent) -> None:
         self.step = step
