@@ -40,7 +40,7 @@ from .errors import (
 from .faults import kill_point
 from .fsm import Compiled, Position, compile_machine
 from .inputs import validate_input
-from .llm_step import BudgetRoute, LLMStep, PythonOverride, Spent, paid_tokens
+from .llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
 from .ownership import Owner
 from .prices import PriceTable
 from .snapshot import (
@@ -116,7 +116,7 @@ class Run:
         self.outputs: dict[str, Any] = snap.outputs
         self.path: list[str] = snap.path
         self.usage = snap.usage
-        self.spent = Spent(snap.cost_usd or 0.0, paid_tokens(snap.usage), snap.seconds)
+        self.spent = Spent(snap.cost_usd or 0.0, self.usage, snap.seconds)
         self.cost_known = snap.cost_usd is not None
         self.budget = budget or Budget()
         self._pending = snap.pending
@@ -209,7 +209,6 @@ class Run:
         if rec.cost_usd is None:
             self.cost_known = False
         spent.cost_usd += rec.cost_usd or 0.0
-        spent.tokens += paid_tokens(rec.usage)
         spent.seconds += rec.latency_ms / 1000.0
         if rec.to_state is not None:
             outputs[name] = output
@@ -223,12 +222,12 @@ class Run:
         return rec
 
     async def _execute(self, state: State, rec: TransitionRecord, ctx: StepContext) -> Any:
-        """The state's output, within what is left of the run's wall-clock budget."""
+        """A recorded answer to re-judge, or the state's output within what is left of the run's
+        wall-clock budget (`step` runs the state directly when neither applies)."""
         if self._pending is not None:
             return self._reuse_pending(state, rec)
         limit = self.budget.max_seconds
-        if limit is None:
-            return await self._run_state(state, rec, ctx)
+        assert limit is not None
         left = limit - self.spent.seconds
         if left <= 0:
             raise BudgetExceededError(
@@ -446,8 +445,9 @@ class Engine:
         context_input, stored, values = validate_input(machine, input)
         effective = (machine.budget or Budget()).merged(budget)
         options = dict(options or {})
-        if effective.to_json():
-            options["budget"] = effective.to_json()
+        limits = effective.to_json()
+        if limits:
+            options["budget"] = limits
         now = now_iso()
         record = RunRecord(
             run_id=run_id or new_run_id(), machine=machine.name,
@@ -482,7 +482,7 @@ class Engine:
         if record.machine_hash != machine.source_hash and not allow_changed:
             await self._check_still_compatible(record, machine)
         owner = Owner.for_this_process()
-        effective = Budget(**record.options.get("budget", {})).merged(budget)
+        effective = Budget.of_run(record.options).merged(budget)
         options = None
         if budget is not None:
             options = {**record.options, "budget": effective.to_json()}

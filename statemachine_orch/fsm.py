@@ -100,7 +100,7 @@ def _on_event(check: Check) -> Callable[[Any], bool]:
 
 def compile_machine(machine: Machine) -> Compiled:
     transitions: list[dict[str, Any]] = []
-    checks: dict[tuple[str, str], tuple[Check, ...]] = {}
+    moves: dict[tuple[str, str], Move] = {}
     for state in machine.states:
         for decision, target in machine.edges(state.name).items():
             found: list[Check] = []
@@ -110,7 +110,7 @@ def compile_machine(machine: Machine) -> Compiled:
                 bound = machine.by_name[target].max_visits
                 if bound:
                     found.append(_below_visit_limit(target, bound))
-            checks[state.name, decision] = tuple(found)
+            moves[state.name, decision] = Move(target, tuple(found))
             transitions.append({"trigger": decision, "source": state.name, "dest": target,
                                 "conditions": [_on_event(check) for check in found]})
     fsm = FSM(
@@ -123,9 +123,6 @@ def compile_machine(machine: Machine) -> Compiled:
         ignore_invalid_triggers=False,
         after_state_change=[_after_state_change],
     )
-    moves = {(source, decision): Move(str(found[0].dest), checks[source, decision])
-             for decision, event in fsm.events.items()
-             for source, found in event.transitions.items()}
     compiled = Compiled(machine, fsm, moves)
     for state in machine.states:
         if isinstance(state, LLMState) and state.output is not None:

@@ -13,13 +13,12 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .errors import LLMError, UsageError
 from .retry import RetryPolicy, next_delay, should_retry
 from .trace import redact
-from .types import Attempt, Completion, LLMRequest, Usage
+from .types import Attempt, Completion, LLMRequest, Usage, now_iso
 
 if TYPE_CHECKING:
     import anthropic
@@ -93,7 +92,7 @@ class AnthropicModel:
         number = 0
         while True:
             number += 1
-            started_at = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            started_at = now_iso()
             status: int | None = None
             headers: Mapping[str, str] | None = None
             request_id: str | None = None

@@ -12,7 +12,7 @@ import inspect
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -23,7 +23,7 @@ from .faults import kill_point
 from .llm import TRANSIENT_KINDS, completion_from_response
 from .ownership import Owner
 from .prices import PriceTable
-from .snapshot import first_error
+from .snapshot import first_error, restore_output
 from .store import Store
 from .types import (
     Attempt,
@@ -57,7 +57,7 @@ class Spent:
     """What a run has paid so far (and how long it has been active)."""
 
     cost_usd: float = 0.0
-    tokens: int = 0
+    usage: Usage = field(default_factory=Usage)  # the run's own usage object, summed as it commits
     seconds: float = 0.0
 
 
@@ -282,13 +282,11 @@ class _Call:
         except Exception as exc:
             raise LLMError(f"{failure}; fallback {name} failed too: {type(exc).__name__}: {exc}",
                            kind=failure.kind, run_id=rec.run_id, state=state.name) from exc
-        if state.output is not None and not isinstance(result, state.output):
-            try:
-                result = state.output.model_validate(result)
-            except ValidationError as exc:
-                raise LLMError(f"fallback answer does not match {state.output.__name__}: "
-                               f"{first_error(exc)}", kind="invalid_output", run_id=rec.run_id,
-                               state=state.name) from None
+        try:
+            result = restore_output(state, result)  # as a Python state's value: validated, storable
+        except (TypeError, ValueError) as exc:
+            raise LLMError(f"fallback answer {exc}", kind="invalid_output", run_id=rec.run_id,
+                           state=state.name) from None
         rec.request = None
         return result
 
@@ -299,7 +297,7 @@ class _Call:
             return None
         estimate = estimate_input_tokens(body)
         worst_tokens = estimate + state.max_tokens
-        so_far_tokens = spent.tokens + paid_tokens(self.rec.usage)
+        so_far_tokens = paid_tokens(spent.usage) + paid_tokens(self.rec.usage)
         problem = None
         if budget.max_tokens is not None and so_far_tokens + worst_tokens > budget.max_tokens:
             problem = (f"tokens: spent {so_far_tokens} + worst case {worst_tokens} (about {estimate} in, "

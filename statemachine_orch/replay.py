@@ -23,7 +23,7 @@ from .errors import InputError, LLMError, OrchError
 from .llm import completion_from_response
 from .ownership import Owner
 from .prices import PriceTable
-from .store import Store
+from .store import NullStore, Store
 from .trace import Tracer
 from .types import (
     Attempt,
@@ -149,14 +149,11 @@ class _RecordedModel:
         return completion
 
 
-class _ComparingStore:
+class _ComparingStore(NullStore):
     """Takes the engine's writes and checks each against the recorded row instead."""
 
     def __init__(self, cursor: _Cursor) -> None:
         self.cursor = cursor
-
-    def create_run(self, run: RunRecord, owner: Owner) -> None:
-        return None
 
     def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
         raise NotImplementedError("replay never loads through its comparing store")
@@ -164,15 +161,6 @@ class _ComparingStore:
     def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
                   ) -> tuple[RunRecord, list[TransitionRecord]]:
         raise NotImplementedError("replay never resumes")
-
-    def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
-        return None
-
-    def mark_in_flight(self, run_id: str, owner: Owner, seq: int, state: str) -> None:
-        return None
-
-    def verify_chain(self, run_id: str) -> str | None:
-        return None
 
     def find_cached(self, request_hash: str) -> TransitionRecord | None:
         """A step served from the cache when recorded is served from its recorded answer."""
@@ -247,7 +235,7 @@ async def replay_run(store: Store, run_id: str, machine: Machine, *,
     try:
         run = await engine.start(machine, record.input, run_id=record.run_id,
                                  machine_ref=record.machine_ref,
-                                 budget=Budget(**record.options.get("budget", {})))
+                                 budget=Budget.of_run(record.options))
         while not run.done:
             await run.step()
     except _Diverged as exc:

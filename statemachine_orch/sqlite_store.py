@@ -227,8 +227,10 @@ def _dump(value: Any) -> str | None:
     return _encode(value)
 
 
-def _load(text: str | None, where: str = "") -> Any:
-    """A stored JSON value; anything else (truncated JSON, a pickle, binary junk) is refused."""
+def _load(text: str | None, *where: object) -> Any:
+    """A stored JSON value; anything else (truncated JSON, a pickle, binary junk) is refused.
+
+    `where` names the value ("run", id, "seq", 2, "output"), joined only if it is refused."""
     if text is None:
         return None
     try:
@@ -236,7 +238,8 @@ def _load(text: str | None, where: str = "") -> Any:
             raise ValueError(f"a {type(text).__name__} value where JSON text belongs")
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise CorruptRunError(f"{where or 'a stored value'} is not valid JSON ({str(exc)[:80]}); this run "
+        what = " ".join(map(str, where)) or "a stored value"
+        raise CorruptRunError(f"{what} is not valid JSON ({str(exc)[:80]}); this run "
                               "cannot be read or resumed (other runs are unaffected); restore the "
                               "database from a backup") from None
 
@@ -420,10 +423,11 @@ class SQLiteStore:
     ) -> None:
         r = record
         u = r.usage
+        request = _dump(r.request)  # retried attempts usually carry this same body: encoded once
         content = (
             r.run_id, r.seq, r.from_state, r.to_state, r.decision, r.reason, r.attempt, r.started_at,
             r.latency_ms, r.source, u.input_tokens, u.output_tokens, u.cache_read_tokens,
-            u.cache_write_tokens, r.cost_usd, r.error, _dump(r.output), _dump(r.request),
+            u.cache_write_tokens, r.cost_usd, r.error, _dump(r.output), request,
             _dump(r.response), r.request_id, r.request_hash, int(r.in_doubt),
         )
         try:
@@ -449,7 +453,7 @@ class SQLiteStore:
                         (r.run_id, r.seq, a.number, r.from_state, a.started_at, a.kind, a.status_code,
                          a.request_id, a.delay_s, a.error, a.usage.input_tokens, a.usage.output_tokens,
                          a.usage.cache_read_tokens, a.usage.cache_write_tokens, a.cost_usd,
-                         _dump(a.request), _dump(a.response))
+                         request if a.request is r.request else _dump(a.request), _dump(a.response))
                         for a in r.attempts])
                 kill_point("mid_commit")
             if not final:
@@ -510,11 +514,11 @@ class SQLiteStore:
         row = rows[0]
         return RunRecord(
             run_id=row["run_id"], machine=row["machine"], machine_ref=row["machine_ref"],
-            machine_hash=row["machine_hash"], input=_load(row["input"], f"run {run_id} input"),
+            machine_hash=row["machine_hash"], input=_load(row["input"], "run", run_id, "input"),
             status=RunStatus(row["status"]), created_at=row["created_at"],
             updated_at=row["updated_at"], error=row["error"],
-            options=_load(row["options"], f"run {run_id} options") or {},
-            owner=row["owner"], in_flight=_load(row["in_flight"], f"run {run_id} in-flight mark"),
+            options=_load(row["options"], "run", run_id, "options") or {},
+            owner=row["owner"], in_flight=_load(row["in_flight"], "run", run_id, "in-flight mark"),
         )
 
     def owner_of(self, run_id: str) -> Owner | None:
@@ -535,8 +539,10 @@ class SQLiteStore:
                 number=row["attempt"], started_at=row["started_at"], kind=row["kind"],
                 error=row["error"], status_code=row["status_code"], request_id=row["request_id"],
                 delay_s=row["delay_s"], usage=_usage(row), cost_usd=row["cost_usd"],
-                request=_load(row["request"], f"run {run_id} seq {row['seq']} attempt {row['attempt']} request"),
-                response=_load(row["response"], f"run {run_id} seq {row['seq']} attempt {row['attempt']} response")))
+                request=_load(row["request"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"],
+                              "request"),
+                response=_load(row["response"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"],
+                               "response")))
             for row in self._query(
                 "SELECT * FROM attempts WHERE run_id = ? ORDER BY seq, attempt", [run_id])
         ]
@@ -691,9 +697,9 @@ def _transition(row: dict[str, Any], attempts: list[Attempt]) -> TransitionRecor
         run_id=row["run_id"], seq=row["seq"], from_state=row["from_state"], to_state=row["to_state"],
         decision=row["decision"], reason=row["reason"], attempt=row["attempt"],
         started_at=row["started_at"], latency_ms=row["latency_ms"], source=row["source"],
-        output=_load(row["output"], f"run {row['run_id']} seq {row['seq']} output"),
-        error=row["error"], request=_load(row["request"], f"run {row['run_id']} seq {row['seq']} request"),
-        response=_load(row["response"], f"run {row['run_id']} seq {row['seq']} response"),
+        output=_load(row["output"], "run", row["run_id"], "seq", row["seq"], "output"),
+        error=row["error"], request=_load(row["request"], "run", row["run_id"], "seq", row["seq"], "request"),
+        response=_load(row["response"], "run", row["run_id"], "seq", row["seq"], "response"),
         request_id=row["request_id"], usage=_usage(row),
         cost_usd=row["cost_usd"], request_hash=row["request_hash"], in_doubt=bool(row["in_doubt"]),
         attempts=attempts,

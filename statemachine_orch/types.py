@@ -220,6 +220,11 @@ class Budget:
         return {k: v for k, v in (("max_cost_usd", self.max_cost_usd), ("max_tokens", self.max_tokens),
                                   ("max_seconds", self.max_seconds)) if v is not None}
 
+    @classmethod
+    def of_run(cls, options: Mapping[str, Any]) -> Budget:
+        """The budget stored in a run's options (none: no limits)."""
+        return cls(**options.get("budget", {}))
+
     def merged(self, other: Budget | None) -> Budget:
         """This budget with `other`'s limits taking precedence where set."""
         if other is None:
