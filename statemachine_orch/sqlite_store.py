@@ -411,7 +411,14 @@ class SQLiteStore:
         return self.load_run(run_id)
 
     def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
-        return self.get_run(run_id), self.transitions(run_id)
+        """The run row and its log as of one moment: read in one transaction, so a step that
+        another process commits in between cannot show a finished log with a running row."""
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            return self.get_run(run_id), self.transitions(run_id)
+        finally:
+            conn.execute("COMMIT")
 
     def append(
         self,

@@ -277,3 +277,22 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     [totals] = store.machine_totals(["m"])
     assert (totals.runs, totals.steps, totals.input_tokens, totals.output_tokens) == (2, 2, 5 + 3, 7 + 4)
 
+
+
+def test_load_run_reads_the_row_and_the_log_as_of_one_moment(tmp_path: Path) -> None:
+    """A step another process commits between the two reads must not show up in only one."""
+    path = tmp_path / "orch.db"
+    writer, owner = SQLiteStore(path), me()
+    writer.create_run(new_run(), owner)
+    writer.append(row(1), owner)
+
+    class Interleaved(SQLiteStore):
+        def get_run(self, run_id: str) -> RunRecord:
+            record = super().get_run(run_id)
+            writer.append(row(2, to_state="__end__"), owner, status=RunStatus.COMPLETED)  # meanwhile
+            return record
+
+    record, log = Interleaved(path).load_run("run-1")
+    assert (record.status, [r.seq for r in log]) == (RunStatus.RUNNING, [1])
+    record, log = writer.load_run("run-1")
+    assert (record.status, [r.seq for r in log]) == (RunStatus.COMPLETED, [1, 2])
