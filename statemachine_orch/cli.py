@@ -58,7 +58,7 @@ def open_store(args: argparse.Namespace, *, create: bool) -> SQLiteStore:
     return SQLiteStore(path, synchronous=sync, create=create, busy_timeout_s=busy_s)  # type: ignore[arg-type]
 
 
-def price_table(args: argparse.Namespace) -> PriceTable:
+def _read_prices(args: argparse.Namespace) -> PriceTable:
     path = args.prices or os.environ.get("ORCH_PRICES")
     if not path:
         return PriceTable()
@@ -74,8 +74,7 @@ def price_table(args: argparse.Namespace) -> PriceTable:
 def cmd_log(args: argparse.Namespace) -> int:
     store = open_store(args, create=False)
     try:
-        store.get_run(args.run_id)
-        rows = store.transitions(args.run_id)
+        _, rows = store.load_run(args.run_id)
     finally:
         store.close()
     if args.attempts:
@@ -311,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, None)
     try:
-        price_table(args)  # a bad price file is an error whatever the command
+        args.price_table = _read_prices(args)  # read once; a bad file is an error whatever the command
         return int(args.func(args))
     except OrchError as exc:
         if args.debug:

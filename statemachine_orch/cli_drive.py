@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .cli import Interrupted, main, open_store, price_table
+from .cli import Interrupted, main, open_store
 from .definition import LLMState, Machine
 from .engine import Engine, Run, new_run_id
 from .errors import InputError, OrchError, UsageError
@@ -168,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     validate_input(loaded.machine, data)  # bad input: refused before a database is even created
     model, options, banner = _model_for(args.offline, loaded.machine)
     store = open_store(args, create=True)
-    engine = Engine(store, model=model, tracer=_tracer(args), prices=price_table(args))
+    engine = Engine(store, model=model, tracer=_tracer(args), prices=args.price_table)
     run_id = args.run_id or new_run_id()
     try:
         result = _drive(store, run_id, banner, lambda: engine.start(
@@ -185,7 +185,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         record = store.get_run(args.run_id)
         loaded = load_machine(args.machine or record.machine_ref)
         model, _, banner = _model_for(record.options.get("offline"), loaded.machine)
-        engine = Engine(store, model=model, tracer=_tracer(args), prices=price_table(args))
+        engine = Engine(store, model=model, tracer=_tracer(args), prices=args.price_table)
         result = _drive(store, args.run_id, banner, lambda: engine.attach(
             args.run_id, loaded.machine, budget=_budget(args), allow_changed=args.allow_changed))
     finally:
@@ -199,14 +199,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.all:
             loaded = load_machine(args.all)
             run_ids = store.run_ids(loaded.machine.name)
-            reports = [asyncio.run(replay_run(store, rid, loaded.machine, prices=price_table(args)))
+            reports = [asyncio.run(replay_run(store, rid, loaded.machine, prices=args.price_table))
                        for rid in run_ids]
             return _print_replay_summary(reports, loaded.machine.name, args)
         if not args.run_id:
             raise UsageError("give a RUN_ID, or --all MACHINE to replay every run of a machine")
         record = store.get_run(args.run_id)
         loaded = load_machine(args.machine or record.machine_ref)
-        report = asyncio.run(replay_run(store, args.run_id, loaded.machine, prices=price_table(args)))
+        report = asyncio.run(replay_run(store, args.run_id, loaded.machine, prices=args.price_table))
     finally:
         store.close()
     if args.json:

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from .definition import Machine
 from .errors import InputError
+from .snapshot import first_error
 
 CHARS_PER_TOKEN = 4  # a typical average: the check only stops inputs that clearly cannot fit
 MAX_DEPTH = 256  # deeper JSON is refused before it can exhaust the recursion limit anywhere
@@ -42,10 +43,8 @@ def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], di
         try:
             model = machine.input_model.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "input"
             raise InputError(
-                f"input does not match {machine.input_model.__name__}: {where}: {first['msg']} "
+                f"input does not match {machine.input_model.__name__}: {first_error(exc, 'input')} "
                 f"({exc.error_count()} error(s)); fix the input file"
             ) from None
         stored = model.model_dump(mode="json")

@@ -59,17 +59,9 @@ def _exec_file(path: Path, shown: str) -> ModuleType:
         sys.path.insert(0, parent)  # let a machine import its sibling modules
     try:
         spec.loader.exec_module(module)
-    except DefinitionError:
-        sys.modules.pop(name, None)
-        raise
-    except SyntaxError as exc:
-        sys.modules.pop(name, None)
-        raise DefinitionError([f"{shown}:{exc.lineno}: syntax error: {exc.msg}; fix the module"]) from None
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise DefinitionError(
-            [f"{shown}: importing the module raised {type(exc).__name__}: {exc}; fix the module"]
-        ) from None
+        raise _import_failure(shown, exc, syntax_in=shown) from None
     finally:
         if added:
             sys.path.remove(parent)
@@ -86,17 +78,19 @@ def _import(dotted: str) -> ModuleType:
             raise MachineNotFoundError(
                 [f"{dotted}: no such module; pass path/to/machine.py or a dotted module on sys.path"]
             ) from None
-        raise DefinitionError(
-            [f"{dotted}: importing the module raised ModuleNotFoundError: {exc}; fix the module"]
-        ) from None
-    except DefinitionError:
-        raise
-    except SyntaxError as exc:
-        raise DefinitionError([f"{exc.filename}:{exc.lineno}: syntax error: {exc.msg}; fix the module"]) from None
+        raise _import_failure(dotted, exc) from None
     except Exception as exc:
-        raise DefinitionError(
-            [f"{dotted}: importing the module raised {type(exc).__name__}: {exc}; fix the module"]
-        ) from None
+        raise _import_failure(dotted, exc, syntax_in=getattr(exc, "filename", None)) from None
+
+
+def _import_failure(shown: str, exc: Exception, *, syntax_in: str | None = None) -> DefinitionError:
+    """The one-line error for a machine module that failed while importing (`syntax_in`: the
+    file a syntax error is reported in)."""
+    if isinstance(exc, DefinitionError):
+        return exc
+    if isinstance(exc, SyntaxError):
+        return DefinitionError([f"{syntax_in}:{exc.lineno}: syntax error: {exc.msg}; fix the module"])
+    return DefinitionError([f"{shown}: importing the module raised {type(exc).__name__}: {exc}; fix the module"])
 
 
 def _pick(module: ModuleType, attr: str, shown: str) -> tuple[Machine, str]:

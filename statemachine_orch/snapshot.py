@@ -142,6 +142,7 @@ def output_json(value: Any) -> Any:
     return value
 
 
-def first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError, whole: str = "value") -> str:
+    """`loc.path: message` of the first error (`whole` when it is about the value itself)."""
     first = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in first['loc']) or 'value'}: {first['msg']}"
+    return f"{'.'.join(str(p) for p in first['loc']) or whole}: {first['msg']}"

@@ -78,9 +78,10 @@ def _json_lines(scrub: structlog.types.Processor) -> structlog.types.Processor:
     encode = JSONEncoder(separators=(",", ":"), default=repr).encode  # ASCII: no U+2028 splits a line
 
     def render(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        scrub(logger, method, event)  # in place, before level and timestamp, which hold no secrets
         event["level"] = method
         event["timestamp"] = now_iso()
-        return encode(scrub(logger, method, event))
+        return encode(event)
 
     return render
 
