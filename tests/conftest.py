@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,11 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from statemachine_orch.sqlite_store import APPLICATION_ID
 from statemachine_orch.testing import FakeMessagesAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 MACHINES = ROOT / "machines"
 CANARY_KEY = "sk-ant-api03-CANARY-" + "x" * 40  # must never appear in logs or the database
+SCHEMA_V1 = Path(__file__).parent / "data" / "schema_v1.sql"  # as version 1 shipped; never regenerate
+
+
+def create_v1_schema(conn: sqlite3.Connection) -> None:
+    """An empty database of schema version 1, for the upgrade tests."""
+    conn.executescript(SCHEMA_V1.read_text())
+    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    conn.execute("PRAGMA user_version=1")
 
 
 @pytest.fixture(autouse=True)

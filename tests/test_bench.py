@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT
+
 BENCH = ROOT / "bench"
 ANCHORS = ROOT.parent / "shared" / "bench-anchors"
 RUNS = 3

@@ -126,9 +126,10 @@ def orch_against(fake: FakeMessagesAPI, db: Path) -> Iterator[Orch]:
             cli.stop_all()
 
 
-@pytest.fixture
-def orch(fake: FakeMessagesAPI, db_path: Path) -> Iterator[Orch]:
-    """The conftest fake (unscripted states answer 400) served to `orch` on `db_path`."""
+@pytest.fixture(name="orch")
+def orch_fixture(fake: FakeMessagesAPI, db_path: Path) -> Iterator[Orch]:
+    """The conftest fake (unscripted states answer 400; a module may override `fake`) served to
+    `orch` on `db_path`. Other modules import it as `orch_fixture`."""
     with orch_against(fake, db_path) as cli:
         yield cli
 

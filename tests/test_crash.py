@@ -7,7 +7,6 @@ import os
 import signal
 import sqlite3
 import threading
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -15,14 +14,14 @@ import pytest
 
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, error
 
-from .test_cli import (
+from .test_cli import (  # noqa: F401  (orch_fixture: the `orch` fixture)
     REPORT,
     REPORT_INPUT,
     REPORT_STATES,
     Orch,
     answer,
     one_error_line,
-    orch_against,
+    orch_fixture,
     query,
     resume_hint,
     script,
@@ -32,12 +31,6 @@ from .test_cli import (
 
 pytestmark = pytest.mark.slow
 WAIT_S = 30.0  # generous bound on waiting for a request to reach the fake
-
-
-@pytest.fixture
-def orch(fake: FakeMessagesAPI, db_path: Path) -> Iterator[Orch]:
-    with orch_against(fake, db_path) as cli:
-        yield cli
 
 
 def run_until_killed(orch: Orch, fake: FakeMessagesAPI, state: str) -> int:

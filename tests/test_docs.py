@@ -18,7 +18,8 @@ import pytest
 import statemachine_orch
 from statemachine_orch.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT
+
 DOCS = ROOT / "docs"
 CLI_DOC = DOCS / "cli.md"
 PAGES = ["concepts.md", "tutorial.md", "cli.md", "storage.md", "testing.md"]

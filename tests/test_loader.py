@@ -16,6 +16,7 @@ from statemachine_orch.loader import load_machine
 from statemachine_orch.render import mermaid
 
 from .conftest import MACHINES, ROOT, run_orch
+from .test_definition import shown
 
 HEADER = """\
 from statemachine_orch import END, FlowDecision, LLMState, Machine, PythonState
@@ -43,14 +44,6 @@ def write(path: Path, source: str) -> Path:
     path.write_text(textwrap.dedent(source))
     importlib.invalidate_caches()  # the files appear while this process runs
     return path
-
-
-def shown(path: Path) -> str:
-    """The module part of a problem line: relative to cwd when under it (as definition.py does)."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def bad_machine_problems(where: str) -> list[str]:

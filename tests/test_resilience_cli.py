@@ -9,18 +9,17 @@ the attempt log, never on wall time.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from statemachine_orch import PriceTable, RetryPolicy, Usage
-from statemachine_orch.testing import FakeMessagesAPI, Reply, disconnect, error, timeout
+from statemachine_orch import PriceTable, RetryPolicy
+from statemachine_orch.testing import FakeMessagesAPI, disconnect, error, timeout
 
-from .test_cli import Orch, orch_against, query, stored_status, write
+from .test_cli import Orch, orch_fixture, query, stored_status, write  # noqa: F401  (the `orch` fixture)
+from .test_resilience import MODEL, cost_of, reply
 
-MODEL = "claude-sonnet-5-5"
 QUICK = RetryPolicy(max_attempts=4, initial_delay_s=0.01, multiplier=1.0, jitter=0.0)
 STATE_TIMEOUT_S = 0.3
 HOLD_S = 1.0  # how long the fake holds a connection it will not answer (> STATE_TIMEOUT_S)
@@ -45,36 +44,13 @@ lookup = Machine("lookup", model={MODEL!r}, input_vars={{"q": lambda data: data[
 ATTEMPT_FIELDS = ("seq", "state", "attempt", "kind", "status_code", "request_id", "delay_s")
 
 
-def reply(text: str, input_tokens: int, output_tokens: int) -> Reply:
-    return Reply(text=text, input_tokens=input_tokens, output_tokens=output_tokens)
-
-
-DRAFT = reply("a short draft", 400, 50)
-EXPAND = reply("a longer text", 900, 300)
-
-
-def usage_of(*replies: Reply) -> Usage:
-    total = Usage()
-    for r in replies:
-        total.add(Usage(input_tokens=r.input_tokens or 0, output_tokens=r.output_tokens or 0))
-    return total
-
-
-def cost_of(prices: PriceTable, *replies: Reply) -> float:
-    costs = [prices.cost(MODEL, usage_of(r)) for r in replies]
-    assert None not in costs
-    return sum(c for c in costs if c is not None)
+DRAFT = reply("a short draft", input_tokens=400, output_tokens=50)
+EXPAND = reply("a longer text", input_tokens=900, output_tokens=300)
 
 
 @pytest.fixture
 def machines(tmp_path: Path) -> Path:
     return write(tmp_path / "resilient.py", MACHINES)
-
-
-@pytest.fixture
-def orch(fake: FakeMessagesAPI, db_path: Path) -> Iterator[Orch]:
-    with orch_against(fake, db_path) as cli:
-        yield cli
 
 
 def attempts(orch: Orch, run_id: str) -> list[tuple[Any, ...]]:
@@ -129,7 +105,7 @@ def test_max_cost_stops_the_run_and_a_resume_with_more_completes_it(
     resumed = orch.json("resume", "capped", "--max-cost", "1")
     assert (resumed["status"], resumed["path"]) == ("completed", ["draft", "expand"])
     assert (fake.calls("draft"), fake.calls("expand")) == (1, 1)  # the committed draft is not resent
-    assert resumed["cost_usd"] == pytest.approx(cost_of(PriceTable(), DRAFT, EXPAND))
+    assert resumed["cost_usd"] == pytest.approx(cost_of(DRAFT, EXPAND, prices=PriceTable()))
     assert orch.json("show", "capped")["options"]["budget"] == {"max_cost_usd": 1.0}
 
 
@@ -152,18 +128,19 @@ def test_a_price_file_changes_the_reported_cost(orch: Orch, fake: FakeMessagesAP
         monkeypatch.delenv("ORCH_PRICES")
 
     default, custom = PriceTable(), PriceTable.load(prices_path)
-    assert listed["cost_usd"] == pytest.approx(cost_of(default, DRAFT, EXPAND))
-    assert priced["cost_usd"] == pytest.approx(cost_of(custom, DRAFT, EXPAND))
-    assert cost_of(custom, DRAFT, EXPAND) == pytest.approx(10 * cost_of(default, DRAFT, EXPAND))
+    assert listed["cost_usd"] == pytest.approx(cost_of(DRAFT, EXPAND, prices=default))
+    assert priced["cost_usd"] == pytest.approx(cost_of(DRAFT, EXPAND, prices=custom))
+    assert cost_of(DRAFT, EXPAND, prices=custom) == pytest.approx(10 * cost_of(DRAFT, EXPAND, prices=default))
     assert [row["cost_usd"] for row in orch.log("own")] == pytest.approx(
-        [cost_of(custom, DRAFT), cost_of(custom, EXPAND)])
+        [cost_of(DRAFT, prices=custom), cost_of(EXPAND, prices=custom)])
     runs = {r["run_id"]: r["cost_usd"] for r in orch.json("runs")}
     assert runs == pytest.approx({"own": priced["cost_usd"], "list-price": listed["cost_usd"]})
 
 
 def test_a_state_timeout_on_a_held_connection_is_retried_as_timeout_attempts(
         orch: Orch, fake: FakeMessagesAPI, machines: Path) -> None:
-    fake.on("wait", timeout(hold_s=HOLD_S), timeout(hold_s=HOLD_S), reply("there you are", 50, 5))
+    fake.on("wait", timeout(hold_s=HOLD_S), timeout(hold_s=HOLD_S),
+            reply("there you are", input_tokens=50, output_tokens=5))
     result = orch.json("run", f"{machines}:patient", "--run-id", "held")
     assert (result["status"], result["outputs"]) == ("completed", {"wait": "there you are"})
     assert fake.calls("wait") == 3
@@ -190,7 +167,7 @@ def test_x_should_retry_false_is_not_retried_and_the_run_resumes(orch: Orch, fak
 
 def test_cache_hits_show_in_the_log_runs_and_show_and_replay(orch: Orch, fake: FakeMessagesAPI,
                                                             machines: Path, tmp_path: Path) -> None:
-    found = reply("42", 120, 8)
+    found = reply("42", input_tokens=120, output_tokens=8)
     fake.on("find", found)
     data = write(tmp_path / "q.json", json.dumps({"q": "the answer"}))
     for run_id in ("paid", "free"):
@@ -210,7 +187,7 @@ def test_cache_hits_show_in_the_log_runs_and_show_and_replay(orch: Orch, fake: F
     tokens = found.input_tokens + found.output_tokens  # type: ignore[operator]
     assert orch.ok("runs").stdout.splitlines()[-1] == (
         f"machine lookup: 2 run(s), 2 step(s), {tokens} tokens, "
-        f"${cost_of(PriceTable(), found):.4f}, 1 cache hit(s)")
+        f"${cost_of(found, prices=PriceTable()):.4f}, 1 cache hit(s)")
     assert [r["source"] for r in query(orch.db, "SELECT source FROM transitions ORDER BY run_id")] == [
         "cache", "llm"]  # "free" sorts before "paid"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import stat
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -18,14 +18,14 @@ import pytest
 from statemachine_orch.testing import FakeMessagesAPI, Reply, error
 
 from .conftest import CANARY_KEY, CLIResult
-from .test_cli import (
+from .test_cli import (  # noqa: F401  (orch_fixture: the `orch` fixture)
     REPORT,
     REPORT_INPUT,
     REPORT_STATES,
     ROUTER,
     ROUTER_STATES,
     Orch,
-    orch_against,
+    orch_fixture,
     resume_hint,
     router_input,
     script,
@@ -54,12 +54,6 @@ class KeyCheckingAPI(FakeMessagesAPI):
 @pytest.fixture
 def fake() -> KeyCheckingAPI:
     return KeyCheckingAPI()
-
-
-@pytest.fixture
-def orch(fake: KeyCheckingAPI, db_path: Path) -> Iterator[Orch]:
-    with orch_against(fake, db_path) as cli:
-        yield cli
 
 
 class Evidence:

@@ -24,8 +24,10 @@ from statemachine_orch import (
     UsageError,
 )
 from statemachine_orch.ownership import Owner
-from statemachine_orch.sqlite_store import APPLICATION_ID, SCHEMA_VERSION
+from statemachine_orch.sqlite_store import SCHEMA_VERSION
 from statemachine_orch.types import RunRecord, TransitionRecord, Usage, now_iso
+
+from .conftest import create_v1_schema
 
 StoreFactory = Callable[[Path], Any]
 BACKENDS: dict[str, StoreFactory] = {"sqlite": lambda tmp: SQLiteStore(tmp / "contract.db")}
@@ -252,9 +254,7 @@ def test_views_present_calls_outputs_and_totals(tmp_path: Path) -> None:
 def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     path = tmp_path / "v1.db"
     conn = sqlite3.connect(path)
-    conn.executescript((Path(__file__).parent / "data" / "schema_v1.sql").read_text())
-    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-    conn.execute("PRAGMA user_version=1")
+    create_v1_schema(conn)
     conn.execute("INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, status, "
                  "created_at, updated_at) VALUES ('old', 'm', 'm.py', 'h', '{}', 'completed', '2020-01-01T00:00:00Z', "
                  "'2020-01-01T00:00:00Z')")

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from statemachine_orch.sqlite_store import APPLICATION_ID, chain_hash
+from statemachine_orch.sqlite_store import chain_hash
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, ScriptEntry, error
 
-from ..conftest import CLIResult
-from ..test_cli import Orch, offline_environment, query, write
+from ..conftest import CLIResult, create_v1_schema
+from ..test_cli import Orch, offline_environment, query, stored_log, write
 from .conftest import Figures
 from .test_bad_inputs import in_parallel
 
@@ -116,10 +116,6 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
     return Recorded(home / "orch.db", first, then)
 
 
-def stored(db: Path, run_id: str) -> list[sqlite3.Row]:
-    return query(db, "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", run_id)
-
-
 def snapshot_copy(source: Path, target: Path) -> Path:
     """A consistent copy of a database (WAL included), through SQLite's backup API."""
     with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
@@ -149,10 +145,10 @@ def test_the_recorded_runs_cover_resumes_retries_fallbacks_and_cache_hits(record
         "plain": 0, "retried": 0, "fallback": 0, "guarded": 1, "over-budget": 1}
     assert {k: r.code for k, r in recorded.then.items()} == {"cached": 0, "guarded": 0, "over-budget": 0}
     db = recorded.db
-    sources = {run_id: [row["source"] for row in stored(db, run_id)] for run_id in RUNS}
+    sources = {run_id: [row["source"] for row in stored_log(db, run_id)] for run_id in RUNS}
     assert sources["fallback"][0] == "fallback" and sources["cached"][0] == "cache"
     assert "recorded" in sources["guarded"]  # the failed guard's answer, judged again on resume
-    assert stored(db, "over-budget")[0]["error"].startswith("BudgetExceededError")
+    assert stored_log(db, "over-budget")[0]["error"].startswith("BudgetExceededError")
     assert len(query(db, "SELECT * FROM attempts WHERE run_id = 'retried'")) == 1
     assert {row["status"] for row in query(db, "SELECT status FROM runs")} == {"completed"}
 
@@ -173,9 +169,7 @@ V1_ROWS = (("old", 1, "a", "b", "continue", "first"), ("old", 2, "b", "__end__",
 def test_a_database_upgraded_from_version_1_chains_its_old_rows(tmp_path: Path) -> None:
     db = tmp_path / "v1.db"
     with closing(sqlite3.connect(db)) as conn, conn:
-        conn.executescript((Path(__file__).parent.parent / "data" / "schema_v1.sql").read_text())
-        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-        conn.execute("PRAGMA user_version=1")
+        create_v1_schema(conn)
         conn.execute("INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, status, created_at, "
                      "updated_at) VALUES ('old', 'm', 'm.py', 'h', '{}', 'completed', 't', 't')")
         conn.executemany("INSERT INTO transitions (run_id, seq, from_state, to_state, decision, reason, attempt, "

@@ -39,7 +39,17 @@ from statemachine_orch.ownership import Owner
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, error
 
 from ..conftest import CLIResult, run_orch
-from ..test_cli import REPORT, REPORT_INPUT, REPORT_STATES, Orch, answer, one_error_line, orch_against, query
+from ..test_cli import (
+    REPORT,
+    REPORT_INPUT,
+    REPORT_STATES,
+    Orch,
+    answer,
+    one_error_line,
+    orch_against,
+    query,
+    stored_log,
+)
 from ..test_crash import integrity
 from ..test_store import new_run, row
 from .conftest import FULL, Figures, scaled
@@ -254,8 +264,7 @@ def run_row(db: Path, run_id: str) -> dict[str, Any]:
 
 
 def everything(db: Path, run_id: str) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
-    rows = query(db, "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", run_id)
-    return run_row(db, run_id), [tuple(r) for r in rows]
+    return run_row(db, run_id), [tuple(r) for r in stored_log(db, run_id)]
 
 
 def test_an_owner_that_lost_its_run_writes_nothing(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ from .conftest import Figures, scaled
 from .test_races import (  # noqa: F401  (orch_fixture: the `orch` fixture)
     WAIT_S,
     committed_states,
+    everything,
     orch_fixture,
     report,
     requested_states,
@@ -396,11 +397,6 @@ def corrupt(kind: str, db: Path, machine_file: Path, marker: Path) -> None:
         assert conn.execute(sql, params).rowcount == 1
 
 
-def stored_run(db: Path, run_id: str) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
-    rows = query(db, "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", run_id)
-    return run_row(db, run_id), [tuple(r) for r in rows]
-
-
 # kind -> (exit code of a refused resume, what its one line says, do log/show refuse too,
 #          does `orch audit verify` see it: the hash chain covers the log rows, not the run row)
 REFUSALS = {
@@ -420,7 +416,7 @@ def test_a_corrupted_run_is_refused_and_the_other_runs_are_unaffected(
     seed_runs(orch.db, {OTHERS[0]: REPORT_STATES[1], OTHERS[1]: None})
     marker = tmp_path / "pickle-ran"
     corrupt(kind, orch.db, Path(machine_file), marker)
-    victim_before = stored_run(orch.db, VICTIM)
+    victim_before = everything(orch.db, VICTIM)
     code, says, reads_refused, tampered = REFUSALS[kind]
 
     victim = {command: orch(command, VICTIM) for command in ("resume", "log", "show")}
@@ -446,7 +442,7 @@ def test_a_corrupted_run_is_refused_and_the_other_runs_are_unaffected(
     assert (f"run {VICTIM}: TAMPERED" in audit.stdout) == tampered, audit.stdout
     assert all(f"run {other}: ok" in audit.stdout for other in OTHERS), audit.stdout
     assert requested_states(fake.requests, VICTIM) == {}
-    assert stored_run(orch.db, VICTIM) == victim_before
+    assert everything(orch.db, VICTIM) == victim_before
 
     assert set(listed(orch)) == {VICTIM, *OTHERS}
     assert others == dict.fromkeys(OTHERS, (0, 0))
