@@ -38,7 +38,7 @@ from .errors import (
     VisitLimitError,
 )
 from .faults import kill_point
-from .fsm import Compiled, Position, compile_machine
+from .fsm import Compiled, Plan, Position, compile_machine
 from .inputs import validate_input
 from .llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
 from .ownership import Owner
@@ -106,6 +106,7 @@ class Run:
         self.engine = engine
         self.machine = compiled.machine
         self._compiled = compiled
+        self._plans = compiled.plans
         self.record = record
         self.run_id = record.run_id
         self.owner = owner
@@ -151,47 +152,62 @@ class Run:
 
     async def step(self) -> TransitionRecord:
         """Run the current state, decide, move, commit. Failures are recorded, not raised."""
+        plan, rec, ctx, work = self._begin()
+        try:
+            output = await work
+        except RunError as exc:
+            return self._finish(plan, rec, ctx, _NO_OUTPUT, exc)
+        return self._finish(plan, rec, ctx, output, None)
+
+    def _begin(self) -> tuple[Plan, TransitionRecord, StepContext, Coroutine[Any, Any, Any]]:
+        """The step's record and context, and its work as a coroutine (not yet started)."""
         if self._broken is not None:
             raise UsageError(f"run {self.run_id} stopped after a store error; resume it") from self._broken
-        if self.done:
+        if self.status is not RunStatus.RUNNING:
             raise UsageError(f"run {self.run_id} is {self.status.value}; nothing left to step")
         pos = self._pos
         name = pos.state
-        state = self.machine.by_name[name]
-        t0 = perf_counter()
+        plan = self._plans[name]
+        state = plan.state
         rec = TransitionRecord(
             run_id=self.run_id, seq=self.seq + 1, from_state=name, to_state=None, decision=None,
-            reason=None, attempt=pos.attempt, started_at=now_iso(), latency_ms=0.0,
-            source="llm" if isinstance(state, LLMState) else "python",
-        )
+            reason=None, attempt=pos.attempt, started_at=now_iso(), latency_ms=perf_counter(),
+            source=plan.source,
+        )  # latency_ms holds the start until the step ends
+        needs = state.needs
         outputs = self.outputs
         ctx = StepContext(self.run_id, name, pos.attempt, self.input,
-                          {n: outputs[n] for n in state.needs} if state.needs else _NO_NEEDS)
+                          {n: outputs[n] for n in needs} if needs else _NO_NEEDS)
+        if self._pending is None and self.budget.max_seconds is None:
+            return plan, rec, ctx, self._run_state(state, rec, ctx)
+        return plan, rec, ctx, self._execute(state, rec, ctx)
+
+    def _finish(self, plan: Plan, rec: TransitionRecord, ctx: StepContext, output: Any,
+                failure: RunError | None) -> TransitionRecord:
+        """Judge the output, move, commit the record and account for it."""
+        state = plan.state
         status: RunStatus | None = None
-        output: Any = _NO_OUTPUT
-        try:
-            if self._pending is None and self.budget.max_seconds is None:
-                output = await self._run_state(state, rec, ctx)
-            else:
-                output = await self._execute(state, rec, ctx)
-            if isinstance(output, BudgetRoute):
-                assert isinstance(state, LLMState) and state.on_budget is not None
-                rec.source = "budget"
-                decision, reason = state.on_budget.value, output.reason
-                output = None
-            else:
-                rec.output = output_json(output)
-                decision, reason = self._judge(state, output, ctx)
-            rec.decision = decision
-            note = rec.reason
-            rec.reason = (reason if note is None else f"{reason} [{note}]")[:_REASON_LIMIT]
-            self._move(state, rec.decision)
-            rec.to_state = pos.state
-        except RunError as exc:
-            is_budget = isinstance(exc, BudgetExceededError)
-            status = RunStatus.BUDGET_EXCEEDED if is_budget else RunStatus.FAILED
-            rec.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"  # always one line
-        rec.latency_ms = (perf_counter() - t0) * 1000.0
+        if failure is None:
+            try:
+                if type(output) is BudgetRoute:
+                    assert isinstance(state, LLMState) and state.on_budget is not None
+                    rec.source = "budget"
+                    decision, reason = state.on_budget.value, output.reason
+                    output = None
+                else:
+                    rec.output = output_json(output)
+                    decision, reason = self._judge(plan, output, ctx)
+                rec.decision = decision
+                note = rec.reason
+                rec.reason = (reason if note is None else f"{reason} [{note}]")[:_REASON_LIMIT]
+                self._move(plan, decision)
+                rec.to_state = self._pos.state
+            except RunError as exc:
+                failure = exc
+        if failure is not None:
+            status = RunStatus.BUDGET_EXCEEDED if isinstance(failure, BudgetExceededError) else RunStatus.FAILED
+            rec.error = f"{type(failure).__name__}: {' '.join(str(failure).split())}"  # always one line
+        rec.latency_ms = (perf_counter() - rec.latency_ms) * 1000.0
         if rec.to_state == END:
             status = RunStatus.TERMINATED if rec.decision == _TERMINATE else RunStatus.COMPLETED
         kill_point("after_response")
@@ -211,8 +227,8 @@ class Run:
         spent.cost_usd += rec.cost_usd or 0.0
         spent.seconds += rec.latency_ms / 1000.0
         if rec.to_state is not None:
-            outputs[name] = output
-            self.path.append(name)
+            self.outputs[state.name] = output
+            self.path.append(state.name)
         elif output is not _NO_OUTPUT:
             self._pending = rec  # a paid answer the guard failed on: resume re-judges it
         if status is not None:
@@ -284,15 +300,16 @@ class Run:
             raise StepError(f"returned a value that cannot be stored: {exc}", run_id=self.run_id,
                             state=state.name) from None
 
-    def _judge(self, state: State, output: Any, ctx: StepContext) -> tuple[str, str]:
+    def _judge(self, plan: Plan, output: Any, ctx: StepContext) -> tuple[str, str]:
         """(decision value, reason) from the state's guard, or GuardError."""
-        g = state.guard
+        g = plan.guard
         if g is None:
             return _CONTINUE, "no guard: continue"
+        state = plan.state
         try:
             result = g(output, ctx)
         except Exception as exc:
-            raise GuardError(f"guard {_name(g)} raised {type(exc).__name__}: {exc}",
+            raise GuardError(f"guard {plan.guard_name} raised {type(exc).__name__}: {exc}",
                              run_id=self.run_id, state=state.name) from exc
         if isinstance(result, (FlowDecision, Branch)):
             decision, reason = result.value, ""
@@ -302,20 +319,21 @@ class Run:
             if inspect.isawaitable(result) and hasattr(result, "close"):
                 result.close()
             raise GuardError(
-                f"guard {_name(g)} returned {_excerpt(result)}, which is not a decision; return a "
-                f"FlowDecision or Branch (allowed here: {sorted(self.machine.decisions[state.name])})",
+                f"guard {plan.guard_name} returned {_excerpt(result)}, which is not a decision; return a "
+                f"FlowDecision or Branch (allowed here: {sorted(plan.decisions)})",
                 run_id=self.run_id, state=state.name)
-        if decision not in self.machine.decisions[state.name]:
+        if decision not in plan.decisions:
             raise GuardError(
-                f"guard {_name(g)} returned {decision}, which state '{state.name}' has no "
-                f"transition for (allowed: {sorted(self.machine.decisions[state.name])}); "
+                f"guard {plan.guard_name} returned {decision}, which state '{state.name}' has no "
+                f"transition for (allowed: {sorted(plan.decisions)}); "
                 "add it to on={...} and @guard(...)", run_id=self.run_id, state=state.name)
-        return decision, reason or f"{_name(g)} saw {_excerpt(output)} -> {decision}"
+        return decision, reason or f"{plan.guard_name} saw {_excerpt(output)} -> {decision}"
 
-    def _move(self, state: State, decision: str) -> None:
+    def _move(self, plan: Plan, decision: str) -> None:
         if self._compiled.move(self._pos, decision):
             return
-        target = self.machine.table[state.name][decision]
+        state = plan.state
+        target = plan.moves[decision].dest
         if target == state.name:
             raise RetryLimitError(
                 f"state '{state.name}' decided {decision} (back to itself) after attempt "
@@ -375,10 +393,6 @@ class Run:
             pass  # the owner check on resume treats a dead process as gone anyway
         self.status = status
         self.error = error
-
-
-def _name(guard: Any) -> str:
-    return getattr(guard, "__name__", type(guard).__name__)
 
 
 def _excerpt(value: Any, limit: int = 120) -> str:

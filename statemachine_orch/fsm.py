@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transitions import Machine as FSM
+from transitions import State as FSMState
 
-from .definition import LLMState, Machine
-from .types import END
+from .definition import LLMState, Machine, State
+from .types import END, Guard
 
 
 class Position:
@@ -52,20 +53,40 @@ Check = Callable[[Position], bool]
 
 @dataclass(slots=True, frozen=True)
 class Move:
-    """One FSM transition as the hot path applies it: its target and its conditions."""
+    """One FSM transition as the hot path applies it: its target (name and `transitions`
+    state object) and its conditions."""
 
     dest: str
+    target: FSMState
     checks: tuple[Check, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class Plan:
+    """What a step of one state needs, resolved when the machine is compiled."""
+
+    state: State
+    source: str  # the log's `source` for a normal answer: "llm" | "python"
+    guard: Guard | None
+    guard_name: str  # as default reasons and errors name it
+    decisions: frozenset[str]
+    moves: dict[str, Move]  # decision value -> the transition it fires
 
 
 @dataclass(slots=True)
 class Compiled:
-    """A machine as the engine runs it: its FSM, output tools and input names, built once."""
+    """A machine as the engine runs it: its FSM, a plan per state, output tools, built once."""
 
     machine: Machine
     fsm: FSM
-    moves: dict[tuple[str, str], Move] = field(default_factory=dict)
+    plans: dict[str, Plan] = field(default_factory=dict)
     tools: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def moves(self) -> dict[tuple[str, str], Move]:
+        """(state, decision) -> Move, for every transition of the FSM."""
+        return {(name, decision): move for name, plan in self.plans.items()
+                for decision, move in plan.moves.items()}
 
     def move(self, pos: Position, decision: str) -> bool:
         """Apply the FSM's transition for `decision` to `pos`; False when a condition blocks it.
@@ -75,11 +96,11 @@ class Compiled:
         and `set_state` moves the model.
         """
         source = pos.state
-        move = self.moves[source, decision]
+        move = self.plans[source].moves[decision]
         for check in move.checks:
             if not check(pos):
                 return False
-        self.fsm.set_state(move.dest, model=pos)
+        self.fsm.set_state(move.target, model=pos)
         advance(pos, source, move.dest)
         return True
 
@@ -100,7 +121,7 @@ def _on_event(check: Check) -> Callable[[Any], bool]:
 
 def compile_machine(machine: Machine) -> Compiled:
     transitions: list[dict[str, Any]] = []
-    moves: dict[tuple[str, str], Move] = {}
+    checks: dict[tuple[str, str], tuple[Check, ...]] = {}
     for state in machine.states:
         for decision, target in machine.edges(state.name).items():
             found: list[Check] = []
@@ -110,7 +131,7 @@ def compile_machine(machine: Machine) -> Compiled:
                 bound = machine.by_name[target].max_visits
                 if bound:
                     found.append(_below_visit_limit(target, bound))
-            moves[state.name, decision] = Move(target, tuple(found))
+            checks[state.name, decision] = tuple(found)
             transitions.append({"trigger": decision, "source": state.name, "dest": target,
                                 "conditions": [_on_event(check) for check in found]})
     fsm = FSM(
@@ -123,8 +144,14 @@ def compile_machine(machine: Machine) -> Compiled:
         ignore_invalid_triggers=False,
         after_state_change=[_after_state_change],
     )
-    compiled = Compiled(machine, fsm, moves)
+    compiled = Compiled(machine, fsm)
     for state in machine.states:
+        guard = state.guard
+        compiled.plans[state.name] = Plan(
+            state=state, source="llm" if isinstance(state, LLMState) else "python", guard=guard,
+            guard_name=getattr(guard, "__name__", type(guard).__name__), decisions=machine.decisions[state.name],
+            moves={decision: Move(target, fsm.get_state(target), checks[state.name, decision])
+                   for decision, target in machine.edges(state.name).items()})
         if isinstance(state, LLMState) and state.output is not None:
             name = f"submit_{state.name}"[:64]
             compiled.tools[state.name] = (name, {

@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,12 @@ def estimate_input_tokens(body: dict[str, Any]) -> int:
 
 
 class LLMStep:
-    """Runs LLM states for one run."""
+    """Runs LLM states for one run.
+
+    A step's calls (the first, re-asks of invalid answers, a fallback model) run in one
+    coroutine, `_ask`, that awaits the model client directly: the common step is one
+    request, one answer, no frames in between (see docs/performance.md).
+    """
 
     def __init__(
         self,
@@ -101,6 +106,7 @@ class LLMStep:
         self.store = store
         self.prices = prices
         self.budget = budget
+        self._budgeted = budget.max_cost_usd is not None or budget.max_tokens is not None
         self.python_override = python_override
         self.owner = owner
         self.in_doubt_seq = in_doubt_seq  # a call of this step was in flight when a process died
@@ -116,19 +122,22 @@ class LLMStep:
             text = system.render(values(system.names))
             body["system"] = ([{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
                               if state.prompt_cache else text)
-        body.update(state.params)
+        if state.params:
+            body.update(state.params)
         tool = self.tools.get(state.name)
         if tool is not None:
             body["tools"] = [tool[1]]
             body["tool_choice"] = {"type": "tool", "name": tool[0]}
         return body
 
-    async def execute(self, state: LLMState, rec: TransitionRecord, ctx: StepContext,
-                      values: Callable[[tuple[str, ...]], dict[str, Any]], spent: Spent) -> Any:
-        """The state's output (validated), an InvalidOutput to route, or a BudgetRoute."""
+    def execute(self, state: LLMState, rec: TransitionRecord, ctx: StepContext,
+                values: Callable[[tuple[str, ...]], dict[str, Any]], spent: Spent) -> Coroutine[Any, Any, Any]:
+        """The state's output (validated), an InvalidOutput to route, or a BudgetRoute, as a
+        coroutine for the caller to await."""
         body = self.body(state, values)
         rec.request = body
-        tool_name = self.tools[state.name][0] if state.name in self.tools else None
+        tool = self.tools.get(state.name)
+        tool_name = tool[0] if tool is not None else None
         if state.cache:
             rec.request_hash = request_hash(body)
             hit = self.store.find_cached(rec.request_hash)
@@ -139,115 +148,99 @@ class LLMStep:
                 completion = completion_from_response(hit.response, tool_name, hit.request_id)
                 output, problem = _check(state, completion, tool_name)
                 if problem is None:
-                    return output
+                    return _given(output)
                 rec.source, rec.response, rec.request_id, rec.reason = "llm", None, None, None
-        call = _Call(self, state, rec, tool_name, spent)
-        return await call.run(body, ctx)
+        return self._ask(state, rec, ctx, spent, body, tool_name, state.repairs, None)
 
-
-class _Call:
-    """The calls of one step: accumulates attempts, usage and cost into the record."""
-
-    __slots__ = ("call_started", "marked", "rec", "spent", "state", "step", "tool_name")
-
-    def __init__(self, step: LLMStep, state: LLMState, rec: TransitionRecord, tool_name: str | None,
-                 spent: Spent) -> None:
-        self.step = step
-        self.state = state
-        self.rec = rec
-        self.tool_name = tool_name
-        self.spent = spent
-        self.call_started = rec.started_at
-        self.marked = False  # the record is fresh: no usage, cost 0.0 until calls are paid
-
-    async def run(self, body: dict[str, Any], ctx: StepContext) -> Any:
-        state = self.state
+    async def _ask(self, state: LLMState, rec: TransitionRecord, ctx: StepContext, spent: Spent,
+                   body: dict[str, Any], tool_name: str | None, repairs: int, primary: LLMError | None) -> Any:
+        """Call until an answer is usable: re-ask an invalid one up to `repairs` times, hand a
+        transient failure to the state's fallback. `primary` is set when this is the fallback
+        model answering for a call that failed."""
+        model = self._model()
         first = body
-        repairs = state.repairs
+        fresh = primary is None  # the step's first call: it starts with the step
+        started = rec.started_at
         while True:
-            route = self._afford(body)
-            if route is not None:
-                return route
+            if self._budgeted:
+                route = self._afford(state, rec, spent, body)
+                if route is not None:
+                    return route
+            if fresh:
+                kill_point("before_request")
+                if getattr(model, "bills", False):
+                    self.store.mark_in_flight(rec.run_id, self.owner, rec.seq, state.name)
+                fresh = False
+            else:
+                started = now_iso()
+            if rec.seq == self.in_doubt_seq:
+                rec.in_doubt = True
+            request = LLMRequest(run_id=rec.run_id, state=state.name, body=body, tool_name=tool_name,
+                                 timeout_s=state.timeout, retry=state.retry_policy or self.machine.retry_policy)
+            rec.request = body
+            failure: OrchError | None = None
             try:
-                completion = await self._complete(body)
-            except LLMError as exc:
-                if exc.kind not in TRANSIENT_KINDS or state.fallback is None:
-                    raise
-                return await self._fallback(first, ctx, exc)
-            output, problem = _check(state, completion, self.tool_name)
+                completion = await model.complete(request)
+            except OrchError as exc:
+                failure = exc
+            except Exception as exc:  # an adapter bug must still be recorded against the step
+                failure = LLMError(f"model client failed: {type(exc).__name__}: {exc}", kind="unexpected",
+                                   run_id=rec.run_id, state=state.name)
+                failure.__cause__ = exc
+            finally:  # also when the step is cancelled mid-retry: the tries already made are logged
+                self._add_attempts(rec, request.attempts)
+            if failure is not None:
+                if not isinstance(failure, LLMError):
+                    raise failure
+                if primary is not None:
+                    raise LLMError(f"{primary}; fallback {body['model']} failed too: {failure}",
+                                   kind=failure.kind, status_code=failure.status_code,
+                                   request_id=failure.request_id, run_id=rec.run_id, state=state.name) from None
+                if failure.kind not in TRANSIENT_KINDS or state.fallback is None:
+                    raise failure
+                return await self._fallback(state, rec, ctx, spent, first, tool_name, failure)
+            self._pay(rec, body["model"], completion.usage)
+            output, problem = _check(state, completion, tool_name)
             if problem is None:
-                self._answered(completion)
+                rec.response = completion.response
+                rec.request_id = completion.request_id
                 return output
             kind, error = problem
             if kind != "invalid_output" or repairs == 0:
-                return self._unusable(completion, kind, error)
+                return self._unusable(state, rec, completion, kind, error)
             repairs -= 1
-            self._record_invalid(completion, kind, error, body)
-            body = _reask(body, completion, error, self.tool_name)
+            rec.attempts.append(Attempt(
+                number=len(rec.attempts) + 1, started_at=started, kind=kind, error=error,
+                request_id=completion.request_id, usage=completion.usage,
+                cost_usd=self.prices.cost(body["model"], completion.usage), request=body,
+                response=completion.response))  # an answer that will be re-asked, kept with its response
+            body = _reask(body, completion, error, tool_name)
 
-    async def _complete(self, body: dict[str, Any]) -> Completion:
-        state, rec = self.state, self.rec
-        request = LLMRequest(run_id=rec.run_id, state=state.name, body=body, tool_name=self.tool_name,
-                             timeout_s=state.timeout,
-                             retry=state.retry_policy or self.step.machine.retry_policy)
-        rec.request = body
-        model = self.step._model()
-        if not self.marked:  # the step's first call: it starts with the step
-            kill_point("before_request")
-            if getattr(model, "bills", False):
-                self.step.store.mark_in_flight(rec.run_id, self.step.owner, rec.seq, state.name)
-            self.marked = True
-        else:
-            self.call_started = now_iso()
-        if rec.seq == self.step.in_doubt_seq:
-            rec.in_doubt = True
-        try:
-            completion = await model.complete(request)
-        except OrchError:
-            raise
-        except Exception as exc:  # an adapter bug must still be recorded against the step
-            raise LLMError(f"model client failed: {type(exc).__name__}: {exc}", kind="unexpected",
-                           run_id=rec.run_id, state=state.name) from exc
-        finally:  # also when the step is cancelled mid-retry: the tries already made are logged
-            self._add_attempts(request.attempts)
-        self._pay(body["model"], completion.usage)
-        return completion
-
-    def _add_attempts(self, attempts: list[Attempt]) -> None:
-        offset = len(self.rec.attempts)
+    @staticmethod
+    def _add_attempts(rec: TransitionRecord, attempts: list[Attempt]) -> None:
+        offset = len(rec.attempts)
         for attempt in attempts:
             attempt.number += offset
-            self.rec.attempts.append(attempt)
+            rec.attempts.append(attempt)
 
-    def _pay(self, model: str, usage: Usage) -> None:
-        self.rec.usage.add(usage)
-        cost = self.step.prices.cost(model, usage)
-        if cost is None or self.rec.cost_usd is None:
-            self.rec.cost_usd = None
+    def _pay(self, rec: TransitionRecord, model: str, usage: Usage) -> None:
+        rec.usage.add(usage)
+        cost = self.prices.cost(model, usage)
+        if cost is None or rec.cost_usd is None:
+            rec.cost_usd = None
         else:
-            self.rec.cost_usd += cost
+            rec.cost_usd += cost
 
-    def _answered(self, completion: Completion) -> None:
-        self.rec.response = completion.response
-        self.rec.request_id = completion.request_id
-
-    def _record_invalid(self, completion: Completion, kind: str, error: str, body: dict[str, Any]) -> None:
-        """An answer that will be re-asked: kept as an attempt with its response."""
-        self.rec.attempts.append(Attempt(
-            number=len(self.rec.attempts) + 1, started_at=self.call_started, kind=kind, error=error,
-            request_id=completion.request_id, usage=completion.usage,
-            cost_usd=self.step.prices.cost(body["model"], completion.usage),
-            request=body, response=completion.response))
-
-    def _unusable(self, completion: Completion, kind: str, error: str) -> Any:
-        self._answered(completion)
-        if self.state.on_invalid == "guard":
+    @staticmethod
+    def _unusable(state: LLMState, rec: TransitionRecord, completion: Completion, kind: str, error: str) -> Any:
+        rec.response = completion.response
+        rec.request_id = completion.request_id
+        if state.on_invalid == "guard":
             return InvalidOutput(kind, error, completion.text, completion.data)
-        raise LLMError(error, kind=kind, request_id=completion.request_id, run_id=self.rec.run_id,
-                       state=self.state.name)
+        raise LLMError(error, kind=kind, request_id=completion.request_id, run_id=rec.run_id, state=state.name)
 
-    async def _fallback(self, body: dict[str, Any], ctx: StepContext, failure: LLMError) -> Any:
-        state, rec = self.state, self.rec
+    async def _fallback(self, state: LLMState, rec: TransitionRecord, ctx: StepContext, spent: Spent,
+                        body: dict[str, Any], tool_name: str | None, failure: LLMError) -> Any:
         fallback = state.fallback
         rec.source = "fallback"
         name = fallback if isinstance(fallback, str) else getattr(fallback, "__name__", "function")
@@ -256,23 +249,10 @@ class _Call:
             fallback_body = {**body, "model": fallback}
             # cache the fallback's answer under its own request, never under the primary's
             rec.request_hash = request_hash(fallback_body) if state.cache else None
-            route = self._afford(fallback_body)
-            if route is not None:
-                return route
-            try:
-                completion = await self._complete(fallback_body)
-            except LLMError as exc:
-                raise LLMError(f"{failure}; fallback {fallback} failed too: {exc}", kind=exc.kind,
-                               status_code=exc.status_code, request_id=exc.request_id,
-                               run_id=rec.run_id, state=state.name) from None
-            output, problem = _check(state, completion, self.tool_name)
-            if problem is not None:
-                return self._unusable(completion, *problem)
-            self._answered(completion)
-            return output
+            return await self._ask(state, rec, ctx, spent, fallback_body, tool_name, 0, failure)
         assert fallback is not None
         rec.request_hash = None
-        override = self.step.python_override
+        override = self.python_override
         try:
             result = override(state, ctx) if override is not None else fallback(ctx)
             if inspect.isawaitable(result):
@@ -290,14 +270,12 @@ class _Call:
         rec.request = None
         return result
 
-    def _afford(self, body: dict[str, Any]) -> BudgetRoute | None:
+    def _afford(self, state: LLMState, rec: TransitionRecord, spent: Spent, body: dict[str, Any]) -> BudgetRoute | None:
         """Check the run's budget against this call's worst case before sending it."""
-        budget, spent, state = self.step.budget, self.spent, self.state
-        if budget.max_cost_usd is None and budget.max_tokens is None:
-            return None
+        budget = self.budget
         estimate = estimate_input_tokens(body)
         worst_tokens = estimate + state.max_tokens
-        so_far_tokens = paid_tokens(spent.usage) + paid_tokens(self.rec.usage)
+        so_far_tokens = paid_tokens(spent.usage) + paid_tokens(rec.usage)
         problem = None
         if budget.max_tokens is not None and so_far_tokens + worst_tokens > budget.max_tokens:
             problem = (f"tokens: spent {so_far_tokens} + worst case {worst_tokens} (about {estimate} in, "
@@ -306,8 +284,8 @@ class _Call:
             worst_usage = (Usage(cache_write_tokens=estimate, output_tokens=state.max_tokens)
                            if state.prompt_cache else
                            Usage(input_tokens=estimate, output_tokens=state.max_tokens))
-            worst = self.step.prices.cost(body["model"], worst_usage)
-            so_far = spent.cost_usd + (self.rec.cost_usd or 0.0)
+            worst = self.prices.cost(body["model"], worst_usage)
+            so_far = spent.cost_usd + (rec.cost_usd or 0.0)
             if worst is None:
                 problem = (f"cost: no price known for model {body['model']!r}, so max_cost_usd cannot "
                            "be checked")
@@ -322,8 +300,11 @@ class _Call:
         fix = ("add the model's price (--prices FILE or PriceTable) and resume" if "no price" in problem
                else "raise the limit and resume")
         raise BudgetExceededError(f"budget exceeded before calling {state.name}: {problem}; {fix}",
-                                  run_id=self.rec.run_id, state=state.name)
+                                  run_id=rec.run_id, state=state.name)
 
+
+async def _given(value: Any) -> Any:
+    return value
 
 def _check(state: LLMState, completion: Completion, tool_name: str | None) -> tuple[Any, tuple[str, str] | None]:
     """(output, None) for a usable answer, else (None, (kind, error))."""
