@@ -107,6 +107,7 @@ class Run:
         self.machine = compiled.machine
         self._compiled = compiled
         self._plans = compiled.plans
+        self._tracer = engine.tracer if engine.tracer.on else None
         self.record = record
         self.run_id = record.run_id
         self.owner = owner
@@ -234,7 +235,8 @@ class Run:
         if status is not None:
             self.status = status
             self.error = rec.error
-        self.engine.tracer.transition(rec, self.machine.name)
+        if self._tracer is not None:
+            self._tracer.transition(rec, self.machine.name)
         return rec
 
     async def _execute(self, state: State, rec: TransitionRecord, ctx: StepContext) -> Any:
@@ -305,29 +307,34 @@ class Run:
         g = plan.guard
         if g is None:
             return _CONTINUE, "no guard: continue"
-        state = plan.state
         try:
-            result = g(output, ctx)
+            result: Any = g(output, ctx)
         except Exception as exc:
             raise GuardError(f"guard {plan.guard_name} raised {type(exc).__name__}: {exc}",
-                             run_id=self.run_id, state=state.name) from exc
-        if isinstance(result, (FlowDecision, Branch)):
-            decision, reason = result.value, ""
-        elif isinstance(result, Verdict) and isinstance(result.decision, (FlowDecision, Branch)):
-            decision, reason = result.decision.value, str(result.reason)
-        else:
-            if inspect.isawaitable(result) and hasattr(result, "close"):
-                result.close()
-            raise GuardError(
-                f"guard {plan.guard_name} returned {_excerpt(result)}, which is not a decision; return a "
-                f"FlowDecision or Branch (allowed here: {sorted(plan.decisions)})",
-                run_id=self.run_id, state=state.name)
-        if decision not in plan.decisions:
-            raise GuardError(
-                f"guard {plan.guard_name} returned {decision}, which state '{state.name}' has no "
-                f"transition for (allowed: {sorted(plan.decisions)}); "
-                "add it to on={...} and @guard(...)", run_id=self.run_id, state=state.name)
+                             run_id=self.run_id, state=plan.state.name) from exc
+        reason = ""
+        if isinstance(result, Verdict):
+            result, reason = result.decision, str(result.reason)
+        try:
+            decision = plan.allowed.get(result)
+        except TypeError:  # unhashable, so not a decision
+            decision = None
+        if decision is None:
+            raise self._not_allowed(plan, result)
         return decision, reason or f"{plan.guard_name} saw {_excerpt(output)} -> {decision}"
+
+    def _not_allowed(self, plan: Plan, result: Any) -> GuardError:
+        allowed = sorted(plan.allowed.values())
+        if isinstance(result, (FlowDecision, Branch)):
+            return GuardError(
+                f"guard {plan.guard_name} returned {result.value}, which state '{plan.state.name}' has no "
+                f"transition for (allowed: {allowed}); add it to on={{...}} and @guard(...)",
+                run_id=self.run_id, state=plan.state.name)
+        if inspect.isawaitable(result) and hasattr(result, "close"):
+            result.close()
+        return GuardError(
+            f"guard {plan.guard_name} returned {_excerpt(result)}, which is not a decision; return a "
+            f"FlowDecision or Branch (allowed here: {allowed})", run_id=self.run_id, state=plan.state.name)
 
     def _move(self, plan: Plan, decision: str) -> None:
         if self._compiled.move(self._pos, decision):

@@ -21,7 +21,8 @@ from transitions import Machine as FSM
 from transitions import State as FSMState
 
 from .definition import LLMState, Machine, State
-from .types import END, Guard
+from .states import DeclaredGuard
+from .types import END, Decision, Guard, decision_from_value
 
 
 class Position:
@@ -67,9 +68,9 @@ class Plan:
 
     state: State
     source: str  # the log's `source` for a normal answer: "llm" | "python"
-    guard: Guard | None
+    guard: Guard | None  # the function itself (unwrapped from @guard)
     guard_name: str  # as default reasons and errors name it
-    decisions: frozenset[str]
+    allowed: dict[Decision, str]  # what the guard may return -> its value
     moves: dict[str, Move]  # decision value -> the transition it fires
 
 
@@ -148,8 +149,10 @@ def compile_machine(machine: Machine) -> Compiled:
     for state in machine.states:
         guard = state.guard
         compiled.plans[state.name] = Plan(
-            state=state, source="llm" if isinstance(state, LLMState) else "python", guard=guard,
-            guard_name=getattr(guard, "__name__", type(guard).__name__), decisions=machine.decisions[state.name],
+            state=state, source="llm" if isinstance(state, LLMState) else "python",
+            guard=guard.fn if isinstance(guard, DeclaredGuard) else guard,
+            guard_name=getattr(guard, "__name__", type(guard).__name__),
+            allowed={decision_from_value(value): value for value in machine.decisions[state.name]},
             moves={decision: Move(target, fsm.get_state(target), checks[state.name, decision])
                    for decision, target in machine.edges(state.name).items()})
         if isinstance(state, LLMState) and state.output is not None:

@@ -36,7 +36,7 @@ def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], di
     if not isinstance(data, dict):
         raise InputError(f"run input must be a JSON object, got {type(data).__name__}; "
                          'wrap it, e.g. {"data": ...}')
-    if _depth(data) > MAX_DEPTH:
+    if data and _depth(data) > MAX_DEPTH:
         raise InputError(f"input is nested too deeply (more than {MAX_DEPTH} levels); flatten it")
     values: dict[str, Any] = {}
     if machine.input_model is not None:
@@ -59,6 +59,8 @@ def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], di
         except Exception as exc:
             raise InputError(f"input_vars[{name!r}] failed on this input: "
                              f"{type(exc).__name__}: {exc}; fix the input or the function") from None
+    if not stored:
+        return context_input, stored, values  # nothing to encode or to measure
     try:
         text = _as_json(stored)
         text.encode("utf-8")  # lone surrogates cannot be stored or sent

@@ -103,6 +103,7 @@ class LLMStep:
         self.machine = machine
         self.tools = tools
         self._model = model
+        self._client: ModelClient | None = None  # resolved at the first call: Python-only runs need none
         self.store = store
         self.prices = prices
         self.budget = budget
@@ -157,7 +158,9 @@ class LLMStep:
         """Call until an answer is usable: re-ask an invalid one up to `repairs` times, hand a
         transient failure to the state's fallback. `primary` is set when this is the fallback
         model answering for a call that failed."""
-        model = self._model()
+        model = self._client
+        if model is None:
+            model = self._client = self._model()
         first = body
         fresh = primary is None  # the step's first call: it starts with the step
         started = rec.started_at

@@ -121,6 +121,11 @@ class Tracer:
     def __init__(self, logger: Any | None) -> None:
         self._log = logger
 
+    @property
+    def on(self) -> bool:
+        """False for a null tracer: callers on the hot path may skip building its events."""
+        return self._log is not None
+
     @classmethod
     def default(cls) -> Tracer:
         return cls(structlog.get_logger("statemachine_orch"))

@@ -10,25 +10,26 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from functools import lru_cache
-from time import time
+from time import time_ns
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     from .retry import RetryPolicy
 
-@lru_cache(maxsize=1)
-def _iso_second(whole: int) -> str:
-    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+_second: dict[int, str] = {}  # the current second's "YYYY-MM-DDTHH:MM:SS." (one entry)
 
 
 def now_iso() -> str:
     """UTC now as stored: ISO 8601 with microseconds and a Z, e.g. 2026-11-24T07:16:46.327481Z.
 
-    The date part is formatted once per second: this runs twice per step."""
-    now = time()
-    whole = int(now)
-    return f"{_iso_second(whole)}.{int((now - whole) * 1_000_000):06d}Z"
+    The part up to the second is formatted once per second: this runs on every step."""
+    now = time_ns()
+    whole = now // 1_000_000_000
+    prefix = _second.get(whole)
+    if prefix is None:
+        _second.clear()
+        prefix = _second[whole] = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+    return "%s%06dZ" % (prefix, now // 1000 % 1_000_000)
 
 
 END = "__end__"
