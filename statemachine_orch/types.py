@@ -29,7 +29,7 @@ def now_iso() -> str:
     if prefix is None:
         _second.clear()
         prefix = _second[whole] = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
-    return "%s%06dZ" % (prefix, now // 1000 % 1_000_000)
+    return f"{prefix}{now // 1000 % 1_000_000:06d}Z"
 
 
 END = "__end__"
