@@ -70,6 +70,7 @@ from .types import (
 
 _NO_OUTPUT = object()
 _NO_NEEDS: Mapping[str, Any] = MappingProxyType({})
+_NO_LIMITS = Budget()
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _REASON_LIMIT = 500
 _CONTINUE = FlowDecision.CONTINUE.value
@@ -120,7 +121,7 @@ class Run:
         self.usage = snap.usage
         self.spent = Spent(snap.cost_usd or 0.0, self.usage, snap.seconds)
         self.cost_known = snap.cost_usd is not None
-        self.budget = budget or Budget()
+        self.budget = budget or _NO_LIMITS
         self._pending = snap.pending
         in_flight = record.in_flight or {}
         doubt = in_flight.get("seq") if isinstance(in_flight.get("seq"), int) else None
@@ -201,7 +202,8 @@ class Run:
                 rec.decision = decision
                 note = rec.reason
                 rec.reason = (reason if note is None else f"{reason} [{note}]")[:_REASON_LIMIT]
-                self._move(plan, decision)
+                if not self._compiled.move(self._pos, plan.moves[decision]):
+                    raise self._blocked(plan, decision)
                 rec.to_state = self._pos.state
             except RunError as exc:
                 failure = exc
@@ -336,17 +338,16 @@ class Run:
             f"guard {plan.guard_name} returned {_excerpt(result)}, which is not a decision; return a "
             f"FlowDecision or Branch (allowed here: {allowed})", run_id=self.run_id, state=plan.state.name)
 
-    def _move(self, plan: Plan, decision: str) -> None:
-        if self._compiled.move(self._pos, decision):
-            return
+    def _blocked(self, plan: Plan, decision: str) -> RunError:
+        """Why the FSM refused the transition: a retry or visit limit."""
         state = plan.state
         target = plan.moves[decision].dest
         if target == state.name:
-            raise RetryLimitError(
+            return RetryLimitError(
                 f"state '{state.name}' decided {decision} (back to itself) after attempt "
                 f"{self._pos.attempt}, but its retry_limit is {state.retry_limit}; raise retry_limit "
                 "or route the failure", run_id=self.run_id, state=state.name)
-        raise VisitLimitError(
+        return VisitLimitError(
             f"state '{target}' reached max_visits={self.machine.by_name[target].max_visits}; "
             "raise max_visits or break the loop", run_id=self.run_id, state=state.name)
 
@@ -373,7 +374,7 @@ class Run:
     async def run_to_end(self) -> RunResult:
         self._task = asyncio.current_task()
         try:
-            while not self.done:
+            while self.status is RunStatus.RUNNING:
                 if self._stop is not None:
                     self._release_quietly(RunStatus.INTERRUPTED, self._stop)
                     break
@@ -388,9 +389,9 @@ class Run:
             if self._grace is not None:
                 self._grace.cancel()
         result = self.result()
-        self.engine.tracer.run_finished(self.run_id, self.machine.name, self.status.value,
-                                        steps=len(self.path), usage=self.usage,
-                                        cost_usd=result.cost_usd, error=self.error)
+        if self._tracer is not None:
+            self._tracer.run_finished(self.run_id, self.machine.name, self.status.value, steps=len(self.path),
+                                      usage=self.usage, cost_usd=result.cost_usd, error=self.error)
         return result
 
     def _release_quietly(self, status: RunStatus, error: str) -> None:
@@ -464,11 +465,10 @@ class Engine:
         if run_id is not None and not _RUN_ID.fullmatch(run_id):
             raise UsageError(f"run id {run_id!r} is not valid; use 1-64 letters, digits, '.', '_' or '-'")
         context_input, stored, values = validate_input(machine, input)
-        effective = (machine.budget or Budget()).merged(budget)
+        effective = (machine.budget or _NO_LIMITS).merged(budget)
         options = dict(options or {})
-        limits = effective.to_json()
-        if limits:
-            options["budget"] = limits
+        if effective != _NO_LIMITS:
+            options["budget"] = effective.to_json()
         now = now_iso()
         record = RunRecord(
             run_id=run_id or new_run_id(), machine=machine.name,

@@ -89,18 +89,18 @@ class Compiled:
         return {(name, decision): move for name, plan in self.plans.items()
                 for decision, move in plan.moves.items()}
 
-    def move(self, pos: Position, decision: str) -> bool:
-        """Apply the FSM's transition for `decision` to `pos`; False when a condition blocks it.
+    def move(self, pos: Position, move: Move) -> bool:
+        """Apply one of the FSM's transitions (`plans[pos.state].moves[decision]`) to `pos`;
+        False when a condition blocks it.
 
         The same outcome as firing the trigger (`fsm.events[decision].trigger(pos)`), without
-        its per-call dispatch: the transition is looked up once, its conditions run directly,
-        and `set_state` moves the model.
+        its per-call dispatch: the transition was looked up when the machine was compiled,
+        its conditions run directly, and `set_state` moves the model.
         """
-        source = pos.state
-        move = self.plans[source].moves[decision]
         for check in move.checks:
             if not check(pos):
                 return False
+        source = pos.state
         self.fsm.set_state(move.target, model=pos)
         advance(pos, source, move.dest)
         return True

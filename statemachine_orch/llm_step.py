@@ -112,12 +112,14 @@ class LLMStep:
         self.owner = owner
         self.in_doubt_seq = in_doubt_seq  # a call of this step was in flight when a process died
 
-    def body(self, state: LLMState, values: Callable[[tuple[str, ...]], dict[str, Any]]) -> dict[str, Any]:
+    def body(self, state: LLMState, values: Callable[[tuple[str, ...]], dict[str, Any]],
+             tool: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
         prompt, system = self.machine.templates[state.name]
         body: dict[str, Any] = {
             "model": state.model or self.machine.model,
             "max_tokens": state.max_tokens,
-            "messages": [{"role": "user", "content": prompt.render(values(prompt.names))}],
+            "messages": [{"role": "user", "content": prompt.render(values(prompt.names)) if prompt.names
+                          else prompt.literals[0]}],
         }
         if system is not None:
             text = system.render(values(system.names))
@@ -125,7 +127,6 @@ class LLMStep:
                               if state.prompt_cache else text)
         if state.params:
             body.update(state.params)
-        tool = self.tools.get(state.name)
         if tool is not None:
             body["tools"] = [tool[1]]
             body["tool_choice"] = {"type": "tool", "name": tool[0]}
@@ -135,10 +136,10 @@ class LLMStep:
                 values: Callable[[tuple[str, ...]], dict[str, Any]], spent: Spent) -> Coroutine[Any, Any, Any]:
         """The state's output (validated), an InvalidOutput to route, or a BudgetRoute, as a
         coroutine for the caller to await."""
-        body = self.body(state, values)
-        rec.request = body
         tool = self.tools.get(state.name)
         tool_name = tool[0] if tool is not None else None
+        body = self.body(state, values, tool)
+        rec.request = body
         if state.cache:
             rec.request_hash = request_hash(body)
             hit = self.store.find_cached(rec.request_hash)

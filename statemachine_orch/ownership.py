@@ -14,6 +14,7 @@ import socket
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
+from random import getrandbits
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +27,11 @@ class Owner:
 
     @classmethod
     def for_this_process(cls) -> Owner:
-        """A new token, with this process's identity (read once per process, not per run)."""
-        return cls(os.urandom(16).hex(), *_identity(os.getpid()))
+        """A new token, with this process's identity (read once per process, not per run).
+
+        The token tells owners apart (it fences writes); it is not a secret, so it comes from
+        `random` (reseeded from os.urandom at import and in every forked child), not a syscall."""
+        return cls(f"{getrandbits(128):032x}", *_identity(os.getpid()))
 
     def info_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

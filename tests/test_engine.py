@@ -463,7 +463,7 @@ def test_the_fast_move_equals_firing_the_fsm_trigger(module: str) -> None:
                 counters = {name: visits for name in compiled.machine.by_name}
                 fast = Position(source, attempt, dict(counters))
                 slow = Position(source, attempt, dict(counters))
-                moved = compiled.move(fast, decision)
+                moved = compiled.move(fast, compiled.plans[source].moves[decision])
                 fired = compiled.fsm.events[decision].trigger(slow)
                 assert (moved, fast.state, fast.attempt, fast.visits) == (
                     fired, slow.state, slow.attempt, slow.visits), (source, decision, attempt, visits)
