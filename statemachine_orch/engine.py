@@ -37,7 +37,7 @@ from .errors import (
     UsageError,
     VisitLimitError,
 )
-from .faults import kill_point
+from .faults import ARMED, kill_point
 from .fsm import Compiled, Plan, Position, compile_machine
 from .inputs import validate_input
 from .llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
@@ -171,11 +171,10 @@ class Run:
         name = pos.state
         plan = self._plans[name]
         state = plan.state
-        rec = TransitionRecord(
-            run_id=self.run_id, seq=self.seq + 1, from_state=name, to_state=None, decision=None,
-            reason=None, attempt=pos.attempt, started_at=now_iso(), latency_ms=perf_counter(),
-            source=plan.source,
-        )  # latency_ms holds the start until the step ends
+        # run_id, seq, from_state, to_state, decision, reason, attempt, started_at, latency_ms
+        # (the start, until the step ends), source
+        rec = TransitionRecord(self.run_id, self.seq + 1, name, None, None, None, pos.attempt, now_iso(),
+                               perf_counter(), plan.source)
         needs = state.needs
         outputs = self.outputs
         ctx = StepContext(self.run_id, name, pos.attempt, self.input,
@@ -213,7 +212,8 @@ class Run:
         rec.latency_ms = (perf_counter() - rec.latency_ms) * 1000.0
         if rec.to_state == END:
             status = RunStatus.TERMINATED if rec.decision == _TERMINATE else RunStatus.COMPLETED
-        kill_point("after_response")
+        if ARMED:
+            kill_point("after_response")
         try:
             self.engine.store.append(rec, self.owner, status=status, error=rec.error)
         except BaseException as exc:
@@ -221,7 +221,8 @@ class Run:
             if not isinstance(exc, OwnershipLostError):
                 self._release_quietly(RunStatus.INTERRUPTED, f"store error: {exc}")
             raise
-        kill_point("after_commit")
+        if ARMED:
+            kill_point("after_commit")
         self.seq = rec.seq
         self.usage.add(rec.usage)
         spent = self.spent
@@ -477,7 +478,8 @@ class Engine:
         )
         owner = Owner.for_this_process()
         self.store.create_run(record, owner)
-        kill_point("run_created")
+        if ARMED:
+            kill_point("run_created")
         self.tracer.run_started(record)
         snap = Snapshot(Position(machine.initial, 1, {machine.initial: 1}), {}, [], Usage(), 0.0,
                         0.0, None)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from .definition import LLMState, Machine, PythonState
 from .errors import BudgetExceededError, LLMError, OrchError
-from .faults import kill_point
+from .faults import ARMED, kill_point
 from .llm import TRANSIENT_KINDS, completion_from_response
 from .ownership import Owner
 from .prices import PriceTable
@@ -104,6 +104,7 @@ class LLMStep:
         self.tools = tools
         self._model = model
         self._client: ModelClient | None = None  # resolved at the first call: Python-only runs need none
+        self._bills = False  # whether its calls cost money (then each step's first is marked in flight)
         self.store = store
         self.prices = prices
         self.budget = budget
@@ -162,6 +163,7 @@ class LLMStep:
         model = self._client
         if model is None:
             model = self._client = self._model()
+            self._bills = getattr(model, "bills", False)
         first = body
         fresh = primary is None  # the step's first call: it starts with the step
         started = rec.started_at
@@ -171,16 +173,17 @@ class LLMStep:
                 if route is not None:
                     return route
             if fresh:
-                kill_point("before_request")
-                if getattr(model, "bills", False):
+                if ARMED:
+                    kill_point("before_request")
+                if self._bills:
                     self.store.mark_in_flight(rec.run_id, self.owner, rec.seq, state.name)
                 fresh = False
             else:
                 started = now_iso()
             if rec.seq == self.in_doubt_seq:
                 rec.in_doubt = True
-            request = LLMRequest(run_id=rec.run_id, state=state.name, body=body, tool_name=tool_name,
-                                 timeout_s=state.timeout, retry=state.retry_policy or self.machine.retry_policy)
+            request = LLMRequest(rec.run_id, state.name, body, tool_name, state.timeout,
+                                 state.retry_policy or self.machine.retry_policy)
             rec.request = body
             failure: OrchError | None = None
             try:
@@ -192,7 +195,8 @@ class LLMStep:
                                    run_id=rec.run_id, state=state.name)
                 failure.__cause__ = exc
             finally:  # also when the step is cancelled mid-retry: the tries already made are logged
-                self._add_attempts(rec, request.attempts)
+                if request.attempts:
+                    self._add_attempts(rec, request.attempts)
             if failure is not None:
                 if not isinstance(failure, LLMError):
                     raise failure

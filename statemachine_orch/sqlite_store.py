@@ -37,7 +37,7 @@ from .errors import (
     StoreError,
     UsageError,
 )
-from .faults import kill_point
+from .faults import ARMED, kill_point
 from .ownership import Owner, is_alive, owner_from_json
 from .store import MachineTotals, RunSummary
 from .types import Attempt, RunRecord, RunStatus, TransitionRecord, Usage, now_iso
@@ -458,7 +458,8 @@ class SQLiteStore:
                          a.usage.cache_read_tokens, a.usage.cache_write_tokens, a.cost_usd,
                          request if a.request is r.request else _dump(a.request), _dump(a.response))
                         for a in r.attempts])
-                kill_point("mid_commit")
+                if ARMED:
+                    kill_point("mid_commit")
             if not final:
                 self._chains[r.run_id] = (r.seq, chain)
             else:

@@ -123,8 +123,9 @@ class Tracer:
 
     @property
     def on(self) -> bool:
-        """False for a null tracer: callers on the hot path may skip building its events."""
-        return self._log is not None
+        """False for a null tracer (no logger, methods not overridden): callers on the hot path
+        may skip calling it."""
+        return self._log is not None or type(self) is not Tracer
 
     @classmethod
     def default(cls) -> Tracer:

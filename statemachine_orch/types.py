@@ -1,7 +1,9 @@
 """Shared vocabulary: decisions, statuses, records and the seams adapters plug into.
 
 Nothing here does I/O. Records are slotted dataclasses because the engine builds one per
-transition on its hot path; they are plain data, JSON-friendly, never pickled.
+transition on its hot path; they are plain data, JSON-friendly, never pickled. The three
+built on every step (`TransitionRecord`, `LLMRequest`, `Completion`) also take positional
+arguments: keyword parsing costs as much as the rest of their construction.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class Attempt:
     response: dict[str, Any] | None = None
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class LLMRequest:
     """One Messages API request as the engine sees it. `body` is what gets sent and stored."""
 
@@ -173,7 +175,7 @@ class LLMRequest:
     attempts: list[Attempt] = field(default_factory=list)  # the client appends each failed try
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Completion:
     """A model answer: `text` or, for structured output, the tool input in `data`."""
 
@@ -252,7 +254,7 @@ class ModelClient(Protocol):
 # --------------------------------------------------------------------------- records
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class TransitionRecord:
     """One row of the transition log: a state ran and the machine moved (or the step failed).
 

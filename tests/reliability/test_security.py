@@ -314,6 +314,7 @@ ALLOWED_SQL_PARTS = {
     "_APPEND": "constant INSERT with ? placeholders",
     "_APPEND_ATTEMPT": "constant INSERT with ? placeholders",
     "_SET_STATUS": "constant UPDATE with ? placeholders",
+    "_STEP": "constant UPDATE with numbered ? placeholders",
     "sql": "list_runs: constant fragments joined with ? placeholders; the values go in params",
     "statement": "_run_script: the module's own schema, migration and view scripts",
     "_CHAINED_COLUMNS": "a constant list of column names",
