@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from json import JSONEncoder
 from typing import Any, TextIO
 
 import structlog
+from pydantic_core import to_json
 
 from .types import RunRecord, TransitionRecord, Usage, now_iso
 
@@ -54,6 +55,21 @@ def redact_secrets(secrets: Iterable[str] = ()) -> structlog.types.Processor:
     return processor
 
 
+def _line_scrubber(secrets: Iterable[str]) -> Callable[[str], str]:
+    """Blanks API keys in a rendered JSON line: substring checks over the line instead of a
+    regular expression per value. Each known secret is looked for as written and as JSON
+    escapes it; anything shaped like a key starts with "sk-ant-"."""
+    known = [s for s in secrets if s and len(s) >= 8]
+    forms = sorted({form for s in known for form in (s, _ascii_json(s)[1:-1])}, key=len, reverse=True)
+
+    def scrub(line: str) -> str:
+        if "sk-ant-" in line or (forms and any(form in line for form in forms)):
+            return redact(line, forms)
+        return line
+
+    return scrub
+
+
 def _escape_controls(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Console lines: a value with a newline or escape code cannot forge a second line."""
     for key, value in event.items():
@@ -72,16 +88,20 @@ def secrets_from_env() -> list[str]:
     return [v for v in (os.environ.get(name) for name in SECRET_ENV_VARS) if v]
 
 
-def _json_lines(scrub: structlog.types.Processor) -> structlog.types.Processor:
-    """Level, timestamp, redaction and JSON in one processor: a JSON event per transition is
-    on the hot path, and each processor of a chain costs a call and a dict pass."""
-    encode = JSONEncoder(separators=(",", ":"), default=repr).encode  # ASCII: no U+2028 splits a line
+_ascii_json = JSONEncoder(separators=(",", ":"), default=repr).encode  # ASCII: no U+2028 splits a line
 
-    def render(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
-        scrub(logger, method, event)  # in place, before level and timestamp, which hold no secrets
+
+def _json_lines(scrub: Callable[[str], str]) -> structlog.types.Processor:
+    """Level, timestamp, JSON and redaction in one processor: a JSON event per transition is
+    on the hot path, and each processor of a chain costs a call and a dict pass. Lines are
+    ASCII; pydantic-core encodes (several times faster than `json`), `json` takes the rare
+    event with non-ASCII text."""
+
+    def render(_: Any, method: str, event: MutableMapping[str, Any]) -> str:
         event["level"] = method
         event["timestamp"] = now_iso()
-        return encode(event)
+        line = to_json(event, fallback=repr).decode()
+        return scrub(line if line.isascii() else _ascii_json(event))
 
     return render
 
@@ -99,13 +119,12 @@ class _LineWriter(structlog.WriteLogger):
 
 def stream_logger(stream: TextIO, *, json: bool) -> Any:
     """A private structlog logger writing to `stream`: console lines, or JSON lines if asked."""
-    scrub = redact_secrets(secrets_from_env())
     processors: list[structlog.types.Processor]
     if json:
-        processors = [_json_lines(scrub)]
+        processors = [_json_lines(_line_scrubber(secrets_from_env()))]
     else:
-        processors = [structlog.processors.add_log_level, _timestamp, scrub, _escape_controls,
-                      structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+        processors = [structlog.processors.add_log_level, _timestamp, redact_secrets(secrets_from_env()),
+                      _escape_controls, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     return structlog.wrap_logger(
         _LineWriter(stream),
         processors=processors,
@@ -145,22 +164,21 @@ class Tracer:
         )
 
     def transition(self, rec: TransitionRecord, machine: str) -> None:
-        if self._log is None:
+        log = self._log
+        if log is None:
             return
         u = rec.usage
-        fields: dict[str, Any] = {
-            "run_id": rec.run_id, "machine": machine, "seq": rec.seq, "from_state": rec.from_state,
-            "to_state": rec.to_state, "decision": rec.decision, "attempt": rec.attempt,
-            "latency_ms": round(rec.latency_ms, 3), "tokens": u.input_tokens + u.output_tokens,
-            "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
-            "cost_usd": rec.cost_usd, "source": rec.source,
-        }
+        extra: dict[str, Any] = {}  # fields only a failing step has
         if rec.attempts:
-            fields["failed_attempts"] = len(rec.attempts)
+            extra["failed_attempts"] = len(rec.attempts)
         if rec.error is not None:
-            self._log.error("transition", error=rec.error, **fields)
-        else:
-            self._log.info("transition", **fields)
+            extra["error"] = rec.error
+        (log.info if rec.error is None else log.error)(
+            "transition", run_id=rec.run_id, machine=machine, seq=rec.seq, from_state=rec.from_state,
+            to_state=rec.to_state, decision=rec.decision, attempt=rec.attempt,
+            latency_ms=round(rec.latency_ms, 3), tokens=u.input_tokens + u.output_tokens,
+            input_tokens=u.input_tokens, output_tokens=u.output_tokens, cost_usd=rec.cost_usd,
+            source=rec.source, **extra)
 
     def run_finished(
         self, run_id: str, machine: str, status: str, *, steps: int, usage: Usage,
