@@ -71,6 +71,7 @@ from .types import (
 _NO_OUTPUT = object()
 _NO_NEEDS: Mapping[str, Any] = MappingProxyType({})
 _NO_LIMITS = Budget()
+_context = tuple.__new__
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _REASON_LIMIT = 500
 _CONTINUE = FlowDecision.CONTINUE.value
@@ -177,8 +178,8 @@ class Run:
                                perf_counter(), plan.source)
         needs = state.needs
         outputs = self.outputs
-        ctx = StepContext(self.run_id, name, pos.attempt, self.input,
-                          {n: outputs[n] for n in needs} if needs else _NO_NEEDS)
+        ctx = _context(StepContext, (self.run_id, name, pos.attempt, self.input,  # StepContext(...) sans a frame
+                                     {n: outputs[n] for n in needs} if needs else _NO_NEEDS))
         if self._pending is None and self.budget.max_seconds is None:
             return plan, rec, ctx, self._run_state(state, rec, ctx)
         return plan, rec, ctx, self._execute(state, rec, ctx)
@@ -196,7 +197,7 @@ class Run:
                     decision, reason = state.on_budget.value, output.reason
                     output = None
                 else:
-                    rec.output = output_json(output)
+                    rec.output = output if type(output) is str else output_json(output)
                     decision, reason = self._judge(plan, output, ctx)
                 rec.decision = decision
                 note = rec.reason

@@ -207,7 +207,10 @@ class LLMStep:
                 if failure.kind not in TRANSIENT_KINDS or state.fallback is None:
                     raise failure
                 return await self._fallback(state, rec, ctx, spent, first, tool_name, failure)
-            self._pay(rec, body["model"], completion.usage)
+            usage = completion.usage
+            rec.usage.add(usage)
+            cost = self.prices.cost(body["model"], usage)
+            rec.cost_usd = None if cost is None or rec.cost_usd is None else rec.cost_usd + cost
             output, problem = _check(state, completion, tool_name)
             if problem is None:
                 rec.response = completion.response
@@ -230,14 +233,6 @@ class LLMStep:
         for attempt in attempts:
             attempt.number += offset
             rec.attempts.append(attempt)
-
-    def _pay(self, rec: TransitionRecord, model: str, usage: Usage) -> None:
-        rec.usage.add(usage)
-        cost = self.prices.cost(model, usage)
-        if cost is None or rec.cost_usd is None:
-            rec.cost_usd = None
-        else:
-            rec.cost_usd += cost
 
     @staticmethod
     def _unusable(state: LLMState, rec: TransitionRecord, completion: Completion, kind: str, error: str) -> Any:
