@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from random import getrandbits
@@ -34,7 +34,8 @@ class Owner:
         return cls(f"{getrandbits(128):032x}", *_identity(os.getpid()))
 
     def info_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return json.dumps({"token": self.token, "host": self.host, "pid": self.pid, "boot_id": self.boot_id,
+                           "started": self.started}, separators=(",", ":"))
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host}"

@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 3
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
 Synchronous = Literal["FULL", "NORMAL"]
+# Every commit appends each page it changed to the WAL: a step changes three (the runs row,
+# the log row, the log's key), so smaller pages make each commit cheaper. A database keeps the
+# page size it was created with.
+PAGE_SIZE = 2048
 
 _SCHEMA = """
 CREATE TABLE runs (
@@ -275,6 +279,8 @@ class SQLiteStore:
         frozen = not os.access(self.path.parent, os.W_OK) and not Path(f"{self.path}-wal").exists()
         conn = self.conn = _connect(self.path, busy_timeout_s, immutable=frozen)
         try:
+            if not frozen and self.path.stat().st_size == 0:  # a new database: it takes our page size
+                conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             if not frozen:
                 self._while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -365,6 +371,7 @@ class SQLiteStore:
                 raise UsageError(f"run {run.run_id} already exists in {self.path}; resume it with "
                                  f"`orch resume {run.run_id}` or choose another id") from None
             raise
+        self._chains[run.run_id] = (0, chain_hash("", (run.run_id,)))  # no log yet: step 1 chains to this
 
     def _insert_run(self, run: RunRecord, owner: Owner) -> None:
         with self._write() as conn:
