@@ -21,12 +21,10 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
-
-from pydantic_core import to_json
 
 from .errors import (
     CorruptRunError,
@@ -48,10 +46,6 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 3
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
 Synchronous = Literal["FULL", "NORMAL"]
-# Every commit appends each page it changed to the WAL: a step changes three (the runs row,
-# the log row, the log's key), so smaller pages make each commit cheaper. A database keeps the
-# page size it was created with.
-PAGE_SIZE = 2048
 
 _SCHEMA = """
 CREATE TABLE runs (
@@ -233,7 +227,15 @@ def _dump(value: Any) -> str | None:
     times faster than the json module's for the request and response on every row."""
     if value is None:
         return None
-    return to_json(value).decode()
+    return _encoder()(value).decode()
+
+
+@cache
+def _encoder() -> Callable[[Any], bytes]:
+    """pydantic-core's `to_json`, imported on the first write: reading commands never load it."""
+    from pydantic_core import to_json
+
+    return to_json
 
 
 def _load(text: str | None, *where: object) -> Any:
@@ -279,8 +281,6 @@ class SQLiteStore:
         frozen = not os.access(self.path.parent, os.W_OK) and not Path(f"{self.path}-wal").exists()
         conn = self.conn = _connect(self.path, busy_timeout_s, immutable=frozen)
         try:
-            if not frozen and self.path.stat().st_size == 0:  # a new database: it takes our page size
-                conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             if not frozen:
                 self._while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute(f"PRAGMA synchronous={synchronous}")

@@ -319,7 +319,6 @@ ALLOWED_SQL_PARTS = {
     "statement": "_run_script: the module's own schema, migration and view scripts",
     "_CHAINED_COLUMNS": "a constant list of column names",
     "SCHEMA_VERSION": "an int constant",
-    "PAGE_SIZE": "an int constant",
     "APPLICATION_ID": "an int constant",
     "synchronous": "checked to be 'FULL' or 'NORMAL' before the connection is made",
     "marks": "machine_totals: one '?' per machine name",
