@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 
 from . import __version__
@@ -303,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_traceback() -> None:
+    import traceback  # here: only --debug shows one
+
+    traceback.print_exc()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -314,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except OrchError as exc:
         if args.debug:
-            traceback.print_exc()
+            _print_traceback()
         # one line per problem; values quoted in a message cannot add lines or escape codes
         lines = exc.problems if isinstance(exc, DefinitionError) else [str(exc)]
         for line in lines or [type(exc).__name__]:
@@ -332,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as exc:  # a bug: still one line unless --debug
         if args.debug:
-            traceback.print_exc()
+            _print_traceback()
         print(f"orch: internal error: {type(exc).__name__}: {one_line(str(exc), 500)} (rerun with "
               "--debug for the traceback)", file=sys.stderr)
         return 1

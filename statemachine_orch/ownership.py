@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -54,7 +53,7 @@ def owner_from_json(text: str | None) -> Owner | None:
 
 def is_alive(owner: Owner) -> bool:
     """False only when we are sure the owning process is gone."""
-    if owner.host != socket.gethostname():
+    if owner.host != _identity(os.getpid())[0]:
         return True
     boot = _boot_id()
     if owner.boot_id and boot and owner.boot_id != boot:
@@ -77,6 +76,8 @@ def is_alive(owner: Owner) -> bool:
 @cache
 def _identity(pid: int) -> tuple[str, int, str | None, str | None]:
     """(host, pid, boot id, start time) of a process; keyed on the pid so a fork reads its own."""
+    import socket  # here: reading commands never need it
+
     return socket.gethostname(), pid, _boot_id(), _process_start(pid)
 
 

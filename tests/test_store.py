@@ -279,6 +279,38 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
 
 
 
+def test_machine_totals_match_the_rows_whatever_the_runs_status(tmp_path: Path) -> None:
+    """Finished runs are summed from their index, the others from their rows: together they
+    must equal a plain sum over the runs table, an unpriced step anywhere making cost NULL."""
+    store, owner = SQLiteStore(tmp_path / "orch.db"), me()
+    for run_id, status, cost in [("done", RunStatus.COMPLETED, 0.5), ("stopped", RunStatus.TERMINATED, 0.25),
+                                 ("broken", RunStatus.FAILED, 0.125), ("live", None, 1.0)]:
+        store.create_run(new_run(run_id), owner)
+        store.append(row(1, run_id=run_id, cost_usd=cost), owner)
+        store.append(row(2, run_id=run_id, to_state="__end__" if status else "b", cost_usd=cost), owner,
+                     status=status)
+    store.create_run(new_run("other", machine="n"), owner)
+    store.append(row(1, run_id="other"), owner, status=RunStatus.COMPLETED)
+
+    def plain() -> tuple[Any, ...]:
+        return tuple(store.conn.execute(
+            "SELECT count(*), sum(steps), sum(input_tokens), sum(output_tokens), "
+            "CASE WHEN sum(cost_usd IS NULL) > 0 THEN NULL ELSE sum(cost_usd) END, sum(cache_hits) "
+            "FROM runs WHERE machine = 'm'").fetchone())
+
+    [totals] = store.machine_totals(["m"])
+    assert (totals.runs, totals.steps, totals.input_tokens, totals.output_tokens, totals.cost_usd,
+            totals.cache_hits) == plain() == (4, 8, 24, 32, 3.75, 0)
+    store.create_run(new_run("unpriced"), owner)
+    store.append(row(1, run_id="unpriced", cost_usd=None), owner, status=RunStatus.COMPLETED)
+    [totals] = store.machine_totals(["m"])
+    assert (totals.runs, totals.cost_usd) == plain()[::4] == (5, None)
+    plan = " ".join(r[3] for r in store.conn.execute(
+        "EXPLAIN QUERY PLAN SELECT sum(steps) FROM runs WHERE machine IN (?) AND status IN ('completed', "
+        "'terminated') GROUP BY machine", ["m"]))
+    assert "COVERING INDEX runs_finished_totals" in plan
+
+
 def test_load_run_reads_the_row_and_the_log_as_of_one_moment(tmp_path: Path) -> None:
     """A step another process commits between the two reads must not show up in only one."""
     path = tmp_path / "orch.db"

@@ -321,7 +321,7 @@ ALLOWED_SQL_PARTS = {
     "SCHEMA_VERSION": "an int constant",
     "APPLICATION_ID": "an int constant",
     "synchronous": "checked to be 'FULL' or 'NORMAL' before the connection is made",
-    "marks": "machine_totals: one '?' per machine name",
+    "part": "machine_totals: a constant SELECT with one '?' per machine name, used twice",
     "_ADVANCE": "constant UPDATE with :named placeholders",
 }
 
