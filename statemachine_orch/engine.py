@@ -127,6 +127,7 @@ class Run:
         in_flight = record.in_flight or {}
         doubt = in_flight.get("seq") if isinstance(in_flight.get("seq"), int) else None
         self._llm = LLMStep(run_id=record.run_id, machine=compiled.machine, tools=compiled.tools,
+                            bodies=compiled.bodies,
                             model=lambda: engine.model, store=engine.store, prices=engine.prices,
                             budget=self.budget, python_override=engine.python_override, owner=owner,
                             in_doubt_seq=doubt if doubt is not None and doubt > seq else None)

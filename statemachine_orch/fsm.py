@@ -76,12 +76,14 @@ class Plan:
 
 @dataclass(slots=True)
 class Compiled:
-    """A machine as the engine runs it: its FSM, a plan per state, output tools, built once."""
+    """A machine as the engine runs it: its FSM, a plan per state, output tools, built once;
+    the request body of each LLM state whose prompts have no placeholders, built at its first call."""
 
     machine: Machine
     fsm: FSM
     plans: dict[str, Plan] = field(default_factory=dict)
     tools: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)  # request bodies of static prompts
 
     @property
     def moves(self) -> dict[tuple[str, str], Move]:

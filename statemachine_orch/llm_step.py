@@ -91,6 +91,7 @@ class LLMStep:
         run_id: str,
         machine: Machine,
         tools: dict[str, tuple[str, dict[str, Any]]],
+        bodies: dict[str, dict[str, Any]],
         model: Callable[[], ModelClient],
         store: Store,
         prices: PriceTable,
@@ -102,6 +103,7 @@ class LLMStep:
         self.run_id = run_id
         self.machine = machine
         self.tools = tools
+        self.bodies = bodies
         self._model = model
         self._client: ModelClient | None = None  # resolved at the first call: Python-only runs need none
         self._bills = False  # whether its calls cost money (then each step's first is marked in flight)
@@ -115,12 +117,16 @@ class LLMStep:
 
     def body(self, state: LLMState, values: Callable[[tuple[str, ...]], dict[str, Any]],
              tool: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
+        """The request body. Without placeholders it is the same on every call: built once per
+        machine and shared by every step's request and record (nothing modifies a body)."""
+        shared = self.bodies.get(state.name)
+        if shared is not None:
+            return shared
         prompt, system = self.machine.templates[state.name]
         body: dict[str, Any] = {
             "model": state.model or self.machine.model,
             "max_tokens": state.max_tokens,
-            "messages": [{"role": "user", "content": prompt.render(values(prompt.names)) if prompt.names
-                          else prompt.literals[0]}],
+            "messages": [{"role": "user", "content": prompt.render(values(prompt.names))}],
         }
         if system is not None:
             text = system.render(values(system.names))
@@ -131,6 +137,8 @@ class LLMStep:
         if tool is not None:
             body["tools"] = [tool[1]]
             body["tool_choice"] = {"type": "tool", "name": tool[0]}
+        if not prompt.names and (system is None or not system.names):
+            self.bodies[state.name] = body
         return body
 
     def execute(self, state: LLMState, rec: TransitionRecord, ctx: StepContext,

@@ -164,7 +164,9 @@ class Attempt:
 
 @dataclass(slots=True)
 class LLMRequest:
-    """One Messages API request as the engine sees it. `body` is what gets sent and stored."""
+    """One Messages API request as the engine sees it. `body` is what gets sent and stored;
+    clients must not modify it (the body of a prompt without placeholders is shared by every
+    call of its state)."""
 
     run_id: str
     state: str

@@ -469,3 +469,29 @@ def test_the_fast_move_equals_firing_the_fsm_trigger(module: str) -> None:
                     fired, slow.state, slow.attempt, slow.visits), (source, decision, attempt, visits)
                 compared += 1
     assert compared >= 16 * 3
+
+
+def test_a_prompt_without_placeholders_is_built_once_and_a_template_per_call(fake: FakeMessagesAPI) -> None:
+    """A static prompt's body is built once per machine and shared (nothing modifies it); a
+    prompt with placeholders gets its own body, rendered from each run's values."""
+    fake.default = "auto"
+    machine = Machine("bodies", [LLMState("fixed", prompt="Same {{every}} time", system="Be brief", max_tokens=50),
+                                 LLMState("filled", prompt="About {topic}", max_tokens=50)],
+                      input_vars={"topic": lambda data: data["topic"]})
+    engine = Engine(None, model=fake.model(), tracer=Tracer.null())
+
+    async def two_runs() -> list[list[Any]]:
+        found = []
+        for topic in ("cats", "dogs"):
+            run = await engine.start(machine, {"topic": topic})
+            found.append([await run.step(), await run.step()])
+        return found
+
+    (fixed_1, filled_1), (fixed_2, filled_2) = asyncio.run(two_runs())
+    assert fixed_1.request is fixed_2.request
+    assert fixed_1.request == {"model": machine.model, "max_tokens": 50, "system": "Be brief",
+                               "messages": [{"role": "user", "content": "Same {every} time"}]}
+    assert [r.request["messages"][0]["content"] for r in (filled_1, filled_2)] == ["About cats", "About dogs"]
+    sent = [(r.state, r.body["messages"][0]["content"]) for r in fake.requests]
+    assert sent == [("fixed", "Same {every} time"), ("filled", "About cats"),
+                    ("fixed", "Same {every} time"), ("filled", "About dogs")]
