@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from random import getrandbits
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +27,8 @@ class Owner:
     def for_this_process(cls) -> Owner:
         """A new token, with this process's identity (read once per process, not per run).
 
-        The token tells owners apart (it fences writes); it is not a secret, so it comes from
-        `random` (reseeded from os.urandom at import and in every forked child), not a syscall."""
-        return cls(f"{getrandbits(128):032x}", *_identity(os.getpid()))
+        The token fences writes, so it must differ between owners whatever seeds `random`."""
+        return cls(os.urandom(16).hex(), *_identity(os.getpid()))
 
     def info_json(self) -> str:
         return json.dumps({"token": self.token, "host": self.host, "pid": self.pid, "boot_id": self.boot_id,

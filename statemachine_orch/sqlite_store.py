@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 SCHEMA_VERSION = 4
+READABLE_FROM = 3  # the oldest version whose files work unmigrated (later versions only add indexes)
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
 Synchronous = Literal["FULL", "NORMAL"]
 
@@ -354,14 +355,21 @@ class SQLiteStore:
                 f"understands ({SCHEMA_VERSION}); upgrade statemachine_orch"
             )
         if version < SCHEMA_VERSION:
-            with self._write():  # all steps or none; a concurrent opener waits, then sees it done
-                current = conn.execute("PRAGMA user_version").fetchone()[0]
-                for step in range(current, SCHEMA_VERSION):
-                    _run_script(conn, _MIGRATIONS[step])
-                if current < SCHEMA_VERSION:
-                    _run_script(conn, _VIEWS)
-                    _chain_unchained_rows(conn)
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            try:
+                with self._write():  # all steps or none; a concurrent opener waits, then sees it done
+                    current = conn.execute("PRAGMA user_version").fetchone()[0]
+                    for step in range(current, SCHEMA_VERSION):
+                        _run_script(conn, _MIGRATIONS[step])
+                    if current < SCHEMA_VERSION:
+                        _run_script(conn, _VIEWS)
+                        _chain_unchained_rows(conn)
+                        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except StoreError:
+                if version < READABLE_FROM:
+                    raise
+                # what is missing only makes queries faster: a file we cannot write (or that is
+                # busy) is used as it is, and upgraded the next time it can be
+
 
     def _write(self) -> _Transaction:
         """One IMMEDIATE transaction: take the write lock up front, wait if busy, all or nothing."""
