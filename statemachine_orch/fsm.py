@@ -85,12 +85,6 @@ class Compiled:
     tools: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     bodies: dict[str, dict[str, Any]] = field(default_factory=dict)  # request bodies of static prompts
 
-    @property
-    def moves(self) -> dict[tuple[str, str], Move]:
-        """(state, decision) -> Move, for every transition of the FSM."""
-        return {(name, decision): move for name, plan in self.plans.items()
-                for decision, move in plan.moves.items()}
-
     def move(self, pos: Position, move: Move) -> bool:
         """Apply one of the FSM's transitions (`plans[pos.state].moves[decision]`) to `pos`;
         False when a condition blocks it.

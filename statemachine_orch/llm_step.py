@@ -231,7 +231,7 @@ class LLMStep:
             rec.attempts.append(Attempt(
                 number=len(rec.attempts) + 1, started_at=started, kind=kind, error=error,
                 request_id=completion.request_id, usage=completion.usage,
-                cost_usd=self.prices.cost(body["model"], completion.usage), request=body,
+                cost_usd=cost, request=body,
                 response=completion.response))  # an answer that will be re-asked, kept with its response
             body = _reask(body, completion, error, tool_name)
 
@@ -316,6 +316,7 @@ class LLMStep:
 
 async def _given(value: Any) -> Any:
     return value
+
 
 def _check(state: LLMState, completion: Completion, tool_name: str | None) -> tuple[Any, tuple[str, str] | None]:
     """(output, None) for a usable answer, else (None, (kind, error))."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .types import Usage
@@ -29,18 +29,12 @@ class Price:
     output: float
     cache_write: float | None = None
     cache_read: float | None = None
-    _write: float = field(init=False, repr=False, compare=False)  # the cache rates in effect,
-    _read: float = field(init=False, repr=False, compare=False)  # worked out once, not per call
-
-    def __post_init__(self) -> None:
-        write = self.input * CACHE_WRITE_FACTOR if self.cache_write is None else self.cache_write
-        read = self.input * CACHE_READ_FACTOR if self.cache_read is None else self.cache_read
-        object.__setattr__(self, "_write", write)
-        object.__setattr__(self, "_read", read)
 
     def cost(self, usage: Usage) -> float:
+        write = self.cache_write if self.cache_write is not None else self.input * CACHE_WRITE_FACTOR
+        read = self.cache_read if self.cache_read is not None else self.input * CACHE_READ_FACTOR
         return (usage.input_tokens * self.input + usage.output_tokens * self.output
-                + usage.cache_write_tokens * self._write + usage.cache_read_tokens * self._read) / 1_000_000
+                + usage.cache_write_tokens * write + usage.cache_read_tokens * read) / 1_000_000
 
 
 DEFAULT_PRICES: dict[str, Price] = {
@@ -73,8 +67,7 @@ class PriceTable:
         return found[model]
 
     def cost(self, model: str, usage: Usage) -> float | None:
-        found = self._found
-        price = found[model] if model in found else self.price_for(model)
+        price = self.price_for(model)
         return None if price is None else price.cost(usage)
 
     def merged(self, overrides: Mapping[str, Price]) -> PriceTable:

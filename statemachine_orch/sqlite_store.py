@@ -46,6 +46,14 @@ READABLE_FROM = 3  # the oldest version whose files work unmigrated (later versi
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
 Synchronous = Literal["FULL", "NORMAL"]
 
+# Per-machine totals for `orch runs`: finished runs enter the covering index once, when they
+# finish (steps never update it); the unfinished ones are few and read from their rows.
+_TOTALS_INDEXES = """
+CREATE INDEX runs_finished_totals ON runs (machine, status, steps, input_tokens, output_tokens, cost_usd,
+    cache_hits) WHERE status IN ('completed', 'terminated');
+CREATE INDEX runs_unfinished ON runs (machine, status) WHERE status NOT IN ('completed', 'terminated');
+"""
+
 _SCHEMA = """
 CREATE TABLE runs (
     run_id       TEXT PRIMARY KEY,
@@ -70,9 +78,6 @@ CREATE TABLE runs (
 );
 CREATE INDEX runs_by_created ON runs (created_at, run_id);
 CREATE INDEX runs_by_machine ON runs (machine, created_at);
-CREATE INDEX runs_finished_totals ON runs (machine, status, steps, input_tokens, output_tokens, cost_usd,
-    cache_hits) WHERE status IN ('completed', 'terminated');
-CREATE INDEX runs_unfinished ON runs (machine, status) WHERE status NOT IN ('completed', 'terminated');
 CREATE TABLE transitions (
     run_id             TEXT NOT NULL REFERENCES runs (run_id),
     seq                INTEGER NOT NULL,
@@ -121,7 +126,7 @@ CREATE TABLE attempts (
     response           TEXT,
     PRIMARY KEY (run_id, seq, attempt)
 );
-"""
+""" + _TOTALS_INDEXES
 
 # Cost sums are NULL when any paid call had no known price (SQL sum() would skip it).
 _VIEWS = """
@@ -183,11 +188,7 @@ UPDATE runs SET
                 FROM transitions t WHERE t.run_id = runs.run_id),
     cache_hits = (SELECT coalesce(sum(source = 'cache'), 0) FROM transitions t WHERE t.run_id = runs.run_id);
 """,
-    3: """
-CREATE INDEX runs_finished_totals ON runs (machine, status, steps, input_tokens, output_tokens, cost_usd,
-    cache_hits) WHERE status IN ('completed', 'terminated');
-CREATE INDEX runs_unfinished ON runs (machine, status) WHERE status NOT IN ('completed', 'terminated');
-""",
+    3: _TOTALS_INDEXES,
 }
 
 _CHAINED_COLUMNS = (
@@ -370,7 +371,6 @@ class SQLiteStore:
                 # what is missing only makes queries faster: a file we cannot write (or that is
                 # busy) is used as it is, and upgraded the next time it can be
 
-
     def _write(self) -> _Transaction:
         """One IMMEDIATE transaction: take the write lock up front, wait if busy, all or nothing."""
         return _Transaction(self.conn, self.path)
@@ -385,7 +385,7 @@ class SQLiteStore:
                 raise UsageError(f"run {run.run_id} already exists in {self.path}; resume it with "
                                  f"`orch resume {run.run_id}` or choose another id") from None
             raise
-        self._chains[run.run_id] = (0, chain_hash("", (run.run_id,)))  # no log yet: step 1 chains to this
+        self._chains[run.run_id] = (0, first_link(run.run_id))  # no log yet: step 1 chains to this
 
     def _insert_run(self, run: RunRecord, owner: Owner) -> None:
         with self._write() as conn:
@@ -615,8 +615,7 @@ class SQLiteStore:
         if not machines:
             return []
         marks = ",".join("?" * len(machines))
-        # Finished runs from their covering index (entered once, when a run finishes, so steps
-        # never update it), the others (few) from the rows; the WHERE terms match the indexes'.
+        # finished runs and the others apart: each WHERE matches one of `_TOTALS_INDEXES`
         part = ("SELECT machine, count(*) AS runs, sum(steps) AS steps, sum(input_tokens) AS input_tokens, "
                 "sum(output_tokens) AS output_tokens, sum(cost_usd IS NULL) AS unpriced, sum(cost_usd) AS cost_usd, "
                 f"sum(cache_hits) AS cache_hits FROM runs WHERE machine IN ({marks}) AND status ")
@@ -637,7 +636,7 @@ class SQLiteStore:
 
     def verify_chain(self, run_id: str) -> str | None:
         """None when the run's log is intact, else what is wrong and at which row."""
-        expected_seq, previous = 1, chain_hash("", (run_id,))
+        expected_seq, previous = 1, first_link(run_id)
         for row in self.conn.execute(
                 f"SELECT {_CHAINED_COLUMNS}, chain FROM transitions WHERE run_id = ? ORDER BY seq",
                 (run_id,)):
@@ -729,6 +728,11 @@ def chain_hash(previous: str, content: tuple[Any, ...]) -> str:
     return hexdigest
 
 
+def first_link(run_id: str) -> str:
+    """What a run's first row chains to: sha256 of its id, so rows cannot move between runs."""
+    return chain_hash("", (run_id,))
+
+
 @cache
 def _sha256() -> Callable[[bytes], Any]:
     """hashlib's sha256, imported on first use: `orch runs`/`log`/`show` never hash."""
@@ -740,14 +744,14 @@ def _sha256() -> Callable[[bytes], Any]:
 def _last_chain(conn: sqlite3.Connection, run_id: str) -> str:
     row = conn.execute("SELECT chain FROM transitions WHERE run_id = ? ORDER BY seq DESC LIMIT 1",
                        (run_id,)).fetchone()
-    return row[0] if row else chain_hash("", (run_id,))
+    return row[0] if row else first_link(run_id)
 
 
 def _chain_unchained_rows(conn: sqlite3.Connection) -> None:
     """Rows written before the audit chain existed get one when the schema is upgraded."""
     runs = [r[0] for r in conn.execute("SELECT DISTINCT run_id FROM transitions WHERE chain = ''")]
     for run_id in runs:
-        previous = chain_hash("", (run_id,))
+        previous = first_link(run_id)
         for row in conn.execute(f"SELECT {_CHAINED_COLUMNS} FROM transitions WHERE run_id = ? "
                                 "ORDER BY seq", (run_id,)).fetchall():
             previous = chain_hash(previous, tuple(row))

@@ -23,21 +23,26 @@ from .types import RunRecord, TransitionRecord, Usage, now_iso
 
 _KEY_PATTERN = re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ascii_json = JSONEncoder(separators=(",", ":"), default=repr).encode  # ASCII: no U+2028 splits a line
 SECRET_ENV_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 
 
 def redact(text: str, secrets: Iterable[str] | None = None) -> str:
     """`text` with API keys blanked: the given values (default: the SDK's credential
     environment variables) and anything shaped like an Anthropic key."""
-    for secret in secrets_from_env() if secrets is None else secrets:
-        if secret and len(secret) >= 8:
-            text = text.replace(secret, "[REDACTED]")
+    for secret in _worth_hiding(secrets_from_env() if secrets is None else secrets):
+        text = text.replace(secret, "[REDACTED]")
     return _KEY_PATTERN.sub("[REDACTED]", text)
+
+
+def _worth_hiding(secrets: Iterable[str]) -> list[str]:
+    """The secrets long enough to look for (a short one would blank ordinary text)."""
+    return [s for s in secrets if s and len(s) >= 8]
 
 
 def redact_secrets(secrets: Iterable[str] = ()) -> structlog.types.Processor:
     """A processor that blanks API keys (the given values and anything shaped like one)."""
-    known = [s for s in secrets if s and len(s) >= 8]
+    known = _worth_hiding(secrets)
     # one search per value; most values hold no secret and are left as they are
     suspect = re.compile("|".join([*map(re.escape, known), _KEY_PATTERN.pattern])).search
 
@@ -59,8 +64,8 @@ def _line_scrubber(secrets: Iterable[str]) -> Callable[[str], str]:
     """Blanks API keys in a rendered JSON line: substring checks over the line instead of a
     regular expression per value. Each known secret is looked for as written and as JSON
     escapes it; anything shaped like a key starts with "sk-ant-"."""
-    known = [s for s in secrets if s and len(s) >= 8]
-    forms = sorted({form for s in known for form in (s, _ascii_json(s)[1:-1])}, key=len, reverse=True)
+    forms = sorted({form for s in _worth_hiding(secrets) for form in (s, _ascii_json(s)[1:-1])},
+                   key=len, reverse=True)
 
     def scrub(line: str) -> str:
         if "sk-ant-" in line or (forms and any(form in line for form in forms)):
@@ -86,9 +91,6 @@ def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
 
 def secrets_from_env() -> list[str]:
     return [v for v in (os.environ.get(name) for name in SECRET_ENV_VARS) if v]
-
-
-_ascii_json = JSONEncoder(separators=(",", ":"), default=repr).encode  # ASCII: no U+2028 splits a line
 
 
 def _json_lines(scrub: Callable[[str], str]) -> structlog.types.Processor:

@@ -457,7 +457,7 @@ def test_the_fast_move_equals_firing_the_fsm_trigger(module: str) -> None:
 
     compiled = compile_machine(load_machine(str(MACHINES / f"{module}.py")).machine)
     compared = 0
-    for source, decision in compiled.moves:
+    for source, decision in [(s, d) for s, plan in compiled.plans.items() for d in plan.moves]:
         for attempt in (1, 2, 3, 5):
             for visits in (0, 1, 2, 4):
                 counters = {name: visits for name in compiled.machine.by_name}
