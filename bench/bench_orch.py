@@ -13,6 +13,7 @@ Run through the harness: see bench/README.md.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from typing import Any
@@ -20,9 +21,19 @@ from typing import Any
 import structlog
 from common import STEPS_A, STEPS_C, fake_llm, fake_llm_async, main, pkg_version, route_of
 
-from statemachine_orch import Engine, FlowDecision, LLMState, Machine, SQLiteStore, StepContext, guard
-from statemachine_orch.trace import Tracer, stream_logger
-from statemachine_orch.types import Completion, LLMRequest, Usage
+from statemachine_orch import (
+    Completion,
+    Engine,
+    FlowDecision,
+    LLMRequest,
+    LLMState,
+    Machine,
+    SQLiteStore,
+    StepContext,
+    Usage,
+    guard,
+)
+from statemachine_orch.trace._tracer import Tracer, stream_logger
 
 SYNC = os.environ.get("ORCH_BENCH_SYNC", "NORMAL").upper()
 TRACE = os.environ.get("ORCH_BENCH_TRACE") == "1"
@@ -63,17 +74,18 @@ class SlowModel:
 _SINKS: list[Any] = []  # one trace file per process, appended to by every rep
 
 
-def _tracer() -> Tracer:
+def _hooks() -> list[Tracer]:
+    """The JSON-lines tracer when traced, else no hooks at all."""
     if not TRACE:
-        return Tracer.null()
+        return []
     if not _SINKS:
         _SINKS.append(open(os.environ.get("ORCH_BENCH_TRACE_FILE", os.devnull), "a"))
-    return Tracer(stream_logger(_SINKS[0], json=True))
+    return [Tracer(stream_logger(_SINKS[0], json=True))]
 
 
 def make_A():
     machine = workflow(STEPS_A)
-    engine = Engine(None, model=InstantModel(), tracer=_tracer())
+    engine = Engine(None, model=InstantModel(), hooks=_hooks())
 
     async def run_once(i: int) -> dict[str, str]:
         return (await engine.arun(machine, run_id=f"run-{i}")).outputs
@@ -84,17 +96,17 @@ def make_A():
 def make_B(db_path: str):
     machine = workflow(STEPS_A)
     store = SQLiteStore(db_path, synchronous=SYNC)  # type: ignore[arg-type]
-    engine = Engine(store, model=InstantModel(), tracer=Tracer.null())
+    engine = Engine(store, model=InstantModel())
 
     async def run_once(i: int) -> dict[str, str]:
         return (await engine.arun(machine, run_id=f"run-{i}")).outputs
 
-    return run_once, store.close
+    return run_once, lambda: asyncio.run(store.close())
 
 
 def make_C():
     machine = workflow(STEPS_C)
-    engine = Engine(None, model=SlowModel(), tracer=Tracer.null())
+    engine = Engine(None, model=SlowModel())
 
     async def run_once(i: int) -> dict[str, str]:
         return (await engine.arun(machine, run_id=f"run-{i}")).outputs

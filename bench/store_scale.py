@@ -42,10 +42,20 @@ from unittest import mock
 
 from pydantic import BaseModel
 
-from statemachine_orch import Engine, FlowDecision, LLMState, Machine, RunStatus, SQLiteStore, StepContext, cli, guard
-from statemachine_orch.llm import completion_from_response
-from statemachine_orch.trace import Tracer
-from statemachine_orch.types import Completion, LLMRequest
+from statemachine_orch import (
+    Completion,
+    Engine,
+    FlowDecision,
+    LLMRequest,
+    LLMState,
+    Machine,
+    RunStatus,
+    SQLiteStore,
+    StepContext,
+    cli,
+    guard,
+)
+from statemachine_orch.llm._client import completion_from_response
 
 STEPS = 10
 TARGET_MS = 100.0
@@ -93,7 +103,7 @@ class BillingModel:
 
 def build(db: Path, runs: int) -> float:
     """Record `runs` runs through the real engine; returns the seconds it took."""
-    engine = Engine(SQLiteStore(db, synchronous="NORMAL"), model=BillingModel(), tracer=Tracer.null())
+    engine = Engine(SQLiteStore(db, synchronous="NORMAL"), model=BillingModel())
     t0 = time.perf_counter()
     with engine:
         for i in range(runs):

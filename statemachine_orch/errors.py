@@ -1,9 +1,10 @@
 """One exception hierarchy, rooted in `OrchError`.
 
-Every error carries the data a caller needs to act (state, run_id, status code...) and a
-message that says what went wrong, where, and how to fix it. `exit_code` is what the CLI
-returns for it: 1 a run failed (recorded, resumable), 2 nothing was run (usage, definition
-or input), 3 the run is busy in another process.
+Every error carries the data a caller needs to act (state, run_id, path, status code...) and a
+message that says what went wrong and where; `fix` says how to fix it in terms of the Python
+API. The CLI words the fix in its own terms (flags, commands) from the same data.
+`exit_code` is what the CLI returns for it: 1 a run failed (recorded, resumable), 2 nothing was
+run (usage, definition or input), 3 the run is busy in another process.
 """
 
 from __future__ import annotations
@@ -12,9 +13,17 @@ from collections.abc import Sequence
 
 
 class OrchError(Exception):
-    """Root of every error raised by statemachine_orch."""
+    """Root of every error raised by statemachine_orch.
+
+    `what` says what went wrong and where, `fix` how to fix it (None when the message says it);
+    `str(error)` is both, joined by "; "."""
 
     exit_code: int = 1
+
+    def __init__(self, what: str, *, fix: str | None = None) -> None:
+        self.what = what
+        self.fix = fix
+        super().__init__(f"{what}; {fix}" if fix else what)
 
 
 # --------------------------------------------------------------------------- definition time
@@ -50,14 +59,31 @@ class UsageError(OrchError):
     exit_code = 2
 
 
+class MachineChangedError(UsageError):
+    """The machine's code changed since the run started and its recorded steps no longer replay."""
+
+    def __init__(self, what: str, *, run_id: str) -> None:
+        super().__init__(what, fix="fix the machine, or resume anyway with allow_changed=True")
+        self.run_id = run_id
+
+
+class NoCredentialsError(UsageError):
+    """The Anthropic model client has no API key or auth token to call with."""
+
+    def __init__(self) -> None:
+        super().__init__("ANTHROPIC_API_KEY is not set",
+                         fix="export it to call the API, or run on an offline model")
+
+
 # --------------------------------------------------------------------------- run time
 
 
 class RunError(OrchError):
     """A run failed; the failure is recorded and the run can be resumed."""
 
-    def __init__(self, message: str, *, run_id: str | None = None, state: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, run_id: str | None = None, state: str | None = None,
+                 fix: str | None = None) -> None:
+        super().__init__(message, fix=fix)
         self.run_id = run_id
         self.state = state
 
@@ -82,7 +108,7 @@ class LLMError(RunError):
     """The model call failed or its answer is unusable (refused, truncated, invalid).
 
     `kind`: "transient" (retries exhausted), "deterministic" (not retriable), "spend_limit",
-    "invalid_output", "refusal", "truncated" or "unexpected".
+    "invalid_output", "refusal", "truncated", "empty" or "unexpected".
     """
 
     def __init__(
@@ -102,14 +128,40 @@ class LLMError(RunError):
 
 
 class BudgetExceededError(RunError):
-    """The run's budget (cost, tokens or time) cannot cover the next step."""
+    """The run's budget (cost, tokens or time) cannot cover the next step.
+
+    `unpriced_model` names the model whose price is missing when that is why."""
+
+    def __init__(self, message: str, *, run_id: str | None = None, state: str | None = None,
+                 fix: str | None = None, unpriced_model: str | None = None) -> None:
+        super().__init__(message, run_id=run_id, state=state, fix=fix)
+        self.unpriced_model = unpriced_model
 
 
 # --------------------------------------------------------------------------- storage
 
 
 class StoreError(OrchError):
-    """The database could not be read or written."""
+    """The database could not be read or written. `where` names the database (a path or URL)."""
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None) -> None:
+        super().__init__(what, fix=fix)
+        self.where = where
+
+
+class DatabaseNotFoundError(UsageError):
+    """No database exists where one was expected (and creating one was not asked for)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"no database at {where}", fix="start a run first, or open another database")
+        self.where = where
+
+
+class ForeignDatabaseError(StoreError):
+    """The file is not a statemachine_orch database (another application's, or not ours)."""
+
+    def __init__(self, what: str, *, where: str) -> None:
+        super().__init__(what, where=where, fix="use a new database file")
 
 
 class CorruptRunError(StoreError):
@@ -127,11 +179,39 @@ class RunNotFoundError(StoreError):
 
     exit_code = 2
 
+    def __init__(self, run_id: str, *, where: str, why: str | None = None) -> None:
+        super().__init__(why or f"no run {run_id!r} in {where}", where=where)
+        self.run_id = run_id
+
+
+class RunExistsError(UsageError):
+    """A run with that id is stored already."""
+
+    def __init__(self, run_id: str, *, where: str) -> None:
+        super().__init__(f"run {run_id} already exists in {where}", fix="resume it, or choose another run id")
+        self.run_id = run_id
+        self.where = where
+
+
+class RunFinishedError(UsageError):
+    """The run already completed or terminated: there is nothing left to drive."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(f"run {run_id} is already {status}; nothing to resume")
+        self.run_id = run_id
+        self.status = status
+
 
 class RunBusyError(StoreError):
     """Another live process owns the run."""
 
     exit_code = 3
+
+    def __init__(self, run_id: str, *, holder: str) -> None:
+        super().__init__(f"run {run_id} is being driven by {holder}",
+                         fix="wait for it to finish or stop it first")
+        self.run_id = run_id
+        self.holder = holder
 
 
 class OwnershipLostError(StoreError):

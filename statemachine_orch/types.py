@@ -1,22 +1,18 @@
-"""Shared vocabulary: decisions, statuses, records and the seams adapters plug into.
+"""Shared vocabulary: decisions, statuses, and the records the engine writes and stores keep.
 
-Nothing here does I/O. Records are slotted dataclasses because the engine builds one per
-transition on its hot path; they are plain data, JSON-friendly, never pickled. The three
-built on every step (`TransitionRecord`, `LLMRequest`, `Completion`) also take positional
-arguments: keyword parsing costs as much as the rest of their construction.
+Nothing here does I/O. Records are keyword-only dataclasses: plain data, JSON-friendly,
+never pickled.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from time import time_ns
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias
-
-if TYPE_CHECKING:
-    from .retry import RetryPolicy
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 _second: dict[int, str] = {}  # the current second's "YYYY-MM-DDTHH:MM:SS." (one entry)
 
@@ -104,10 +100,7 @@ class RunStatus(str, Enum):  # noqa: UP042 (str mixin: statuses compare equal to
 
 
 class StepContext(NamedTuple):
-    """What a guard or Python step may read: the run input and the outputs it declared in `needs`.
-
-    Read-only; a named tuple because the engine builds one per step (a quarter of the cost of
-    a frozen dataclass)."""
+    """What a guard or Python step may read: the run input and the outputs it declared in `needs`."""
 
     run_id: str
     state: str
@@ -122,8 +115,52 @@ Guard: TypeAlias = Callable[[Any, StepContext], "Decision | Verdict"]
 StepFunction: TypeAlias = Callable[[StepContext], Any | Awaitable[Any]]
 """A plain Python state: `(context) -> output`, sync or async; the output must be JSON-able."""
 
+Source: TypeAlias = Literal["llm", "python", "recorded", "cache", "fallback", "budget"]
+"""Where a step's output came from: a model call, a Python state, an answer recorded before a
+failed guard, the step cache, a fallback, or nowhere (the budget routed the step)."""
 
-# --------------------------------------------------------------------------- model calls
+AttemptKind: TypeAlias = Literal["transient", "deterministic", "timeout", "connection", "spend_limit",
+                                 "invalid_output", "refusal", "truncated", "empty", "cancelled"]
+"""Why a model call did not give its step the answer."""
+
+OutputProblem: TypeAlias = Literal["invalid_output", "refusal", "truncated", "empty"]
+"""Why an answer that arrived is not usable."""
+
+
+# --------------------------------------------------------------------------- model usage and limits
+
+INITIAL_DELAY_S = 1.0
+MULTIPLIER = 2.0
+MAX_DELAY_S = 60.0
+JITTER = 0.25  # each delay is scaled by a random factor in [1 - JITTER, 1]
+MAX_ATTEMPTS = 4
+MAX_TOTAL_S = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How a state retries transient API failures (per state, per machine or per engine)."""
+
+    max_attempts: int = MAX_ATTEMPTS
+    initial_delay_s: float = INITIAL_DELAY_S
+    multiplier: float = MULTIPLIER
+    max_delay_s: float = MAX_DELAY_S
+    max_total_s: float = MAX_TOTAL_S
+    jitter: float = JITTER
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if min(self.initial_delay_s, self.max_delay_s, self.max_total_s) < 0 or self.multiplier < 1:
+            raise ValueError("delays must be >= 0 and multiplier >= 1")
+
+    def backoff(self, attempt: int, rand: float | None = None) -> float:
+        """Delay after failed attempt number `attempt` (1-based) when the server gave no hint."""
+        base = min(self.initial_delay_s * self.multiplier ** (attempt - 1), self.max_delay_s)
+        factor = 1 - self.jitter * (random.random() if rand is None else rand)
+        return base * factor
+
+
 
 
 @dataclass(slots=True, kw_only=True)
@@ -139,76 +176,10 @@ class Usage:
         self.cache_read_tokens += other.cache_read_tokens
         self.cache_write_tokens += other.cache_write_tokens
 
-
-@dataclass(slots=True, kw_only=True)
-class Attempt:
-    """One model call that did not give the step its answer: the seed's failure_log row.
-
-    `kind` is "transient" (retried), "deterministic" (not retried), "timeout",
-    "connection", "invalid_output", "refusal", "truncated" or "spend_limit". A call that got
-    a response (an invalid answer) keeps it, so replay can serve it again.
-    """
-
-    number: int
-    started_at: str
-    kind: str
-    error: str
-    status_code: int | None = None
-    request_id: str | None = None
-    delay_s: float | None = None  # slept before the next attempt
-    usage: Usage = field(default_factory=Usage)
-    cost_usd: float | None = None
-    request: dict[str, Any] | None = None
-    response: dict[str, Any] | None = None
-
-
-@dataclass(slots=True)
-class LLMRequest:
-    """One Messages API request as the engine sees it. `body` is what gets sent and stored;
-    clients must not modify it (the body of a prompt without placeholders is shared by every
-    call of its state)."""
-
-    run_id: str
-    state: str
-    body: dict[str, Any]
-    tool_name: str | None = None
-    timeout_s: float | None = None
-    retry: RetryPolicy | None = None  # None: the model client's own policy
-    attempts: list[Attempt] = field(default_factory=list)  # the client appends each failed try
-
-
-@dataclass(slots=True)
-class Completion:
-    """A model answer: `text` or, for structured output, the tool input in `data`."""
-
-    text: str
-    data: dict[str, Any] | None
-    stop_reason: str | None
-    usage: Usage
-    request_id: str | None
-    response: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class InvalidOutput:
-    """What a guard sees (with `on_invalid="guard"`) when no valid answer came back.
-
-    `kind` is "invalid_output" (schema or format still wrong after re-asks), "refusal",
-    "truncated" (stop_reason max_tokens) or "empty" (no text at all). It is never a valid
-    answer: route on it.
-    """
-
-    kind: str
-    error: str
-    text: str = ""
-    data: Any = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {INVALID_MARKER: {"kind": self.kind, "error": self.error, "text": self.text,
-                                 "data": self.data}}
-
-
-INVALID_MARKER = "__orch_invalid_output__"
+    @property
+    def paid_tokens(self) -> int:
+        """Every token a call is billed for: input, output, cache writes and cache reads."""
+        return self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -243,20 +214,52 @@ class Budget:
         )
 
 
-class ModelClient(Protocol):
-    """The seam between the engine and a model provider (Anthropic, recorded answers...).
+@dataclass(frozen=True, slots=True)
+class InvalidOutput:
+    """What a guard sees (with `on_invalid="guard"`) when no valid answer came back.
 
-    A client whose calls cost money sets `bills = True`: the engine then writes an in-flight
-    mark before each step's first call, so a crash mid-call is known at resume.
+    `kind` is "invalid_output" (schema or format still wrong after re-asks), "refusal",
+    "truncated" (stop_reason max_tokens) or "empty" (no text at all). It is never a valid
+    answer: route on it.
     """
 
-    async def complete(self, request: LLMRequest) -> Completion: ...
+    kind: OutputProblem
+    error: str
+    text: str = ""
+    data: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {INVALID_MARKER: {"kind": self.kind, "error": self.error, "text": self.text,
+                                 "data": self.data}}
+
+
+INVALID_MARKER = "__orch_invalid_output__"
 
 
 # --------------------------------------------------------------------------- records
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
+class Attempt:
+    """One model call that did not give the step its answer: the seed's failure_log row.
+
+    A call that got a response (an invalid answer) keeps it, so replay can serve it again.
+    """
+
+    number: int
+    started_at: str
+    kind: AttemptKind
+    error: str
+    status_code: int | None = None
+    request_id: str | None = None
+    delay_s: float | None = None  # slept before the next attempt
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float | None = None
+    request: dict[str, Any] | None = None
+    response: dict[str, Any] | None = None
+
+
+@dataclass(slots=True, kw_only=True)
 class TransitionRecord:
     """One row of the transition log: a state ran and the machine moved (or the step failed).
 
@@ -267,13 +270,13 @@ class TransitionRecord:
     run_id: str
     seq: int
     from_state: str
-    to_state: str | None
-    decision: str | None
-    reason: str | None
     attempt: int
     started_at: str
-    latency_ms: float
-    source: str  # "llm" | "python" | "recorded" | "cache" | "fallback" | "budget"
+    source: Source
+    to_state: str | None = None
+    decision: str | None = None
+    reason: str | None = None
+    latency_ms: float = 0.0
     output: Any = None
     error: str | None = None
     request: dict[str, Any] | None = None
@@ -284,6 +287,11 @@ class TransitionRecord:
     request_hash: str | None = None  # set for states with a step cache
     in_doubt: bool = False  # re-sent a call that was in flight when a process died: maybe paid twice
     attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def committed(self) -> bool:
+        """The step moved the machine (False: it failed and its state runs again on resume)."""
+        return self.to_state is not None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -302,3 +310,67 @@ class RunRecord:
     options: dict[str, Any] = field(default_factory=dict)
     owner: str | None = None
     in_flight: dict[str, Any] | None = None  # {"seq", "state", "at"} of the last paid call sent
+
+
+@dataclass(slots=True, kw_only=True)
+class RunResult:
+    """Where a run ended up."""
+
+    run_id: str
+    machine: str
+    status: RunStatus
+    path: list[str]
+    outputs: dict[str, Any]
+    usage: Usage
+    cost_usd: float | None = None
+    error: str | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.path)
+
+    @classmethod
+    def from_log(cls, record: RunRecord, log: list[TransitionRecord]) -> RunResult:
+        """The result of a stored run, read back from its log."""
+        committed = [row for row in log if row.committed]
+        return cls(run_id=record.run_id, machine=record.machine, status=record.status,
+                   path=[row.from_state for row in committed],
+                   outputs={row.from_state: row.output for row in committed}, usage=total_usage(log),
+                   cost_usd=total_cost(log), error=record.error)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "machine": self.machine, "status": self.status.value,
+            "path": self.path, "steps": self.steps, "error": self.error,
+            "input_tokens": self.usage.input_tokens, "output_tokens": self.usage.output_tokens,
+            "cache_read_tokens": self.usage.cache_read_tokens,
+            "cache_write_tokens": self.usage.cache_write_tokens, "cost_usd": self.cost_usd,
+            "outputs": {k: output_json(v) for k, v in self.outputs.items()},
+        }
+
+
+def output_json(value: Any) -> Any:
+    """How an output is stored: models and InvalidOutput as JSON, the rest as it is."""
+    if isinstance(value, InvalidOutput):
+        return value.to_json()
+    model_dump = getattr(value, "model_dump", None)  # a pydantic model (not imported: readers stay light)
+    if model_dump is not None and not isinstance(value, type):
+        return model_dump(mode="json")
+    return value
+
+
+def total_usage(log: list[TransitionRecord]) -> Usage:
+    usage = Usage()
+    for row in log:
+        usage.add(row.usage)
+    return usage
+
+
+def total_cost(log: list[TransitionRecord]) -> float | None:
+    """Sum of the rows' costs; None when a paid call had no known price."""
+    total = 0.0
+    for row in log:
+        if row.cost_usd is None:
+            return None
+        total += row.cost_usd
+    return total

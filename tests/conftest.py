@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from statemachine_orch.sqlite_store import APPLICATION_ID
+from statemachine_orch.store.sqlite._schema import APPLICATION_ID
 from statemachine_orch.testing import FakeMessagesAPI
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,8 +27,8 @@ from statemachine_orch import (
     State,
     StepContext,
     guard,
+    load_machine,
 )
-from statemachine_orch.loader import load_machine
 from statemachine_orch.types import decision_from_value
 
 from .conftest import MACHINES

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import statemachine_orch
-from statemachine_orch.cli import build_parser
+from statemachine_orch.cli._main import build_parser
 
 from .conftest import ROOT
 

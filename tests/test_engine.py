@@ -21,24 +21,25 @@ from statemachine_orch import (
     InputError,
     LLMState,
     Machine,
+    Owner,
     PythonState,
     RunBusyError,
     RunStatus,
     SQLiteStore,
     StepContext,
+    TransitionRecord,
     UsageError,
     guard,
+    open_store,
 )
-from statemachine_orch.ownership import Owner
-from statemachine_orch.retry import NO_RETRY
+from statemachine_orch.llm._retry import NO_RETRY
 from statemachine_orch.testing import FakeMessagesAPI, Reply, capture_trace, error
-from statemachine_orch.trace import Tracer
 
 from .conftest import MACHINES
 
 
 def load(name: str) -> Machine:
-    from statemachine_orch.loader import load_machine
+    from statemachine_orch import load_machine
 
     return load_machine(str(MACHINES / f"{name}.py")).machine
 
@@ -72,14 +73,25 @@ def four_states(first_guard: Any, *, on: dict[Any, str] | None = None, retry_lim
 @pytest.fixture
 def engine(db_path: Path, fake: FakeMessagesAPI) -> Iterator[Engine]:
     fake.default = "auto"
-    with Engine(db_path, model=fake.model(), tracer=Tracer.null()) as eng:
+    with Engine(open_store(db_path), model=fake.model()) as eng:
         yield eng
 
 
 def log_of(engine: Engine, run_id: str) -> list[Any]:
     store = engine.store
     assert isinstance(store, SQLiteStore)
-    return store.transitions(run_id)
+    return asyncio.run(store.transitions(run_id))
+
+
+def stored_rows(db_path: Path, run_id: str) -> list[TransitionRecord]:
+    async def read() -> list[TransitionRecord]:
+        store = open_store(db_path)
+        try:
+            return await store.transitions(run_id)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
 
 
 # --------------------------------------------------------------------------- decisions
@@ -326,7 +338,7 @@ def test_guard_error_keeps_the_paid_answer_and_resume_rejudges_it(db_path: Path,
 
     machine = four_states(flaky)
     fake.default = "auto"
-    with Engine(db_path, model=fake.model(), tracer=Tracer.null()) as engine:
+    with Engine(open_store(db_path), model=fake.model()) as engine:
         failed = engine.run(machine)
         assert failed.status is RunStatus.FAILED
         assert "GuardError: guard flaky raised RuntimeError: bug in guard" == failed.error
@@ -334,7 +346,7 @@ def test_guard_error_keeps_the_paid_answer_and_resume_rejudges_it(db_path: Path,
         resumed = engine.resume(failed.run_id, machine)
     assert resumed.status is RunStatus.COMPLETED
     assert fake.calls("a") == 1  # the guard re-ran on the recorded answer: no second call
-    rows = SQLiteStore(db_path).transitions(failed.run_id)
+    rows = stored_rows(db_path, failed.run_id)
     assert [(r.seq, r.from_state, r.to_state, r.source, r.attempt) for r in rows[:2]] == [
         (1, "a", None, "llm", 1), (2, "a", "b", "recorded", 2)]
     assert rows[1].output == "the answer" and rows[1].response == rows[0].response
@@ -347,7 +359,7 @@ def test_resume_after_failure_does_not_resend_committed_steps(db_path: Path,
     fake.default = "auto"
     fake.on("c", error(500, "boom"), "recovered")
     machine = four_states(None)
-    with Engine(db_path, model=fake.model(retry=NO_RETRY), tracer=Tracer.null()) as engine:
+    with Engine(open_store(db_path), model=fake.model(retry=NO_RETRY)) as engine:
         failed = engine.run(machine)
         assert failed.status is RunStatus.FAILED and failed.path == ["a", "b"]
         resumed = engine.resume(failed.run_id, machine)
@@ -370,9 +382,9 @@ def test_a_live_owner_blocks_a_second_driver_and_a_dead_one_does_not(db_path: Pa
                                                                      fake: FakeMessagesAPI) -> None:
     fake.default = "auto"
     machine = four_states(None)
-    with Engine(db_path, model=fake.model(), tracer=Tracer.null()) as first:
+    with Engine(open_store(db_path), model=fake.model()) as first:
         run = asyncio.run(first.start(machine))  # owned by this (live) process, not finished
-        with Engine(db_path, model=fake.model(), tracer=Tracer.null()) as second:
+        with Engine(open_store(db_path), model=fake.model()) as second:
             with pytest.raises(RunBusyError, match=f"pid {run.owner.pid}"):
                 second.resume(run.run_id, machine)
             # pretend the owner died: a pid that cannot exist on this host
@@ -390,11 +402,11 @@ def test_trace_emits_one_transition_event_per_log_row(db_path: Path, fake: FakeM
     fake.default = "auto"
     machine = Machine("two", [LLMState("a", prompt="A"), PythonState("b", run=lambda ctx: "ok")])
     with capture_trace() as (tracer, events):
-        with Engine(db_path, model=fake.model(), tracer=tracer) as engine:
+        with Engine(open_store(db_path), model=fake.model(), hooks=[tracer]) as engine:
             result = engine.run(machine)
     assert [e["event"] for e in events] == ["run_started", "transition", "transition", "run_finished"]
     transitions = [e for e in events if e["event"] == "transition"]
-    rows = SQLiteStore(db_path).transitions(result.run_id)
+    rows = stored_rows(db_path, result.run_id)
     for event, row in zip(transitions, rows, strict=True):
         assert {k: event[k] for k in ("run_id", "machine", "seq", "from_state", "to_state", "decision",
                                       "attempt", "input_tokens", "output_tokens")} == {
@@ -412,7 +424,7 @@ def test_many_concurrent_runs_in_one_process_share_one_database(db_path: Path,
     machine = four_states(None)
 
     async def main() -> list[Any]:
-        with Engine(db_path, model=fake.model(), tracer=Tracer.null()) as engine:
+        async with Engine(open_store(db_path), model=fake.model()) as engine:
             return await asyncio.gather(*(engine.arun(machine) for _ in range(50)))
 
     results = asyncio.run(main())
@@ -430,11 +442,11 @@ def test_an_exhausted_budget_routes_to_the_declared_branch_without_calling(
                  on={Branch("cheap"): "quick", FlowDecision.CONTINUE: END}),
         LLMState("quick", prompt="Be brief", max_tokens=50),
     ])
-    with Engine(db_path, model=fake.model(), tracer=Tracer.null()) as engine:
+    with Engine(open_store(db_path), model=fake.model()) as engine:
         result = engine.run(machine, budget=Budget(max_tokens=1000))
     assert result.status is RunStatus.COMPLETED and result.path == ["deep", "quick"]
     assert fake.calls("deep") == 0 and fake.calls("quick") == 1
-    first = SQLiteStore(db_path).transitions(result.run_id)[0]
+    first = stored_rows(db_path, result.run_id)[0]
     assert (first.source, first.decision, first.to_state) == ("budget", "branch:cheap", "quick")
     assert first.reason is not None and "max_tokens 1000" in first.reason
 
@@ -450,25 +462,36 @@ def test_an_empty_answer_is_never_taken_as_output(engine: Engine, fake: FakeMess
 
 
 @pytest.mark.parametrize("module", ["report", "support_router", "extract"])
-def test_the_fast_move_equals_firing_the_fsm_trigger(module: str) -> None:
-    """`Compiled.move` must give exactly what `Event.trigger` gives, limits included."""
-    from statemachine_orch.fsm import Position, compile_machine
-    from statemachine_orch.loader import load_machine
+def test_firing_a_decision_moves_by_the_table_and_the_counter_rule(module: str) -> None:
+    """Every trigger of the compiled FSM moves to the table's target, counts an attempt on a
+    self-loop and a visit elsewhere, and is refused at a loop bound (never when replaying)."""
+    from statemachine_orch import load_machine
+    from statemachine_orch.engine._fsm import compile_machine
+    from statemachine_orch.engine._position import Position
 
     compiled = compile_machine(load_machine(str(MACHINES / f"{module}.py")).machine)
+    machine = compiled.machine
     compared = 0
-    for source, decision in [(s, d) for s, plan in compiled.plans.items() for d in plan.moves]:
-        for attempt in (1, 2, 3, 5):
-            for visits in (0, 1, 2, 4):
-                counters = {name: visits for name in compiled.machine.by_name}
-                fast = Position(source, attempt, dict(counters))
-                slow = Position(source, attempt, dict(counters))
-                moved = compiled.move(fast, compiled.plans[source].moves[decision])
-                fired = compiled.fsm.events[decision].trigger(slow)
-                assert (moved, fast.state, fast.attempt, fast.visits) == (
-                    fired, slow.state, slow.attempt, slow.visits), (source, decision, attempt, visits)
-                compared += 1
-    assert compared >= 16 * 3
+    for source in machine.by_name:
+        for decision, dest in machine.edges(source).items():
+            for attempt in (1, 2, 3, 5):
+                for visits in (0, 1, 2, 4):
+                    for replay in (False, True):
+                        position = Position(source, attempt, {name: visits for name in machine.by_name})
+                        limit = machine.by_name[source].retry_limit or 1
+                        bound = machine.by_name[dest].max_visits if dest in machine.by_name else None
+                        blocked = not replay and (attempt >= limit if dest == source
+                                                  else bool(bound) and visits >= (bound or 0))
+                        moved = compiled.fire(position, decision, replay=replay)
+                        expected_visits = {name: visits for name in machine.by_name}
+                        if dest != source and not blocked:
+                            expected_visits[dest] = expected_visits.get(dest, 0) + 1
+                        expected = ((False, source, attempt) if blocked else
+                                    (True, dest, attempt + 1 if dest == source else 1))
+                        assert (moved, position.state, position.attempt) == expected, (source, decision)
+                        assert position.visits == expected_visits, (source, decision, attempt, visits)
+                        compared += 1
+    assert compared >= 16 * 3 * 2
 
 
 def test_a_prompt_without_placeholders_is_built_once_and_a_template_per_call(fake: FakeMessagesAPI) -> None:
@@ -478,7 +501,7 @@ def test_a_prompt_without_placeholders_is_built_once_and_a_template_per_call(fak
     machine = Machine("bodies", [LLMState("fixed", prompt="Same {{every}} time", system="Be brief", max_tokens=50),
                                  LLMState("filled", prompt="About {topic}", max_tokens=50)],
                       input_vars={"topic": lambda data: data["topic"]})
-    engine = Engine(None, model=fake.model(), tracer=Tracer.null())
+    engine = Engine(None, model=fake.model())
 
     async def two_runs() -> list[list[Any]]:
         found = []

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from statemachine_orch import DefinitionError, Machine
+from statemachine_orch import DefinitionError, Machine, load_machine
+from statemachine_orch.cli._render import mermaid
 from statemachine_orch.errors import MachineNotFoundError
-from statemachine_orch.loader import load_machine
-from statemachine_orch.render import mermaid
 
 from .conftest import MACHINES, ROOT, run_orch
 from .test_definition import shown

@@ -15,15 +15,16 @@ from statemachine_orch import (
     LLMState,
     Machine,
     PythonState,
+    ReplayReport,
     RunStatus,
     SQLiteStore,
     StepContext,
     guard,
+    open_store,
+    replay_run,
 )
-from statemachine_orch.replay import ReplayReport, replay_run
-from statemachine_orch.retry import NO_RETRY
+from statemachine_orch.llm._retry import NO_RETRY
 from statemachine_orch.testing import FakeMessagesAPI, error
-from statemachine_orch.trace import Tracer
 
 
 def router(*, positive_to: FlowDecision = FlowDecision.BRANCH_A, prompt: str = "Classify: {text}",
@@ -56,16 +57,19 @@ def router(*, positive_to: FlowDecision = FlowDecision.BRANCH_A, prompt: str = "
 
 def record(db_path: Path, machine: Machine, fake: FakeMessagesAPI, data: dict[str, Any]) -> str:
     fake.default = "auto"
-    with Engine(db_path, model=fake.model(), tracer=Tracer.null()) as engine:
+    with Engine(open_store(db_path), model=fake.model()) as engine:
         return engine.run(machine, data).run_id
 
 
 def replay(db_path: Path, run_id: str, machine: Machine) -> ReplayReport:
-    store = SQLiteStore(db_path)
-    try:
-        return asyncio.run(replay_run(store, run_id, machine))
-    finally:
-        store.close()
+    async def go() -> ReplayReport:
+        store = SQLiteStore(db_path)
+        try:
+            return await replay_run(store, run_id, machine)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
 
 
 def test_unchanged_machine_replays_without_calls_or_side_effects(db_path: Path,
@@ -133,7 +137,7 @@ def test_failed_and_resumed_runs_replay_cleanly(db_path: Path, fake: FakeMessage
     fake.on("support", error(529, "overloaded"), "sorry")
     machine = router()
     fake.default = "auto"
-    with Engine(db_path, model=fake.model(retry=NO_RETRY), tracer=Tracer.null()) as engine:
+    with Engine(open_store(db_path), model=fake.model(retry=NO_RETRY)) as engine:
         failed = engine.run(machine, {"text": "bad"})
         assert failed.status is RunStatus.FAILED
         partial = replay(db_path, failed.run_id, machine)

@@ -42,6 +42,7 @@ from statemachine_orch import (
     Machine,
     Price,
     PriceTable,
+    ReplayReport,
     RetryPolicy,
     RunResult,
     RunStatus,
@@ -50,13 +51,13 @@ from statemachine_orch import (
     TransitionRecord,
     Usage,
     guard,
+    open_store,
+    replay_run,
 )
-from statemachine_orch.llm_step import estimate_input_tokens
-from statemachine_orch.replay import ReplayReport, replay_run
-from statemachine_orch.retry import next_delay, retry_after, should_retry
-from statemachine_orch.runlog import total_cost
+from statemachine_orch.engine._llm_step import estimate_input_tokens
+from statemachine_orch.llm._retry import next_delay, retry_after, should_retry
 from statemachine_orch.testing import FakeMessagesAPI, Reply, disconnect, error, timeout
-from statemachine_orch.trace import Tracer
+from statemachine_orch.types import total_cost
 
 MODEL = "claude-sonnet-5-5"
 FALLBACK = "claude-haiku-4-5"
@@ -169,7 +170,7 @@ class Harness:
         return self.engine.store
 
     def rows(self, run_id: str) -> list[TransitionRecord]:
-        return self.store.transitions(run_id)
+        return asyncio.run(self.store.transitions(run_id))
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         with closing(sqlite3.connect(self.db)) as conn:
@@ -192,7 +193,7 @@ class Harness:
 @contextmanager
 def harness_for(db: Path, fake: FakeMessagesAPI, *, prices: PriceTable | None = None,
                 **model_options: Any) -> Iterator[Harness]:
-    with Engine(db, model=fake.model(**model_options), tracer=Tracer.null(), prices=prices) as engine:
+    with Engine(open_store(db), model=fake.model(**model_options), prices=prices) as engine:
         yield Harness(db, fake, engine)
 
 
@@ -389,7 +390,7 @@ def test_the_sdk_never_retries_behind_our_back(db_path: Path, fake: FakeMessages
     assert model.client.max_retries == 0
     assert AnthropicModel().client.max_retries == 0  # the client it builds from the environment
     fake.on("ask", error(529), error(529), reply())
-    with Engine(db_path, model=model, tracer=Tracer.null()) as engine:
+    with Engine(open_store(db_path), model=model) as engine:
         result = engine.run(one_state())
     assert result.status is RunStatus.FAILED
     assert fake.calls("ask") == 2 and time.slept == [1.0]
@@ -722,8 +723,8 @@ def test_cost_is_usage_times_the_price_table_per_step_run_and_machine(db_path: P
                 "SELECT cost_usd, cache_read_tokens, cache_write_tokens FROM run_totals "
                 "WHERE run_id = ?", result.run_id)
             assert (viewed, cache_read, cache_write) == (pytest.approx(run_cost), 2000, 2000)
-        assert [s.cost_usd for s in h.store.list_runs()] == pytest.approx([run_cost, run_cost])
-        (totals,) = h.store.machine_totals(["pair"])
+        assert [s.cost_usd for s in asyncio.run(h.store.list_runs())] == pytest.approx([run_cost, run_cost])
+        (totals,) = asyncio.run(h.store.machine_totals(["pair"]))
         assert (totals.runs, totals.steps, totals.cache_hits) == (2, 4, 0)
         assert totals.cost_usd == pytest.approx(2 * run_cost)
         assert totals.input_tokens == 2 * (1200 + 700) and totals.output_tokens == 2 * (300 + 150)
@@ -764,7 +765,7 @@ def test_a_model_without_a_price_makes_every_total_unknown(h: Harness) -> None:
     assert draft.cost_usd == pytest.approx(cost_of(reply()))
     assert expand.cost_usd is None and expand.usage == usage_of(reply())
     # a total that silently leaves out the unpriced call would understate the spend
-    (listed,), (machine_totals,) = h.store.list_runs(), h.store.machine_totals(["mixed"])
+    (listed,), (machine_totals,) = asyncio.run(h.store.list_runs()), asyncio.run(h.store.machine_totals(["mixed"]))
     totals = {"log (orch log/show)": total_cost(h.rows(result.run_id)), "run result": result.cost_usd,
               "orch runs": listed.cost_usd, "machine totals": machine_totals.cost_usd}
     assert totals == dict.fromkeys(totals)
@@ -950,7 +951,7 @@ def test_the_step_cache_serves_an_identical_request_without_any_http_call(h: Har
     assert miss.cost_usd == pytest.approx(cost_of(paid))
     ((hits,),) = h.sql("SELECT cache_hits FROM run_totals WHERE run_id = ?", second.run_id)
     assert hits == 1
-    (totals,) = h.store.machine_totals(["cached"])
+    (totals,) = asyncio.run(h.store.machine_totals(["cached"]))
     assert (totals.runs, totals.cache_hits) == (2, 1)
     assert totals.cost_usd == pytest.approx(cost_of(paid))
 
@@ -1039,11 +1040,10 @@ def test_a_state_timeout_reaches_the_sdk_and_a_timed_out_call_is_retried(db_path
         LLMState("quick", prompt="Fast.", timeout=0.5, retry_policy=policy(2)),
         LLMState("patient", prompt="Slow."),
     ])
-    with Engine(db_path, model=AnthropicModel(client, sleep=time.sleep, clock=time.clock),
-                tracer=Tracer.null()) as engine:
+    with Engine(open_store(db_path), model=AnthropicModel(client, sleep=time.sleep, clock=time.clock)) as engine:
         result = engine.run(machine)
         assert isinstance(engine.store, SQLiteStore)
-        (quick, _) = engine.store.transitions(result.run_id)
+        (quick, _) = asyncio.run(engine.store.transitions(result.run_id))
     assert result.status is RunStatus.COMPLETED
     per_request = {"connect": 0.5, "read": 0.5, "write": 0.5, "pool": 0.5}
     assert capture.timeouts[:2] == [per_request, per_request]

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from statemachine_orch.templates import Template, as_text
+from statemachine_orch.definition._templates import Template, as_text
 
 
 class Point(BaseModel):

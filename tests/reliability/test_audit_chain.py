@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from statemachine_orch.sqlite_store import chain_hash
+from statemachine_orch.store.sqlite._chain import chain_hash
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, ScriptEntry, error
 
 from ..conftest import CLIResult, create_v1_schema

@@ -32,7 +32,6 @@ from statemachine_orch import (
     guard,
 )
 from statemachine_orch.testing import FakeMessagesAPI, Reply
-from statemachine_orch.trace import Tracer
 
 from .conftest import Figures, scaled
 
@@ -136,7 +135,7 @@ def drive(machine: Machine, answers: Callable[[random.Random], Reply], runs: int
     store = SQLiteStore(db, synchronous="NORMAL")
 
     async def all_runs() -> list[str]:
-        engine = Engine(store, model=fake.model(), tracer=Tracer.null())
+        engine = Engine(store, model=fake.model())
         ids = []
         for _ in range(runs):
             result = await engine.arun(machine)
@@ -146,7 +145,7 @@ def drive(machine: Machine, answers: Callable[[random.Random], Reply], runs: int
     try:
         return asyncio.run(all_runs())
     finally:
-        store.close()
+        asyncio.run(store.close())
         figures.add("generated_answers", fake.calls())
 
 
@@ -154,9 +153,9 @@ def check(machine: Machine, db: Path, run_ids: list[str], figures: Figures) -> N
     store = SQLiteStore(db)
     try:
         for run_id in run_ids:
-            run = store.get_run(run_id)
+            run = asyncio.run(store.get_run(run_id))
             assert run.status.value in ("completed", "terminated", "failed"), run
-            for row in store.transitions(run_id):
+            for row in asyncio.run(store.transitions(run_id)):
                 figures.add("steps_checked")
                 stop = (row.response or {}).get("stop_reason")
                 text = "".join(b.get("text", "") for b in (row.response or {}).get("content", []))
@@ -174,7 +173,7 @@ def check(machine: Machine, db: Path, run_ids: list[str], figures: Figures) -> N
                     assert isinstance(row.output, dict) and "__orch_invalid_output__" in row.output, row
                     figures.add("invalid_outcomes_routed")
     finally:
-        store.close()
+        asyncio.run(store.close())
 
 
 def test_generated_answers_never_reach_an_undeclared_state(tmp_path: Path, figures: Figures) -> None:

@@ -28,10 +28,9 @@ from statemachine_orch import (
     SQLiteStore,
     StepContext,
     guard,
+    replay_run,
 )
-from statemachine_orch.replay import replay_run
-from statemachine_orch.snapshot import snapshot
-from statemachine_orch.trace import Tracer
+from statemachine_orch.engine._snapshot import snapshot
 
 from .conftest import Figures, scaled
 
@@ -138,10 +137,10 @@ async def drive(engine: Engine, machine: Machine, db: SQLiteStore | None) -> tup
     while not run.done and len(run.path) < 64:
         await run.step()
         if db is not None and not run.done:
-            record, log = db.load_run(run.run_id)
-            snap = snapshot(machine, record, log)
+            record, log = await db.load_run(run.run_id)
+            snap = snapshot(engine.compiled(machine), record, log)
             assert (snap.position.state, snap.position.attempt, snap.position.visits) == (
-                run.state, run._pos.attempt, run._pos.visits)
+                run.state, run.position.attempt, run.position.visits)
             assert (snap.outputs, snap.path) == (run.outputs, run.path)
             checked += 1
     return run, checked
@@ -160,16 +159,16 @@ def test_the_engine_follows_the_reference_table(spec: Spec, tmp_path: Path, figu
     db_path = tmp_path / f"{id(spec)}.db"
     store = SQLiteStore(db_path)
     try:
-        engine = Engine(store, tracer=Tracer.null())
+        engine = Engine(store)
         run, checked = asyncio.run(drive(engine, machine, store))
         assert run.path == expected_path
         assert run.status.value == expected_status
         script.used = 0
         report = asyncio.run(replay_run(store, run.run_id, build(spec, script)))  # type: ignore[arg-type]
         assert report.matches and report.compared == len(run.path)
-        assert store.verify_chain(run.run_id) is None
+        assert asyncio.run(store.verify_chain(run.run_id)) is None
     finally:
-        store.close()
+        asyncio.run(store.close())
     figures.add("machines", 1)
     figures.add("steps_compared", len(run.path))
     figures.add("snapshots_compared", checked)

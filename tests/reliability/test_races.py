@@ -33,9 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from statemachine_orch import Engine, OwnershipLostError, RunStatus, SQLiteStore, Tracer
-from statemachine_orch.loader import Loaded, load_machine
-from statemachine_orch.ownership import Owner
+from statemachine_orch import Engine, Loaded, Owner, OwnershipLostError, RunStatus, SQLiteStore, load_machine
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, error
 
 from ..conftest import CLIResult, run_orch
@@ -91,7 +89,7 @@ def seed_runs(db: Path, fail_at: Mapping[str, str | None], loaded: Loaded | None
         return answer(request.state or "")
 
     seed = FakeMessagesAPI(default=reply)
-    engine = Engine(SQLiteStore(db), model=seed.model(), tracer=Tracer.null())
+    engine = Engine(SQLiteStore(db), model=seed.model())
 
     async def drive() -> list[Any]:
         return await asyncio.gather(*(
@@ -317,24 +315,24 @@ def test_interleaved_writers_only_land_the_current_owners_writes(tmp_path: Path,
     owners = {"a": dead_owner(), "b": dead_owner()}
     stores = {name: SQLiteStore(db) for name in owners}
     try:
-        stores["a"].create_run(new_run(run_id), owners["a"])
+        asyncio.run(stores["a"].create_run(new_run(run_id), owners["a"]))
         holder: str | None = "a"  # the model: who owns the run, how many rows it has
         rows, marked = 0, None
         for who, operation in operations:
             store, owner = stores[who], owners[who]
             if operation == "claim":  # every owner here is dead, so a claim always takes over
-                store.claim_run(run_id, owner)
+                asyncio.run(store.claim_run(run_id, owner))
                 holder = who
                 continue
             if operation == "release":
-                store.release(run_id, owner, RunStatus.INTERRUPTED, f"{who} stopped")
+                asyncio.run(store.release(run_id, owner, RunStatus.INTERRUPTED, f"{who} stopped"))
                 holder = None if holder == who else holder
                 continue
             try:
                 if operation == "append":
-                    store.append(row(rows + 1, run_id=run_id), owner)
+                    asyncio.run(store.append(row(rows + 1, run_id=run_id), owner))
                 else:
-                    store.mark_in_flight(run_id, owner, rows + 1, "a")
+                    asyncio.run(store.mark_in_flight(run_id, owner, seq=rows + 1, state="a"))
             except OwnershipLostError:
                 assert holder != who, f"{who} owns {run_id} but its {operation} was refused"
             else:
@@ -343,14 +341,14 @@ def test_interleaved_writers_only_land_the_current_owners_writes(tmp_path: Path,
                     rows += 1
                 else:
                     marked = rows + 1
-        record, log = stores["a"].load_run(run_id)
+        record, log = asyncio.run(stores["a"].load_run(run_id))
         assert [r.seq for r in log] == list(range(1, rows + 1))
         assert (record.in_flight or {}).get("seq") == marked
         assert (record.status is RunStatus.RUNNING) == (holder is not None)
-        assert stores["b"].verify_chain(run_id) is None
+        assert asyncio.run(stores["b"].verify_chain(run_id)) is None
     finally:
         for store in stores.values():
-            store.close()
+            asyncio.run(store.close())
 
 
 # --------------------------------------------------------------------------- many writers
@@ -375,7 +373,7 @@ def hold_first_answers(fake: FakeMessagesAPI, gate: threading.Event) -> None:
 async def drive_in_process(db: Path, fake: FakeMessagesAPI, gate: threading.Event,
                            run_ids: Sequence[str], total_first_calls: int) -> list[Any]:
     """`run_ids` as concurrent runs of one Engine; opens `gate` once every first call arrived."""
-    engine = Engine(SQLiteStore(db), model=fake.model(), tracer=Tracer.null())
+    engine = Engine(SQLiteStore(db), model=fake.model())
 
     async def open_gate_when_all_wait() -> None:
         arrived = await asyncio.to_thread(fake.wait_for, REPORT_STATES[0], total_first_calls,

@@ -32,9 +32,8 @@ from typing import Any
 
 import pytest
 
-from statemachine_orch import Engine, SQLiteStore, StoreError, Tracer
-from statemachine_orch.loader import load_machine
-from statemachine_orch.sqlite_store import SCHEMA_VERSION
+from statemachine_orch import Engine, Hook, RunRecord, SQLiteStore, StoreError, load_machine
+from statemachine_orch.store.sqlite._schema import SCHEMA_VERSION
 from statemachine_orch.testing import FakeMessagesAPI
 from statemachine_orch.types import TransitionRecord
 
@@ -305,17 +304,16 @@ def test_a_write_lock_held_past_the_busy_timeout_stops_before_any_call(
     assert requested_states(fake.requests, "new") == tally(REPORT_STATES)
 
 
-class LockAfterStep(Tracer):
-    """A tracer that, once step `seq` is committed, has another connection take the write lock
+class LockAfterStep(Hook):
+    """A hook that, once step `seq` is committed, has another connection take the write lock
     (as another process would) before the run's next step starts."""
 
     def __init__(self, db: Path, seq: int) -> None:
-        super().__init__(None)
         self.seq = seq
         self.holder = sqlite3.connect(db, isolation_level=None)
 
-    def transition(self, rec: TransitionRecord, machine: str) -> None:
-        if rec.seq == self.seq:
+    def after_commit(self, run: RunRecord, step: TransitionRecord) -> None:
+        if step.seq == self.seq:
             self.holder.execute("BEGIN IMMEDIATE")
 
     def release(self) -> None:
@@ -326,7 +324,7 @@ def test_a_lock_taken_between_steps_stops_before_the_next_call_and_the_run_retri
         db_path: Path, fake: FakeMessagesAPI, figures: Figures) -> None:
     fake.default = lambda request: f"answer for {request.state}"
     tracer = LockAfterStep(db_path, seq=1)
-    engine = Engine(SQLiteStore(db_path, busy_timeout_s=0.3), model=fake.model(), tracer=tracer)
+    engine = Engine(SQLiteStore(db_path, busy_timeout_s=0.3), model=fake.model(), hooks=[tracer])
 
     async def drive() -> tuple[str, list[str | None], str]:
         """(the error while locked, the calls made by then, the status once retried)"""

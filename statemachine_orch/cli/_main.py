@@ -1,0 +1,224 @@
+"""The `orch` command line: parse, dispatch, and word errors for a terminal.
+
+Exit codes: 0 completed or terminated by a guard (replay: matches); 1 the run failed,
+recorded and resumable (replay: diverged); 2 usage, definition or input error, nothing
+run or stored; 3 the run is busy in another process; 130 interrupted.
+Errors are one line on stderr; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .. import __version__
+from ..errors import (
+    DatabaseNotFoundError,
+    DefinitionError,
+    ForeignDatabaseError,
+    MachineChangedError,
+    NoCredentialsError,
+    OrchError,
+    RunExistsError,
+    RunNotFoundError,
+    UsageError,
+)
+from ..types import RunStatus
+from ._options import DEFAULT_DB, Interrupted, read_prices
+from ._read import cmd_audit, cmd_log, cmd_runs, cmd_show
+from ._render import one_line
+
+# --------------------------------------------------------------------------- parser
+
+
+def _driving(name: str) -> Callable[[argparse.Namespace], int]:
+    """Commands that load machines and drive runs live in `_drive`, so that the reading
+    commands (`runs`, `log`, `show`, `audit`) start without the engine, pydantic or structlog."""
+
+    def call(args: argparse.Namespace) -> int:
+        from . import _drive
+
+        command: Callable[[argparse.Namespace], int] = getattr(_drive, name)
+        return command(args)
+
+    return call
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the report machine offline, print its log, replay it: each an `orch` command."""
+    machine_file, input_file = "machines/report.py", "machines/report_input.json"
+    if not Path(machine_file).is_file():
+        raise UsageError("orch demo runs machines/report.py", fix="run it from the statemachine_orch checkout")
+    from ..engine._engine import new_run_id
+
+    run_id = "demo-" + new_run_id()
+    base = [flag for flag, on in (("--log-json", args.log_json), ("--quiet", args.quiet),
+                                  ("--debug", args.debug)) if on]
+    base += [part for option, value in (("--db", args.db), ("--sync", args.sync),
+                                        ("--prices", args.prices)) if value
+             for part in (option, value)]
+    for step in (["run", machine_file, "--input", input_file, "--offline", "--run-id", run_id],
+                 ["log", run_id],
+                 ["replay", run_id]):
+        print(f"\n$ orch {' '.join(base + step)}", flush=True)
+        code = main(base + step)
+        sys.stdout.flush()
+        if code:
+            return code
+    print(f"\nDone. Next: orch show {run_id}   orch runs   orch graph {machine_file}")
+    return 0
+
+
+def _budget_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-cost", type=float, metavar="USD",
+                   help="stop (status budget_exceeded) before a call that could take the run past USD")
+    p.add_argument("--max-tokens", type=int, metavar="N",
+                   help="stop before a call that could take the run's paid tokens past N")
+    p.add_argument("--max-seconds", type=float, metavar="S",
+                   help="stop when the run has been active S seconds (wall clock, across resumes)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=argparse.SUPPRESS,
+                        help=f"SQLite database file (env ORCH_DB; default {DEFAULT_DB})")
+    common.add_argument("--sync", choices=["full", "normal"], default=argparse.SUPPRESS,
+                        help="SQLite synchronous mode: full survives power loss (default), normal is faster")
+    common.add_argument("--prices", metavar="FILE", default=argparse.SUPPRESS,
+                        help="JSON price overrides, USD per million tokens (env ORCH_PRICES)")
+    common.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS,
+                        help="trace events as JSON lines on stderr (env ORCH_LOG_JSON=1)")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no trace events")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for errors")
+
+    parser = argparse.ArgumentParser(
+        prog="orch", parents=[common],
+        description="Run LLM workflows as durable, auditable, replayable state machines.")
+    parser.add_argument("--version", action="version", version=f"orch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int] | str, help: str) -> argparse.ArgumentParser:
+        """`fn` by name: a command of `_drive`, imported only when that command runs."""
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=_driving(fn) if isinstance(fn, str) else fn)
+        return p
+
+    p = command("run", "cmd_run", "start a run of a machine and drive it to its end")
+    p.add_argument("machine", metavar="MACHINE", help="path/to/file.py or dotted.module, optionally :attr")
+    p.add_argument("--input", metavar="FILE", help="JSON object input file, or - for stdin")
+    p.add_argument("--offline", nargs="?", const="auto", metavar="SCRIPT",
+                   help="answer from a scripted fake Messages API (default script: MACHINE.offline.json)")
+    _budget_options(p)
+    p.add_argument("--run-id", metavar="ID",
+                   help="use this run id (letters, digits, . _ -; at most 64) instead of a generated one")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    p = command("resume", "cmd_resume", "continue a failed, interrupted or crashed run")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--machine", metavar="MACHINE", help="load the machine from here instead of its stored path")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="resume even if the changed machine no longer replays the recorded steps")
+    _budget_options(p)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    p = command("replay", "cmd_replay", "re-drive recorded runs on their recorded answers (no API calls)")
+    p.add_argument("run_id", metavar="RUN_ID", nargs="?")
+    p.add_argument("--machine", metavar="MACHINE", help="replay against this machine instead of the stored one")
+    p.add_argument("--all", metavar="MACHINE", help="replay every stored run of MACHINE and summarise")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = command("log", cmd_log, "print a run's transition log, with tokens and cost")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--attempts", action="store_true",
+                   help="show every failed model call instead (kind, status, request id, delay slept)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = command("runs", cmd_runs, "list runs, newest first")
+    p.add_argument("--machine", metavar="NAME", help="only runs of this machine name")
+    p.add_argument("--status", choices=[s.value for s in RunStatus], help="only runs with this status")
+    p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
+    p.add_argument("--before", metavar="RUN_ID", help="the page after this run: runs created before it")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    p = command("show", cmd_show, "print a run's input, outputs and snapshot")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("audit", cmd_audit, "verify the tamper-evident hash chain of transition logs")
+    p.add_argument("action", choices=["verify"], help="verify: recompute every row's hash")
+    p.add_argument("run_id", metavar="RUN_ID", nargs="?", help="one run (default: every run)")
+
+    p = command("graph", "cmd_graph", "print a machine as a Mermaid state diagram")
+    p.add_argument("machine", metavar="MACHINE")
+
+    p = command("validate", "cmd_validate", "check a machine definition (exit 0 valid, 2 invalid)")
+    p.add_argument("machine", metavar="MACHINE")
+
+    command("demo", cmd_demo, "run the report machine offline, then show its log and replay it")
+    return parser
+
+
+def worded(error: OrchError) -> str:
+    """The error with its fix in the command line's terms (flags and commands) where it has one."""
+    fix = error.fix
+    if isinstance(error, DatabaseNotFoundError):
+        fix = "start a run first or pass --db PATH"
+    elif isinstance(error, ForeignDatabaseError):
+        fix = "use a new file with --db"
+    elif isinstance(error, RunNotFoundError) and fix is None:
+        fix = "list runs with `orch runs`"
+    elif isinstance(error, RunExistsError):
+        fix = f"resume it with `orch resume {error.run_id}` or choose another id"
+    elif isinstance(error, MachineChangedError):
+        fix = "fix the machine, or resume anyway with --allow-changed (allow_changed=True)"
+    elif isinstance(error, NoCredentialsError):
+        fix = "export it to call the API, or add --offline to run on scripted answers"
+    return f"{error.what}; {fix}" if fix else error.what
+
+
+def _print_traceback() -> None:
+    import traceback  # here: only --debug shows one
+
+    traceback.print_exc()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("db", "sync", "prices", "log_json", "quiet", "debug"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    try:
+        args.price_table = read_prices(args)  # read once; a bad file is an error whatever the command
+        return int(args.func(args))
+    except OrchError as exc:
+        if args.debug:
+            _print_traceback()
+        # one line per problem; values quoted in a message cannot add lines or escape codes
+        lines = exc.problems if isinstance(exc, DefinitionError) else [worded(exc)]
+        for line in lines or [type(exc).__name__]:
+            print(f"orch: error: {one_line(str(line), 10_000)}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"orch: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("orch: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `orch runs | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # a bug: still one line unless --debug
+        if args.debug:
+            _print_traceback()
+        print(f"orch: internal error: {type(exc).__name__}: {one_line(str(exc), 500)} (rerun with "
+              "--debug for the traceback)", file=sys.stderr)
+        return 1
+
+

@@ -1,0 +1,143 @@
+"""The `orch` commands that only read the store: log, runs, show, audit.
+
+They load neither machines nor the engine, so they start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..store._contract import MachineTotals, RunSummary, Store
+from ..types import RunStatus, TransitionRecord
+from ._options import with_store
+from ._render import (
+    as_block,
+    attempt_row,
+    calls_of,
+    indent,
+    log_row,
+    one_line,
+    print_table,
+    snapshot_view,
+    totals,
+    totals_line,
+    usd,
+)
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    _, rows = with_store(args, lambda store: store.load_run(args.run_id))
+    if args.attempts:
+        return _print_attempts(rows, args)
+    if args.json:
+        for row in rows:
+            print(json.dumps(log_row(row)))  # ASCII: no line separator can split a JSON line
+        return 0
+    print_table(
+        [(r.seq, r.from_state, r.to_state or "-", r.decision or "-", r.attempt,
+          f"{r.latency_ms:.1f}", r.usage.input_tokens, r.usage.output_tokens, usd(r.cost_usd),
+          calls_of(r), r.source + ("!" if r.in_doubt else ""), one_line(r.error or r.reason))
+         for r in rows],
+        ["seq", "from_state", "to_state", "decision", "attempt", "latency_ms", "in", "out", "cost",
+         "calls", "source", "reason / error"],
+    )
+    print(totals_line(rows))
+    if any(r.in_doubt for r in rows):
+        print("! in doubt: the step re-sent a call that was in flight when an earlier process died; "
+              "that call may have been paid twice")
+    return 0
+
+
+def _print_attempts(rows: list[TransitionRecord], args: argparse.Namespace) -> int:
+    """Every model call that did not answer its step (the failure log), oldest first."""
+    attempts = [(row, a) for row in rows for a in row.attempts]
+    if args.json:
+        for row, a in attempts:
+            print(json.dumps(attempt_row(row, a)))
+        return 0
+    print_table(
+        [(row.seq, row.from_state, a.number, a.kind, a.status_code or "-", a.request_id or "-",
+          "-" if a.delay_s is None else f"{a.delay_s:.2f}", one_line(a.error, 70))
+         for row, a in attempts],
+        ["seq", "state", "attempt", "kind", "status", "request_id", "slept_s", "error"],
+    )
+    print(f"{len(attempts)} failed attempt(s) in {len(rows)} step(s)")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    async def read(store: Store) -> tuple[list[RunSummary], list[MachineTotals]]:
+        status = RunStatus(args.status) if args.status else None
+        runs = await store.list_runs(machine=args.machine, status=status, limit=args.limit, before=args.before)
+        return runs, await store.machine_totals(sorted({r.machine for r in runs}))
+
+    runs, totals = with_store(args, read)
+    if args.json:
+        print(json.dumps([
+            {"run_id": r.run_id, "machine": r.machine, "status": r.status.value, "started_at": r.created_at,
+             "updated_at": r.updated_at, "steps": r.steps, "input_tokens": r.input_tokens,
+             "output_tokens": r.output_tokens, "tokens": r.input_tokens + r.output_tokens,
+             "cost_usd": r.cost_usd, "error": r.error, "stale": r.stale}
+            for r in runs]))
+        return 0
+    print_table(
+        [(r.run_id, r.machine, r.status.value + (" (owner gone: resume it)" if r.stale else ""),
+          r.created_at[:19].replace("T", " "), r.steps, r.input_tokens + r.output_tokens,
+          usd(r.cost_usd), one_line(r.error, 60)) for r in runs],
+        ["run_id", "machine", "status", "started", "steps", "tokens", "cost", "error"],
+    )
+    for t in totals:
+        print(f"machine {t.machine}: {t.runs} run(s), {t.steps} step(s), "
+              f"{t.input_tokens + t.output_tokens} tokens, {usd(t.cost_usd)}, "
+              f"{t.cache_hits} cache hit(s)")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    record, rows = with_store(args, lambda store: store.load_run(args.run_id))
+    outputs = {r.from_state: r.output for r in rows if r.committed}
+    snapshot = snapshot_view(record, rows)
+    if args.json:
+        print(json.dumps({
+            "run_id": record.run_id, "machine": record.machine, "machine_ref": record.machine_ref,
+            "machine_hash": record.machine_hash, "created_at": record.created_at,
+            "updated_at": record.updated_at, "options": record.options, "input": record.input,
+            "outputs": outputs, "snapshot": snapshot, "totals": totals(rows)}, ensure_ascii=False))
+        return 0
+    print(f"run {record.run_id}  machine {record.machine}  status {record.status.value}")
+    print(f"  created {record.created_at}  updated {record.updated_at}")
+    print(f"  machine {record.machine_ref}  (source sha256 {record.machine_hash[:12]})")
+    if record.options.get("offline"):
+        print(f"  offline answers: {record.options['offline']}")
+    print("input:")
+    print(indent(as_block(record.input)))
+    print("outputs:")
+    for state, output in outputs.items():
+        print(f"  {state}:")
+        print(indent(as_block(output), 4))
+    print(totals_line(rows))
+    print("snapshot:")
+    for key, value in snapshot.items():
+        if key == "pending_answer" and value is not None:
+            print("  pending_answer (paid; its guard failed, resume re-runs the guard on it):")
+            print(indent(as_block(value), 4))
+        elif key != "pending_answer":
+            print(f"  {key}: {'-' if value is None else value}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Check the hash chain of one run's log, or of every run's."""
+    async def check(store: Store) -> dict[str, str | None]:
+        if args.run_id:
+            await store.get_run(args.run_id)
+        run_ids = [args.run_id] if args.run_id else await store.run_ids()
+        return {run_id: await store.verify_chain(run_id) for run_id in run_ids}
+
+    problems = with_store(args, check)
+    for run_id, problem in problems.items():
+        print(f"run {run_id}: {'ok' if problem is None else 'TAMPERED: ' + problem}")
+    broken = sum(problem is not None for problem in problems.values())
+    print(f"{len(problems)} run(s) checked, {broken} with a broken log")
+    return 1 if broken else 0

@@ -1,0 +1,104 @@
+"""How the CLI prints runs, logs, attempts, snapshots and machines: tables and JSON shapes."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..engine._position import Position
+from ..types import END, Attempt, RunRecord, TransitionRecord, total_cost, total_usage
+
+if TYPE_CHECKING:
+    from ..definition._machine import Machine
+
+
+def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def one_line(text: str | None, limit: int = 80) -> str:
+    """Text for one terminal line: whitespace runs become a space, control characters (escape
+    sequences, U+2028...) are shown escaped, long text is cut."""
+    if not text:
+        return ""
+    flat = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), " ".join(text.split()))
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def usd(value: float | None) -> str:
+    return "?" if value is None else f"${value:.4f}"
+
+
+def log_row(row: TransitionRecord) -> dict[str, Any]:
+    u = row.usage
+    return {
+        "run_id": row.run_id, "seq": row.seq, "from_state": row.from_state, "to_state": row.to_state,
+        "decision": row.decision, "reason": row.reason, "attempt": row.attempt,
+        "started_at": row.started_at, "latency_ms": round(row.latency_ms, 3),
+        "input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+        "cache_read_tokens": u.cache_read_tokens, "cache_write_tokens": u.cache_write_tokens,
+        "cost_usd": row.cost_usd, "calls": calls_of(row), "source": row.source,
+        "request_id": row.request_id, "in_doubt": row.in_doubt, "error": row.error,
+    }
+
+
+def calls_of(row: TransitionRecord) -> int:
+    """Model calls the step made: its failed attempts plus the one that answered."""
+    answered = row.source in ("llm", "fallback") and row.response is not None
+    return len(row.attempts) + (1 if answered else 0)
+
+
+def attempt_row(row: TransitionRecord, a: Attempt) -> dict[str, Any]:
+    return {"run_id": row.run_id, "seq": row.seq, "state": row.from_state, "attempt": a.number,
+            "started_at": a.started_at, "kind": a.kind, "status_code": a.status_code,
+            "request_id": a.request_id, "delay_s": a.delay_s, "input_tokens": a.usage.input_tokens,
+            "output_tokens": a.usage.output_tokens, "cost_usd": a.cost_usd, "error": a.error}
+
+
+def totals_line(rows: list[TransitionRecord]) -> str:
+    t = totals(rows)
+    return (f"total: {t['steps']} step(s), {t['input_tokens']} in / {t['output_tokens']} out tokens "
+            f"({t['cache_read_tokens']} cache read, {t['cache_write_tokens']} cache write), "
+            f"{usd(t['cost_usd'])}, {t['calls']} call(s), {t['cache_hits']} cache hit(s)")
+
+
+def snapshot_view(record: RunRecord, rows: list[TransitionRecord]) -> dict[str, Any]:
+    position = Position.after(rows, "")
+    state, attempt = position.state, position.attempt
+    last = rows[-1] if rows else None
+    pending = last.output if last is not None and last.to_state is None else None
+    return {"status": record.status.value, "next_state": None if state in ("", END) else state,
+            "attempt": attempt, "seq": last.seq if last else 0, "owned": record.owner is not None,
+            "error": record.error, "pending_answer": pending}
+
+
+def totals(rows: list[TransitionRecord]) -> dict[str, Any]:
+    usage = total_usage(rows)
+    return {"steps": sum(1 for r in rows if r.to_state), "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens, "cache_read_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens, "cost_usd": total_cost(rows),
+            "calls": sum(calls_of(r) for r in rows), "cache_hits": sum(r.source == "cache" for r in rows)}
+
+
+def as_block(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def indent(text: str, width: int = 2) -> str:
+    return "\n".join(" " * width + line for line in text.splitlines())
+
+
+def mermaid(machine: Machine) -> str:
+    lines = ["stateDiagram-v2", f"    [*] --> {machine.initial}"]
+    for state in machine.states:
+        for decision, target in sorted(machine.edges(state.name).items()):
+            lines.append(f"    {state.name} --> {'[*]' if target == END else target}: {decision}")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Machine definitions: a named list of states, validated as a whole when constructed.
+
+A machine is declared once at module level::
+
+    machine = Machine("report", states=[
+        LLMState("data_validation", prompt="Validate ...: {raw_data}", max_tokens=500),
+        LLMState("trend_analysis", prompt="... {data_validation}", needs=["data_validation"]),
+    ], input_vars={"raw_data": as_json})
+
+Construction builds the transition table (`_table.py`), validates the whole definition
+(`_validation.py`) and raises one
+`DefinitionError` listing every problem, each naming the module, the state and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from ..errors import DefinitionError
+from ..types import Budget, RetryPolicy
+from ._states import State
+from ._table import TransitionTable, build_table
+from ._templates import Template
+from ._validation import validate
+
+DEFAULT_MODEL = "claude-sonnet-5-5"
+DEFAULT_MAX_BRANCH_DEPTH = 3
+DEFAULT_CONTEXT_TOKENS = 200_000  # the smallest context of current models; inputs beyond it fail early
+
+
+def _caller_module() -> tuple[str | None, str | None]:
+    """(module name, file) of the code that constructed the Machine."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return None, None
+    return frame.f_globals.get("__name__"), frame.f_globals.get("__file__")
+
+
+class Machine:
+    """A validated finite state machine of LLM and Python states."""
+
+    def __init__(
+        self,
+        name: str,
+        states: Iterable[State],
+        *,
+        model: str = DEFAULT_MODEL,
+        input_model: type[BaseModel] | None = None,
+        input_vars: Mapping[str, Callable[[Any], Any]] | None = None,
+        max_branch_depth: int = DEFAULT_MAX_BRANCH_DEPTH,
+        description: str | None = None,
+        retry_policy: RetryPolicy | None = None,
+        budget: Budget | None = None,
+        context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+        source_file: str | None = None,
+    ) -> None:
+        self.name = name
+        self.context_tokens = context_tokens
+        self.retry_policy = retry_policy
+        self.budget = budget
+        self.states: tuple[State, ...] = tuple(states)
+        self.model = model
+        self.input_model = input_model
+        self.input_vars: dict[str, Callable[[Any], Any]] = dict(input_vars or {})
+        self.max_branch_depth = max_branch_depth
+        self.description = description
+        self.module, caller_file = _caller_module()
+        self.source_file = source_file or caller_file
+        self._ref: str | None = None
+        self.by_name: dict[str, State] = {
+            s.name: s for s in self.states if isinstance(s, State) and isinstance(s.name, str)}
+        table, table_problems = build_table(self)
+        self.transitions: TransitionTable = table
+        problems = validate(self, table, table_problems)
+        if problems:
+            raise DefinitionError(problems)
+
+    @property
+    def initial(self) -> str:
+        return self.states[0].name
+
+    @property
+    def input_names(self) -> frozenset[str]:
+        model = self.input_model
+        fields = set(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else set()
+        return frozenset(fields | set(self.input_vars))
+
+    @cached_property
+    def source_hash(self) -> str:
+        """sha256 of the defining module's source as loaded; stored with each run to detect edits."""
+        digest = hashlib.sha256()
+        if self.source_file and Path(self.source_file).is_file():
+            digest.update(Path(self.source_file).read_bytes())
+        else:
+            digest.update(repr([(s.name, type(s).__name__) for s in self.states]).encode())
+        return digest.hexdigest()
+
+    @cached_property
+    def _where(self) -> str:
+        return str(Path(self.source_file).resolve()) if self.source_file else (self.module or "?")
+
+    @property
+    def ref(self) -> str:
+        """How to load this machine again: `path/to/module.py:attribute` (stored with each run)."""
+        if self._ref is not None:
+            return self._ref
+        module = sys.modules.get(self.module or "")
+        attr = next((k for k, v in vars(module).items() if v is self), None) if module else None
+        where = self._where
+        if not attr:
+            spec = getattr(module, "__spec__", None)
+            if not getattr(spec, "_initializing", False):
+                self._ref = where  # the module is loaded and does not name it: it never will
+            return where  # still importing: it may bind the machine yet, so look again next time
+        self._ref = f"{where}:{attr}"
+        return self._ref
+
+    @property
+    def table(self) -> Mapping[str, Mapping[str, str]]:
+        """state -> decision value -> target, the defaults included."""
+        return self.transitions.targets
+
+    @property
+    def decisions(self) -> Mapping[str, frozenset[str]]:
+        """state -> the decisions it may take."""
+        return self.transitions.decisions
+
+    @property
+    def templates(self) -> Mapping[str, tuple[Template, Template | None]]:
+        """LLM state -> its parsed (prompt, system) templates."""
+        return self.transitions.templates
+
+    def edges(self, state: str) -> dict[str, str]:
+        """decision value -> target, for the decisions this state can actually take."""
+        return self.transitions.edges(state)
+
+    def __repr__(self) -> str:
+        return f"Machine({self.name!r}, states={[s.name for s in self.states]})"

@@ -1,0 +1,100 @@
+"""The states a machine is made of, and the `guard` decorator that declares what a guard returns.
+
+`LLMState` wraps one Messages API call, `PythonState` one Python function; both share the
+guard, the `on=` overrides of the transition table and the loop bounds of `State`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from ..types import Decision, Guard, RetryPolicy, StepContext, StepFunction
+
+G = TypeVar("G", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class DeclaredGuard(Generic[G]):
+    """A guard with the closed set of decisions it may return (made by `@guard(...)`)."""
+
+    fn: G
+    decisions: frozenset[Decision]
+
+    def __call__(self, output: Any, context: Any) -> Any:
+        return self.fn(output, context)
+
+    @property
+    def __name__(self) -> str:  # used in default reasons and error messages
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
+def guard(*decisions: Decision) -> Callable[[G], DeclaredGuard[G]]:
+    """Declare the decisions a guard may return; validation checks each has a transition."""
+
+    def wrap(fn: G) -> DeclaredGuard[G]:
+        return DeclaredGuard(fn, frozenset(decisions))
+
+    return wrap
+
+
+@dataclass(frozen=True)
+class State:
+    """Fields shared by every kind of state."""
+
+    name: str
+    _: KW_ONLY
+    needs: Sequence[str] = ()
+    guard: Guard | None = None
+    on: Mapping[Decision, str] = field(default_factory=dict)
+    retry_limit: int | None = 3  # the most runs in a row (RETRY or any decision routed to itself)
+    max_visits: int | None = None
+    output: type[BaseModel] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "needs", tuple(self.needs))
+        object.__setattr__(self, "on", dict(self.on))
+
+
+@dataclass(frozen=True)
+class LLMState(State):
+    """A state that makes one Messages API call with a rendered prompt.
+
+    `params` are further Messages API parameters sent as they are (for example
+    `{"stop_sequences": ["END"], "thinking": {...}, "metadata": {...}}`).
+
+    Failure handling: transient API errors are retried by `retry_policy` (else the
+    machine's, else the model client's); an answer that fails `output` is re-asked
+    `repairs` times with the validation error; a still-invalid, refused or truncated answer
+    fails the step, or with `on_invalid="guard"` reaches the guard as `InvalidOutput`.
+    `fallback` (a model name or a function of the context) answers when retries run out.
+    Cost: `cache=True` serves an identical earlier request from the database for free;
+    `prompt_cache=True` marks the system prompt for Anthropic prompt caching; `on_budget`
+    is the decision taken, without calling, when the run's budget cannot cover the call.
+    """
+
+    _: KW_ONLY
+    prompt: str
+    system: str | None = None
+    model: str | None = None
+    max_tokens: int = 1024
+    params: Mapping[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
+    retry_policy: RetryPolicy | None = None
+    repairs: int = 1
+    on_invalid: Literal["fail", "guard"] = "fail"
+    fallback: str | Callable[[StepContext], Any] | None = None
+    cache: bool = False
+    prompt_cache: bool = False
+    on_budget: Decision | None = None
+
+
+@dataclass(frozen=True)
+class PythonState(State):
+    """A state that runs a Python function (a computation or a tool call)."""
+
+    _: KW_ONLY
+    run: StepFunction

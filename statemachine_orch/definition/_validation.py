@@ -1,0 +1,306 @@
+"""Validation of a whole machine: every problem found, one line each, with its fix.
+
+Reports only: the transition table is built first (`_table.build_table`, which reports what
+keeps it from being built), then this checks names, each state's fields, guards, templates
+and limits, and, when the table is whole, the graph: reachability, needs that run first,
+bounded loops and branching depth.
+"""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from ..types import END, Budget, FlowDecision, RetryPolicy
+from ._problems import Problems
+from ._states import DeclaredGuard, LLMState, PythonState, State
+from ._table import TransitionTable, decision_value
+
+if TYPE_CHECKING:
+    from ._machine import Machine
+
+RESERVED_NAMES = frozenset({END, "END"})
+
+
+def validate(machine: Machine, table: TransitionTable, table_problems: Problems) -> list[str]:
+    """Every problem of `machine`, one line each: `table_problems` (what kept its `table` from
+    being built) once its names are sound, and all the others."""
+    return _Validator(machine, table, table_problems).run()
+
+
+class _Validator:
+    """Collects the problems of a definition whose table is built."""
+
+    def __init__(self, machine: Machine, table: TransitionTable, table_problems: Problems) -> None:
+        self.m = machine
+        self.table = table
+        self.table_problems = table_problems
+        self.problems = Problems(machine)
+        self.add = self.problems.add
+
+    def run(self) -> list[str]:
+        m = self.m
+        if not isinstance(m.name, str) or not m.name.isidentifier():
+            self.add(None, f"machine name {m.name!r} is not an identifier", "use letters, digits and _")
+        if not m.states:
+            self.add(None, "has no states", "pass at least one LLMState or PythonState in states=[...]")
+            return self.problems
+        if m.input_model is not None and not (
+            isinstance(m.input_model, type) and issubclass(m.input_model, BaseModel)
+        ):
+            self.add(None, "input_model is not a pydantic model class", "pass a BaseModel subclass")
+        for var in m.input_vars:
+            if not var.isidentifier() or var in m.by_name:
+                self.add(None, f"input_vars key {var!r} is not a free identifier", "rename it")
+        if m.max_branch_depth < 0:
+            self.add(None, "max_branch_depth is negative", "use 0 or more")
+        if m.retry_policy is not None and not isinstance(m.retry_policy, RetryPolicy):
+            self.add(None, "retry_policy is not a RetryPolicy", "pass RetryPolicy(max_attempts=...)")
+        if m.budget is not None and not isinstance(m.budget, Budget):
+            self.add(None, "budget is not a Budget", "pass Budget(max_cost_usd=...)")
+        before = len(self.problems)
+        self._names()
+        if len(self.problems) > before:
+            return self.problems  # later checks need unique, valid names
+        for state in m.states:
+            self._state(state)
+        if not self.table.complete:
+            return self.problems  # graph checks need a whole transition table
+        self._reachability()
+        self._needs_dominate()
+        self._cycles()
+        self._branch_depth()
+        return self.problems
+
+    def _names(self) -> None:
+        seen: set[str] = set()
+        for state in self.m.states:
+            if not isinstance(state, State) or type(state) is State:
+                self.add(None, f"{state!r} is not an LLMState or PythonState", "wrap it in one")
+                continue
+            name = state.name
+            if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+                self.add(str(name), "name is not a Python identifier", "use letters, digits and _")
+            elif name in RESERVED_NAMES:
+                self.add(name, "name is reserved", f"rename it (reserved: {sorted(RESERVED_NAMES)})")
+            elif name in seen:
+                self.add(name, "is declared twice", "give each state a unique name")
+            seen.add(name)
+
+    def _state(self, state: State) -> None:
+        m = self.m
+        self.problems.take(self.table_problems, state.name)
+        names = [s.name for s in m.states]
+        table = self.table.targets[state.name]
+        allowed = self.table.decisions[state.name]
+        declared_on = [value for key, value in ((k, decision_value(k)) for k in state.on)
+                       if value is not None and value in table and table[value] == state.on[key]]
+        on_budget = (decision_value(state.on_budget)
+                     if isinstance(state, LLMState) and state.on_budget is not None else None)
+        g = state.guard
+        if g is None:
+            unused = [d for d in declared_on if d not in (FlowDecision.CONTINUE.value, on_budget)]
+            if unused:
+                self.add(state.name, f"has transitions for {unused} but no guard to choose them "
+                         "(without a guard a state always continues)",
+                         "add guard= or remove those on= entries")
+        elif callable(g):
+            self._guard_signature(state.name, g.fn if isinstance(g, DeclaredGuard) else g)
+            if isinstance(g, DeclaredGuard):
+                unused = [d for d in declared_on if d not in allowed and d != on_budget]
+                if unused:
+                    self.add(state.name, f"has transitions for {unused}, which its guard never returns",
+                             "add them to @guard(...) or remove those on= entries")
+
+        loops = sorted(d for d in allowed if table.get(d) == state.name)
+        if loops and (not isinstance(state.retry_limit, int) or state.retry_limit < 1):
+            self.add(state.name, f"its guard may loop back to it ({', '.join(loops)}) but retry_limit "
+                     "is not a positive number", "set retry_limit=3 (the most runs in a row)")
+        if state.max_visits is not None and (not isinstance(state.max_visits, int) or state.max_visits < 1):
+            self.add(state.name, "max_visits must be a positive integer", "set max_visits=N or leave it None")
+        if state.output is not None and not (
+            isinstance(state.output, type) and issubclass(state.output, BaseModel)
+        ):
+            self.add(state.name, "output is not a pydantic model class", "pass a BaseModel subclass")
+        for need in state.needs:
+            if need == state.name:
+                self.add(state.name, "needs itself", "remove it from needs")
+            elif need not in m.by_name:
+                self.add(state.name, f"needs unknown state {need!r}", f"use one of {names}")
+        if isinstance(state, LLMState):
+            self._llm_state(state)
+        elif isinstance(state, PythonState) and not callable(state.run):
+            self.add(state.name, "run= is not callable", "pass a function (ctx) -> output")
+
+    def _guard_signature(self, state: str, fn: Callable[..., Any]) -> None:
+        try:
+            inspect.signature(fn).bind(None, None)
+        except TypeError:
+            self.add(state, "guard does not take (output, context)",
+                     "define it as def my_guard(output, ctx) -> FlowDecision")
+        except ValueError:
+            pass  # no signature to inspect (some builtins): trust it
+
+    def _llm_state(self, state: LLMState) -> None:
+        m = self.m
+        if state.on_invalid not in ("fail", "guard"):
+            self.add(state.name, f"on_invalid={state.on_invalid!r} is not 'fail' or 'guard'",
+                     "use on_invalid='guard' to route invalid answers, or leave the default")
+        elif state.on_invalid == "guard" and state.guard is None:
+            self.add(state.name, "on_invalid='guard' needs a guard to route InvalidOutput",
+                     "add guard= that checks isinstance(output, InvalidOutput)")
+        if not isinstance(state.repairs, int) or state.repairs < 0:
+            self.add(state.name, f"repairs={state.repairs!r} is not a count", "use 0 or more re-asks")
+        if state.timeout is not None and not (isinstance(state.timeout, (int, float)) and state.timeout > 0):
+            self.add(state.name, f"timeout={state.timeout!r} is not a positive number of seconds",
+                     "set timeout=60 or leave it None")
+        if state.retry_policy is not None and not isinstance(state.retry_policy, RetryPolicy):
+            self.add(state.name, "retry_policy is not a RetryPolicy", "pass RetryPolicy(max_attempts=...)")
+        params = state.params
+        managed = {"model", "max_tokens", "messages", "system", "tools", "tool_choice"}
+        if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+            self.add(state.name, "params is not a mapping of Messages API parameter names",
+                     "pass params={'stop_sequences': [...]}")
+        elif managed & set(params):
+            self.add(state.name, f"params sets {sorted(managed & set(params))}, which the state "
+                     "itself controls", "use the LLMState fields (model=, max_tokens=, system=, output=)")
+        fb = state.fallback
+        if fb is not None and not ((isinstance(fb, str) and fb) or callable(fb)):
+            self.add(state.name, "fallback is neither a model name nor a function",
+                     "pass fallback='claude-haiku-4-5' or fallback=lambda ctx: ...")
+        elif callable(fb) and not isinstance(fb, str):
+            try:
+                inspect.signature(fb).bind(None)
+            except TypeError:
+                self.add(state.name, "fallback function does not take (ctx)",
+                         "define it as def my_fallback(ctx) -> output")
+            except ValueError:
+                pass
+        parsed = self.table.templates.get(state.name)
+        if parsed is None:
+            return  # not strings: reported when the table was built
+        if not (state.model or m.model):
+            self.add(state.name, "has no model", "set model= on the state or the machine")
+        if not isinstance(state.max_tokens, int) or state.max_tokens < 1:
+            self.add(state.name, f"max_tokens={state.max_tokens!r} is not a positive integer",
+                     "set max_tokens to the answer's budget, e.g. 500")
+        prompt, system = parsed
+        available = m.input_names | set(state.needs)
+        for label, tpl in (("prompt", prompt), ("system", system)):
+            if tpl is None:
+                continue
+            for problem in tpl.problems:
+                self.add(state.name, f"{label} {problem}", "edit the template")
+            for name in dict.fromkeys(tpl.names):
+                if name in available:
+                    continue
+                if name in m.by_name:
+                    fix = f"add {name!r} to needs=[...] (it must run before this state)"
+                else:
+                    fix = "add the field to input_model or input_vars, or fix the spelling"
+                self.add(state.name, f"{label} uses {{{name}}}, which no input field or needed state provides", fix)
+
+    # ------------------------------------------------------------------ graph checks
+
+    def _reachable(self, start: str, blocked: str | None = None) -> set[str]:
+        seen = {start}
+        todo = [start]
+        while todo:
+            for target in self.table.edges(todo.pop()).values():
+                if target != END and target != blocked and target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+        return seen
+
+    def _reachability(self) -> None:
+        reachable = self._reachable(self.m.initial)
+        for state in self.m.states:
+            if state.name not in reachable:
+                self.add(state.name, "is unreachable from the initial state",
+                         "route a decision to it (on={...}) or remove it")
+
+    def _needs_dominate(self) -> None:
+        for state in self.m.states:
+            for need in state.needs:
+                if need == self.m.initial or need not in self.m.by_name or need == state.name:
+                    continue
+                if state.name in self._reachable(self.m.initial, blocked=need) or state.name == self.m.initial:
+                    self.add(state.name, f"can run before {need!r}, whose output it needs",
+                             f"make every path to it pass through {need!r}, or drop it from needs")
+
+    def _cycles(self) -> None:
+        """Every cycle through two or more states needs a state with max_visits (self-loops are
+        bounded by retry_limit)."""
+        for component in _strongly_connected(self.m, self.table):
+            if len(component) < 2:
+                continue
+            if not any(self.m.by_name[s].max_visits for s in component):
+                loop = " -> ".join(sorted(component))
+                self.add(sorted(component)[0], f"states {loop} form a loop with no bound",
+                         "set max_visits=N on one of them")
+
+    def _branch_depth(self) -> None:
+        m = self.m
+        branching = {
+            s.name for s in m.states
+            if len({t for t in self.table.edges(s.name).values() if t not in (s.name, END)}) > 1
+        }
+        deepest: tuple[int, list[str]] = (0, [])
+
+        def walk(node: str, path: list[str], depth: int) -> None:
+            nonlocal deepest
+            if node in branching:
+                depth += 1
+            if depth > deepest[0]:
+                deepest = (depth, [*path, node])
+            for target in set(self.table.edges(node).values()):
+                if target != END and target not in path and target != node:
+                    walk(target, [*path, node], depth)
+
+        walk(m.initial, [], 0)
+        if deepest[0] > max(m.max_branch_depth, 0):
+            last = deepest[1][-1]
+            self.add(last, f"branching depth {deepest[0]} exceeds the limit {m.max_branch_depth} "
+                     f"(path {' -> '.join(deepest[1])})",
+                     "flatten the branches, declare the decisions each guard really returns "
+                     "with @guard(...), or raise Machine(max_branch_depth=...)")
+
+
+def _strongly_connected(m: Machine, table: TransitionTable) -> list[set[str]]:
+    """Tarjan's algorithm over the machine's reachable edges."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in table.edges(v).values():
+            if w == END:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp: set[str] = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            out.append(comp)
+
+    for s in m.states:
+        if s.name not in index:
+            visit(s.name)
+    return out

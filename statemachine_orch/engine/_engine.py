@@ -1,0 +1,209 @@
+"""The engine: starts and resumes runs of machines against the ports it is given.
+
+`Engine(store, model=..., hooks=[...])` holds no global state: the store (`open_store` makes
+one from a path or URL), the model client and the hooks come in; nothing here imports an
+adapter. Each machine is compiled once (`_fsm`), each run is a `Run` (`_run`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
+
+from ..definition._machine import Machine
+from ..definition._states import LLMState
+from ..errors import CorruptRunError, MachineChangedError, UsageError
+from ..hooks import Hook, HookCalls
+from ..llm._client import ModelClient
+from ..llm._prices import PriceTable
+from ..store._contract import NullStore, Store
+from ..store._owner import Owner
+from ..types import Budget, RunRecord, RunResult, RunStatus, now_iso
+from ._fsm import Compiled, compile_machine
+from ._inputs import validate_input
+from ._llm_step import PythonOverride
+from ._replay import replay_run
+from ._run import Ports, Run
+from ._snapshot import fresh, snapshot
+
+T = TypeVar("T")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def new_run_id() -> str:
+    """Time-ordered, 26 characters (like ULID): ms timestamp + 80 random bits, Crockford base32."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(secrets.token_bytes(10), "big")
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    chars = []
+    for _ in range(26):
+        chars.append(alphabet[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+class Engine:
+    """Drives runs of machines against a store, a model client and hooks. No global state.
+
+    `store` None keeps nothing (`NullStore`); `model` may be None for machines without LLM
+    states. `hooks` see every run's lifecycle (tracing, metrics, notifications)."""
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        model: ModelClient | None = None,
+        hooks: Iterable[Hook] = (),
+        prices: PriceTable | None = None,
+        python_override: PythonOverride | None = None,
+    ) -> None:
+        if isinstance(store, (str, bytes)) or hasattr(store, "__fspath__"):
+            raise UsageError(f"Engine() takes a store, not the path {store!r}",
+                             fix=f"pass open_store({store!r})")
+        self.store: Store = store if store is not None else NullStore()
+        self.model = model
+        self.hooks = tuple(hooks)
+        self.prices = prices or PriceTable()
+        self._ports = Ports(store=self.store, model=model, prices=self.prices, hooks=HookCalls(self.hooks),
+                            python_override=python_override)
+        self._compiled: dict[int, Compiled] = {}
+        self._loop: asyncio.Runner | None = None
+
+    def compiled(self, machine: Machine) -> Compiled:
+        found = self._compiled.get(id(machine))
+        if found is None or found.machine is not machine:
+            if self.model is None and any(isinstance(s, LLMState) for s in machine.states):
+                raise UsageError(f"machine '{machine.name}' has LLM states, but the engine has no model client",
+                                 fix="pass Engine(store, model=AnthropicModel())")
+            found = self._compiled[id(machine)] = compile_machine(machine)
+        return found
+
+    async def start(
+        self,
+        machine: Machine,
+        input: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        machine_ref: str | None = None,
+        options: dict[str, Any] | None = None,
+        budget: Budget | None = None,
+    ) -> Run:
+        """Validate the input, persist a new run (owned by this process) and return it unstarted.
+
+        `budget` overrides the machine's `Budget` limit by limit; the result is stored with
+        the run, so a resume keeps it unless given a new one.
+        """
+        compiled = self.compiled(machine)
+        if run_id is not None and not _RUN_ID.fullmatch(run_id):
+            raise UsageError(f"run id {run_id!r} is not valid", fix="use 1-64 letters, digits, '.', '_' or '-'")
+        context_input, stored, values = validate_input(machine, input)
+        effective = (machine.budget or Budget()).merged(budget)
+        options = dict(options or {})
+        if effective != Budget():
+            options["budget"] = effective.to_json()
+        now = now_iso()
+        record = RunRecord(
+            run_id=run_id or new_run_id(), machine=machine.name,
+            machine_ref=machine_ref or machine.ref, machine_hash=machine.source_hash,
+            input=stored, status=RunStatus.RUNNING, created_at=now, updated_at=now, options=options,
+        )
+        owner = Owner.for_this_process()
+        await self.store.create_run(record, owner)
+        for hook in self._ports.hooks.run_started:
+            hook(record, resumed=False, machine_hash=machine.source_hash)
+        return Run(compiled, record, owner, self._ports, input=context_input, input_values=values,
+                   snap=fresh(machine.initial), budget=effective)
+
+    async def attach(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
+                     allow_changed: bool = False) -> Run:
+        """Claim a stored run (its owner must be gone) and rebuild it from its log.
+
+        A `budget` given here replaces the stored one limit by limit (raise a limit to resume
+        a run that stopped with `budget_exceeded`) and is stored with the run. If the
+        machine's source changed since the run started, its recorded steps are replayed on
+        the new code first; a divergence refuses the resume unless `allow_changed`.
+        """
+        compiled = self.compiled(machine)
+        record, log = await self.store.load_run(run_id)
+        snapshot(compiled, record, log)  # refuse an incompatible run before claiming it
+        problem = await self.store.verify_chain(run_id)
+        if problem is not None:
+            raise CorruptRunError(f"run {run_id} cannot be resumed: its transition log fails the audit "
+                                  f"chain ({problem})", fix="restore the database from a backup")
+        if record.machine_hash != machine.source_hash and not allow_changed:
+            report = await replay_run(self.store, run_id, machine, prices=self.prices, compiled=compiled)
+            if report.divergence is not None:
+                raise MachineChangedError(
+                    f"machine '{machine.name}' changed since run {run_id} started and its recorded "
+                    f"steps no longer replay ({report.divergence.describe()})", run_id=run_id)
+        owner = Owner.for_this_process()
+        effective = Budget.of_run(record.options).merged(budget)
+        options = None if budget is None else {**record.options, "budget": effective.to_json()}
+        record, log = await self.store.claim_run(run_id, owner, options=options)
+        context_input, _, values = validate_input(machine, record.input)
+        run = Run(compiled, record, owner, self._ports, input=context_input, input_values=values,
+                  snap=snapshot(compiled, record, log), seq=log[-1].seq if log else 0, budget=effective)
+        for hook in self._ports.hooks.run_started:
+            hook(record, resumed=True, machine_hash=machine.source_hash)
+        return run
+
+    async def arun(self, machine: Machine, input: Mapping[str, Any] | None = None,
+                   **options: Any) -> RunResult:
+        """Start a run and drive it to its end (completed, terminated or failed)."""
+        run = await self.start(machine, input, **options)
+        return await run.run_to_end()
+
+    async def aresume(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
+                      allow_changed: bool = False) -> RunResult:
+        """Continue a stored run from its last committed step."""
+        run = await self.attach(run_id, machine, budget=budget, allow_changed=allow_changed)
+        return await run.run_to_end()
+
+    def run(self, machine: Machine, input: Mapping[str, Any] | None = None,
+            **options: Any) -> RunResult:
+        """Synchronous `arun`, on an event loop this engine keeps for its lifetime."""
+        return self._sync(self.arun(machine, input, **options))
+
+    def resume(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
+               allow_changed: bool = False) -> RunResult:
+        """Synchronous `aresume`."""
+        return self._sync(self.aresume(run_id, machine, budget=budget, allow_changed=allow_changed))
+
+    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            coro.close()
+            raise UsageError("Engine.run()/resume()/close() called inside an event loop",
+                             fix="await engine.arun()/aresume()/aclose() instead")
+        if self._loop is None:
+            self._loop = asyncio.Runner()
+        return self._loop.run(coro)
+
+    async def aclose(self) -> None:
+        """Close the store."""
+        await self.store.close()
+
+    def close(self) -> None:
+        """Close the store and this engine's event loop."""
+        self._sync(self.aclose())
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,315 @@
+"""One LLM state's step: build the request, check budget and cache, call, check, repair, fall back.
+
+Every model call the step makes lands in the step's record: the one that answered in the
+row itself, the others (retried errors, invalid answers that were re-asked, the failure
+that sent the step to its fallback) as `Attempt`s. Usage and cost add up over all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from ..definition._states import LLMState, PythonState
+from ..errors import BudgetExceededError, LLMError, OrchError, UsageError
+from ..llm._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response
+from ..store._owner import Owner
+from ..types import Attempt, Budget, InvalidOutput, OutputProblem, StepContext, TransitionRecord, Usage, now_iso
+from ._fsm import Compiled
+from ._outputs import first_error, restore_output
+
+if TYPE_CHECKING:
+    from ._run import Ports
+
+CHARS_PER_TOKEN_ESTIMATE = 3  # conservative: English averages nearer 4 characters per token
+
+PythonOverride = Callable[[PythonState | LLMState, StepContext], Any]
+"""Replaces running Python code of a state (a Python state, or an LLM state's fallback
+function); replay serves recorded outputs through it."""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRoute:
+    """The budget cannot cover the call and the state routes that to `on_budget` instead."""
+
+    reason: str
+
+
+@dataclass(slots=True)
+class Spent:
+    """What a run has paid so far (and how long it has been active)."""
+
+    cost_usd: float = 0.0
+    usage: Usage = field(default_factory=Usage)  # the run's own usage object, summed as it commits
+    seconds: float = 0.0
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    """Identity of a request for the step cache: model, system, messages, parameters, schema."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def estimate_input_tokens(body: dict[str, Any]) -> int:
+    return math.ceil(len(json.dumps(body, ensure_ascii=False)) / CHARS_PER_TOKEN_ESTIMATE)
+
+
+class LLMStep:
+    """Runs the LLM states of one run: a step's calls (the first, re-asks of invalid answers,
+    a fallback model) all land in the step's record."""
+
+    def __init__(self, *, run_id: str, compiled: Compiled, ports: Ports, budget: Budget, owner: Owner,
+                 in_doubt_seq: int | None = None) -> None:
+        self.run_id = run_id
+        self.machine = compiled.machine
+        self.tools = compiled.tools
+        self.bodies = compiled.bodies
+        self.model = ports.model
+        self.bills = getattr(ports.model, "bills", False)  # paid calls are marked in flight first
+        self.store = ports.store
+        self.prices = ports.prices
+        self.budget = budget
+        self._budgeted = budget.max_cost_usd is not None or budget.max_tokens is not None
+        self.python_override = ports.python_override
+        self.owner = owner
+        self.in_doubt_seq = in_doubt_seq  # a call of this step was in flight when a process died
+
+    def body(self, state: LLMState, values: Callable[[tuple[str, ...]], dict[str, Any]],
+             tool: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
+        """The request body. Without placeholders it is the same on every call: built once per
+        machine and shared by every step's request and record (nothing modifies a body)."""
+        shared = self.bodies.get(state.name)
+        if shared is not None:
+            return shared
+        prompt, system = self.machine.templates[state.name]
+        body: dict[str, Any] = {
+            "model": state.model or self.machine.model,
+            "max_tokens": state.max_tokens,
+            "messages": [{"role": "user", "content": prompt.render(values(prompt.names))}],
+        }
+        if system is not None:
+            text = system.render(values(system.names))
+            body["system"] = ([{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
+                              if state.prompt_cache else text)
+        if state.params:
+            body.update(state.params)
+        if tool is not None:
+            body["tools"] = [tool[1]]
+            body["tool_choice"] = {"type": "tool", "name": tool[0]}
+        if not prompt.names and (system is None or not system.names):
+            self.bodies[state.name] = body
+        return body
+
+    async def execute(self, state: LLMState, rec: TransitionRecord, ctx: StepContext,
+                      values: Callable[[tuple[str, ...]], dict[str, Any]], spent: Spent) -> Any:
+        """The state's output (validated), an InvalidOutput to route, or a BudgetRoute."""
+        tool = self.tools.get(state.name)
+        tool_name = tool[0] if tool is not None else None
+        body = self.body(state, values, tool)
+        rec.request = body
+        if state.cache:
+            rec.request_hash = request_hash(body)
+            hit = await self.store.find_cached(rec.request_hash)
+            if hit is not None and hit.response is not None:
+                rec.source, rec.cost_usd = "cache", 0.0
+                rec.response, rec.request_id = hit.response, hit.request_id
+                rec.reason = f"cache hit: same request as run {hit.run_id} seq {hit.seq}"
+                completion = completion_from_response(hit.response, tool_name, hit.request_id)
+                output, problem = _check(state, completion, tool_name)
+                if problem is None:
+                    return output
+                rec.source, rec.response, rec.request_id, rec.reason = "llm", None, None, None
+        return await self._ask(state, rec, ctx, spent, body, tool_name, state.repairs, None)
+
+    async def _ask(self, state: LLMState, rec: TransitionRecord, ctx: StepContext, spent: Spent,
+                   body: dict[str, Any], tool_name: str | None, repairs: int, primary: LLMError | None) -> Any:
+        """Call until an answer is usable: re-ask an invalid one up to `repairs` times, hand a
+        transient failure to the state's fallback. `primary` is set when this is the fallback
+        model answering for a call that failed."""
+        model = self.model
+        if model is None:
+            raise UsageError(f"state '{state.name}' calls a model, but the engine was given none",
+                             fix="pass Engine(store, model=AnthropicModel())")
+        first = body
+        fresh = primary is None  # the step's first call: it starts with the step
+        started = rec.started_at
+        while True:
+            if self._budgeted:
+                route = self._afford(state, rec, spent, body)
+                if route is not None:
+                    return route
+            if fresh:
+                if self.bills:
+                    await self.store.mark_in_flight(rec.run_id, self.owner, seq=rec.seq, state=state.name)
+                fresh = False
+            else:
+                started = now_iso()
+            if rec.seq == self.in_doubt_seq:
+                rec.in_doubt = True
+            request = LLMRequest(run_id=rec.run_id, state=state.name, body=body, tool_name=tool_name,
+                                 timeout_s=state.timeout, retry=state.retry_policy or self.machine.retry_policy)
+            rec.request = body
+            failure: OrchError | None = None
+            try:
+                completion = await model.complete(request)
+            except OrchError as exc:
+                failure = exc
+            except Exception as exc:  # an adapter bug must still be recorded against the step
+                failure = LLMError(f"model client failed: {type(exc).__name__}: {exc}", kind="unexpected",
+                                   run_id=rec.run_id, state=state.name)
+                failure.__cause__ = exc
+            finally:  # also when the step is cancelled mid-retry: the tries already made are logged
+                if request.attempts:
+                    self._add_attempts(rec, request.attempts)
+            if failure is not None:
+                if not isinstance(failure, LLMError):
+                    raise failure
+                if primary is not None:
+                    raise LLMError(f"{primary}; fallback {body['model']} failed too: {failure}",
+                                   kind=failure.kind, status_code=failure.status_code,
+                                   request_id=failure.request_id, run_id=rec.run_id, state=state.name) from None
+                if failure.kind not in TRANSIENT_KINDS or state.fallback is None:
+                    raise failure
+                return await self._fallback(state, rec, ctx, spent, first, tool_name, failure)
+            usage = completion.usage
+            rec.usage.add(usage)
+            cost = self.prices.cost(body["model"], usage)
+            rec.cost_usd = None if cost is None or rec.cost_usd is None else rec.cost_usd + cost
+            output, problem = _check(state, completion, tool_name)
+            if problem is None:
+                rec.response = completion.response
+                rec.request_id = completion.request_id
+                return output
+            kind, error = problem
+            if kind != "invalid_output" or repairs == 0:
+                return self._unusable(state, rec, completion, kind, error)
+            repairs -= 1
+            rec.attempts.append(Attempt(
+                number=len(rec.attempts) + 1, started_at=started, kind=kind, error=error,
+                request_id=completion.request_id, usage=completion.usage,
+                cost_usd=cost, request=body,
+                response=completion.response))  # an answer that will be re-asked, kept with its response
+            body = _reask(body, completion, error, tool_name)
+
+    @staticmethod
+    def _add_attempts(rec: TransitionRecord, attempts: list[Attempt]) -> None:
+        offset = len(rec.attempts)
+        for attempt in attempts:
+            attempt.number += offset
+            rec.attempts.append(attempt)
+
+    @staticmethod
+    def _unusable(state: LLMState, rec: TransitionRecord, completion: Completion, kind: OutputProblem,
+                  error: str) -> Any:
+        rec.response = completion.response
+        rec.request_id = completion.request_id
+        if state.on_invalid == "guard":
+            return InvalidOutput(kind, error, completion.text, completion.data)
+        raise LLMError(error, kind=kind, request_id=completion.request_id, run_id=rec.run_id, state=state.name)
+
+    async def _fallback(self, state: LLMState, rec: TransitionRecord, ctx: StepContext, spent: Spent,
+                        body: dict[str, Any], tool_name: str | None, failure: LLMError) -> Any:
+        fallback = state.fallback
+        rec.source = "fallback"
+        name = fallback if isinstance(fallback, str) else getattr(fallback, "__name__", "function")
+        rec.reason = f"answered by fallback {name} after: {failure}"
+        if isinstance(fallback, str):
+            fallback_body = {**body, "model": fallback}
+            # cache the fallback's answer under its own request, never under the primary's
+            rec.request_hash = request_hash(fallback_body) if state.cache else None
+            return await self._ask(state, rec, ctx, spent, fallback_body, tool_name, 0, failure)
+        assert fallback is not None
+        rec.request_hash = None
+        override = self.python_override
+        try:
+            result = override(state, ctx) if override is not None else fallback(ctx)
+            if inspect.isawaitable(result):
+                result = await result
+        except OrchError:
+            raise
+        except Exception as exc:
+            raise LLMError(f"{failure}; fallback {name} failed too: {type(exc).__name__}: {exc}",
+                           kind=failure.kind, run_id=rec.run_id, state=state.name) from exc
+        try:
+            result = restore_output(state, result)  # as a Python state's value: validated, storable
+        except (TypeError, ValueError) as exc:
+            raise LLMError(f"fallback answer {exc}", kind="invalid_output", run_id=rec.run_id,
+                           state=state.name) from None
+        rec.request = None
+        return result
+
+    def _afford(self, state: LLMState, rec: TransitionRecord, spent: Spent, body: dict[str, Any]) -> BudgetRoute | None:
+        """Check the run's budget against this call's worst case before sending it."""
+        budget = self.budget
+        estimate = estimate_input_tokens(body)
+        worst_tokens = estimate + state.max_tokens
+        so_far_tokens = spent.usage.paid_tokens + rec.usage.paid_tokens
+        problem = None
+        if budget.max_tokens is not None and so_far_tokens + worst_tokens > budget.max_tokens:
+            problem = (f"tokens: spent {so_far_tokens} + worst case {worst_tokens} (about {estimate} in, "
+                       f"{state.max_tokens} out) > max_tokens {budget.max_tokens}")
+        if problem is None and budget.max_cost_usd is not None:
+            worst_usage = (Usage(cache_write_tokens=estimate, output_tokens=state.max_tokens)
+                           if state.prompt_cache else
+                           Usage(input_tokens=estimate, output_tokens=state.max_tokens))
+            worst = self.prices.cost(body["model"], worst_usage)
+            so_far = spent.cost_usd + (rec.cost_usd or 0.0)
+            if worst is None:
+                problem = (f"cost: no price known for model {body['model']!r}, so max_cost_usd cannot "
+                           "be checked")
+            elif so_far + worst > budget.max_cost_usd:
+                problem = (f"cost: spent ${so_far:.4f} + worst case ${worst:.4f} > max_cost_usd "
+                           f"${budget.max_cost_usd:.4f}")
+        if problem is None:
+            return None
+        if state.on_budget is not None:
+            return BudgetRoute(f"budget exhausted before calling {state.name} ({problem}); "
+                               f"routed to {state.on_budget.value}")
+        unpriced = body["model"] if "no price" in problem else None
+        raise BudgetExceededError(f"budget exceeded before calling {state.name}: {problem}",
+                                  fix="add the model's price (--prices FILE or PriceTable) and resume" if unpriced
+                                  else "raise the limit and resume", unpriced_model=unpriced,
+                                  run_id=rec.run_id, state=state.name)
+
+
+def _check(state: LLMState, completion: Completion, tool_name: str | None
+           ) -> tuple[Any, tuple[OutputProblem, str] | None]:
+    """(output, None) for a usable answer, else (None, (kind, error))."""
+    if completion.stop_reason == "refusal":
+        return None, ("refusal", "the model refused to answer (stop_reason=refusal)")
+    if completion.stop_reason == "max_tokens":
+        return None, ("truncated", f"the answer was cut off at max_tokens={state.max_tokens}; raise "
+                                   f"max_tokens for state '{state.name}' and resume")
+    if state.output is None:
+        if not completion.text.strip():
+            return None, ("empty", "the model returned an empty answer")
+        return completion.text, None
+    if completion.data is None:
+        return None, ("invalid_output", f"the model did not call the {tool_name} tool")
+    try:
+        return state.output.model_validate(completion.data), None
+    except ValidationError as exc:
+        return None, ("invalid_output", f"answer does not match {state.output.__name__}: "
+                                        f"{first_error(exc)}")
+
+
+def _reask(body: dict[str, Any], completion: Completion, error: str, tool_name: str | None) -> dict[str, Any]:
+    """The same request, continued with the invalid answer and what was wrong with it."""
+    content = completion.response.get("content") or []
+    note = (f"That answer was not valid: {error}. Call {tool_name} again with input that matches "
+            "its schema exactly.")
+    tool_use = next((b for b in content if isinstance(b, dict) and b.get("type") == "tool_use"), None)
+    reply: Any = note
+    if tool_use is not None:
+        reply = [{"type": "tool_result", "tool_use_id": tool_use.get("id"), "is_error": True,
+                  "content": note}]
+    messages = [*body["messages"], {"role": "assistant", "content": content},
+                {"role": "user", "content": reply}]
+    return {**body, "messages": messages}

@@ -1,0 +1,38 @@
+"""Outputs as a run sees them: validated models, `InvalidOutput`, or plain JSON data."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ..definition._states import State
+from ..types import INVALID_MARKER, InvalidOutput
+
+
+def restore_output(state: State, value: Any) -> Any:
+    """`value` as `state`'s output: its `output` model validated, a stored InvalidOutput
+    rebuilt, anything else as JSON data (ValueError/TypeError when it is none of these)."""
+    if isinstance(value, dict) and INVALID_MARKER in value and len(value) == 1:
+        return InvalidOutput(**value[INVALID_MARKER])
+    if isinstance(value, InvalidOutput):
+        return value
+    if state.output is not None:
+        if isinstance(value, state.output):
+            return value
+        try:
+            return state.output.model_validate(value)
+        except ValidationError as exc:
+            raise ValueError(f"does not match {state.output.__name__}: {first_error(exc)}") from None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return json.loads(json.dumps(value, allow_nan=False))
+
+
+def first_error(exc: ValidationError, whole: str = "value") -> str:
+    """`loc.path: message` of the first error (`whole` when it is about the value itself)."""
+    first = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc']) or whole}: {first['msg']}"

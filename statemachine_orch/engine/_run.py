@@ -1,0 +1,376 @@
+"""One run driven by this process: `step()` runs a state, judges its output, moves, commits.
+
+A step reads top to bottom: the state produces an output (a model answer, a Python value, a
+recorded answer to judge again), its guard judges it, the decision's trigger moves the
+`transitions` FSM, and the row is committed in one store transaction. A failure of the state
+or its guard is committed as a failed row (the run stops, resumable); it is not raised.
+Hooks see each stage (`hooks.Hook`). `run_to_end()` is a loop over `step()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from time import perf_counter
+from types import MappingProxyType
+from typing import Any
+
+from ..definition._states import LLMState, PythonState, State
+from ..errors import (
+    BudgetExceededError,
+    GuardError,
+    OrchError,
+    OwnershipLostError,
+    RetryLimitError,
+    RunError,
+    StepError,
+    UsageError,
+    VisitLimitError,
+)
+from ..hooks import HookCalls
+from ..llm._client import ModelClient
+from ..llm._prices import PriceTable
+from ..store._contract import Store
+from ..store._owner import Owner
+from ..types import (
+    END,
+    Branch,
+    Budget,
+    FlowDecision,
+    RunRecord,
+    RunResult,
+    RunStatus,
+    StepContext,
+    TransitionRecord,
+    Verdict,
+    now_iso,
+    output_json,
+)
+from ._fsm import Compiled, Plan
+from ._llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
+from ._outputs import restore_output
+from ._snapshot import Snapshot
+
+_NO_OUTPUT = object()
+_NO_NEEDS: Mapping[str, Any] = MappingProxyType({})
+_REASON_LIMIT = 500
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ports:
+    """What a run talks to outside itself, given by the engine (the run imports no adapter)."""
+
+    store: Store
+    model: ModelClient | None  # None: the machine has no LLM state to call it
+    prices: PriceTable
+    hooks: HookCalls
+    python_override: PythonOverride | None = None
+
+
+class Run:
+    """One run driven by this process, which owns it in the store until it stops."""
+
+    def __init__(self, compiled: Compiled, record: RunRecord, owner: Owner, ports: Ports, *,
+                 input: Any, input_values: dict[str, Any], snap: Snapshot, seq: int = 0,
+                 budget: Budget | None = None) -> None:
+        self.machine = compiled.machine
+        self.record = record
+        self.run_id = record.run_id
+        self.owner = owner
+        self.input = input
+        self.seq = seq
+        self.position = snap.position
+        self.outputs: dict[str, Any] = snap.outputs
+        self.path: list[str] = snap.path
+        self.usage = snap.usage
+        self.spent = Spent(snap.cost_usd or 0.0, self.usage, snap.seconds)
+        self.cost_known = snap.cost_usd is not None
+        self.budget = budget or Budget()
+        self.status = RunStatus.RUNNING
+        self.error: str | None = None
+        self._compiled = compiled
+        self._ports = ports
+        self._hooks = ports.hooks
+        self._input_values = input_values
+        self._pending = snap.pending
+        in_flight = (record.in_flight or {}).get("seq")
+        self._llm = LLMStep(run_id=record.run_id, compiled=compiled, ports=ports, budget=self.budget,
+                            owner=owner, in_doubt_seq=in_flight if isinstance(in_flight, int) and in_flight > seq
+                            else None)
+        self._broken: BaseException | None = None
+        self._stop: str | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._grace: asyncio.TimerHandle | None = None
+
+    @property
+    def state(self) -> str:
+        """The state that runs next (END once the run is over)."""
+        return self.position.state
+
+    @property
+    def done(self) -> bool:
+        return self.status is not RunStatus.RUNNING
+
+    def result(self) -> RunResult:
+        return RunResult(run_id=self.run_id, machine=self.machine.name, status=self.status,
+                         path=list(self.path), outputs=dict(self.outputs), usage=self.usage,
+                         cost_usd=self.spent.cost_usd if self.cost_known else None, error=self.error)
+
+    # ------------------------------------------------------------------ one step
+
+    async def step(self) -> TransitionRecord:
+        """Run the current state, judge its output, move, commit; return the committed row."""
+        self._check_can_step()
+        plan = self._compiled.plans[self.position.state]
+        step = TransitionRecord(run_id=self.run_id, seq=self.seq + 1, from_state=plan.state.name,
+                                attempt=self.position.attempt, started_at=now_iso(), source=plan.source)
+        started = perf_counter()
+        for hook in self._hooks.before_step:
+            hook(self.record, step)
+        ctx = self._context(plan.state, step.attempt)
+        output: Any = _NO_OUTPUT
+        status: RunStatus | None = None
+        try:
+            output = await self._produce(plan, step, ctx)
+            step.decision = self._judge(plan, step, output, ctx)
+            self._move(plan, step.decision)
+            step.to_state = self.position.state
+        except RunError as failure:
+            status = RunStatus.BUDGET_EXCEEDED if isinstance(failure, BudgetExceededError) else RunStatus.FAILED
+            step.error = f"{type(failure).__name__}: {' '.join(str(failure).split())}"  # always one line
+        step.latency_ms = (perf_counter() - started) * 1000.0
+        if step.to_state == END:
+            status = RunStatus.TERMINATED if step.decision == FlowDecision.TERMINATE.value else RunStatus.COMPLETED
+        await self._commit(step, status)
+        self._account(plan.state, step, output, status)
+        for hook in self._hooks.after_commit:
+            hook(self.record, step)
+        return step
+
+    def _check_can_step(self) -> None:
+        if self._broken is not None:
+            raise UsageError(f"run {self.run_id} stopped after a store error",
+                             fix="resume it") from self._broken
+        if self.status is not RunStatus.RUNNING:
+            raise UsageError(f"run {self.run_id} is {self.status.value}; nothing left to step")
+
+    def _context(self, state: State, attempt: int) -> StepContext:
+        """What the state's code and its guard may read: the input and the outputs it needs."""
+        needs = state.needs
+        return StepContext(self.run_id, state.name, attempt, self.input,
+                           {n: self.outputs[n] for n in needs} if needs else _NO_NEEDS)
+
+    async def _produce(self, plan: Plan, step: TransitionRecord, ctx: StepContext) -> Any:
+        """The state's output: a recorded answer to judge again, or the state run (within what
+        is left of the run's wall-clock budget). Hooks see it before it is judged."""
+        state = plan.state
+        if self._pending is not None:
+            output = self._reuse_pending(state, step)
+        else:
+            output = await self._within_time_budget(self._run_state(state, step, ctx), state)
+        if type(output) is BudgetRoute:
+            return output
+        step.output = output if type(output) is str else output_json(output)
+        for hook in self._hooks.after_output:
+            hook(self.record, step, output)
+        return output
+
+    async def _run_state(self, state: State, step: TransitionRecord, ctx: StepContext) -> Any:
+        if isinstance(state, LLMState):
+            return await self._llm.execute(state, step, ctx, self._values, self.spent)
+        assert isinstance(state, PythonState)
+        override = self._ports.python_override
+        try:
+            result = override(state, ctx) if override is not None else state.run(ctx)
+            if inspect.isawaitable(result):
+                result = await result
+        except OrchError:
+            raise
+        except Exception as exc:
+            raise StepError(f"{type(exc).__name__}: {exc}", run_id=self.run_id, state=state.name) from exc
+        try:
+            return restore_output(state, result)
+        except (TypeError, ValueError) as exc:
+            raise StepError(f"returned a value that cannot be stored: {exc}", run_id=self.run_id,
+                            state=state.name) from None
+
+    async def _within_time_budget(self, work: Any, state: State) -> Any:
+        limit = self.budget.max_seconds
+        if limit is None:
+            return await work
+        left = limit - self.spent.seconds
+        if left <= 0:
+            work.close()
+            raise BudgetExceededError(
+                f"the run has been active {self.spent.seconds:.1f}s, its max_seconds is {limit:g}",
+                fix="raise it and resume", run_id=self.run_id, state=state.name)
+        try:
+            async with asyncio.timeout(left):
+                return await work
+        except TimeoutError:
+            raise BudgetExceededError(
+                f"state '{state.name}' was stopped when the run reached max_seconds={limit:g}",
+                fix="raise it and resume", run_id=self.run_id, state=state.name) from None
+
+    def _reuse_pending(self, state: State, step: TransitionRecord) -> Any:
+        """An answer already paid for (its guard failed before): judged again, not asked again."""
+        pending = self._pending
+        assert pending is not None
+        self._pending = None
+        step.source = "recorded"
+        step.request = pending.request
+        step.response = pending.response
+        step.request_id = pending.request_id
+        return restore_output(state, pending.output)
+
+    def _values(self, names: tuple[str, ...]) -> dict[str, Any]:
+        outputs = self.outputs
+        values = self._input_values
+        return {n: outputs[n] if n in outputs else values[n] for n in names}
+
+    def _judge(self, plan: Plan, step: TransitionRecord, output: Any, ctx: StepContext) -> str:
+        """The decision (its value) for `output`, with the reason noted in the step."""
+        if type(output) is BudgetRoute:
+            state = plan.state
+            assert isinstance(state, LLMState) and state.on_budget is not None
+            step.source = "budget"
+            decision, reason = state.on_budget.value, output.reason
+        elif plan.guard is None:
+            decision, reason = FlowDecision.CONTINUE.value, "no guard: continue"
+        else:
+            decision, reason = self._ask_guard(plan, output, ctx)
+        note = step.reason  # what the LLM step noted (a cache hit, a fallback)
+        step.reason = (reason if note is None else f"{reason} [{note}]")[:_REASON_LIMIT]
+        return decision
+
+    def _ask_guard(self, plan: Plan, output: Any, ctx: StepContext) -> tuple[str, str]:
+        assert plan.guard is not None
+        try:
+            result: Any = plan.guard(output, ctx)
+        except Exception as exc:
+            raise GuardError(f"guard {plan.guard_name} raised {type(exc).__name__}: {exc}",
+                             run_id=self.run_id, state=plan.state.name) from exc
+        reason = ""
+        if isinstance(result, Verdict):
+            result, reason = result.decision, str(result.reason)
+        try:
+            decision = plan.allowed.get(result)
+        except TypeError:  # unhashable, so not a decision
+            decision = None
+        if decision is None:
+            raise self._not_allowed(plan, result)
+        return decision, reason or f"{plan.guard_name} saw {_excerpt(output)} -> {decision}"
+
+    def _not_allowed(self, plan: Plan, result: Any) -> GuardError:
+        allowed = sorted(plan.allowed.values())
+        if isinstance(result, (FlowDecision, Branch)):
+            return GuardError(
+                f"guard {plan.guard_name} returned {result.value}, which state '{plan.state.name}' has no "
+                f"transition for (allowed: {allowed})", fix="add it to on={...} and @guard(...)",
+                run_id=self.run_id, state=plan.state.name)
+        if inspect.isawaitable(result) and hasattr(result, "close"):
+            result.close()
+        return GuardError(
+            f"guard {plan.guard_name} returned {_excerpt(result)}, which is not a decision",
+            fix=f"return a FlowDecision or Branch (allowed here: {allowed})", run_id=self.run_id,
+            state=plan.state.name)
+
+    def _move(self, plan: Plan, decision: str) -> None:
+        """Fire the decision's trigger; a loop bound that blocks it fails the step."""
+        if self._compiled.fire(self.position, decision):
+            return
+        state = plan.state
+        target = self.machine.table[state.name][decision]
+        if target == state.name:
+            raise RetryLimitError(
+                f"state '{state.name}' decided {decision} (back to itself) after attempt "
+                f"{self.position.attempt}, but its retry_limit is {state.retry_limit}",
+                fix="raise retry_limit or route the failure", run_id=self.run_id, state=state.name)
+        raise VisitLimitError(
+            f"state '{target}' reached max_visits={self.machine.by_name[target].max_visits}",
+            fix="raise max_visits or break the loop", run_id=self.run_id, state=state.name)
+
+    async def _commit(self, step: TransitionRecord, status: RunStatus | None) -> None:
+        try:
+            await self._ports.store.append(step, self.owner, status=status, error=step.error)
+        except Exception as exc:
+            self._broken = exc
+            if not isinstance(exc, OwnershipLostError):
+                await self._release_quietly(RunStatus.INTERRUPTED, f"store error: {exc}")
+            raise
+
+    def _account(self, state: State, step: TransitionRecord, output: Any, status: RunStatus | None) -> None:
+        """What the committed step changes in the run: seq, totals, outputs and path, status."""
+        self.seq = step.seq
+        self.usage.add(step.usage)
+        if step.cost_usd is None:
+            self.cost_known = False
+        self.spent.cost_usd += step.cost_usd or 0.0
+        self.spent.seconds += step.latency_ms / 1000.0
+        if step.committed:
+            self.outputs[state.name] = None if type(output) is BudgetRoute else output
+            self.path.append(state.name)
+        elif output is not _NO_OUTPUT and type(output) is not BudgetRoute:
+            self._pending = step  # a paid answer the guard failed on: a resume judges it again
+        if status is not None:
+            self.status = status
+            self.error = step.error
+
+    # ------------------------------------------------------------------ whole run
+
+    def request_stop(self, grace_s: float = 30.0) -> None:
+        """Stop before the next step (SIGTERM). A step in progress gets `grace_s` seconds to
+        finish and commit; after that its call is abandoned and the run left resumable.
+
+        Safe to call from a signal handler: the flag is set at once, so even a step that never
+        yields to the event loop (a plain Python state) is the last one to run."""
+        if self._stop is not None:
+            return
+        self._stop = "stopped on request; resume to continue"
+        task = self._task
+        if task is not None and not task.done():
+            task.get_loop().call_soon_threadsafe(self._arm_grace, grace_s)
+
+    def _arm_grace(self, grace_s: float) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            self._grace = task.get_loop().call_later(grace_s, task.cancel)
+
+    async def run_to_end(self) -> RunResult:
+        self._task = asyncio.current_task()
+        try:
+            while self.status is RunStatus.RUNNING:
+                if self._stop is not None:
+                    await self._release_quietly(RunStatus.INTERRUPTED, self._stop)
+                    break
+                await self.step()
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            if self._broken is None:
+                await self._release_quietly(RunStatus.INTERRUPTED,
+                                            self._stop or "interrupted; resume to continue")
+            if self._stop is None or self._task is None:
+                raise
+            self._task.uncancel()  # our own grace period ran out: a stop, not a cancellation
+        finally:
+            if self._grace is not None:
+                self._grace.cancel()
+        result = self.result()
+        for hook in self._hooks.run_finished:
+            hook(self.record, result)
+        return result
+
+    async def _release_quietly(self, status: RunStatus, error: str) -> None:
+        try:
+            await self._ports.store.release(self.run_id, self.owner, status, error)
+        except OrchError:
+            pass  # the owner check on resume treats a dead process as gone anyway
+        self.status = status
+        self.error = error
+
+
+def _excerpt(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+

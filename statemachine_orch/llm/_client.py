@@ -1,0 +1,82 @@
+"""The model port: what the engine asks of a model client, and what it gets back.
+
+Requests and answers are Messages API bodies: the request is what gets sent and stored, the
+answer's `response` is the response body as the API returned it. `completion_from_response`
+reads one back, so a stored answer (step cache, replay) is served exactly like a fresh one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..types import Attempt, RetryPolicy, Usage
+
+TRANSIENT_KINDS = frozenset({"transient", "timeout", "connection"})
+"""Attempt kinds worth retrying, and that may go to a state's fallback once retries run out."""
+
+
+@dataclass(slots=True, kw_only=True)
+class LLMRequest:
+    """One Messages API request as the engine sees it. `body` is what gets sent and stored;
+    clients must not modify it (the body of a prompt without placeholders is shared by every
+    call of its state)."""
+
+    run_id: str
+    state: str
+    body: dict[str, Any]
+    tool_name: str | None = None
+    timeout_s: float | None = None
+    retry: RetryPolicy | None = None  # None: the model client's own policy
+    attempts: list[Attempt] = field(default_factory=list)  # the client appends each failed try
+
+
+@dataclass(slots=True, kw_only=True)
+class Completion:
+    """A model answer: `text` or, for structured output, the tool input in `data`."""
+
+    text: str
+    data: dict[str, Any] | None
+    stop_reason: str | None
+    usage: Usage
+    request_id: str | None
+    response: dict[str, Any]
+
+
+class ModelClient(Protocol):
+    """The seam between the engine and a model provider (Anthropic, offline answers, replay).
+
+    `complete` returns an answer or raises `LLMError`, appending every failed try to
+    `request.attempts` as it happens. A client whose calls cost money has `bills = True`: the
+    engine then marks each step's call in flight before sending it, so a crash mid-call is
+    known at resume.
+    """
+
+    async def complete(self, request: LLMRequest) -> Completion: ...
+
+
+def completion_from_response(
+    response: dict[str, Any], tool_name: str | None, request_id: str | None
+) -> Completion:
+    """Read text, tool input, stop reason and usage out of a Messages API response body."""
+    text_parts: list[str] = []
+    data: dict[str, Any] | None = None
+    for block in response.get("content") or []:
+        if block.get("type") == "text":
+            text_parts.append(block.get("text", ""))
+        elif block.get("type") == "tool_use" and tool_name and block.get("name") == tool_name:
+            data = block.get("input") if isinstance(block.get("input"), dict) else None
+    usage = response.get("usage") or {}
+    return Completion(
+        text="".join(text_parts),
+        data=data,
+        stop_reason=response.get("stop_reason"),
+        usage=Usage(
+            input_tokens=int(usage.get("input_tokens") or 0),
+            output_tokens=int(usage.get("output_tokens") or 0),
+            cache_read_tokens=int(usage.get("cache_read_input_tokens") or 0),
+            cache_write_tokens=int(usage.get("cache_creation_input_tokens") or 0),
+        ),
+        request_id=request_id,
+        response=response,
+    )

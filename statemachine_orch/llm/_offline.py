@@ -1,0 +1,358 @@
+"""The offline model: a scripted stand-in for the Messages API that the real `anthropic` SDK talks to.
+
+`orch run --offline` answers from it, and `statemachine_orch.testing` builds its test kit on it::
+
+    fake = FakeMessagesAPI({"sentiment_analysis": "positive", "upsell": "Try Pro!"})
+    engine = Engine(store, model=fake.model())               # in-process, over an httpx transport
+    with fake.serve() as base_url: ...                      # or a loopback HTTP server
+    assert fake.calls("upsell") == 1
+
+Answers are scripted per state (the engine tags each request with `x-orch-state`), or per
+"state@model" to answer one model differently (a fallback); a list is served in order and
+its last answer repeats. Unscripted states get `default`: "auto"
+writes a labelled placeholder (or a schema-shaped object for structured output), None
+answers 400 so a test notices. Every request is captured without its auth headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import anthropic
+import httpx2
+
+from ._anthropic import AnthropicModel
+
+_SECRET_HEADERS = frozenset({"x-api-key", "authorization"})
+
+
+@dataclass(kw_only=True)
+class Reply:
+    """One scripted answer: text, a tool call (`data`), or an HTTP error (`status` >= 400)."""
+
+    text: str | None = None
+    data: dict[str, Any] | None = None
+    stop_reason: str | None = None
+    status: int = 200
+    error_type: str = "api_error"
+    message: str = "scripted error"
+    error_code: str | None = None  # error.details.error_code, e.g. "enforced_spend_limit_reached"
+    headers: dict[str, str] = field(default_factory=dict)
+    gate: threading.Event | None = None  # block the answer until the event is set
+    fault: str | None = None  # "timeout" or "disconnect": no HTTP answer at all
+    hold_s: float = 0.0  # server mode: wait this long before answering (or dropping)
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+def timeout(hold_s: float = 0.0) -> Reply:
+    """No answer: in process, a read timeout at once; served, the connection is held `hold_s`
+    seconds (longer than the client's timeout) and then dropped."""
+    return Reply(fault="timeout", hold_s=hold_s)
+
+
+def disconnect() -> Reply:
+    """The connection is closed without any response (a reset mid-request)."""
+    return Reply(fault="disconnect")
+
+
+def error(status: int, message: str = "scripted error", *, error_type: str | None = None,
+          headers: Mapping[str, str] | None = None, error_code: str | None = None) -> Reply:
+    """An HTTP error answer, shaped like the API's error body (with `error_code` in its details)."""
+    types = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 429: "rate_limit_error", 529: "overloaded_error"}
+    return Reply(status=status, message=message, error_type=error_type or types.get(status, "api_error"),
+                 headers=dict(headers or {}), error_code=error_code)
+
+
+@dataclass
+class CapturedRequest:
+    state: str | None
+    run_id: str | None
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+    @property
+    def prompt(self) -> str:
+        """The text of the first user message."""
+        content = self.body["messages"][0]["content"]
+        return content if isinstance(content, str) else json.dumps(content)
+
+
+ScriptEntry = str | dict[str, Any] | Reply | list[Any]
+
+
+class FakeMessagesAPI:
+    """A stand-in for `POST /v1/messages` with scripted answers and request capture."""
+
+    def __init__(
+        self,
+        script: Mapping[str, ScriptEntry] | None = None,
+        *,
+        default: str | Callable[[CapturedRequest], ScriptEntry] | None = "auto",
+    ) -> None:
+        self._script: dict[str, list[Reply]] = {}
+        self._served: dict[str, int] = {}
+        self.default = default
+        self.requests: list[CapturedRequest] = []
+        self.slept: list[float] = []  # backoff delays an AnthropicModel from model() asked for
+        self._lock = threading.Condition()
+        for state, entry in (script or {}).items():
+            self.on(state, *(entry if isinstance(entry, list) else [entry]))
+
+    # ------------------------------------------------------------------ scripting
+
+    def on(self, state: str, *answers: ScriptEntry) -> FakeMessagesAPI:
+        """Queue answers for a state: str (text), dict (tool input), or Reply."""
+        self._script.setdefault(state, []).extend(_as_reply(a) for a in answers)
+        return self
+
+    def calls(self, state: str | None = None) -> int:
+        """How many requests arrived (for one state, or in all)."""
+        with self._lock:
+            return sum(1 for r in self.requests if state is None or r.state == state)
+
+    def wait_for(self, state: str, count: int = 1, timeout: float = 10.0) -> bool:
+        """Block until `count` requests for `state` arrived (server mode, for kill tests)."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: sum(1 for r in self.requests if r.state == state) >= count, timeout)
+
+    # ------------------------------------------------------------------ answering
+
+    def handle(self, method: str, path: str, headers: Mapping[str, str],
+               body: bytes) -> tuple[int, dict[str, str], bytes, Reply | None]:
+        """Answer one HTTP request: (status, headers, body, the reply used)."""
+        if method != "POST" or not path.split("?")[0].endswith("/v1/messages"):
+            return _json(404, {"type": "error", "error": {"type": "not_found_error",
+                                                          "message": f"{method} {path} not found"}})
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return _json(400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                          "message": "body is not JSON"}})
+        lower = {k.lower(): v for k, v in headers.items()}
+        captured = CapturedRequest(
+            state=lower.get("x-orch-state"), run_id=lower.get("x-orch-run"), body=payload,
+            headers={k: v for k, v in lower.items() if k not in _SECRET_HEADERS},
+        )
+        with self._lock:
+            self.requests.append(captured)
+            number = len(self.requests)
+            reply = self._next_reply(captured)
+            self._lock.notify_all()
+        if reply.status >= 400:
+            problem: dict[str, Any] = {"type": reply.error_type, "message": reply.message}
+            if reply.error_code:
+                problem["details"] = {"error_code": reply.error_code}
+            status, hdrs, data, _ = _json(reply.status, {"type": "error", "error": problem})
+            hdrs.update(reply.headers)
+            hdrs["request-id"] = f"req_fake_{number:06d}"
+            return status, hdrs, data, reply
+        status, hdrs, data, _ = _json(200, _message(payload, reply, number))
+        hdrs.update(reply.headers)
+        hdrs["request-id"] = f"req_fake_{number:06d}"
+        return status, hdrs, data, reply
+
+    def _next_reply(self, request: CapturedRequest) -> Reply:
+        state = request.state or ""
+        key = f"{state}@{request.body.get('model')}"  # e.g. a fallback model's answers
+        if key not in self._script:
+            key = state
+        queue = self._script.get(key)
+        if queue:
+            served = self._served.get(key, 0)
+            self._served[key] = served + 1
+            return queue[min(served, len(queue) - 1)]
+        if callable(self.default):
+            return _as_reply(self.default(request))
+        if self.default == "auto":
+            return _auto_reply(request)
+        if isinstance(self.default, str):
+            return Reply(text=self.default)
+        return error(400, f"no scripted answer for state {request.state!r}")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def transport(self) -> httpx2.MockTransport:
+        async def handler(request: httpx2.Request) -> httpx2.Response:
+            status, headers, body, reply = self.handle(
+                request.method, request.url.raw_path.decode(), dict(request.headers), request.content)
+            if reply is not None and reply.gate is not None:
+                while not reply.gate.is_set():
+                    await asyncio.sleep(0.005)
+            if reply is not None and reply.fault == "timeout":
+                raise httpx2.ReadTimeout("scripted read timeout", request=request)
+            if reply is not None and reply.fault == "disconnect":
+                raise httpx2.RemoteProtocolError("scripted disconnect: no response", request=request)
+            return httpx2.Response(status, headers=headers, content=body)
+
+        return httpx2.MockTransport(handler)
+
+    def client(self) -> anthropic.AsyncAnthropic:
+        """A real SDK client whose HTTP goes to this fake, in process."""
+        return anthropic.AsyncAnthropic(
+            api_key="fake-key-not-secret", base_url="http://fake-messages-api.invalid",
+            max_retries=0, http_client=httpx2.AsyncClient(transport=self.transport()),
+        )
+
+    def model(self, **options: Any) -> AnthropicModel:
+        """An AnthropicModel on this fake; `options` (retry, sleep, clock...) go to it.
+
+        By default backoff does not wait: each delay is appended to `slept` instead, so tests
+        of retry behaviour run instantly and can assert the delays.
+        """
+        options.setdefault("sleep", self._sleep)
+        return AnthropicModel(self.client(), **options)
+
+    async def _sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        await asyncio.sleep(0)
+
+    @contextmanager
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+        """Serve the fake on loopback HTTP for other processes; yields the base URL."""
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length)
+                status, headers, data, reply = fake.handle(
+                    "POST", self.path, {k: v for k, v in self.headers.items()}, body)
+                if reply is not None and reply.gate is not None:
+                    reply.gate.wait(60)
+                if reply is not None and reply.hold_s:
+                    time.sleep(reply.hold_s)
+                if reply is not None and reply.fault:
+                    self.close_connection = True  # drop the connection with no response
+                    return
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://{host}:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def load_script(path: str) -> dict[str, ScriptEntry]:
+    """Read a JSON answer script: {"state": "text" | {"json": {...}} | [answers...]}."""
+    with open(path, encoding="utf-8") as handle:
+        raw = json.load(handle)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: an answer script is a JSON object of state -> answer(s)")
+    return {state: _from_json(entry) for state, entry in raw.items()}
+
+
+def _from_json(entry: Any) -> ScriptEntry:
+    if isinstance(entry, list):
+        return [_from_json(e) for e in entry]
+    if isinstance(entry, dict) and "json" in entry:
+        return dict(entry["json"])
+    if isinstance(entry, str):
+        return entry
+    raise ValueError(f"unsupported answer {entry!r}: use a string or {{\"json\": {{...}}}}")
+
+
+def _as_reply(entry: ScriptEntry) -> Reply:
+    if isinstance(entry, Reply):
+        return entry
+    if isinstance(entry, str):
+        return Reply(text=entry)
+    if isinstance(entry, dict):
+        return Reply(data=entry)
+    raise TypeError(f"cannot script {entry!r}; use str, dict or Reply")
+
+
+def _auto_reply(request: CapturedRequest) -> Reply:
+    tools = request.body.get("tools") or []
+    if tools:
+        return Reply(data=example_for_schema(tools[0].get("input_schema") or {}))
+    return Reply(text=f"[offline placeholder answer for {request.state or 'this step'}]")
+
+
+def example_for_schema(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> Any:
+    """A small value that satisfies a pydantic-generated JSON schema (for placeholder answers)."""
+    defs = defs if defs is not None else schema.get("$defs", {})
+    if "$ref" in schema:
+        return example_for_schema(defs.get(schema["$ref"].split("/")[-1], {}), defs)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            return example_for_schema(schema[key][0], defs)
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    if "default" in schema:
+        return schema["default"]
+    kind = schema.get("type")
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        return {name: example_for_schema(props[name], defs) for name in schema.get("required", props)}
+    if kind == "array":
+        return []
+    if kind == "integer":
+        return int(schema.get("minimum", 0))
+    if kind == "number":
+        return float(schema.get("minimum", 0))
+    if kind == "boolean":
+        return False
+    if kind == "null":
+        return None
+    return "example"
+
+
+def _message(request: dict[str, Any], reply: Reply, number: int) -> dict[str, Any]:
+    prompt_chars = len(json.dumps(request.get("messages", []))) + len(str(request.get("system", "")))
+    if reply.data is not None:
+        tools = request.get("tools") or [{}]
+        name = (request.get("tool_choice") or {}).get("name") or tools[0].get("name", "tool")
+        content: list[dict[str, Any]] = [{"type": "tool_use", "id": f"toolu_fake_{number:06d}",
+                                          "name": name, "input": reply.data}]
+        stop = reply.stop_reason or "tool_use"
+        out_chars = len(json.dumps(reply.data))
+    else:
+        text = reply.text or ""
+        content = [{"type": "text", "text": text}]
+        stop = reply.stop_reason or "end_turn"
+        out_chars = len(text)
+    return {
+        "id": f"msg_fake_{number:06d}", "type": "message", "role": "assistant",
+        "model": request.get("model", "unknown"), "content": content, "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": {"input_tokens": reply.input_tokens if reply.input_tokens is not None
+                  else max(1, prompt_chars // 4),
+                  "output_tokens": reply.output_tokens if reply.output_tokens is not None
+                  else max(1, out_chars // 4),
+                  "cache_read_input_tokens": reply.cache_read_tokens,
+                  "cache_creation_input_tokens": reply.cache_write_tokens},
+    }
+
+
+def _json(status: int, payload: dict[str, Any]) -> tuple[int, dict[str, str], bytes, None]:
+    return status, {"content-type": "application/json"}, json.dumps(payload).encode(), None

@@ -1,0 +1,1 @@
+"""Where runs live: the `Store` contract every backend serves, and `open_store` to pick one."""

@@ -1,0 +1,172 @@
+"""The store port: everything the engine and the CLI ask of a place where runs live.
+
+Every method is a coroutine, so a store never blocks the event loop while it waits (for a lock,
+a disk or a server): the runs sharing the loop go on. tests/test_store_contract.py is the
+contract, run against every backend.
+
+The engine's writes are fenced: `append`, `mark_in_flight` and `release` fail with
+`OwnershipLostError` (and change nothing) unless `owner` still owns the run, and `append` also
+unless `record.seq` is the run's next step. `append` is atomic: the log row, its failed
+attempts, the run's totals and, when given, its new status land together or not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import RunNotFoundError
+from ..types import Attempt, RunRecord, RunStatus, TransitionRecord
+from ._owner import Owner
+
+
+@dataclass(slots=True, kw_only=True)
+class RunSummary:
+    """One run as listed: identity, status and totals."""
+
+    run_id: str
+    machine: str
+    status: RunStatus
+    created_at: str
+    updated_at: str
+    steps: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    error: str | None
+    stale: bool = False  # marked running, but its owning process is gone: resume it
+
+
+@dataclass(slots=True, kw_only=True)
+class MachineTotals:
+    """Totals over every stored run of one machine."""
+
+    machine: str
+    runs: int
+    steps: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    cache_hits: int
+
+
+class Store(Protocol):
+    """Runs, their transition logs and their ownership (see the module docstring)."""
+
+    where: str
+    """The database, as messages name it (a path or URL, without credentials)."""
+
+    # ------------------------------------------------------------------ the engine's writes
+
+    async def create_run(self, run: RunRecord, owner: Owner) -> None:
+        """Persist a new run, owned by `owner`, before its first step runs (`RunExistsError`
+        when the id is taken)."""
+
+    async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
+                        ) -> tuple[RunRecord, list[TransitionRecord]]:
+        """Take over a stored run whose owner is gone (`RunBusyError` when it lives,
+        `RunFinishedError` when the run is over), replacing its options if given; return it
+        with its log."""
+
+    async def append(self, record: TransitionRecord, owner: Owner, *, status: RunStatus | None = None,
+                     error: str | None = None) -> None:
+        """Commit one log row and, if it changes, the run's status (a final status also ends
+        the ownership), in one transaction."""
+
+    async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str) -> None:
+        """Record, before a paid call is sent, that step `seq` has a call in flight."""
+
+    async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
+        """Give up ownership, leaving the run in `status` (an interrupted or failed run)."""
+
+    # ------------------------------------------------------------------ reading
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """The run (`RunNotFoundError` when there is none)."""
+
+    async def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+        """The run and its log as of one moment, without taking ownership."""
+
+    async def transitions(self, run_id: str) -> list[TransitionRecord]:
+        """The run's log, oldest first, each row with its failed attempts."""
+
+    async def attempts(self, run_id: str) -> list[tuple[int, Attempt]]:
+        """(seq, attempt) for every failed model call of the run, in order."""
+
+    async def find_cached(self, request_hash: str) -> TransitionRecord | None:
+        """An earlier committed step whose model call had exactly this request (the step cache)."""
+
+    async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
+                        limit: int = 50, before: str | None = None) -> list[RunSummary]:
+        """Runs newest first, optionally of one machine or status; `before` (a run id) pages on
+        to the runs created before that one."""
+
+    async def machine_totals(self, machines: list[str]) -> list[MachineTotals]:
+        """Runs, committed steps, paid tokens, cost and cache hits of each named machine."""
+
+    async def run_ids(self, machine: str | None = None) -> list[str]:
+        """Every run id (of one machine), oldest first."""
+
+    async def verify_chain(self, run_id: str) -> str | None:
+        """None when the run's log is intact, else which row was edited, inserted or removed."""
+
+    async def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
+
+
+class NullStore:
+    """Keeps nothing: for in-memory runs (benchmarks, dry runs) that need no durability."""
+
+    where = "memory (nothing is stored)"
+
+    async def create_run(self, run: RunRecord, owner: Owner) -> None:
+        return None
+
+    async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
+                        ) -> tuple[RunRecord, list[TransitionRecord]]:
+        raise self._gone(run_id)
+
+    async def append(self, record: TransitionRecord, owner: Owner, *, status: RunStatus | None = None,
+                     error: str | None = None) -> None:
+        return None
+
+    async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str) -> None:
+        return None
+
+    async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
+        return None
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        raise self._gone(run_id)
+
+    async def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+        raise self._gone(run_id)
+
+    async def transitions(self, run_id: str) -> list[TransitionRecord]:
+        raise self._gone(run_id)
+
+    async def attempts(self, run_id: str) -> list[tuple[int, Attempt]]:
+        raise self._gone(run_id)
+
+    async def find_cached(self, request_hash: str) -> TransitionRecord | None:
+        return None
+
+    async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
+                        limit: int = 50, before: str | None = None) -> list[RunSummary]:
+        return []
+
+    async def machine_totals(self, machines: list[str]) -> list[MachineTotals]:
+        return []
+
+    async def run_ids(self, machine: str | None = None) -> list[str]:
+        return []
+
+    async def verify_chain(self, run_id: str) -> str | None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _gone(self, run_id: str) -> RunNotFoundError:
+        return RunNotFoundError(run_id, where=self.where,
+                                why=f"run {run_id!r} was not persisted (the engine has no store)")

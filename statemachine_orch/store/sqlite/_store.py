@@ -1,0 +1,616 @@
+"""The SQLite store: one file, WAL, one short transaction per transition.
+
+`runs` holds one row per run (identity, input, status, owner and running totals); with the
+run's last log row it is the resumable snapshot, so a transition writes one INSERT and one
+UPDATE (the totals, fenced on the owner), never a snapshot copy. `transitions` is the
+append-only log, `attempts` the failed model calls; the schema is in `_schema`, the audit
+chain in `_chain` (docs/storage.md).
+
+Statements are plain SQL on `sqlite3`: the per-step write is a few prepared statements inside
+one IMMEDIATE transaction, and reading commands start without importing sqlite-utils (which
+serves the schema upgrades and `store.db`). A write never spans a network call.
+
+Waiting never blocks the event loop. The store's own connection never waits for a lock: when
+the database is free (the common case) a call runs at once; when another connection holds
+the write lock, the call waits in a worker thread on a connection of its own, up to the busy
+timeout, while the event loop and the other runs on it go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from functools import cache, cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from ...errors import (
+    CorruptRunError,
+    DatabaseNotFoundError,
+    OwnershipLostError,
+    RunBusyError,
+    RunExistsError,
+    RunFinishedError,
+    RunNotFoundError,
+    StoreError,
+    UsageError,
+)
+from ...types import Attempt, RunRecord, RunStatus, TransitionRecord, Usage, now_iso
+from .._contract import MachineTotals, RunSummary
+from .._owner import Owner, owner_from_json
+from ._chain import CHAINED_COLUMNS, chain_hash, first_link, last_link, verify
+from ._liveness import is_alive
+from ._schema import migrate
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+Synchronous = Literal["FULL", "NORMAL"]
+SQLTracer = Callable[[str, Any], None]
+"""`tracer(sql, params)`, called before each statement the store executes (as in sqlite-utils)."""
+T = TypeVar("T")
+_FINISHED = (RunStatus.COMPLETED.value, RunStatus.TERMINATED.value)
+
+# The fence: the run's totals (and its status, when it changes) are updated only while we
+# own it; no row changed means another process took the run, and nothing is inserted.
+# `_STEP` is the common case of `_ADVANCE` (the run goes on, its status stays): fewer terms.
+_STEP = (
+    "UPDATE runs SET last_seq = ?1, steps = steps + ?2, input_tokens = input_tokens + ?3, "
+    "output_tokens = output_tokens + ?4, cache_hits = cache_hits + ?5, "
+    "cost_usd = CASE WHEN cost_usd IS NULL OR ?6 IS NULL THEN NULL ELSE cost_usd + ?6 END "
+    "WHERE run_id = ?7 AND owner = ?8"
+)
+_ADVANCE = (
+    "UPDATE runs SET last_seq = :seq, steps = steps + :step, input_tokens = input_tokens + :input_tokens, "
+    "output_tokens = output_tokens + :output_tokens, cache_hits = cache_hits + :cache_hit, "
+    "cost_usd = CASE WHEN cost_usd IS NULL OR :cost IS NULL THEN NULL ELSE cost_usd + :cost END, "
+    "status = :status, error = :error, updated_at = :now, "
+    "owner = CASE WHEN :release THEN NULL ELSE owner END, "
+    "owner_info = CASE WHEN :release THEN NULL ELSE owner_info END "
+    "WHERE run_id = :run_id AND owner = :owner"
+)
+_APPEND = f"INSERT INTO transitions ({CHAINED_COLUMNS}, chain) VALUES ({','.join('?' * 23)})"
+_APPEND_ATTEMPT = (
+    "INSERT INTO attempts (run_id, seq, attempt, state, started_at, kind, status_code, request_id, "
+    "delay_s, error, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, "
+    "request, response) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_SET_STATUS = (
+    "UPDATE runs SET status = ?, error = ?, updated_at = ?, "
+    "owner = CASE WHEN ? THEN owner ELSE NULL END, "
+    "owner_info = CASE WHEN ? THEN owner_info ELSE NULL END "
+    "WHERE run_id = ? AND owner = ?"
+)
+
+
+class _Busy(Exception):
+    """Another connection holds the lock this call needs."""
+
+
+class SQLiteStore:
+    """The default store: a local SQLite file, safe for many processes on one machine.
+
+    `synchronous="FULL"` (the default) makes each commit survive a power loss; "NORMAL"
+    survives a crashed process only. `create=False` refuses a path with no database
+    (`DatabaseNotFoundError`). `tracer(sql, params)` sees every statement before it runs.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "orch.db",
+        *,
+        synchronous: Synchronous = "FULL",
+        busy_timeout_s: float = 30.0,
+        create: bool = True,
+        tracer: SQLTracer | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.where = str(path)
+        if synchronous not in ("FULL", "NORMAL"):
+            raise UsageError(f"synchronous={synchronous!r} is not supported", fix="use 'FULL' or 'NORMAL'")
+        if not self.path.exists():
+            if not create:
+                raise DatabaseNotFoundError(self.where)
+            _create_private(self.path)
+        self.synchronous = synchronous
+        self.busy_timeout_s = busy_timeout_s
+        self.tracer = tracer
+        self._chains: dict[str, tuple[int, str]] = {}  # run -> (seq, chain) of its last row here
+        self._marks: sqlite3.Connection | None = None
+        # A closed WAL database in a directory we cannot write: SQLite could not create the
+        # -shm file it needs even to read, so open it immutable (reads work, writes say read-only).
+        self._immutable = not os.access(self.path.parent, os.W_OK) and not Path(f"{self.path}-wal").exists()
+        conn = self.conn = self._connect(wait=False)
+        try:
+            self._while_busy(lambda: migrate(conn, self.where, lambda: _Transaction(self, conn, waited=True)))
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"{self.where} is not a usable SQLite database: {exc}", where=self.where) from exc
+        except BaseException:
+            conn.close()
+            raise
+
+    @cached_property
+    def db(self) -> sqlite_utils.Database:
+        """The same connection as a `sqlite_utils.Database`, for your own queries and tools."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn, execute_plugins=False, recursive_triggers=False)
+
+    # ------------------------------------------------------------------ the engine's writes
+
+    async def create_run(self, run: RunRecord, owner: Owner) -> None:
+        await self._write(self._create_run, run, owner)
+        self._chains[run.run_id] = (0, first_link(run.run_id))  # no log yet: step 1 chains to this
+
+    def _create_run(self, conn: sqlite3.Connection, run: RunRecord, owner: Owner) -> None:
+        try:
+            self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, options, "
+                            "status, error, created_at, updated_at, owner, owner_info) "
+                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                      (run.run_id, run.machine, run.machine_ref, run.machine_hash, _dump(run.input),
+                       _dump(run.options), run.status.value, run.error, run.created_at, run.updated_at,
+                       owner.token, owner.info_json()))
+        except sqlite3.IntegrityError:
+            raise RunExistsError(run.run_id, where=self.where) from None
+
+    async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
+                        ) -> tuple[RunRecord, list[TransitionRecord]]:
+        await self._write(self._claim_run, run_id, owner, options)
+        return await self.load_run(run_id)
+
+    def _claim_run(self, conn: sqlite3.Connection, run_id: str, owner: Owner,
+                   options: dict[str, Any] | None) -> None:
+        row = self._sql(conn, "SELECT status, owner, owner_info FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise RunNotFoundError(run_id, where=self.where)
+        status, current, info = row
+        if status in _FINISHED:
+            raise RunFinishedError(run_id, status)
+        holder = owner_from_json(info)
+        if current is not None and (holder is None or is_alive(holder)):
+            raise RunBusyError(run_id, holder=holder.describe() if holder else "an unknown process")
+        self._sql(conn, "UPDATE runs SET status = ?, error = NULL, updated_at = ?, owner = ?, owner_info = ?, "
+                        "options = coalesce(?, options) WHERE run_id = ?",
+                  (RunStatus.RUNNING.value, now_iso(), owner.token, owner.info_json(), _dump(options), run_id))
+
+    async def append(self, record: TransitionRecord, owner: Owner, *, status: RunStatus | None = None,
+                     error: str | None = None) -> None:
+        final = status is not None and status is not RunStatus.RUNNING
+        chain = await self._write(self._append, record, owner, status, error, final)
+        if final:
+            self._chains.pop(record.run_id, None)  # the run is over here: keep no state for it
+        else:
+            self._chains[record.run_id] = (record.seq, chain)
+
+    def _append(self, conn: sqlite3.Connection, r: TransitionRecord, owner: Owner, status: RunStatus | None,
+                error: str | None, final: bool) -> str:
+        """The row, its attempts and the run's totals (and status); returns the row's chain hash."""
+        u = r.usage
+        request = _dump(r.request)  # retried attempts usually carry this same body: encoded once
+        content = (
+            r.run_id, r.seq, r.from_state, r.to_state, r.decision, r.reason, r.attempt, r.started_at,
+            r.latency_ms, r.source, u.input_tokens, u.output_tokens, u.cache_read_tokens,
+            u.cache_write_tokens, r.cost_usd, r.error, _dump(r.output), request,
+            _dump(r.response), r.request_id, r.request_hash, int(r.in_doubt),
+        )
+        previous = self._chains.get(r.run_id)
+        link = previous[1] if previous is not None and previous[0] == r.seq - 1 else last_link(conn, r.run_id)
+        chain = chain_hash(link, content)
+        if status is None:
+            fenced = self._sql(conn, _STEP, (r.seq, r.committed, u.input_tokens, u.output_tokens,
+                                             r.source == "cache", r.cost_usd, r.run_id, owner.token))
+        else:
+            fenced = self._sql(conn, _ADVANCE, {
+                "seq": r.seq, "step": r.committed, "input_tokens": u.input_tokens,
+                "output_tokens": u.output_tokens, "cache_hit": r.source == "cache", "cost": r.cost_usd,
+                "status": status.value, "error": error, "now": now_iso(), "release": final,
+                "run_id": r.run_id, "owner": owner.token})
+        if fenced.rowcount != 1:
+            raise OwnershipLostError(f"run {r.run_id} was taken over by another process; this process stopped "
+                                     f"before writing step {r.seq}", where=self.where)
+        try:
+            self._sql(conn, _APPEND, (*content, chain))
+        except sqlite3.IntegrityError:
+            raise OwnershipLostError(f"run {r.run_id} already has step {r.seq}: another process advanced it",
+                                     where=self.where) from None
+        if r.attempts:
+            self._sql_many(conn, _APPEND_ATTEMPT, [
+                (r.run_id, r.seq, a.number, r.from_state, a.started_at, a.kind, a.status_code,
+                 a.request_id, a.delay_s, a.error, a.usage.input_tokens, a.usage.output_tokens,
+                 a.usage.cache_read_tokens, a.usage.cache_write_tokens, a.cost_usd,
+                 request if a.request is r.request else _dump(a.request), _dump(a.response))
+                for a in r.attempts])
+        return chain
+
+    async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str) -> None:
+        """Note, before a paid call is sent, that step `seq` has a call in flight.
+
+        A resume that finds the mark ahead of the log knows the call may have been paid
+        already and flags the step it re-sends (`in_doubt`). Written on a second connection
+        with synchronous=OFF: it survives a killed process (not a power cut) for a fraction of
+        a durable commit's cost. Fenced like every write: no mark, no call.
+        """
+        mark = json.dumps({"seq": seq, "state": state, "at": now_iso()}, separators=(",", ":"))
+        try:
+            await self._write(self._mark, run_id, owner, mark, marks=True)
+        except OwnershipLostError:
+            raise
+        except StoreError as exc:
+            raise StoreError(f"{exc.what}; no call was made", where=self.where, fix=exc.fix) from exc
+
+    def _mark(self, conn: sqlite3.Connection, run_id: str, owner: Owner, mark: str) -> None:
+        updated = self._sql(conn, "UPDATE runs SET in_flight = ? WHERE run_id = ? AND owner = ?",
+                            (mark, run_id, owner.token)).rowcount
+        if updated != 1:
+            raise OwnershipLostError(f"run {run_id} was taken over by another process; no call was made",
+                                     where=self.where)
+
+    async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
+        await self._write(self._release, run_id, owner, status, error)
+        self._chains.pop(run_id, None)
+
+    def _release(self, conn: sqlite3.Connection, run_id: str, owner: Owner, status: RunStatus,
+                 error: str | None) -> None:
+        keep = status is RunStatus.RUNNING
+        self._sql(conn, _SET_STATUS, (status.value, error, now_iso(), keep, keep, run_id, owner.token))
+
+    # ------------------------------------------------------------------ reading
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        return await self._read(self._get_run, run_id)
+
+    def _get_run(self, conn: sqlite3.Connection, run_id: str) -> RunRecord:
+        rows = list(self._query(conn, "SELECT * FROM runs WHERE run_id = ?", [run_id]))
+        if not rows:
+            raise RunNotFoundError(run_id, where=self.where)
+        row = rows[0]
+        return RunRecord(
+            run_id=row["run_id"], machine=row["machine"], machine_ref=row["machine_ref"],
+            machine_hash=row["machine_hash"], input=_load(row["input"], "run", run_id, "input"),
+            status=RunStatus(row["status"]), created_at=row["created_at"],
+            updated_at=row["updated_at"], error=row["error"],
+            options=_load(row["options"], "run", run_id, "options") or {},
+            owner=row["owner"], in_flight=_load(row["in_flight"], "run", run_id, "in-flight mark"),
+        )
+
+    async def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+        """The run row and its log as of one moment: read in one transaction, so a step that
+        another process commits in between cannot show a finished log with a running row."""
+        return await self._read(self._load_run, run_id)
+
+    def _load_run(self, conn: sqlite3.Connection, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+        self._sql(conn, "BEGIN")
+        try:
+            return self._get_run(conn, run_id), self._transitions(conn, run_id)
+        finally:
+            self._sql(conn, "COMMIT")
+
+    async def transitions(self, run_id: str) -> list[TransitionRecord]:
+        return await self._read(self._transitions, run_id)
+
+    def _transitions(self, conn: sqlite3.Connection, run_id: str) -> list[TransitionRecord]:
+        attempts: dict[int, list[Attempt]] = {}
+        for seq, attempt in self._attempts(conn, run_id):
+            attempts.setdefault(seq, []).append(attempt)
+        return [_transition(row, attempts.get(row["seq"], [])) for row in self._query(
+            conn, "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", [run_id])]
+
+    async def attempts(self, run_id: str) -> list[tuple[int, Attempt]]:
+        return await self._read(self._attempts, run_id)
+
+    def _attempts(self, conn: sqlite3.Connection, run_id: str) -> list[tuple[int, Attempt]]:
+        return [
+            (row["seq"], Attempt(
+                number=row["attempt"], started_at=row["started_at"], kind=row["kind"],
+                error=row["error"], status_code=row["status_code"], request_id=row["request_id"],
+                delay_s=row["delay_s"], usage=_usage(row), cost_usd=row["cost_usd"],
+                request=_load(row["request"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"],
+                              "request"),
+                response=_load(row["response"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"],
+                               "response")))
+            for row in self._query(conn, "SELECT * FROM attempts WHERE run_id = ? ORDER BY seq, attempt",
+                                   [run_id])
+        ]
+
+    async def find_cached(self, request_hash: str) -> TransitionRecord | None:
+        return await self._read(self._find_cached, request_hash)
+
+    def _find_cached(self, conn: sqlite3.Connection, request_hash: str) -> TransitionRecord | None:
+        for row in self._query(
+                conn, "SELECT * FROM transitions WHERE request_hash = ? AND response IS NOT NULL "
+                      "AND to_state IS NOT NULL AND source IN ('llm', 'fallback') LIMIT 1", [request_hash]):
+            return _transition(row, [])
+        return None
+
+    async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
+                        limit: int = 50, before: str | None = None) -> list[RunSummary]:
+        return await self._read(self._list_runs, machine, status, limit, before)
+
+    def _list_runs(self, conn: sqlite3.Connection, machine: str | None, status: RunStatus | None,
+                   limit: int, before: str | None) -> list[RunSummary]:
+        where: list[str] = []
+        params: list[Any] = []
+        if machine:
+            where.append("machine = ?")
+            params.append(machine)
+        if status:
+            where.append("status = ?")
+            params.append(RunStatus(status).value)
+        if before:
+            where.append("(created_at, run_id) < (SELECT created_at, run_id FROM runs WHERE run_id = ?)")
+            params.append(before)
+        sql = ("SELECT run_id, machine, status, created_at, updated_at, error, owner_info, steps, input_tokens, "
+               "output_tokens, cost_usd FROM runs "
+               + ("WHERE " + " AND ".join(where) + " " if where else "")
+               + "ORDER BY created_at DESC, run_id DESC LIMIT ?")
+        params.append(limit)
+        summaries = []
+        for row in self._query(conn, sql, params):
+            holder = owner_from_json(row.pop("owner_info"))
+            row["status"] = RunStatus(row["status"])
+            stale = row["status"] is RunStatus.RUNNING and (holder is None or not is_alive(holder))
+            summaries.append(RunSummary(**row, stale=stale))
+        return summaries
+
+    async def machine_totals(self, machines: list[str]) -> list[MachineTotals]:
+        return await self._read(self._machine_totals, machines)
+
+    def _machine_totals(self, conn: sqlite3.Connection, machines: list[str]) -> list[MachineTotals]:
+        if not machines:
+            return []
+        marks = ",".join("?" * len(machines))
+        # finished runs and the others apart: each WHERE matches one of the schema's totals indexes
+        part = ("SELECT machine, count(*) AS runs, sum(steps) AS steps, sum(input_tokens) AS input_tokens, "
+                "sum(output_tokens) AS output_tokens, sum(cost_usd IS NULL) AS unpriced, sum(cost_usd) AS cost_usd, "
+                f"sum(cache_hits) AS cache_hits FROM runs WHERE machine IN ({marks}) AND status ")
+        return [MachineTotals(**row) for row in self._query(
+            conn, "SELECT machine, sum(runs) AS runs, sum(steps) AS steps, sum(input_tokens) AS input_tokens, "
+                  "sum(output_tokens) AS output_tokens, "
+                  "CASE WHEN sum(unpriced) > 0 THEN NULL ELSE sum(cost_usd) END AS cost_usd, "
+                  f"sum(cache_hits) AS cache_hits FROM ({part}IN ('completed', 'terminated') GROUP BY machine "
+                  f"UNION ALL {part}NOT IN ('completed', 'terminated') GROUP BY machine) "
+                  "GROUP BY machine ORDER BY machine", [*machines, *machines])]
+
+    async def run_ids(self, machine: str | None = None) -> list[str]:
+        return await self._read(self._run_ids, machine)
+
+    def _run_ids(self, conn: sqlite3.Connection, machine: str | None) -> list[str]:
+        if machine is None:
+            return [row[0] for row in self._sql(conn, "SELECT run_id FROM runs ORDER BY created_at, run_id")]
+        return [row[0] for row in self._sql(
+            conn, "SELECT run_id FROM runs WHERE machine = ? ORDER BY created_at, run_id", (machine,))]
+
+    async def verify_chain(self, run_id: str) -> str | None:
+        return await self._read(verify, run_id)
+
+    async def close(self) -> None:
+        if self._marks is not None:
+            self._marks.close()
+        self.conn.close()
+
+    # ------------------------------------------------------------------ running statements
+
+    def _sql(self, conn: sqlite3.Connection, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        if self.tracer is not None:
+            self.tracer(sql, params)
+        return conn.execute(sql, params)
+
+    def _sql_many(self, conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if self.tracer is not None:
+            self.tracer(sql, rows)
+        conn.executemany(sql, rows)
+
+    def _query(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Iterator[dict[str, Any]]:
+        cursor = self._sql(conn, sql, params)
+        names = [column[0] for column in cursor.description]
+        for row in cursor:
+            yield dict(zip(names, row, strict=True))
+
+    async def _write(self, work: Callable[..., T], *args: Any, marks: bool = False) -> T:
+        """`work(conn, *args)` in one IMMEDIATE transaction: here and now when the database is free,
+        else in a worker thread that waits for it (see the module docstring)."""
+        conn = self._marks_connection() if marks else self.conn
+        try:
+            with _Transaction(self, conn):
+                return work(conn, *args)
+        except _Busy:
+            return await _to_the_end(self._waiting, work, args, marks, True)
+
+    async def _read(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(conn, *args)`: here and now, or in a worker thread while the file is locked."""
+        try:
+            return _busy_as(work, self.conn, *args)
+        except _Busy:
+            return await asyncio.to_thread(self._waiting, work, args, False, False)
+
+    def _waiting(self, work: Callable[..., T], args: tuple[Any, ...], marks: bool, write: bool) -> T:
+        """`work` on a connection of its own that waits for the lock up to the busy timeout."""
+        conn = self._connect(wait=True, marks=marks)
+        try:
+            if not write:
+                try:
+                    return _busy_as(work, conn, *args)
+                except _Busy as busy:
+                    raise StoreError(f"cannot read {self.where}: {busy.__cause__}", where=self.where,
+                                     fix="retry when the database is free") from busy.__cause__
+            with _Transaction(self, conn, waited=True):
+                return work(conn, *args)
+        finally:
+            conn.close()
+
+    def _marks_connection(self) -> sqlite3.Connection:
+        if self._marks is None:
+            self._marks = self._connect(wait=False, marks=True)
+        return self._marks
+
+    def _connect(self, *, wait: bool, marks: bool = False) -> sqlite3.Connection:
+        """A connection that waits for locks up to the busy timeout, or not at all; `marks`: with
+        synchronous=OFF, for the in-flight marks."""
+        from urllib.parse import quote  # here: only a read-only directory needs it
+
+        target = f"file:{quote(str(self.path.absolute()))}?immutable=1" if self._immutable else self.path
+        try:
+            conn = sqlite3.connect(target, isolation_level=None, timeout=self.busy_timeout_s if wait else 0,
+                                   check_same_thread=False, uri=self._immutable)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {self.where}: {exc}", where=self.where) from exc
+        try:
+            if not self._immutable:
+                self._while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+            conn.execute(f"PRAGMA synchronous={'OFF' if marks else self.synchronous}")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"{self.where} is not a usable SQLite database: {exc}", where=self.where) from exc
+        return conn
+
+    def _while_busy(self, action: Callable[[], object]) -> None:
+        """Run `action` (opening work: switching to WAL, creating or upgrading the schema),
+        retrying while another opener holds the file, up to the busy timeout."""
+        deadline, delay = time.monotonic() + self.busy_timeout_s, 0.001
+        while True:
+            try:
+                action()
+                return
+            except (sqlite3.OperationalError, StoreError) as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
+async def _to_the_end(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a worker thread, awaited to its end even when the caller is cancelled
+    meanwhile (the cancellation is raised after): a write in a thread cannot be called back,
+    and whoever wrote it must not believe it undone while it may still commit."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+class _Transaction:
+    """`with _Transaction(store, conn):` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error.
+
+    A lock held elsewhere is `_Busy` (nothing was done) unless the connection already waited
+    for it (`waited`); other sqlite3 errors are `StoreError`s."""
+
+    __slots__ = ("conn", "store", "waited")
+
+    def __init__(self, store: SQLiteStore, conn: sqlite3.Connection, *, waited: bool = False) -> None:
+        self.store = store
+        self.conn = conn
+        self.waited = waited
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.store._sql(self.conn, "BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc) and not self.waited:
+                raise _Busy() from exc
+            raise StoreError(f"cannot write to {self.store.where}: {exc}", where=self.store.where,
+                             fix="retry when the database is free") from exc
+        return self.conn
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        conn = self.conn
+        if exc is None:
+            try:
+                self.store._sql(conn, "COMMIT")
+                return
+            except BaseException as failed:
+                exc = failed
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"cannot write to {self.store.where}: {exc}", where=self.store.where) from exc
+        if kind is None:
+            raise exc  # COMMIT itself failed with something other than a sqlite3 error
+
+
+def _busy_as(work: Callable[..., T], conn: sqlite3.Connection, *args: Any) -> T:
+    """`work(conn, *args)`, a lock held elsewhere raised as `_Busy`."""
+    try:
+        return work(conn, *args)
+    except sqlite3.OperationalError as exc:
+        if _is_busy(exc):
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise _Busy() from exc
+        raise
+
+
+def _is_busy(exc: Exception) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _dump(value: Any) -> str | None:
+    """Compact JSON text, non-ASCII kept; pydantic-core's encoder (models included) is several
+    times faster than the json module's for the request and response on every row."""
+    if value is None:
+        return None
+    return _encoder()(value).decode()
+
+
+@cache
+def _encoder() -> Callable[[Any], bytes]:
+    """pydantic-core's `to_json`, imported on the first write: reading commands never load it."""
+    from pydantic_core import to_json
+
+    return to_json
+
+
+def _load(text: str | None, *where: object) -> Any:
+    """A stored JSON value; anything else (truncated JSON, a pickle, binary junk) is refused.
+
+    `where` names the value ("run", id, "seq", 2, "output"), joined only if it is refused."""
+    if text is None:
+        return None
+    try:
+        if not isinstance(text, str):
+            raise ValueError(f"a {type(text).__name__} value where JSON text belongs")
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        what = " ".join(map(str, where)) or "a stored value"
+        raise CorruptRunError(f"{what} is not valid JSON ({str(exc)[:80]}); this run "
+                              "cannot be read or resumed (other runs are unaffected)",
+                              fix="restore the database from a backup") from None
+
+
+def _usage(row: dict[str, Any]) -> Usage:
+    return Usage(input_tokens=row["input_tokens"], output_tokens=row["output_tokens"],
+                 cache_read_tokens=row["cache_read_tokens"], cache_write_tokens=row["cache_write_tokens"])
+
+
+def _transition(row: dict[str, Any], attempts: list[Attempt]) -> TransitionRecord:
+    return TransitionRecord(
+        run_id=row["run_id"], seq=row["seq"], from_state=row["from_state"], to_state=row["to_state"],
+        decision=row["decision"], reason=row["reason"], attempt=row["attempt"],
+        started_at=row["started_at"], latency_ms=row["latency_ms"], source=row["source"],
+        output=_load(row["output"], "run", row["run_id"], "seq", row["seq"], "output"),
+        error=row["error"], request=_load(row["request"], "run", row["run_id"], "seq", row["seq"], "request"),
+        response=_load(row["response"], "run", row["run_id"], "seq", row["seq"], "response"),
+        request_id=row["request_id"], usage=_usage(row),
+        cost_usd=row["cost_usd"], request_hash=row["request_hash"], in_doubt=bool(row["in_doubt"]),
+        attempts=attempts,
+    )
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only; SQLite gives -wal/-shm the same mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)

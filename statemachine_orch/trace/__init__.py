@@ -1,0 +1,1 @@
+"""Structured events through structlog, delivered as a lifecycle hook."""
