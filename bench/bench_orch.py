@@ -53,8 +53,8 @@ _USAGE = Usage(input_tokens=3, output_tokens=2)  # every answer's; the engine on
 
 
 def _completion(text: str) -> Completion:
-    # text, data, stop_reason, usage, request_id, response
-    return Completion(text, None, "end_turn", _USAGE, None, {"content": [{"type": "text", "text": text}]})
+    return Completion(text=text, data=None, stop_reason="end_turn", usage=_USAGE, request_id=None,
+                      response={"content": [{"type": "text", "text": text}]})
 
 
 class InstantModel:

@@ -270,31 +270,31 @@ def test_an_owner_that_lost_its_run_writes_nothing(tmp_path: Path) -> None:
     old, new = dead_owner(), dead_owner()
     stale, current = SQLiteStore(db), SQLiteStore(db)  # two processes' connections
     try:
-        stale.create_run(new_run("r"), old)
-        stale.append(row(1, run_id="r"), old)
-        current.claim_run("r", new)  # `old` is dead: its run is taken over
-        current.append(row(2, run_id="r"), new)
+        asyncio.run(stale.create_run(new_run("r"), old))
+        asyncio.run(stale.append(row(1, run_id="r"), old))
+        asyncio.run(current.claim_run("r", new))  # `old` is dead: its run is taken over
+        asyncio.run(current.append(row(2, run_id="r"), new))
         before = everything(db, "r")
 
         with pytest.raises(OwnershipLostError, match="taken over"):
-            stale.append(row(3, run_id="r"), old)
+            asyncio.run(stale.append(row(3, run_id="r"), old))
         with pytest.raises(OwnershipLostError, match="taken over"):
-            stale.append(row(3, run_id="r", to_state="__end__"), old, status=RunStatus.COMPLETED)
+            asyncio.run(stale.append(row(3, run_id="r", to_state="__end__"), old, status=RunStatus.COMPLETED))
         with pytest.raises(OwnershipLostError):
-            stale.append(row(2, run_id="r", output="the stale answer"), old)
+            asyncio.run(stale.append(row(2, run_id="r", output="the stale answer"), old))
         with pytest.raises(OwnershipLostError, match="no call was made"):
-            stale.mark_in_flight("r", old, 3, "b")
-        stale.release("r", old, RunStatus.FAILED, "the stale process gave up")
+            asyncio.run(stale.mark_in_flight("r", old, seq=3, state="b"))
+        asyncio.run(stale.release("r", old, RunStatus.FAILED, "the stale process gave up"))
         assert everything(db, "r") == before
 
         with pytest.raises(OwnershipLostError, match="already has step 2"):
-            current.append(row(2, run_id="r", output="twice"), new)
-        current.append(row(3, run_id="r", to_state="__end__"), new, status=RunStatus.COMPLETED)
+            asyncio.run(current.append(row(2, run_id="r", output="twice"), new))
+        asyncio.run(current.append(row(3, run_id="r", to_state="__end__"), new, status=RunStatus.COMPLETED))
         assert [r[1] for r in everything(db, "r")[1]] == [1, 2, 3]
-        assert current.verify_chain("r") is None
+        assert asyncio.run(current.verify_chain("r")) is None
     finally:
-        stale.close()
-        current.close()
+        asyncio.run(stale.close())
+        asyncio.run(current.close())
 
 
 OPERATIONS = st.lists(st.tuples(st.sampled_from(["a", "b"]),
@@ -390,7 +390,7 @@ async def drive_in_process(db: Path, fake: FakeMessagesAPI, gate: threading.Even
         return results
     finally:
         gate.set()
-        engine.close()
+        await engine.aclose()
 
 
 def test_eight_processes_and_a_hundred_runs_in_one_process_share_one_file(
@@ -456,7 +456,7 @@ def open_when_all_are_ready(path: Path, ready: Any, errors: Any) -> None:
     """One process opening (creating) the database the moment all its peers are ready."""
     ready.wait()
     try:
-        SQLiteStore(path).close()
+        asyncio.run(SQLiteStore(path).close())
     except Exception as exc:  # reported to the parent, which counts them
         errors.put(f"{type(exc).__name__}: {exc}".replace(str(path), "DB"))
 

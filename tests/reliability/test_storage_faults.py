@@ -169,7 +169,7 @@ def test_disk_full_at_a_write_parks_the_run_and_no_call_goes_unrecorded(
     figures["limits_bytes"] = [min(trials), max(trials)]
     for n, limit in enumerate(trials):
         db = tmp_path / f"full-{n}.db"
-        SQLiteStore(db).close()  # the schema exists: the limit hits the WAL during the run
+        asyncio.run(SQLiteStore(db).close())  # the schema exists: the limit hits the WAL during the run
         disk_full_trial(Orch(db, orch.base_url), fake, f"full-{n}", limit, figures)
     figures["faults_injected"] = len(trials) - figures.values.get("completed_within_limit", 0)
 

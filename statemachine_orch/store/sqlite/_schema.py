@@ -196,10 +196,12 @@ def user_version(conn: sqlite3.Connection) -> int:
 
 def check_version(conn: sqlite3.Connection, where: str) -> int:
     """The database's schema version (0: a new, empty file), or why it is not ours to use."""
-    version = user_version(conn)
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    # one statement, one snapshot: another process may be creating the schema meanwhile
+    version, app_id, objects = conn.execute(
+        "SELECT (SELECT user_version FROM pragma_user_version), "
+        "(SELECT application_id FROM pragma_application_id), (SELECT count(*) FROM sqlite_master)").fetchone()
     if version == 0 and app_id == 0:
-        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        if objects:
             raise ForeignDatabaseError(f"{where} holds another application's tables", where=where)
         return 0
     if app_id != APPLICATION_ID:
@@ -258,11 +260,14 @@ def _conform(conn: sqlite3.Connection) -> None:
 
     db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
     for table, columns in fresh_columns().items():
-        if _columns(conn, table) == columns:
+        now = _columns(conn, table)
+        if now == columns:
             continue
+        held = {name: bool(notnull) for name, _, notnull, _ in now}
         db.table(table).transform(
             column_order=[name for name, *_ in columns],
-            not_null={name: bool(notnull) for name, _, notnull, _ in columns},
+            # only the changes: sqlite-utils (4.2) makes a column given False NOT NULL unless it already is
+            not_null={name: bool(notnull) for name, _, notnull, _ in columns if bool(notnull) != held.get(name)},
             defaults={name: _default_value(default) for name, _, _, default in columns})
 
 
