@@ -518,3 +518,14 @@ def test_a_prompt_without_placeholders_is_built_once_and_a_template_per_call(fak
     sent = [(r.state, r.body["messages"][0]["content"]) for r in fake.requests]
     assert sent == [("fixed", "Same {every} time"), ("filled", "About cats"),
                     ("fixed", "Same {every} time"), ("filled", "About dogs")]
+
+
+def test_an_engine_takes_ports_not_paths_and_needs_a_model_only_for_llm_states(db_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"pass open_store\("):
+        Engine(str(db_path))  # type: ignore[arg-type]
+    python_only = Machine("py", [PythonState("p", run=lambda ctx: 1)])
+    llm = Machine("llm", [LLMState("a", prompt="A")])
+    with Engine(open_store(db_path)) as engine:
+        assert engine.run(python_only).status is RunStatus.COMPLETED
+        with pytest.raises(UsageError, match="no model client"):
+            engine.run(llm)

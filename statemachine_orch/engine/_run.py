@@ -353,6 +353,11 @@ class Run:
             if self._stop is None or self._task is None:
                 raise
             self._task.uncancel()  # our own grace period ran out: a stop, not a cancellation
+        except Exception as exc:  # a hook (or a bug) stopped the run: as a crash would, but say so
+            if self._broken is None:
+                await self._release_quietly(RunStatus.INTERRUPTED, f"stopped by {type(exc).__name__}: "
+                                            f"{' '.join(str(exc).split())}; resume to continue")
+            raise
         finally:
             if self._grace is not None:
                 self._grace.cancel()
