@@ -1,203 +1,97 @@
-"""Store contract (run against every backend) plus SQLite-specific guarantees."""
+"""SQLite-specific guarantees of the store; the contract every backend serves is
+tests/test_store_contract.py (whose record helpers are imported here, and from here by the
+reliability suites).
+
+The store is async: each test drives it with `asyncio.run` (one event loop per call or per
+scenario), and reads the file directly through `sqlite3` where the guarantee is about the file.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import sqlite3
 import stat
-from collections.abc import Callable, Iterator
+import subprocess
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from statemachine_orch import (
-    OwnershipLostError,
-    RunBusyError,
-    RunNotFoundError,
+    Owner,
     RunStatus,
     SchemaVersionError,
     SQLiteStore,
     StoreError,
     UsageError,
 )
-from statemachine_orch.ownership import Owner
-from statemachine_orch.sqlite_store import SCHEMA_VERSION
-from statemachine_orch.types import RunRecord, TransitionRecord, Usage, now_iso
+from statemachine_orch.store.sqlite._schema import SCHEMA_VERSION
+from statemachine_orch.types import RunRecord, Usage
 
 from .conftest import create_v1_schema
+from .test_store_contract import me, new_run, row
 
-StoreFactory = Callable[[Path], Any]
-BACKENDS: dict[str, StoreFactory] = {"sqlite": lambda tmp: SQLiteStore(tmp / "contract.db")}
-
-
-@pytest.fixture(params=sorted(BACKENDS))
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    backend = BACKENDS[request.param](tmp_path)
-    yield backend
-    backend.close()
+__all__ = ["me", "new_run", "row"]  # the reliability suites import the record helpers from here
 
 
-def new_run(run_id: str = "run-1", **overrides: Any) -> RunRecord:
-    now = now_iso()
-    fields: dict[str, Any] = dict(run_id=run_id, machine="m", machine_ref="/x/m.py:machine",
-                                  machine_hash="ab" * 32, input={"q": [1, "two", None]},
-                                  status=RunStatus.RUNNING, created_at=now, updated_at=now,
-                                  options={"offline": "auto"})
-    fields.update(overrides)
-    return RunRecord(**fields)
+def close(store: SQLiteStore) -> None:
+    asyncio.run(store.close())
 
 
-def row(seq: int, **overrides: Any) -> TransitionRecord:
-    fields: dict[str, Any] = dict(run_id="run-1", seq=seq, from_state="a", to_state="b",
-                                  decision="continue", reason="r", attempt=1, started_at=now_iso(),
-                                  latency_ms=1.5, source="llm", output="out",
-                                  request={"model": "m", "messages": []},
-                                  response={"id": "msg", "content": []}, request_id="req",
-                                  usage=Usage(input_tokens=3, output_tokens=4))
-    fields.update(overrides)
-    return TransitionRecord(**fields)
+def dead_owner() -> Owner:
+    """The identity of a process on this host that has exited (as a killed `orch` leaves)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return Owner(os.urandom(8).hex(), socket.gethostname(), proc.pid, None, None)
 
 
-def me() -> Owner:
-    return Owner.for_this_process()
-
-
-# --------------------------------------------------------------------------- contract
-
-
-def test_create_load_and_append_round_trip(store: Any) -> None:
-    owner = me()
-    run = new_run()
-    store.create_run(run, owner)
-    store.append(row(1), owner)
-    store.append(row(2, from_state="b", to_state="__end__"), owner, status=RunStatus.COMPLETED)
-    loaded, log = store.load_run("run-1")
-    assert loaded.input == run.input and loaded.options == run.options
-    assert loaded.status is RunStatus.COMPLETED and loaded.owner is None
-    assert [r.seq for r in log] == [1, 2]
-    assert log[0] == row(1, started_at=log[0].started_at)
-
-
-def test_append_is_fenced_on_the_owner(store: Any) -> None:
-    owner = me()
-    store.create_run(new_run(), owner)
-    with pytest.raises(OwnershipLostError):
-        store.append(row(1), me())  # a different token
-    assert store.load_run("run-1")[1] == []
-
-
-def test_append_is_fenced_on_the_sequence(store: Any) -> None:
-    owner = me()
-    store.create_run(new_run(), owner)
-    store.append(row(1), owner)
-    with pytest.raises(OwnershipLostError, match="already has step 1"):
-        store.append(row(1, output="other"), owner)
-    assert [r.output for r in store.load_run("run-1")[1]] == ["out"]
-
-
-def test_status_change_and_row_land_together(store: Any) -> None:
-    owner = me()
-    store.create_run(new_run(), owner)
-    with pytest.raises(OwnershipLostError):
-        store.append(row(1), me(), status=RunStatus.COMPLETED)
-    assert store.load_run("run-1")[0].status is RunStatus.RUNNING
-
-
-def test_claim_requires_a_dead_owner(store: Any) -> None:
-    owner = me()
-    store.create_run(new_run(), owner)
-    with pytest.raises(RunBusyError, match="being driven by pid"):
-        store.claim_run("run-1", me())
-    store.release("run-1", owner, RunStatus.FAILED, "boom")
-    assert store.load_run("run-1")[0].error == "boom"
-    claimed, _ = store.claim_run("run-1", me())
-    assert claimed.status is RunStatus.RUNNING and claimed.error is None
-
-
-def test_claim_refuses_finished_and_missing_runs(store: Any) -> None:
-    owner = me()
-    store.create_run(new_run(), owner)
-    store.append(row(1, to_state="__end__"), owner, status=RunStatus.COMPLETED)
-    with pytest.raises(UsageError, match="already completed"):
-        store.claim_run("run-1", me())
-    with pytest.raises(RunNotFoundError):
-        store.claim_run("nope", me())
-
-
-def test_duplicate_run_id_is_refused(store: Any) -> None:
-    store.create_run(new_run(), me())
-    with pytest.raises(UsageError, match="already exists"):
-        store.create_run(new_run(), me())
-
-
-def test_run_ids_are_bound_not_interpolated(store: Any) -> None:
-    store.create_run(new_run(), me())
-    with pytest.raises(RunNotFoundError):
-        store.load_run("x' OR 1=1--")
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=40)
-    | st.floats(allow_nan=False, allow_infinity=False),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12,
-)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(output=json_values, reason=st.text(max_size=60), attempt=st.integers(1, 10),
-       tokens=st.tuples(*[st.integers(0, 10**7)] * 4), data=json_values)
-def test_rows_round_trip_unchanged(tmp_path: Path, output: Any, reason: str, attempt: int,
-                                   tokens: tuple[int, int, int, int], data: Any) -> None:
-    path = tmp_path / f"rt-{os.urandom(4).hex()}.db"
-    store = SQLiteStore(path)
-    try:
-        owner = me()
-        store.create_run(new_run(input={"data": data}), owner)
-        written = row(1, output=output, reason=reason, attempt=attempt,
-                      usage=Usage(input_tokens=tokens[0], output_tokens=tokens[1],
-                                  cache_read_tokens=tokens[2], cache_write_tokens=tokens[3]))
-        store.append(written, owner)
-        run, log = store.load_run("run-1")
-        assert log == [written] and run.input == {"data": data}
-    finally:
-        store.close()
-
-
-# --------------------------------------------------------------------------- SQLite specifics
+# --------------------------------------------------------------------------- the file
 
 
 def test_wal_full_by_default_and_normal_on_request(tmp_path: Path) -> None:
     full = SQLiteStore(tmp_path / "a.db")
     normal = SQLiteStore(tmp_path / "b.db", synchronous="NORMAL")
-    assert full.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert full.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert normal.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    try:
+        assert full.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert full.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert normal.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    finally:
+        close(full)
+        close(normal)
     with pytest.raises(UsageError):
         SQLiteStore(tmp_path / "c.db", synchronous="OFF")  # type: ignore[arg-type]
 
 
 def test_database_files_are_private(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "p.db")
-    store.create_run(new_run(), me())
-    for suffix in ("", "-wal", "-shm"):
-        path = tmp_path / f"p.db{suffix}"
-        assert path.exists(), suffix
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600, suffix
+    try:
+        asyncio.run(store.create_run(new_run(), me()))
+        for suffix in ("", "-wal", "-shm"):
+            path = tmp_path / f"p.db{suffix}"
+            assert path.exists(), suffix
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, suffix
+    finally:
+        close(store)
 
 
 def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
-    SQLiteStore(path).close()
+    close(SQLiteStore(path))
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(SchemaVersionError, match="upgrade statemachine_orch"):
         SQLiteStore(path)
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    finally:
+        conn.close()
 
 
 def test_foreign_and_corrupt_files_are_refused(tmp_path: Path) -> None:
@@ -221,34 +115,40 @@ def test_read_commands_do_not_create_a_database(tmp_path: Path) -> None:
     assert not (tmp_path / "missing.db").exists()
 
 
-def test_list_runs_is_newest_first_with_totals(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "l.db")
-    owner = me()
-    for n in range(3):
-        store.create_run(new_run(f"run-{n}", created_at=f"2026-01-0{n + 1}T00:00:00Z"), owner)
-    store.append(row(1, run_id="run-1"), owner)
-    store.append(row(2, run_id="run-1", to_state=None, decision=None, error="E"), owner,
-                 status=RunStatus.FAILED, error="E")
-    runs = store.list_runs()
-    assert [r.run_id for r in runs] == ["run-2", "run-1", "run-0"]
-    failed = runs[1]
-    assert (failed.status, failed.steps, failed.input_tokens, failed.output_tokens) == ("failed", 1, 6, 8)
-    assert [r.run_id for r in store.list_runs(status="failed")] == ["run-1"]
-    assert len(store.list_runs(limit=2)) == 2
+def test_close_releases_both_connections_and_the_wal(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    store, owner = SQLiteStore(path), me()
+    asyncio.run(store.create_run(new_run(), owner))
+    asyncio.run(store.mark_in_flight("run-1", owner, seq=1, state="a"))  # opens the marks connection
+    assert Path(f"{path}-wal").exists()
+    close(store)
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.conn.execute("SELECT 1")
+    assert not Path(f"{path}-wal").exists()  # the last connection closed: checkpointed and removed
+
+
+# --------------------------------------------------------------------------- the schema
 
 
 def test_views_present_calls_outputs_and_totals(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "v.db")
     owner = me()
-    store.create_run(new_run(), owner)
-    store.append(row(1), owner)
-    store.append(row(2, source="python", request=None, response=None, request_id=None,
-                     usage=Usage()), owner)
-    db = store.db
-    assert [r["seq"] for r in db.query("SELECT seq FROM llm_calls")] == [1]
-    assert [r["seq"] for r in db.query("SELECT seq FROM step_outputs")] == [1, 2]
-    totals = next(db.query("SELECT * FROM run_totals"))
-    assert (totals["steps"], totals["input_tokens"], totals["output_tokens"]) == (2, 3, 4)
+
+    async def scenario() -> None:
+        await store.create_run(new_run(), owner)
+        await store.append(row(1), owner)
+        await store.append(row(2, source="python", request=None, response=None, request_id=None,
+                               usage=Usage()), owner)
+
+    try:
+        asyncio.run(scenario())
+        db = store.db
+        assert [r["seq"] for r in db.query("SELECT seq FROM llm_calls")] == [1]
+        assert [r["seq"] for r in db.query("SELECT seq FROM step_outputs")] == [1, 2]
+        totals = next(db.query("SELECT * FROM run_totals"))
+        assert (totals["steps"], totals["input_tokens"], totals["output_tokens"]) == (2, 3, 4)
+    finally:
+        close(store)
 
 
 def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
@@ -264,33 +164,174 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     store = SQLiteStore(path)
-    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    _, log = store.load_run("old")
-    # tokens from before costs were recorded: the cost is unknown, not zero
-    assert [(r.seq, r.output, r.cost_usd, r.attempts) for r in log] == [(1, 1, None, [])]
-    old = store.list_runs()[0]
-    assert (old.steps, old.input_tokens, old.output_tokens, old.cost_usd) == (1, 5, 7, None)  # carried over
-    owner = me()
-    store.create_run(new_run("new"), owner)
-    store.append(row(1, run_id="new", attempts=[]), owner)
-    assert [r.run_id for r in store.list_runs()] == ["new", "old"]
-    [totals] = store.machine_totals(["m"])
-    assert (totals.runs, totals.steps, totals.input_tokens, totals.output_tokens) == (2, 2, 5 + 3, 7 + 4)
 
+    async def scenario() -> None:
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        _, log = await store.load_run("old")
+        # tokens from before costs were recorded: the cost is unknown, not zero
+        assert [(r.seq, r.output, r.cost_usd, r.attempts) for r in log] == [(1, 1, None, [])]
+        assert await store.verify_chain("old") is None  # the old rows were chained by the upgrade
+        [old] = await store.list_runs()
+        assert (old.steps, old.input_tokens, old.output_tokens, old.cost_usd) == (1, 5, 7, None)  # carried over
+        owner = me()
+        await store.create_run(new_run("new"), owner)
+        await store.append(row(1, run_id="new", attempts=[]), owner)
+        assert [r.run_id for r in await store.list_runs()] == ["new", "old"]
+        [totals] = await store.machine_totals(["m"])
+        assert (totals.runs, totals.steps, totals.input_tokens, totals.output_tokens) == (2, 2, 5 + 3, 7 + 4)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        close(store)
+
+
+def schema_of(path: Path) -> dict[str, Any]:
+    """Everything that defines a database's schema, normalized: per table its columns
+    (order, type, NOT NULL, default, pk), indexes, foreign keys and table kind; per index its
+    columns, uniqueness, origin and WHERE; per view and trigger its SQL; and the pragmas that
+    mark the file."""
+    conn = sqlite3.connect(path)
+    try:
+        def pragma(name: str, arg: str) -> list[tuple[Any, ...]]:
+            return [tuple(r) for r in conn.execute(f"SELECT * FROM pragma_{name}(?)", (arg,))]
+
+        def squeeze(sql: str | None) -> str:
+            return " ".join((sql or "").split())
+
+        objects: dict[str, Any] = {}
+        for kind, name, table, sql in conn.execute(
+                "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"):
+            if kind == "table":
+                objects[f"table {name}"] = {
+                    "columns": pragma("table_xinfo", name),
+                    "indexes": sorted(r[1:] for r in pragma("index_list", name)),  # (name, unique, origin, partial)
+                    "foreign keys": pragma("foreign_key_list", name),
+                    "kind": pragma("table_list", name),  # (schema, name, type, ncol, without rowid, strict)
+                }
+            elif kind == "index":
+                _, _, where = squeeze(sql).partition(" WHERE ")  # a partial index's condition, else ""
+                objects[f"index {name}"] = {"on": table, "columns": pragma("index_xinfo", name), "where": where}
+            else:  # views and triggers are kept as their SQL text
+                objects[f"{kind} {name}"] = {"on": table, "sql": squeeze(sql)}
+        objects["pragmas"] = conn.execute(
+            "SELECT (SELECT user_version FROM pragma_user_version), "
+            "(SELECT application_id FROM pragma_application_id)").fetchone()
+        return objects
+    finally:
+        conn.close()
+
+
+def test_a_migrated_database_has_the_schema_of_a_fresh_one(tmp_path: Path) -> None:
+    fresh, migrated = tmp_path / "fresh.db", tmp_path / "migrated.db"
+    close(SQLiteStore(fresh))
+    conn = sqlite3.connect(migrated)
+    create_v1_schema(conn)
+    conn.commit()
+    conn.close()
+    close(SQLiteStore(migrated))  # upgrades version 1 to the current one
+    expected, found = schema_of(fresh), schema_of(migrated)
+    assert sorted(found) == sorted(expected)  # the same tables, indexes, views and triggers
+    for name in expected:
+        assert found[name] == expected[name], name
+
+
+# --------------------------------------------------------------------------- locks and the event loop
+
+
+WRITES = ["create_run", "append", "mark_in_flight", "release"]
+
+
+@pytest.mark.parametrize("write", WRITES)
+def test_a_locked_database_does_not_block_the_event_loop(tmp_path: Path, write: str) -> None:
+    """While another connection holds the write lock, a write waits off the event loop: a
+    ticker task on the same loop goes on, and the write lands once the lock is released."""
+    path = tmp_path / "locked.db"
+    store, owner = SQLiteStore(path, busy_timeout_s=60.0), me()
+    asyncio.run(store.create_run(new_run("run-1"), owner))
+    asyncio.run(store.append(row(1), owner))
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    released = threading.Event()
+
+    def release_the_lock() -> None:
+        blocker.execute("COMMIT")
+        released.set()
+
+    writes: dict[str, Callable[[], Awaitable[None]]] = {
+        "create_run": lambda: store.create_run(new_run("run-2"), me()),
+        "append": lambda: store.append(row(2), owner),
+        "mark_in_flight": lambda: store.mark_in_flight("run-1", owner, seq=2, state="b"),
+        "release": lambda: store.release("run-1", owner, RunStatus.INTERRUPTED, "stopped"),
+    }
+
+    async def scenario() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0)  # the ticker is running
+        blocker.execute("BEGIN IMMEDIATE")  # the write lock, held by another connection
+        timer = threading.Timer(0.3, release_the_lock)  # a thread: it does not need the event loop
+        timer.start()
+        try:
+            before = ticks
+            await writes[write]()
+            during = ticks - before
+            assert released.is_set()  # the write waited for the lock rather than failing or skipping it
+        finally:
+            timer.join()
+            ticking.cancel()
+        return during
+
+    try:
+        ticks_while_waiting = asyncio.run(scenario())
+        assert ticks_while_waiting >= 5  # the loop went on while the write waited
+        run, log = asyncio.run(store.load_run("run-1"))
+        landed: dict[str, Callable[[], bool]] = {
+            "create_run": lambda: asyncio.run(store.get_run("run-2")).status is RunStatus.RUNNING,
+            "append": lambda: [r.seq for r in log] == [1, 2],
+            "mark_in_flight": lambda: run.in_flight is not None and run.in_flight["seq"] == 2,
+            "release": lambda: (run.status, run.error, run.owner) == (RunStatus.INTERRUPTED, "stopped", None),
+        }
+        assert landed[write]()
+        assert asyncio.run(store.verify_chain("run-1")) is None
+    finally:
+        blocker.close()
+        close(store)
+
+
+# --------------------------------------------------------------------------- liveness, totals, reads
+
+
+def test_a_run_whose_owner_process_exited_is_stale_and_claimable(tmp_path: Path) -> None:
+    """Liveness is judged from this host's process table: a dead owner is seen at once."""
+    store, gone = SQLiteStore(tmp_path / "s.db"), dead_owner()
+
+    async def scenario() -> None:
+        await store.create_run(new_run("orphan", created_at="2026-01-02T00:00:00Z"), gone)
+        await store.append(row(1, run_id="orphan"), gone)
+        await store.create_run(new_run("alive", created_at="2026-01-01T00:00:00Z"), me())
+        assert [(r.run_id, r.stale) for r in await store.list_runs()] == [("orphan", True), ("alive", False)]
+        heir = me()
+        claimed, log = await store.claim_run("orphan", heir)
+        assert (claimed.owner, [r.seq for r in log]) == (heir.token, [1])
+        assert [(r.run_id, r.stale) for r in await store.list_runs()] == [("orphan", False), ("alive", False)]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        close(store)
 
 
 def test_machine_totals_match_the_rows_whatever_the_runs_status(tmp_path: Path) -> None:
     """Finished runs are summed from their index, the others from their rows: together they
     must equal a plain sum over the runs table, an unpriced step anywhere making cost NULL."""
     store, owner = SQLiteStore(tmp_path / "orch.db"), me()
-    for run_id, status, cost in [("done", RunStatus.COMPLETED, 0.5), ("stopped", RunStatus.TERMINATED, 0.25),
-                                 ("broken", RunStatus.FAILED, 0.125), ("live", None, 1.0)]:
-        store.create_run(new_run(run_id), owner)
-        store.append(row(1, run_id=run_id, cost_usd=cost), owner)
-        store.append(row(2, run_id=run_id, to_state="__end__" if status else "b", cost_usd=cost), owner,
-                     status=status)
-    store.create_run(new_run("other", machine="n"), owner)
-    store.append(row(1, run_id="other"), owner, status=RunStatus.COMPLETED)
 
     def plain() -> tuple[Any, ...]:
         return tuple(store.conn.execute(
@@ -298,33 +339,56 @@ def test_machine_totals_match_the_rows_whatever_the_runs_status(tmp_path: Path) 
             "CASE WHEN sum(cost_usd IS NULL) > 0 THEN NULL ELSE sum(cost_usd) END, sum(cache_hits) "
             "FROM runs WHERE machine = 'm'").fetchone())
 
-    [totals] = store.machine_totals(["m"])
-    assert (totals.runs, totals.steps, totals.input_tokens, totals.output_tokens, totals.cost_usd,
-            totals.cache_hits) == plain() == (4, 8, 24, 32, 3.75, 0)
-    store.create_run(new_run("unpriced"), owner)
-    store.append(row(1, run_id="unpriced", cost_usd=None), owner, status=RunStatus.COMPLETED)
-    [totals] = store.machine_totals(["m"])
-    assert (totals.runs, totals.cost_usd) == plain()[::4] == (5, None)
-    plan = " ".join(r[3] for r in store.conn.execute(
-        "EXPLAIN QUERY PLAN SELECT sum(steps) FROM runs WHERE machine IN (?) AND status IN ('completed', "
-        "'terminated') GROUP BY machine", ["m"]))
-    assert "COVERING INDEX runs_finished_totals" in plan
+    async def scenario() -> None:
+        for run_id, status, cost in [("done", RunStatus.COMPLETED, 0.5), ("stopped", RunStatus.TERMINATED, 0.25),
+                                     ("broken", RunStatus.FAILED, 0.125), ("live", None, 1.0)]:
+            await store.create_run(new_run(run_id), owner)
+            await store.append(row(1, run_id=run_id, cost_usd=cost), owner)
+            await store.append(row(2, run_id=run_id, to_state="__end__" if status else "b", cost_usd=cost),
+                               owner, status=status)
+        await store.create_run(new_run("other", machine="n"), owner)
+        await store.append(row(1, run_id="other"), owner, status=RunStatus.COMPLETED)
+        [totals] = await store.machine_totals(["m"])
+        assert (totals.runs, totals.steps, totals.input_tokens, totals.output_tokens, totals.cost_usd,
+                totals.cache_hits) == plain() == (4, 8, 24, 32, 3.75, 0)
+        await store.create_run(new_run("unpriced"), owner)
+        await store.append(row(1, run_id="unpriced", cost_usd=None), owner, status=RunStatus.COMPLETED)
+        [totals] = await store.machine_totals(["m"])
+        assert (totals.runs, totals.cost_usd) == plain()[::4] == (5, None)
+
+    try:
+        asyncio.run(scenario())
+        plan = " ".join(r[3] for r in store.conn.execute(
+            "EXPLAIN QUERY PLAN SELECT sum(steps) FROM runs WHERE machine IN (?) AND status IN ('completed', "
+            "'terminated') GROUP BY machine", ["m"]))
+        assert "COVERING INDEX runs_finished_totals" in plan
+    finally:
+        close(store)
 
 
 def test_load_run_reads_the_row_and_the_log_as_of_one_moment(tmp_path: Path) -> None:
     """A step another process commits between the two reads must not show up in only one."""
     path = tmp_path / "orch.db"
     writer, owner = SQLiteStore(path), me()
-    writer.create_run(new_run(), owner)
-    writer.append(row(1), owner)
+    asyncio.run(writer.create_run(new_run(), owner))
+    asyncio.run(writer.append(row(1), owner))
 
     class Interleaved(SQLiteStore):
-        def get_run(self, run_id: str) -> RunRecord:
-            record = super().get_run(run_id)
-            writer.append(row(2, to_state="__end__"), owner, status=RunStatus.COMPLETED)  # meanwhile
+        """Another process's step commits right after the run row is read."""
+
+        def _get_run(self, conn: sqlite3.Connection, run_id: str) -> RunRecord:
+            record = super()._get_run(conn, run_id)
+            with ThreadPoolExecutor(1) as other_process:  # its own event loop, in its own thread
+                other_process.submit(asyncio.run, writer.append(row(2, to_state="__end__"), owner,
+                                                                status=RunStatus.COMPLETED)).result()
             return record
 
-    record, log = Interleaved(path).load_run("run-1")
-    assert (record.status, [r.seq for r in log]) == (RunStatus.RUNNING, [1])
-    record, log = writer.load_run("run-1")
-    assert (record.status, [r.seq for r in log]) == (RunStatus.COMPLETED, [1, 2])
+    reader = Interleaved(path)
+    try:
+        record, log = asyncio.run(reader.load_run("run-1"))
+        assert (record.status, [r.seq for r in log]) == (RunStatus.RUNNING, [1])
+        record, log = asyncio.run(writer.load_run("run-1"))
+        assert (record.status, [r.seq for r in log]) == (RunStatus.COMPLETED, [1, 2])
+    finally:
+        close(reader)
+        close(writer)

@@ -209,7 +209,7 @@ def check_version(conn: sqlite3.Connection, where: str) -> int:
     if version > SCHEMA_VERSION:
         raise SchemaVersionError(f"{where} has schema version {version}, newer than this statemachine_orch "
                                  f"understands ({SCHEMA_VERSION})", where=where, fix="upgrade statemachine_orch")
-    return version
+    return int(version)
 
 
 def create(conn: sqlite3.Connection) -> None:

@@ -56,13 +56,14 @@ T = TypeVar("T")
 _FINISHED = (RunStatus.COMPLETED.value, RunStatus.TERMINATED.value)
 
 # The fence: the run's totals (and its status, when it changes) are updated only while we
-# own it; no row changed means another process took the run, and nothing is inserted.
+# own it and the row is the run's next step; no row changed means another process took the
+# run or advanced it, and nothing is inserted.
 # `_STEP` is the common case of `_ADVANCE` (the run goes on, its status stays): fewer terms.
 _STEP = (
     "UPDATE runs SET last_seq = ?1, steps = steps + ?2, input_tokens = input_tokens + ?3, "
     "output_tokens = output_tokens + ?4, cache_hits = cache_hits + ?5, "
     "cost_usd = CASE WHEN cost_usd IS NULL OR ?6 IS NULL THEN NULL ELSE cost_usd + ?6 END "
-    "WHERE run_id = ?7 AND owner = ?8"
+    "WHERE run_id = ?7 AND owner = ?8 AND last_seq = ?1 - 1"
 )
 _ADVANCE = (
     "UPDATE runs SET last_seq = :seq, steps = steps + :step, input_tokens = input_tokens + :input_tokens, "
@@ -71,7 +72,7 @@ _ADVANCE = (
     "status = :status, error = :error, updated_at = :now, "
     "owner = CASE WHEN :release THEN NULL ELSE owner END, "
     "owner_info = CASE WHEN :release THEN NULL ELSE owner_info END "
-    "WHERE run_id = :run_id AND owner = :owner"
+    "WHERE run_id = :run_id AND owner = :owner AND last_seq = :seq - 1"
 )
 _APPEND = f"INSERT INTO transitions ({CHAINED_COLUMNS}, chain) VALUES ({','.join('?' * 23)})"
 _APPEND_ATTEMPT = (
@@ -211,13 +212,8 @@ class SQLiteStore:
                 "status": status.value, "error": error, "now": now_iso(), "release": final,
                 "run_id": r.run_id, "owner": owner.token})
         if fenced.rowcount != 1:
-            raise OwnershipLostError(f"run {r.run_id} was taken over by another process; this process stopped "
-                                     f"before writing step {r.seq}", where=self.where)
-        try:
-            self._sql(conn, _APPEND, (*content, chain))
-        except sqlite3.IntegrityError:
-            raise OwnershipLostError(f"run {r.run_id} already has step {r.seq}: another process advanced it",
-                                     where=self.where) from None
+            raise self._not_appended(conn, r, owner)
+        self._sql(conn, _APPEND, (*content, chain))
         if r.attempts:
             self._sql_many(conn, _APPEND_ATTEMPT, [
                 (r.run_id, r.seq, a.number, r.from_state, a.started_at, a.kind, a.status_code,
@@ -226,6 +222,18 @@ class SQLiteStore:
                  request if a.request is r.request else _dump(a.request), _dump(a.response))
                 for a in r.attempts])
         return chain
+
+    def _not_appended(self, conn: sqlite3.Connection, r: TransitionRecord, owner: Owner) -> OwnershipLostError:
+        """Why the fenced update changed no row: the run was taken over, or is not at step `seq - 1`."""
+        found = self._sql(conn, "SELECT owner, last_seq FROM runs WHERE run_id = ?", (r.run_id,)).fetchone()
+        if found is None or found[0] != owner.token:
+            return OwnershipLostError(f"run {r.run_id} was taken over by another process; this process stopped "
+                                      f"before writing step {r.seq}", where=self.where)
+        if r.seq <= found[1]:
+            return OwnershipLostError(f"run {r.run_id} already has step {r.seq}: another process advanced it",
+                                      where=self.where)
+        return OwnershipLostError(f"run {r.run_id} is at step {found[1]}, so step {r.seq} cannot follow it",
+                                  where=self.where)
 
     async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str) -> None:
         """Note, before a paid call is sent, that step `seq` has a call in flight.
