@@ -353,8 +353,10 @@ class Run:
             if self._stop is None or self._task is None:
                 raise
             self._task.uncancel()  # our own grace period ran out: a stop, not a cancellation
-        except Exception as exc:  # a hook (or a bug) stopped the run: as a crash would, but say so
-            if self._broken is None:
+        except Exception as exc:
+            # a store error leaves the run owned: this Run may go on once the store is free (and
+            # a dead owner's run is resumable anyway); a hook or a bug stops it as a crash would, said
+            if self._broken is None and not isinstance(exc, OrchError):
                 await self._release_quietly(RunStatus.INTERRUPTED, f"stopped by {type(exc).__name__}: "
                                             f"{' '.join(str(exc).split())}; resume to continue")
             raise
