@@ -7,6 +7,7 @@ test_secrets.py.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -538,7 +539,7 @@ UsageCase = Callable[[Path, Path], list[str | Path]]
 
 def _unknown_run(command: str) -> UsageCase:
     def args(tmp: Path, db: Path) -> list[str | Path]:
-        SQLiteStore(db).close()  # a database that exists but holds no such run
+        asyncio.run(SQLiteStore(db).close())  # a database that exists but holds no such run
         return [command, "NO_SUCH_RUN"]
 
     return args
