@@ -1,32 +1,17 @@
-"""Shared fixtures: every test runs offline, against real SQLite files and the real SDK."""
+"""Shared fixtures: every test runs offline, against real SQLite files and the real SDK.
+The helpers they use (and that tests use) are in helpers.py."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from statemachine_orch.sqlite_store import APPLICATION_ID
 from statemachine_orch.testing import FakeMessagesAPI
 
-ROOT = Path(__file__).resolve().parent.parent
-MACHINES = ROOT / "machines"
-CANARY_KEY = "sk-ant-api03-CANARY-" + "x" * 40  # must never appear in logs or the database
-SCHEMA_V1 = Path(__file__).parent / "data" / "schema_v1.sql"  # as version 1 shipped; never regenerate
-
-
-def create_v1_schema(conn: sqlite3.Connection) -> None:
-    """An empty database of schema version 1, for the upgrade tests."""
-    conn.executescript(SCHEMA_V1.read_text())
-    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-    conn.execute("PRAGMA user_version=1")
+from .helpers import CANARY_KEY, MACHINES, Orch, orch_against
 
 
 @pytest.fixture(autouse=True)
@@ -49,26 +34,12 @@ def fake() -> FakeMessagesAPI:
     return FakeMessagesAPI(default=None)
 
 
-@dataclass
-class CLIResult:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def orch_command() -> list[str]:
-    script = Path(sys.executable).parent / "orch"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "statemachine_orch.cli"]
-
-
-def run_orch(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-             input: str | None = None, timeout: float = 60) -> CLIResult:
-    """Run the real `orch` console script in a subprocess."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    proc = subprocess.run(orch_command() + list(args), cwd=cwd, env=full_env, input=input,
-                          capture_output=True, text=True, timeout=timeout)
-    return CLIResult(proc.returncode, proc.stdout, proc.stderr)
+@pytest.fixture
+def orch(fake: FakeMessagesAPI, db_path: Path) -> Iterator[Orch]:
+    """The `fake` fixture (unscripted states answer 400; a module may override `fake`) served
+    to `orch` on `db_path`. tests/reliability/conftest.py has an `orch` of its own."""
+    with orch_against(fake, db_path) as cli:
+        yield cli
 
 
 @pytest.fixture

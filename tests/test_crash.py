@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import threading
-from contextlib import closing
-from pathlib import Path
 
 import pytest
 
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, error
 
-from .test_cli import (  # noqa: F401  (orch_fixture: the `orch` fixture)
+from .helpers import (
     REPORT,
     REPORT_INPUT,
     REPORT_STATES,
     Orch,
     answer,
+    integrity,
     one_error_line,
-    orch_fixture,
     query,
     resume_hint,
     script,
@@ -41,11 +38,6 @@ def run_until_killed(orch: Orch, fake: FakeMessagesAPI, state: str) -> int:
     assert proc.wait(timeout=WAIT_S) == -signal.SIGKILL
     proc.communicate()
     return proc.pid
-
-
-def integrity(db: Path) -> str:
-    with closing(sqlite3.connect(db)) as conn:
-        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
 
 
 def test_sigkill_during_a_call_then_resume_resends_only_the_call_in_flight(

@@ -18,7 +18,9 @@ import pytest
 import statemachine_orch
 from statemachine_orch.cli import build_parser
 
-from .conftest import ROOT
+from .helpers import (
+    ROOT,
+)
 
 DOCS = ROOT / "docs"
 CLI_DOC = DOCS / "cli.md"

@@ -34,7 +34,9 @@ from statemachine_orch.retry import NO_RETRY
 from statemachine_orch.testing import FakeMessagesAPI, Reply, capture_trace, error
 from statemachine_orch.trace import Tracer
 
-from .conftest import MACHINES
+from .helpers import (
+    MACHINES,
+)
 
 
 def load(name: str) -> Machine:

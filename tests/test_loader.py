@@ -15,8 +15,12 @@ from statemachine_orch.errors import MachineNotFoundError
 from statemachine_orch.loader import load_machine
 from statemachine_orch.render import mermaid
 
-from .conftest import MACHINES, ROOT, run_orch
-from .test_definition import shown
+from .helpers import (
+    MACHINES,
+    ROOT,
+    run_orch,
+    shown,
+)
 
 HEADER = """\
 from statemachine_orch import END, FlowDecision, LLMState, Machine, PythonState

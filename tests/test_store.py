@@ -25,9 +25,13 @@ from statemachine_orch import (
 )
 from statemachine_orch.ownership import Owner
 from statemachine_orch.sqlite_store import SCHEMA_VERSION
-from statemachine_orch.types import RunRecord, TransitionRecord, Usage, now_iso
+from statemachine_orch.types import RunRecord, Usage
 
-from .conftest import create_v1_schema
+from .helpers import (
+    create_v1_schema,
+    new_run,
+    row,
+)
 
 StoreFactory = Callable[[Path], Any]
 BACKENDS: dict[str, StoreFactory] = {"sqlite": lambda tmp: SQLiteStore(tmp / "contract.db")}
@@ -38,27 +42,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     backend = BACKENDS[request.param](tmp_path)
     yield backend
     backend.close()
-
-
-def new_run(run_id: str = "run-1", **overrides: Any) -> RunRecord:
-    now = now_iso()
-    fields: dict[str, Any] = dict(run_id=run_id, machine="m", machine_ref="/x/m.py:machine",
-                                  machine_hash="ab" * 32, input={"q": [1, "two", None]},
-                                  status=RunStatus.RUNNING, created_at=now, updated_at=now,
-                                  options={"offline": "auto"})
-    fields.update(overrides)
-    return RunRecord(**fields)
-
-
-def row(seq: int, **overrides: Any) -> TransitionRecord:
-    fields: dict[str, Any] = dict(run_id="run-1", seq=seq, from_state="a", to_state="b",
-                                  decision="continue", reason="r", attempt=1, started_at=now_iso(),
-                                  latency_ms=1.5, source="llm", output="out",
-                                  request={"model": "m", "messages": []},
-                                  response={"id": "msg", "content": []}, request_id="req",
-                                  usage=Usage(input_tokens=3, output_tokens=4))
-    fields.update(overrides)
-    return TransitionRecord(**fields)
 
 
 def me() -> Owner:
@@ -276,7 +259,6 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     assert [r.run_id for r in store.list_runs()] == ["new", "old"]
     [totals] = store.machine_totals(["m"])
     assert (totals.runs, totals.steps, totals.input_tokens, totals.output_tokens) == (2, 2, 5 + 3, 7 + 4)
-
 
 
 def test_machine_totals_match_the_rows_whatever_the_runs_status(tmp_path: Path) -> None:

@@ -15,31 +15,14 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-FULL = os.environ.get("ORCH_RELIABILITY") == "full"
+from statemachine_orch.testing import FakeMessagesAPI
+
+from ..helpers import FULL, Answers, EnvOrch, Figures, answer_every_state, orch_against
+
 _LOCK = threading.Lock()
-
-
-def scaled(ci: int, full: int) -> int:
-    """A trial count: `ci` in the default (CI) run, `full` with ORCH_RELIABILITY=full."""
-    return full if FULL else ci
-
-
-class Figures:
-    """Numbers a suite measured, kept under the suite's name."""
-
-    def __init__(self, suite: str) -> None:
-        self.suite = suite
-        self.values: dict[str, Any] = {}
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.values[key] = value
-
-    def add(self, key: str, amount: int = 1) -> None:
-        self.values[key] = self.values.get(key, 0) + amount
 
 
 @pytest.fixture
@@ -54,3 +37,23 @@ def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
         data = json.loads(path.read_text()) if path.exists() else {}
         data[found.suite] = {"mode": "full" if FULL else "ci", **found.values}
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.fixture
+def orch(fake: FakeMessagesAPI, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EnvOrch]:
+    """`EnvOrch` on `db_path`, talking to the fake served on loopback, which answers every state
+    (`answers` adds holds to that). A suite may override it (test_api_faults.py does)."""
+    for name in ("ORCH_KILL_AT", "ORCH_STOP_GRACE", "ORCH_BUSY_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # only the processes that are meant to get them
+    with orch_against(answer_every_state(fake), db_path) as cli:
+        yield EnvOrch(cli.db, cli.base_url, started=cli.started)
+
+
+@pytest.fixture
+def answers(fake: FakeMessagesAPI, orch: EnvOrch) -> Iterator[Answers]:
+    """The fake's answers with holds (see `Answers`); set up after `orch`, whose answers it replaces."""
+    served = Answers(fake)
+    try:
+        yield served
+    finally:
+        served.release_all()

@@ -30,10 +30,17 @@ import pytest
 from statemachine_orch.sqlite_store import chain_hash
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, ScriptEntry, error
 
-from ..conftest import CLIResult, create_v1_schema
-from ..test_cli import Orch, offline_environment, query, stored_log, write
-from .conftest import Figures
-from .test_bad_inputs import in_parallel
+from ..helpers import (
+    CLIResult,
+    Figures,
+    Orch,
+    create_v1_schema,
+    in_parallel,
+    offline_environment,
+    query,
+    stored_log,
+    write,
+)
 
 MODEL = "claude-sonnet-5-5"
 FALLBACK_MODEL = "claude-haiku-4-5"

@@ -18,25 +18,31 @@ import json
 import re
 import subprocess
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from statemachine_orch.testing import FakeMessagesAPI
 
-from ..conftest import CLIResult, orch_command
-from ..test_cli import Orch, offline_environment, one_error_line, query, run_count, stored_log, write
-from .conftest import Figures
+from ..helpers import (
+    CLIResult,
+    Figures,
+    Orch,
+    in_parallel,
+    offline_environment,
+    one_error_line,
+    orch_command,
+    query,
+    run_count,
+    stored_log,
+    write,
+)
 
 CORPUS = Path(__file__).parent / "corpus"
 TARGET = CORPUS / "target.py"
 WORKERS = 4  # orch processes at a time: each is short, and other suites share the cores
-K = TypeVar("K")
-R = TypeVar("R")
 
 # What the single `orch: error: ...` line must say for each case (a test checks that every
 # corpus file is listed here, so a new case cannot be added without its expectation).
@@ -116,13 +122,6 @@ EXPECTED: dict[str, str] = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def in_parallel(jobs: Mapping[K, Callable[[], R]], workers: int = WORKERS) -> dict[K, R]:
-    """Each job's result, the jobs run a few at a time (each one mostly waits on a process)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {key: pool.submit(job) for key, job in jobs.items()}
-        return {key: future.result() for key, future in futures.items()}
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,10 @@ from statemachine_orch import (
 from statemachine_orch.testing import FakeMessagesAPI, Reply
 from statemachine_orch.trace import Tracer
 
-from .conftest import Figures, scaled
+from ..helpers import (
+    Figures,
+    scaled,
+)
 
 ANSWERS = scaled(1_200, 10_000)
 SEED = 20261124

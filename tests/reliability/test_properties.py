@@ -33,7 +33,10 @@ from statemachine_orch.replay import replay_run
 from statemachine_orch.snapshot import snapshot
 from statemachine_orch.trace import Tracer
 
-from .conftest import Figures, scaled
+from ..helpers import (
+    Figures,
+    scaled,
+)
 
 EXAMPLES = scaled(60, 600)
 DECISIONS = [FlowDecision.CONTINUE, FlowDecision.SKIP, FlowDecision.RETRY, FlowDecision.TERMINATE,

@@ -22,10 +22,9 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -34,95 +33,34 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from statemachine_orch import Engine, OwnershipLostError, RunStatus, SQLiteStore, Tracer
-from statemachine_orch.loader import Loaded, load_machine
 from statemachine_orch.ownership import Owner
-from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, error
+from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply
 
-from ..conftest import CLIResult, run_orch
-from ..test_cli import (
+from ..helpers import (
+    FULL,
     REPORT,
     REPORT_INPUT,
     REPORT_STATES,
+    WAIT_S,
+    CLIResult,
+    Figures,
     Orch,
     answer,
+    committed_states,
+    everything,
+    integrity,
+    new_run,
     one_error_line,
-    orch_against,
     query,
-    stored_log,
+    report,
+    requested_states,
+    row,
+    run_orch,
+    run_row,
+    scaled,
+    seed_runs,
+    tally,
 )
-from ..test_crash import integrity
-from ..test_store import new_run, row
-from .conftest import FULL, Figures, scaled
-
-WAIT_S = 60.0  # generous bound on waiting for a request or a process
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-@cache
-def report() -> Loaded:
-    """machines/report.py as `orch` loads it (its ref is what a resume loads it from)."""
-    return load_machine(str(REPORT))
-
-
-def answer_every_state(fake: FakeMessagesAPI) -> FakeMessagesAPI:
-    """Every state gets `answer(state)` (the conftest fake answers unscripted states with 400)."""
-    fake.default = lambda request: answer(request.state or "")
-    return fake
-
-
-@pytest.fixture(name="orch")
-def orch_fixture(fake: FakeMessagesAPI, db_path: Path) -> Iterator[Orch]:
-    """`orch` on `db_path`, talking to the fake served on loopback, which answers every state."""
-    with orch_against(answer_every_state(fake), db_path) as cli:
-        yield cli
-
-def seed_runs(db: Path, fail_at: Mapping[str, str | None], loaded: Loaded | None = None
-              ) -> FakeMessagesAPI:
-    """Store one report run per id, in process, on a fake of its own: a run whose `fail_at`
-    state is given fails there (a 400, not retried) and is resumable; None completes it.
-    `loaded`: another copy of the report machine to run (default machines/report.py)."""
-    chosen = loaded or report()
-
-    def reply(request: CapturedRequest) -> Reply:
-        if request.state == fail_at[request.run_id or ""]:
-            return error(400, f"{request.state} is misconfigured")
-        return answer(request.state or "")
-
-    seed = FakeMessagesAPI(default=reply)
-    engine = Engine(SQLiteStore(db), model=seed.model(), tracer=Tracer.null())
-
-    async def drive() -> list[Any]:
-        return await asyncio.gather(*(
-            engine.arun(chosen.machine, {"run": run_id}, run_id=run_id, machine_ref=chosen.ref)
-            for run_id in fail_at))
-
-    try:
-        results = asyncio.run(drive())
-    finally:
-        engine.close()
-    expected = {run_id: RunStatus.COMPLETED if state is None else RunStatus.FAILED
-                for run_id, state in fail_at.items()}
-    assert {r.run_id: r.status for r in results} == expected
-    return seed
-
-
-def committed_states(db: Path, run_id: str) -> list[str]:
-    """The states of the run's committed rows, in order, checking seq runs 1, 2, 3... unbroken."""
-    rows = query(db, "SELECT seq, from_state, to_state FROM transitions WHERE run_id = ? ORDER BY seq",
-                 run_id)
-    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1)), f"{run_id}: gap or duplicate"
-    return [r["from_state"] for r in rows if r["to_state"] is not None]
-
-
-def requested_states(requests: Sequence[CapturedRequest], run_id: str) -> Counter[str]:
-    return Counter(r.state or "" for r in requests if r.run_id == run_id)
-
-
-def tally(states: Sequence[str]) -> Counter[str]:
-    return Counter(states)
-
 
 # --------------------------------------------------------------------------- two resumes, one run
 
@@ -255,16 +193,6 @@ def dead_owner() -> Owner:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return Owner(os.urandom(8).hex(), socket.gethostname(), proc.pid, None, None)
-
-
-def run_row(db: Path, run_id: str) -> dict[str, Any]:
-    (found,) = query(db, "SELECT status, error, owner, owner_info, in_flight, updated_at FROM runs "
-                         "WHERE run_id = ?", run_id)
-    return dict(found)
-
-
-def everything(db: Path, run_id: str) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
-    return run_row(db, run_id), [tuple(r) for r in stored_log(db, run_id)]
 
 
 def test_an_owner_that_lost_its_run_writes_nothing(tmp_path: Path) -> None:

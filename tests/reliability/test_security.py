@@ -36,12 +36,16 @@ import statemachine_orch
 from statemachine_orch import CorruptRunError
 from statemachine_orch.testing import FakeMessagesAPI, Reply, error
 
-from ..conftest import CANARY_KEY, CLIResult, orch_command
-from ..test_cli import (
+from ..helpers import (
+    CANARY_KEY,
     ROUTER,
+    CLIResult,
+    Figures,
     Orch,
+    in_parallel,
     one_error_line,
     orch_against,
+    orch_command,
     query,
     requests_for,
     router_input,
@@ -50,8 +54,6 @@ from ..test_cli import (
     stored_status,
     write,
 )
-from .conftest import Figures
-from .test_bad_inputs import in_parallel
 
 PACKAGE = Path(statemachine_orch.__file__).parent
 

@@ -21,23 +21,24 @@ from typing import Any
 
 import pytest
 
-from ..conftest import CLIResult
-from ..test_cli import Orch, stored_status, write
-from .conftest import Figures, scaled
-from .test_crash_matrix import (
+from ..helpers import (
     LLM_STATES,
     STATES,
     WAIT_S,
     Answers,
+    CLIResult,
     EnvOrch,
+    Figures,
     Matrix,
-    answers_fixture,  # noqa: F401  (the `answers` fixture)
+    Orch,
     flagged_seqs,
     log_difference,
-    orch_fixture,  # noqa: F401  (the `orch` fixture)
     reliability_seed,
     rows,
+    scaled,
+    stored_status,
     wait_for_arrival,
+    write,
     write_machine,
 )
 

@@ -38,18 +38,24 @@ from statemachine_orch.sqlite_store import SCHEMA_VERSION
 from statemachine_orch.testing import FakeMessagesAPI
 from statemachine_orch.types import TransitionRecord
 
-from ..conftest import CLIResult, orch_command
-from ..test_cli import REPORT, REPORT_INPUT, REPORT_STATES, Orch, one_error_line, query
-from ..test_crash import integrity
-from .conftest import Figures, scaled
-from .test_races import (  # noqa: F401  (orch_fixture: the `orch` fixture)
+from ..helpers import (
+    REPORT,
+    REPORT_INPUT,
+    REPORT_STATES,
     WAIT_S,
+    CLIResult,
+    Figures,
+    Orch,
     committed_states,
     everything,
-    orch_fixture,
+    integrity,
+    one_error_line,
+    orch_command,
+    query,
     report,
     requested_states,
     run_row,
+    scaled,
     seed_runs,
     tally,
 )
