@@ -1,5 +1,8 @@
 """Shared fixtures: every test runs offline, against real SQLite files and the real SDK.
-The helpers they use (and that tests use) are in helpers.py."""
+The helpers they use (and that tests use) are in helpers.py.
+
+pyproject.toml's addopts deselect the `slow` and `reliability` tests; `-m "slow or reliability"`
+runs them, `-m ""` runs everything."""
 
 from __future__ import annotations
 
@@ -11,7 +14,17 @@ import pytest
 
 from statemachine_orch.testing import FakeMessagesAPI
 
-from .helpers import CANARY_KEY, MACHINES, Orch, orch_against
+from .helpers import CANARY_KEY, FULL, MACHINES, Answers, EnvOrch, orch_against
+
+DEFAULT_SELECTION = "not slow and not reliability"  # the -m of pyproject.toml's addopts
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """ORCH_RELIABILITY=full asks for the reliability suites at their full counts, and the
+    command for the figures (docs/reliability.md: `ORCH_RELIABILITY=full ... pytest -q
+    tests/reliability`) gives no -m: lift the default deselection for it. A -m of its own wins."""
+    if FULL and config.option.markexpr == DEFAULT_SELECTION:
+        config.option.markexpr = ""
 
 
 @pytest.fixture(autouse=True)
@@ -35,11 +48,26 @@ def fake() -> FakeMessagesAPI:
 
 
 @pytest.fixture
-def orch(fake: FakeMessagesAPI, db_path: Path) -> Iterator[Orch]:
+def orch(fake: FakeMessagesAPI, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EnvOrch]:
     """The `fake` fixture (unscripted states answer 400; a module may override `fake`) served
-    to `orch` on `db_path`. tests/reliability/conftest.py has an `orch` of its own."""
+    to `orch` on `db_path`. Its processes get ORCH_KILL_AT, ORCH_STOP_GRACE or ORCH_BUSY_TIMEOUT
+    only through `orch.with_env(...)`. tests/reliability/conftest.py makes the fake answer
+    every state."""
+    for name in ("ORCH_KILL_AT", "ORCH_STOP_GRACE", "ORCH_BUSY_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # only the processes that are meant to get them
     with orch_against(fake, db_path) as cli:
-        yield cli
+        yield EnvOrch(cli.db, cli.base_url, started=cli.started)
+
+
+@pytest.fixture
+def answers(fake: FakeMessagesAPI, orch: EnvOrch) -> Iterator[Answers]:
+    """`answer(state)` for every request, with holds (see `Answers`); set up after `orch`, so
+    it replaces whatever answers `orch` gave the fake."""
+    served = Answers(fake)
+    try:
+        yield served
+    finally:
+        served.release_all()
 
 
 @pytest.fixture

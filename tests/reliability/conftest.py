@@ -1,5 +1,8 @@
 """Reliability suites: a reduced but real run in CI, the full counts with ORCH_RELIABILITY=full.
 
+Every test here is marked `reliability` (below), so the default `pytest -q` deselects them
+with the `slow` ones; `pytest -q -m "slow or reliability"` runs them (.ci/run does), and
+tests/test_reliability_fast.py keeps one small case of each behaviour in the default run.
 Each suite records its figures (trials, kills, faults, re-paid calls...) with the `figures`
 fixture; with ORCH_FIGURES=path they are merged into that JSON file, which
 docs/reliability.md is written from:
@@ -20,9 +23,18 @@ import pytest
 
 from statemachine_orch.testing import FakeMessagesAPI
 
-from ..helpers import FULL, Answers, EnvOrch, Figures, answer_every_state, orch_against
+from ..helpers import FULL, EnvOrch, Figures, answer_every_state
 
 _LOCK = threading.Lock()
+_HERE = Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/reliability/ `reliability`."""
+    for item in items:
+        if _HERE in item.path.parents:
+            item.add_marker(pytest.mark.reliability)
 
 
 @pytest.fixture
@@ -40,20 +52,8 @@ def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
 
 
 @pytest.fixture
-def orch(fake: FakeMessagesAPI, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EnvOrch]:
-    """`EnvOrch` on `db_path`, talking to the fake served on loopback, which answers every state
+def orch(orch: EnvOrch, fake: FakeMessagesAPI) -> EnvOrch:
+    """tests/conftest.py's `orch`, its fake answering every state with `answer(state)`
     (`answers` adds holds to that). A suite may override it (test_api_faults.py does)."""
-    for name in ("ORCH_KILL_AT", "ORCH_STOP_GRACE", "ORCH_BUSY_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)  # only the processes that are meant to get them
-    with orch_against(answer_every_state(fake), db_path) as cli:
-        yield EnvOrch(cli.db, cli.base_url, started=cli.started)
-
-
-@pytest.fixture
-def answers(fake: FakeMessagesAPI, orch: EnvOrch) -> Iterator[Answers]:
-    """The fake's answers with holds (see `Answers`); set up after `orch`, whose answers it replaces."""
-    served = Answers(fake)
-    try:
-        yield served
-    finally:
-        served.release_all()
+    answer_every_state(fake)
+    return orch

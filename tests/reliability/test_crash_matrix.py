@@ -31,12 +31,11 @@ from ..helpers import (
     Figures,
     Kill,
     Matrix,
-    Orch,
-    Trial,
     integrity,
     log_difference,
     reliability_seed,
     scaled,
+    shown_in_doubt,
     write_machine,
 )
 
@@ -103,13 +102,3 @@ def test_sigkill_at_every_kill_point_then_resume(
     shown_in_doubt(orch, next(t for t in trials if t.flagged))
 
 
-def shown_in_doubt(orch: Orch, trial: Trial) -> None:
-    """`orch log` shows the flagged step as source "llm!", with the note; --json as in_doubt."""
-    (seq,) = trial.flagged
-    as_json = orch.log(trial.run_id)
-    assert [row["seq"] for row in as_json if row["in_doubt"]] == [seq]
-    table = orch.ok("log", trial.run_id).stdout.splitlines()
-    row = next(line.split() for line in table[1:] if line.split()[0] == str(seq))
-    assert "llm!" in row, table
-    assert sum("llm!" in line for line in table) == 1, table
-    assert table[-1].startswith("! in doubt: the step re-sent a call that was in flight"), table
