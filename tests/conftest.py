@@ -1,32 +1,30 @@
-"""Shared fixtures: every test runs offline, against real SQLite files and the real SDK."""
+"""Shared fixtures: every test runs offline, against real SQLite files and the real SDK.
+The helpers they use (and that tests use) are in helpers.py.
+
+pyproject.toml's addopts deselect the `slow` and `reliability` tests; `-m "slow or reliability"`
+runs them, `-m ""` runs everything."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from statemachine_orch.store.sqlite._schema import APPLICATION_ID
 from statemachine_orch.testing import FakeMessagesAPI
 
-ROOT = Path(__file__).resolve().parent.parent
-MACHINES = ROOT / "machines"
-CANARY_KEY = "sk-ant-api03-CANARY-" + "x" * 40  # must never appear in logs or the database
-SCHEMA_V1 = Path(__file__).parent / "data" / "schema_v1.sql"  # as version 1 shipped; never regenerate
+from .helpers import CANARY_KEY, FULL, MACHINES, Answers, EnvOrch, orch_against
+
+DEFAULT_SELECTION = "not slow and not reliability"  # the -m of pyproject.toml's addopts
 
 
-def create_v1_schema(conn: sqlite3.Connection) -> None:
-    """An empty database of schema version 1, for the upgrade tests."""
-    conn.executescript(SCHEMA_V1.read_text())
-    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-    conn.execute("PRAGMA user_version=1")
+def pytest_configure(config: pytest.Config) -> None:
+    """ORCH_RELIABILITY=full asks for the reliability suites at their full counts, and the
+    command for the figures (docs/reliability.md: `ORCH_RELIABILITY=full ... pytest -q
+    tests/reliability`) gives no -m: lift the default deselection for it. A -m of its own wins."""
+    if FULL and config.option.markexpr == DEFAULT_SELECTION:
+        config.option.markexpr = ""
 
 
 @pytest.fixture(autouse=True)
@@ -49,26 +47,27 @@ def fake() -> FakeMessagesAPI:
     return FakeMessagesAPI(default=None)
 
 
-@dataclass
-class CLIResult:
-    code: int
-    stdout: str
-    stderr: str
+@pytest.fixture
+def orch(fake: FakeMessagesAPI, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EnvOrch]:
+    """The `fake` fixture (unscripted states answer 400; a module may override `fake`) served
+    to `orch` on `db_path`. Its processes get ORCH_KILL_AT, ORCH_STOP_GRACE or ORCH_BUSY_TIMEOUT
+    only through `orch.with_env(...)`. tests/reliability/conftest.py makes the fake answer
+    every state."""
+    for name in ("ORCH_KILL_AT", "ORCH_STOP_GRACE", "ORCH_BUSY_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # only the processes that are meant to get them
+    with orch_against(fake, db_path) as cli:
+        yield EnvOrch(cli.db, cli.base_url, started=cli.started)
 
 
-def orch_command() -> list[str]:
-    script = Path(sys.executable).parent / "orch"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "statemachine_orch.cli"]
-
-
-def run_orch(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-             input: str | None = None, timeout: float = 60) -> CLIResult:
-    """Run the real `orch` console script in a subprocess."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    proc = subprocess.run(orch_command() + list(args), cwd=cwd, env=full_env, input=input,
-                          capture_output=True, text=True, timeout=timeout)
-    return CLIResult(proc.returncode, proc.stdout, proc.stderr)
+@pytest.fixture
+def answers(fake: FakeMessagesAPI, orch: EnvOrch) -> Iterator[Answers]:
+    """`answer(state)` for every request, with holds (see `Answers`); set up after `orch`, so
+    it replaces whatever answers `orch` gave the fake."""
+    served = Answers(fake)
+    try:
+        yield served
+    finally:
+        served.release_all()
 
 
 @pytest.fixture

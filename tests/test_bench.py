@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import ROOT
+from .helpers import (
+    ROOT,
+)
 
 BENCH = ROOT / "bench"
 ANCHORS = ROOT.parent / "shared" / "bench-anchors"

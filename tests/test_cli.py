@@ -10,13 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import re
-import sqlite3
-import subprocess
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +21,32 @@ import pytest
 from statemachine_orch import SQLiteStore
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, error
 
-from .conftest import CANARY_KEY, MACHINES, CLIResult, orch_command, run_orch
+from .helpers import (
+    CLOSED_PORT,
+    MACHINES,
+    REPORT,
+    REPORT_INPUT,
+    REPORT_STATES,
+    ROUTER,
+    ROUTER_STATES,
+    CLIResult,
+    Orch,
+    offline_environment,
+    one_error_line,
+    query,
+    requests_for,
+    resume_hint,
+    router_input,
+    run_count,
+    run_orch,
+    script,
+    stored_log,
+    stored_status,
+    write,
+)
 
-CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens there: any API call fails at once
-REPORT = MACHINES / "report.py"
-REPORT_INPUT = MACHINES / "report_input.json"
-ROUTER = MACHINES / "support_router.py"
 EXTRACT = MACHINES / "extract.py"
 EXTRACT_INPUT = MACHINES / "extract_input.json"
-REPORT_STATES = ("data_validation", "trend_analysis", "risk_assessment", "recommendations",
-                 "executive_summary")
-ROUTER_STATES = ("sentiment_analysis", "standard_reply", "upsell", "support")
 SEED_MAX_TOKENS = {"data_validation": 500, "trend_analysis": 1000, "risk_assessment": 800,
                    "recommendations": 1000, "executive_summary": 600}
 LOG_FIELDS = {"run_id", "seq", "from_state", "to_state", "decision", "reason", "attempt",
@@ -45,171 +56,9 @@ LOG_FIELDS = {"run_id", "seq", "from_state", "to_state", "decision", "reason", "
 # --------------------------------------------------------------------------- helpers
 
 
-@dataclass
-class Orch:
-    """The `orch` command against one database, with the SDK pointed at `base_url`.
-
-    Commands get conftest's canary API key; with `key=False` they get whatever the
-    environment holds (a test that removed the key from it).
-    """
-
-    db: Path
-    base_url: str = CLOSED_PORT
-    cwd: Path | None = None
-    key: bool = True
-    started: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    def env(self) -> dict[str, str]:
-        env = {"ANTHROPIC_BASE_URL": self.base_url}
-        if self.key:
-            env["ANTHROPIC_API_KEY"] = CANARY_KEY
-        return env
-
-    def argv(self, args: Sequence[str | Path]) -> list[str]:
-        return ["--db", str(self.db), *map(str, args)]
-
-    def __call__(self, *args: str | Path) -> CLIResult:
-        return run_orch(*self.argv(args), cwd=self.cwd, env=self.env())
-
-    def ok(self, *args: str | Path) -> CLIResult:
-        result = self(*args)
-        command = " ".join(map(str, args))
-        assert result.code == 0, f"orch {command} exited {result.code}:\n{result.stderr}"
-        return result
-
-    def json(self, *args: str | Path) -> Any:
-        return json.loads(self.ok(*args, "--json").stdout)
-
-    def log(self, run_id: str) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.ok("log", run_id, "--json").stdout.splitlines()]
-
-    def start(self, *args: str | Path) -> subprocess.Popen[str]:
-        """Start `orch` without waiting (stdout and stderr captured); `stop_all` cleans up."""
-        env = dict(os.environ)
-        env.update(self.env())
-        proc = subprocess.Popen(orch_command() + self.argv(args), cwd=self.cwd, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.started.append(proc)
-        return proc
-
-    @staticmethod
-    def finish(proc: subprocess.Popen[str], timeout: float = 60) -> CLIResult:
-        stdout, stderr = proc.communicate(timeout=timeout)
-        return CLIResult(proc.returncode, stdout, stderr)
-
-    def stop_all(self) -> None:
-        """Kill the processes this helper started that are still running (teardown)."""
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate(timeout=30)
-
-
-@contextmanager
-def offline_environment() -> Iterator[None]:
-    """conftest's offline environment, for module-scoped fixtures (set up before it applies)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ANTHROPIC_BASE_URL", CLOSED_PORT)
-        env.setenv("ANTHROPIC_API_KEY", CANARY_KEY)
-        for name in ("ANTHROPIC_AUTH_TOKEN", "ORCH_DB", "ORCH_SYNC"):
-            env.delenv(name, raising=False)
-        yield
-
-
-@contextmanager
-def orch_against(fake: FakeMessagesAPI, db: Path) -> Iterator[Orch]:
-    """`Orch` on `db` with the fake served on loopback; kills leftover processes on exit."""
-    with fake.serve() as url:
-        cli = Orch(db, url)
-        try:
-            yield cli
-        finally:
-            cli.stop_all()
-
-
-@pytest.fixture(name="orch")
-def orch_fixture(fake: FakeMessagesAPI, db_path: Path) -> Iterator[Orch]:
-    """The conftest fake (unscripted states answer 400; a module may override `fake`) served to
-    `orch` on `db_path`. Other modules import it as `orch_fixture`."""
-    with orch_against(fake, db_path) as cli:
-        yield cli
-
-
-def answer(state: str) -> Reply:
-    """A recognisable answer for `state`, with usage numbers of its own."""
-    n = sum(map(ord, state))
-    return Reply(text=f"<<{state} answer {n}>>", input_tokens=n % 997 + 100,
-                 output_tokens=n % 89 + 10)
-
-
-def script(fake: FakeMessagesAPI, states: Sequence[str],
-           before: Mapping[str, Sequence[Reply]] | None = None) -> dict[str, Reply]:
-    """Script `answer(state)` for each state, after the replies in `before[state]`."""
-    replies = {}
-    for state in states:
-        replies[state] = answer(state)
-        fake.on(state, *(before or {}).get(state, ()), replies[state])
-    return replies
-
-
-def requests_for(fake: FakeMessagesAPI, state: str) -> list[CapturedRequest]:
-    return [r for r in fake.requests if r.state == state]
-
-
-def query(db: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
-    """Rows from the database file, or none when the file does not exist."""
-    if not db.exists():
-        return []
-    with closing(sqlite3.connect(db)) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute(sql, params).fetchall()
-
-
-def run_count(db: Path) -> int:
-    return len(query(db, "SELECT run_id FROM runs"))
-
-
-def stored_log(db: Path, run_id: str) -> list[sqlite3.Row]:
-    """The run's transition rows as stored (where `orch log` itself is not under test)."""
-    return query(db, "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", run_id)
-
-
-def stored_status(db: Path, run_id: str) -> str:
-    (row,) = query(db, "SELECT status FROM runs WHERE run_id = ?", run_id)
-    return str(row["status"])
-
-
-def write(path: Path, content: str | bytes) -> Path:
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content, encoding="utf-8")
-    return path
-
-
-def one_error_line(result: CLIResult) -> str:
-    """The single `orch: error: ...` line a refused command prints, without a traceback."""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("orch: error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
-
-
-def resume_hint(stdout: str) -> str:
-    """The run id from the `resume with: orch resume RUN_ID` hint of a failed run."""
-    found = re.search(r"^resume with: orch resume (\S+)$", stdout, re.MULTILINE)
-    assert found, stdout
-    return found.group(1)
-
-
 def committed(log: list[dict[str, Any]]) -> list[str]:
     """The states whose step committed a transition, in log order."""
     return [row["from_state"] for row in log if row["to_state"] is not None]
-
-
-def router_input(tmp_path: Path, text: str = "I love the new tent!") -> Path:
-    return write(tmp_path / "ticket.json", json.dumps({"text": text}))
 
 
 # --------------------------------------------------------------------------- the seed report

@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import threading
-from contextlib import closing
-from pathlib import Path
 
 import pytest
 
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, error
 
-from .test_cli import (  # noqa: F401  (orch_fixture: the `orch` fixture)
+from .helpers import (
     REPORT,
     REPORT_INPUT,
     REPORT_STATES,
     Orch,
     answer,
+    integrity,
     one_error_line,
-    orch_fixture,
     query,
     resume_hint,
     script,
@@ -29,7 +26,6 @@ from .test_cli import (  # noqa: F401  (orch_fixture: the `orch` fixture)
     stored_status,
 )
 
-pytestmark = pytest.mark.slow
 WAIT_S = 30.0  # generous bound on waiting for a request to reach the fake
 
 
@@ -43,11 +39,7 @@ def run_until_killed(orch: Orch, fake: FakeMessagesAPI, state: str) -> int:
     return proc.pid
 
 
-def integrity(db: Path) -> str:
-    with closing(sqlite3.connect(db)) as conn:
-        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-
-
+@pytest.mark.slow  # in the default run: test_reliability_fast.py's in_flight kill
 def test_sigkill_during_a_call_then_resume_resends_only_the_call_in_flight(
         orch: Orch, fake: FakeMessagesAPI) -> None:
     gate = threading.Event()
@@ -76,6 +68,7 @@ def test_sigkill_during_a_call_then_resume_resends_only_the_call_in_flight(
     assert stored_status(orch.db, run_id) == "completed"
 
 
+@pytest.mark.slow  # in the default run: test_reliability_fast.py's kills, each resumed at once
 def test_resume_right_after_kill_9_takes_over_from_the_dead_owner(
         orch: Orch, fake: FakeMessagesAPI) -> None:
     gate = threading.Event()
@@ -147,9 +140,10 @@ def test_a_second_resume_of_a_busy_run_exits_3(orch: Orch, fake: FakeMessagesAPI
     assert calls_per_state(fake, run_id) == ONE_RETRY
 
 
-def test_racing_resumes_let_exactly_one_drive_the_run(orch: Orch, fake: FakeMessagesAPI) -> None:
+@pytest.mark.parametrize("rounds", [1, pytest.param(3, marks=pytest.mark.slow)])
+def test_racing_resumes_let_exactly_one_drive_the_run(orch: Orch, fake: FakeMessagesAPI, rounds: int) -> None:
     fail_first_try(fake, "trend_analysis")
-    for _ in range(3):
+    for _ in range(rounds):
         run_id = failed_run(orch)
         racers = [orch.start("resume", run_id) for _ in range(2)]
         results = sorted((Orch.finish(proc) for proc in racers), key=lambda r: r.code)

@@ -31,7 +31,10 @@ from statemachine_orch import (
 )
 from statemachine_orch.types import decision_from_value
 
-from .conftest import MACHINES
+from .helpers import (
+    MACHINES,
+    shown,
+)
 
 DEFAULT_KEYS = {"continue", "skip", "retry", "terminate"}
 
@@ -41,14 +44,6 @@ class Ticket(BaseModel):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def shown(path: str | Path) -> str:
-    """The module part of a problem line: relative to cwd when under it, else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def state_line(state: str, problem: str, fix: str, *, where: str | Path = __file__) -> str:

@@ -18,7 +18,9 @@ import pytest
 import statemachine_orch
 from statemachine_orch.cli._main import build_parser
 
-from .conftest import ROOT
+from .helpers import (
+    ROOT,
+)
 
 DOCS = ROOT / "docs"
 CLI_DOC = DOCS / "cli.md"
@@ -231,3 +233,18 @@ def test_a_broken_link_is_reported(tmp_path: Path) -> None:
     )
     assert broken_links(page) == ["page.md: missing.md (no such file)",
                                   "page.md: there.md#nope (no such heading)"]
+
+
+# --------------------------------------------------------------------------- the test commands
+
+
+def test_ci_runs_the_test_commands_the_readme_gives() -> None:
+    """.ci/run runs the commands of README.md's Tests section, exactly and in order."""
+    section = _section_pattern("Tests").search((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert section, "README.md has no '## Tests' section"
+    readme = [line for block in re.findall(r"^```bash\n(.*?)^```", section.group(0), re.DOTALL | re.MULTILINE)
+              for line in block.splitlines() if line.strip()]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert readme[0].endswith(".venv/bin/python -m pytest -q")  # the default run comes first
+    assert ci == readme

@@ -35,7 +35,9 @@ from statemachine_orch import (
 from statemachine_orch.llm._retry import NO_RETRY
 from statemachine_orch.testing import FakeMessagesAPI, Reply, capture_trace, error
 
-from .conftest import MACHINES
+from .helpers import (
+    MACHINES,
+)
 
 
 def load(name: str) -> Machine:

@@ -14,8 +14,12 @@ from statemachine_orch import DefinitionError, Machine, load_machine
 from statemachine_orch.cli._render import mermaid
 from statemachine_orch.errors import MachineNotFoundError
 
-from .conftest import MACHINES, ROOT, run_orch
-from .test_definition import shown
+from .helpers import (
+    MACHINES,
+    ROOT,
+    run_orch,
+    shown,
+)
 
 HEADER = """\
 from statemachine_orch import END, FlowDecision, LLMState, Machine, PythonState

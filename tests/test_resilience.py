@@ -59,9 +59,9 @@ from statemachine_orch.llm._retry import next_delay, retry_after, should_retry
 from statemachine_orch.testing import FakeMessagesAPI, Reply, disconnect, error, timeout
 from statemachine_orch.types import total_cost
 
-MODEL = "claude-sonnet-5-5"
+from .helpers import MODEL, PRICES, cost_of, reply, usage_of
+
 FALLBACK = "claude-haiku-4-5"
-PRICES = PriceTable()  # what the engine uses when given no price table
 
 
 class Out(BaseModel):
@@ -73,29 +73,6 @@ def policy(attempts: int, **options: Any) -> RetryPolicy:
     """Backoff without jitter (1 s, 2 s, 4 s, ...), so delays without a server hint are exact."""
     return RetryPolicy(max_attempts=attempts, initial_delay_s=1.0, multiplier=2.0, jitter=0.0,
                        **options)
-
-
-def reply(text: str = "fine", *, input_tokens: int = 100, output_tokens: int = 20,
-          **options: Any) -> Reply:
-    """A scripted answer with usage numbers of its own (text, or tool input via data=)."""
-    return Reply(text=None if "data" in options else text, input_tokens=input_tokens,
-                 output_tokens=output_tokens, **options)
-
-
-def usage_of(*replies: Reply) -> Usage:
-    """The usage the API reports for these scripted answers, added up."""
-    total = Usage()
-    for r in replies:
-        total.add(Usage(input_tokens=r.input_tokens or 0, output_tokens=r.output_tokens or 0,
-                        cache_read_tokens=r.cache_read_tokens, cache_write_tokens=r.cache_write_tokens))
-    return total
-
-
-def cost_of(*replies: Reply, model: str = MODEL, prices: PriceTable = PRICES) -> float:
-    """What the price table charges for these answers, one call each."""
-    costs = [prices.cost(model, usage_of(r)) for r in replies]
-    assert None not in costs, f"no price for {model}"
-    return sum(c for c in costs if c is not None)
 
 
 def worst_case_tokens(body: dict[str, Any]) -> int:

@@ -17,8 +17,15 @@ import pytest
 from statemachine_orch import PriceTable, RetryPolicy
 from statemachine_orch.testing import FakeMessagesAPI, disconnect, error, timeout
 
-from .test_cli import Orch, orch_fixture, query, stored_status, write  # noqa: F401  (the `orch` fixture)
-from .test_resilience import MODEL, cost_of, reply
+from .helpers import (
+    MODEL,
+    Orch,
+    cost_of,
+    query,
+    reply,
+    stored_status,
+    write,
+)
 
 QUICK = RetryPolicy(max_attempts=4, initial_delay_s=0.01, multiplier=1.0, jitter=0.0)
 STATE_TIMEOUT_S = 0.3

@@ -17,15 +17,15 @@ import pytest
 
 from statemachine_orch.testing import FakeMessagesAPI, Reply, error
 
-from .conftest import CANARY_KEY, CLIResult
-from .test_cli import (  # noqa: F401  (orch_fixture: the `orch` fixture)
+from .helpers import (
+    CANARY_KEY,
     REPORT,
     REPORT_INPUT,
     REPORT_STATES,
     ROUTER,
     ROUTER_STATES,
+    CLIResult,
     Orch,
-    orch_fixture,
     resume_hint,
     router_input,
     script,

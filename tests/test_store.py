@@ -1,6 +1,5 @@
 """SQLite-specific guarantees of the store; the contract every backend serves is
-tests/test_store_contract.py (whose record helpers are imported here, and from here by the
-reliability suites).
+tests/test_store_contract.py; both build their records with tests/helpers.py.
 
 The store is async: each test drives it with `asyncio.run` (one event loop per call or per
 scenario), and reads the file directly through `sqlite3` where the guarantee is about the file.
@@ -9,11 +8,8 @@ scenario), and reads the file directly through `sqlite3` where the guarantee is 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import sqlite3
 import stat
-import subprocess
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +19,6 @@ from typing import Any
 import pytest
 
 from statemachine_orch import (
-    Owner,
     RunStatus,
     SchemaVersionError,
     SQLiteStore,
@@ -33,21 +28,11 @@ from statemachine_orch import (
 from statemachine_orch.store.sqlite._schema import SCHEMA_VERSION
 from statemachine_orch.types import RunRecord, Usage
 
-from .conftest import create_v1_schema
-from .test_store_contract import me, new_run, row
-
-__all__ = ["me", "new_run", "row"]  # the reliability suites import the record helpers from here
+from .helpers import create_v1_schema, dead_owner, me, new_run, row
 
 
 def close(store: SQLiteStore) -> None:
     asyncio.run(store.close())
-
-
-def dead_owner() -> Owner:
-    """The identity of a process on this host that has exited (as a killed `orch` leaves)."""
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return Owner(os.urandom(8).hex(), socket.gethostname(), proc.pid, None, None)
 
 
 # --------------------------------------------------------------------------- the file

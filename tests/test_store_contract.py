@@ -20,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from statemachine_orch import (
-    Owner,
     OwnershipLostError,
     RunBusyError,
     RunExistsError,
@@ -30,7 +29,9 @@ from statemachine_orch import (
     Store,
     open_store,
 )
-from statemachine_orch.types import Attempt, RunRecord, TransitionRecord, Usage, now_iso
+from statemachine_orch.types import Attempt, Usage, now_iso
+
+from .helpers import me, new_run, row
 
 StoreFactory = Callable[[Path], Store]
 BACKENDS: dict[str, StoreFactory] = {
@@ -64,27 +65,6 @@ def on_store(backend: StoreFactory, tmp_path: Path) -> Callable[[Scenario], None
 # --------------------------------------------------------------------------- records
 
 
-def new_run(run_id: str = "run-1", **overrides: Any) -> RunRecord:
-    now = now_iso()
-    fields: dict[str, Any] = dict(run_id=run_id, machine="m", machine_ref="/x/m.py:machine",
-                                  machine_hash="ab" * 32, input={"q": [1, "two", None]},
-                                  status=RunStatus.RUNNING, created_at=now, updated_at=now,
-                                  options={"offline": "auto"})
-    fields.update(overrides)
-    return RunRecord(**fields)
-
-
-def row(seq: int, **overrides: Any) -> TransitionRecord:
-    fields: dict[str, Any] = dict(run_id="run-1", seq=seq, from_state="a", to_state="b",
-                                  decision="continue", reason="r", attempt=1, started_at=now_iso(),
-                                  latency_ms=1.5, source="llm", output="out",
-                                  request={"model": "m", "messages": []},
-                                  response={"id": "msg", "content": []}, request_id="req",
-                                  usage=Usage(input_tokens=3, output_tokens=4))
-    fields.update(overrides)
-    return TransitionRecord(**fields)
-
-
 def failed_call(number: int, **overrides: Any) -> Attempt:
     fields: dict[str, Any] = dict(number=number, started_at=now_iso(), kind="transient",
                                   error=f"overloaded ({number})", status_code=529, request_id=f"req-{number}",
@@ -92,11 +72,6 @@ def failed_call(number: int, **overrides: Any) -> Attempt:
                                   request={"model": "m", "messages": [number]}, response=None)
     fields.update(overrides)
     return Attempt(**fields)
-
-
-def me() -> Owner:
-    """A new owner in this (live) process: another token, so another owner."""
-    return Owner.for_this_process()
 
 
 def at(day: int, second: int = 0) -> str:

@@ -19,8 +19,12 @@ import pytest
 from statemachine_orch import RetryPolicy
 from statemachine_orch.testing import FakeMessagesAPI, Reply, disconnect, error, timeout
 
-from ..test_cli import Orch, orch_against, write
-from .conftest import Figures
+from ..helpers import (
+    Figures,
+    Orch,
+    orch_against,
+    write,
+)
 
 QUICK = RetryPolicy(max_attempts=4, initial_delay_s=0.01, multiplier=1.0, jitter=0.0, max_total_s=30)
 STATE_TIMEOUT_S = 0.3

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,26 @@ import pytest
 from statemachine_orch.store.sqlite._chain import chain_hash
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, ScriptEntry, error
 
-from ..conftest import CLIResult, create_v1_schema
-from ..test_cli import Orch, offline_environment, query, stored_log, write
-from .conftest import Figures
-from .test_bad_inputs import in_parallel
+from ..helpers import (
+    CLIResult,
+    Figures,
+    Orch,
+    Tamper,
+    copy_row,
+    delete,
+    edit,
+    in_parallel,
+    move,
+    offline_environment,
+    query,
+    renumber,
+    snapshot_copy,
+    steps,
+    stored_log,
+    v1_upgrade_trial,
+    verdicts,
+    write,
+)
 
 MODEL = "claude-sonnet-5-5"
 FALLBACK_MODEL = "claude-haiku-4-5"
@@ -116,27 +131,6 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Recorded:
     return Recorded(home / "orch.db", first, then)
 
 
-def snapshot_copy(source: Path, target: Path) -> Path:
-    """A consistent copy of a database (WAL included), through SQLite's backup API."""
-    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
-        src.backup(dst)
-    return target
-
-
-AUDIT_LINE = re.compile(r"run (\S+): (ok|TAMPERED: (.*))")
-
-
-def verdicts(result: CLIResult) -> dict[str, int | None]:
-    """run id -> the seq `orch audit verify` names as its first bad row (None: ok)."""
-    found: dict[str, int | None] = {}
-    for line in result.stdout.splitlines():
-        match = AUDIT_LINE.fullmatch(line)
-        if match:
-            named = re.search(r"\brow seq (\d+)\b", match.group(3) or "")
-            found[match.group(1)] = None if match.group(2) == "ok" else int(named.group(1)) if named else -1
-    return found
-
-
 # --------------------------------------------------------------------------- untouched logs
 
 
@@ -163,70 +157,11 @@ def test_audit_verify_passes_every_untouched_run(recorded: Recorded) -> None:
     assert (one.code, verdicts(one)) == (0, {"guarded": None})
 
 
-V1_ROWS = (("old", 1, "a", "b", "continue", "first"), ("old", 2, "b", "__end__", "continue", "second"))
-
-
 def test_a_database_upgraded_from_version_1_chains_its_old_rows(tmp_path: Path) -> None:
-    db = tmp_path / "v1.db"
-    with closing(sqlite3.connect(db)) as conn, conn:
-        create_v1_schema(conn)
-        conn.execute("INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, status, created_at, "
-                     "updated_at) VALUES ('old', 'm', 'm.py', 'h', '{}', 'completed', 't', 't')")
-        conn.executemany("INSERT INTO transitions (run_id, seq, from_state, to_state, decision, reason, attempt, "
-                         "started_at, latency_ms, source) VALUES (?, ?, ?, ?, ?, ?, 1, 't', 1.0, 'python')", V1_ROWS)
-    cli = Orch(db)
-    upgraded = cli("audit", "verify")
-    assert (upgraded.code, verdicts(upgraded)) == (0, {"old": None})
-    with closing(sqlite3.connect(db)) as conn, conn:
-        conn.execute("UPDATE transitions SET reason = 'edited' WHERE seq = 2")
-    edited = cli("audit", "verify", "old")
-    assert (edited.code, verdicts(edited)) == (1, {"old": 2})
+    v1_upgrade_trial(tmp_path)
 
 
 # --------------------------------------------------------------------------- tampering
-
-Tamper = Callable[[sqlite3.Connection], None]
-
-
-def edit(run_id: str, seq: int, assignment: str, *values: object) -> Tamper:
-    def apply(conn: sqlite3.Connection) -> None:
-        conn.execute(f"UPDATE transitions SET {assignment} WHERE run_id = ? AND seq = ?", (*values, run_id, seq))
-    return apply
-
-
-def delete(run_id: str, seq: int) -> Tamper:
-    return lambda conn: conn.execute("DELETE FROM transitions WHERE run_id = ? AND seq = ?", (run_id, seq))
-
-
-def renumber(run_id: str, from_seq: int, by: int) -> Tamper:
-    """Shift the seq of rows from `from_seq` on (through negatives, so no two rows clash)."""
-    def apply(conn: sqlite3.Connection) -> None:
-        conn.execute("UPDATE transitions SET seq = -seq WHERE run_id = ? AND seq >= ?", (run_id, from_seq))
-        conn.execute("UPDATE transitions SET seq = ? - seq WHERE run_id = ? AND seq < 0", (by, run_id))
-    return apply
-
-
-def copy_row(run_id: str, seq: int, *, to_run: str | None = None, to_seq: int, reason: str | None = None) -> Tamper:
-    """Insert a copy of a row elsewhere (its chain value copied too, as a forger would)."""
-    def apply(conn: sqlite3.Connection) -> None:
-        conn.row_factory = sqlite3.Row
-        row = dict(conn.execute("SELECT * FROM transitions WHERE run_id = ? AND seq = ?", (run_id, seq)).fetchone())
-        row.update(run_id=to_run or run_id, seq=to_seq, reason=reason or row["reason"])
-        conn.execute(f"INSERT INTO transitions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                     list(row.values()))
-    return apply
-
-
-def move(run_id: str, seq: int, to_run: str) -> Tamper:
-    """Give a row another run id (rows swap runs this way)."""
-    return edit(run_id, seq, "run_id = ?", to_run)
-
-
-def steps(*tampers: Tamper) -> Tamper:
-    def apply(conn: sqlite3.Connection) -> None:
-        for tamper in tampers:
-            tamper(conn)
-    return apply
 
 
 @dataclass(frozen=True)

@@ -13,114 +13,45 @@ Resumable runs are prepared in process on a fake of their own (`seed_runs`), or 
 
 from __future__ import annotations
 
-import asyncio
-import multiprocessing
-import os
 import random
-import socket
-import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
-from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from statemachine_orch import Engine, Loaded, Owner, OwnershipLostError, RunStatus, SQLiteStore, load_machine
-from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, error
+from statemachine_orch.testing import FakeMessagesAPI
 
-from ..conftest import CLIResult, run_orch
-from ..test_cli import (
+from ..helpers import (
+    FULL,
+    OPERATIONS,
     REPORT,
     REPORT_INPUT,
     REPORT_STATES,
+    WAIT_S,
+    CLIResult,
+    Figures,
     Orch,
     answer,
+    committed_states,
+    integrity,
+    interleaved_writers_example,
+    many_writers_trial,
+    new_database_trial,
     one_error_line,
-    orch_against,
     query,
-    stored_log,
+    requested_states,
+    run_orch,
+    run_row,
+    scaled,
+    seed_runs,
+    stale_owner_trial,
+    tally,
 )
-from ..test_crash import integrity
-from ..test_store import new_run, row
-from .conftest import FULL, Figures, scaled
-
-WAIT_S = 60.0  # generous bound on waiting for a request or a process
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-@cache
-def report() -> Loaded:
-    """machines/report.py as `orch` loads it (its ref is what a resume loads it from)."""
-    return load_machine(str(REPORT))
-
-
-def answer_every_state(fake: FakeMessagesAPI) -> FakeMessagesAPI:
-    """Every state gets `answer(state)` (the conftest fake answers unscripted states with 400)."""
-    fake.default = lambda request: answer(request.state or "")
-    return fake
-
-
-@pytest.fixture(name="orch")
-def orch_fixture(fake: FakeMessagesAPI, db_path: Path) -> Iterator[Orch]:
-    """`orch` on `db_path`, talking to the fake served on loopback, which answers every state."""
-    with orch_against(answer_every_state(fake), db_path) as cli:
-        yield cli
-
-def seed_runs(db: Path, fail_at: Mapping[str, str | None], loaded: Loaded | None = None
-              ) -> FakeMessagesAPI:
-    """Store one report run per id, in process, on a fake of its own: a run whose `fail_at`
-    state is given fails there (a 400, not retried) and is resumable; None completes it.
-    `loaded`: another copy of the report machine to run (default machines/report.py)."""
-    chosen = loaded or report()
-
-    def reply(request: CapturedRequest) -> Reply:
-        if request.state == fail_at[request.run_id or ""]:
-            return error(400, f"{request.state} is misconfigured")
-        return answer(request.state or "")
-
-    seed = FakeMessagesAPI(default=reply)
-    engine = Engine(SQLiteStore(db), model=seed.model())
-
-    async def drive() -> list[Any]:
-        return await asyncio.gather(*(
-            engine.arun(chosen.machine, {"run": run_id}, run_id=run_id, machine_ref=chosen.ref)
-            for run_id in fail_at))
-
-    try:
-        results = asyncio.run(drive())
-    finally:
-        engine.close()
-    expected = {run_id: RunStatus.COMPLETED if state is None else RunStatus.FAILED
-                for run_id, state in fail_at.items()}
-    assert {r.run_id: r.status for r in results} == expected
-    return seed
-
-
-def committed_states(db: Path, run_id: str) -> list[str]:
-    """The states of the run's committed rows, in order, checking seq runs 1, 2, 3... unbroken."""
-    rows = query(db, "SELECT seq, from_state, to_state FROM transitions WHERE run_id = ? ORDER BY seq",
-                 run_id)
-    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1)), f"{run_id}: gap or duplicate"
-    return [r["from_state"] for r in rows if r["to_state"] is not None]
-
-
-def requested_states(requests: Sequence[CapturedRequest], run_id: str) -> Counter[str]:
-    return Counter(r.state or "" for r in requests if r.run_id == run_id)
-
-
-def tally(states: Sequence[str]) -> Counter[str]:
-    return Counter(states)
-
 
 # --------------------------------------------------------------------------- two resumes, one run
 
@@ -248,59 +179,8 @@ def test_two_resumes_of_one_run_let_exactly_one_advance_it(orch: Orch, fake: Fak
 # --------------------------------------------------------------------------- the fence
 
 
-def dead_owner() -> Owner:
-    """The identity of a process on this host that has exited (as a killed `orch` leaves)."""
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return Owner(os.urandom(8).hex(), socket.gethostname(), proc.pid, None, None)
-
-
-def run_row(db: Path, run_id: str) -> dict[str, Any]:
-    (found,) = query(db, "SELECT status, error, owner, owner_info, in_flight, updated_at FROM runs "
-                         "WHERE run_id = ?", run_id)
-    return dict(found)
-
-
-def everything(db: Path, run_id: str) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
-    return run_row(db, run_id), [tuple(r) for r in stored_log(db, run_id)]
-
-
 def test_an_owner_that_lost_its_run_writes_nothing(tmp_path: Path) -> None:
-    db = tmp_path / "fence.db"
-    old, new = dead_owner(), dead_owner()
-    stale, current = SQLiteStore(db), SQLiteStore(db)  # two processes' connections
-    try:
-        asyncio.run(stale.create_run(new_run("r"), old))
-        asyncio.run(stale.append(row(1, run_id="r"), old))
-        asyncio.run(current.claim_run("r", new))  # `old` is dead: its run is taken over
-        asyncio.run(current.append(row(2, run_id="r"), new))
-        before = everything(db, "r")
-
-        with pytest.raises(OwnershipLostError, match="taken over"):
-            asyncio.run(stale.append(row(3, run_id="r"), old))
-        with pytest.raises(OwnershipLostError, match="taken over"):
-            asyncio.run(stale.append(row(3, run_id="r", to_state="__end__"), old, status=RunStatus.COMPLETED))
-        with pytest.raises(OwnershipLostError):
-            asyncio.run(stale.append(row(2, run_id="r", output="the stale answer"), old))
-        with pytest.raises(OwnershipLostError, match="no call was made"):
-            asyncio.run(stale.mark_in_flight("r", old, seq=3, state="b"))
-        asyncio.run(stale.release("r", old, RunStatus.FAILED, "the stale process gave up"))
-        assert everything(db, "r") == before
-
-        with pytest.raises(OwnershipLostError, match="already has step 2"):
-            asyncio.run(current.append(row(2, run_id="r", output="twice"), new))
-        asyncio.run(current.append(row(3, run_id="r", to_state="__end__"), new, status=RunStatus.COMPLETED))
-        assert [r[1] for r in everything(db, "r")[1]] == [1, 2, 3]
-        assert asyncio.run(current.verify_chain("r")) is None
-    finally:
-        asyncio.run(stale.close())
-        asyncio.run(current.close())
-
-
-OPERATIONS = st.lists(st.tuples(st.sampled_from(["a", "b"]),
-                                st.sampled_from(["claim", "append", "mark", "release"])),
-                      min_size=1, max_size=12)
-_EXAMPLES = iter(range(10**9))
+    stale_owner_trial(tmp_path)
 
 
 @settings(max_examples=scaled(40, 400), deadline=None,
@@ -309,179 +189,20 @@ _EXAMPLES = iter(range(10**9))
 def test_interleaved_writers_only_land_the_current_owners_writes(tmp_path: Path,
                                                                  operations: list[tuple[str, str]]
                                                                  ) -> None:
-    """Two processes' stores on one file, in any order: a write lands iff its owner holds the run."""
-    db = tmp_path / "interleaved.db"
-    run_id = f"r{next(_EXAMPLES)}"
-    owners = {"a": dead_owner(), "b": dead_owner()}
-    stores = {name: SQLiteStore(db) for name in owners}
-    try:
-        asyncio.run(stores["a"].create_run(new_run(run_id), owners["a"]))
-        holder: str | None = "a"  # the model: who owns the run, how many rows it has
-        rows, marked = 0, None
-        for who, operation in operations:
-            store, owner = stores[who], owners[who]
-            if operation == "claim":  # every owner here is dead, so a claim always takes over
-                asyncio.run(store.claim_run(run_id, owner))
-                holder = who
-                continue
-            if operation == "release":
-                asyncio.run(store.release(run_id, owner, RunStatus.INTERRUPTED, f"{who} stopped"))
-                holder = None if holder == who else holder
-                continue
-            try:
-                if operation == "append":
-                    asyncio.run(store.append(row(rows + 1, run_id=run_id), owner))
-                else:
-                    asyncio.run(store.mark_in_flight(run_id, owner, seq=rows + 1, state="a"))
-            except OwnershipLostError:
-                assert holder != who, f"{who} owns {run_id} but its {operation} was refused"
-            else:
-                assert holder == who, f"{who} does not own {run_id} but its {operation} landed"
-                if operation == "append":
-                    rows += 1
-                else:
-                    marked = rows + 1
-        record, log = asyncio.run(stores["a"].load_run(run_id))
-        assert [r.seq for r in log] == list(range(1, rows + 1))
-        assert (record.in_flight or {}).get("seq") == marked
-        assert (record.status is RunStatus.RUNNING) == (holder is not None)
-        assert asyncio.run(stores["b"].verify_chain(run_id)) is None
-    finally:
-        for store in stores.values():
-            asyncio.run(store.close())
+    interleaved_writers_example(tmp_path, operations)
 
 
 # --------------------------------------------------------------------------- many writers
 
 
-PROCESSES = 8
-IN_PROCESS_RUNS = 100
-
-
-def hold_first_answers(fake: FakeMessagesAPI, gate: threading.Event) -> None:
-    """Every run's first answer waits for `gate`, so all runs commit together once it opens."""
-
-    def reply(request: CapturedRequest) -> Reply:
-        scripted = answer(request.state or "")
-        if request.state == REPORT_STATES[0]:
-            scripted.gate = gate
-        return scripted
-
-    fake.default = reply
-
-
-async def drive_in_process(db: Path, fake: FakeMessagesAPI, gate: threading.Event,
-                           run_ids: Sequence[str], total_first_calls: int) -> list[Any]:
-    """`run_ids` as concurrent runs of one Engine; opens `gate` once every first call arrived."""
-    engine = Engine(SQLiteStore(db), model=fake.model())
-
-    async def open_gate_when_all_wait() -> None:
-        arrived = await asyncio.to_thread(fake.wait_for, REPORT_STATES[0], total_first_calls,
-                                          WAIT_S)
-        gate.set()
-        assert arrived, f"only {fake.calls(REPORT_STATES[0])} first calls arrived"
-
-    try:
-        runs = [engine.arun(report().machine, {"run": run_id}, run_id=run_id,
-                            machine_ref=report().ref) for run_id in run_ids]
-        opener = asyncio.create_task(open_gate_when_all_wait())
-        results = await asyncio.gather(*runs, return_exceptions=True)
-        await opener  # its assertion, if not every first call arrived
-        return results
-    finally:
-        gate.set()
-        await engine.aclose()
-
-
 def test_eight_processes_and_a_hundred_runs_in_one_process_share_one_file(
         orch: Orch, fake: FakeMessagesAPI, figures: Figures) -> None:
-    rounds = scaled(1, 5)
-    locked, lost, problems = 0, 0, []
-    for round_ in range(rounds):
-        gate = threading.Event()
-        hold_first_answers(fake, gate)
-        waiting = fake.calls(REPORT_STATES[0])
-        procs = {f"proc-{round_}-{n}": orch.start("run", REPORT, "--input", REPORT_INPUT,
-                                                   "--run-id", f"proc-{round_}-{n}")
-                 for n in range(PROCESSES)}  # round 0: they also race to create the database
-        in_process = [f"inproc-{round_}-{n:03d}" for n in range(IN_PROCESS_RUNS)]
-        try:
-            if fake.wait_for(REPORT_STATES[0], waiting + PROCESSES, timeout=WAIT_S):
-                results = asyncio.run(drive_in_process(orch.db, fake, gate, in_process,
-                                                       waiting + PROCESSES + IN_PROCESS_RUNS))
-            else:  # a process failed before its first call: its output says why
-                results = [RuntimeError("not started: a process failed")] * len(in_process)
-        finally:
-            gate.set()
-        finished = {run_id: Orch.finish(proc, timeout=WAIT_S) for run_id, proc in procs.items()}
-
-        for run_id, result in finished.items():
-            locked += "database is locked" in result.stderr
-            if result.code != 0 or f"run {run_id} completed" not in result.stdout:
-                problems.append(f"{run_id}: exit {result.code}: {result.stderr[-500:]}")
-        for run_id, outcome in zip(in_process, results, strict=True):
-            if isinstance(outcome, BaseException):
-                locked += "database is locked" in str(outcome)
-                problems.append(f"{run_id}: {type(outcome).__name__}: {outcome}")
-            elif outcome.status is not RunStatus.COMPLETED:
-                problems.append(f"{run_id}: {outcome.status.value}: {outcome.error}")
-        for run_id in [*finished, *in_process]:  # a lost transition: answered, never stored
-            stored, called = committed_states(orch.db, run_id), requested_states(fake.requests, run_id)
-            lost += (called - tally(stored)).total()
-            if called != tally(stored):
-                problems.append(f"{run_id}: calls {dict(called)}, stored {stored}")
-
-    runs = PROCESSES + IN_PROCESS_RUNS
-    (count,) = query(orch.db, "SELECT count(*) AS n FROM transitions")
-    figures["rounds"] = rounds
-    figures["processes_per_round"] = PROCESSES
-    figures["in_process_runs_per_round"] = IN_PROCESS_RUNS
-    figures["runs"] = rounds * runs
-    figures["transitions_committed"] = count["n"]
-    figures["database_locked_errors"] = locked
-    figures["lost_transitions"] = lost
-    figures["failed_runs"] = len(problems)
-
-    assert (problems, locked, lost) == ([], 0, 0)
-    statuses = Counter(r["status"] for r in query(orch.db, "SELECT status FROM runs"))
-    assert statuses == {"completed": rounds * runs}
-    assert count["n"] == rounds * runs * len(REPORT_STATES)
-    audit = orch("audit", "verify")
-    assert audit.code == 0 and audit.stdout.splitlines()[-1] == (
-        f"{rounds * runs} run(s) checked, 0 with a broken log"), audit.stdout[-2000:]
-    assert integrity(orch.db) == "ok"
-
-
-def open_when_all_are_ready(path: Path, ready: Any, errors: Any) -> None:
-    """One process opening (creating) the database the moment all its peers are ready."""
-    ready.wait()
-    try:
-        asyncio.run(SQLiteStore(path).close())
-    except Exception as exc:  # reported to the parent, which counts them
-        errors.put(f"{type(exc).__name__}: {exc}".replace(str(path), "DB"))
+    many_writers_trial(orch, fake, figures, rounds=scaled(1, 5))
 
 
 def test_processes_creating_one_new_database_at_once_all_open_it(tmp_path: Path,
                                                                  figures: Figures) -> None:
-    """What every first `orch run` does on a new file, by 8 processes released together."""
-    context = multiprocessing.get_context("fork")
-    trials, failures = scaled(100, 2000), Counter[str]()
-    for n in range(trials):
-        path, ready, errors = tmp_path / f"new-{n}.db", context.Barrier(PROCESSES), context.Queue()
-        openers = [context.Process(target=open_when_all_are_ready, args=(path, ready, errors))
-                   for _ in range(PROCESSES)]
-        for opener in openers:
-            opener.start()
-        for opener in openers:
-            opener.join(WAIT_S)
-            assert opener.exitcode == 0
-        while not errors.empty():
-            failures[errors.get()] += 1
-        assert integrity(path) == "ok"
-    figures["trials"] = trials
-    figures["processes_per_trial"] = PROCESSES
-    figures["opens_failed"] = failures.total()
-    assert failures == {}, f"{failures.total()} of {trials * PROCESSES} opens failed"
+    new_database_trial(tmp_path, figures, trials=scaled(100, 2000))
 
 
 # --------------------------------------------------------------------------- a slow call
