@@ -195,7 +195,7 @@ class Orch:
 
 @contextmanager
 def offline_environment() -> Iterator[None]:
-    """conftest's offline environment, for module-scoped fixtures (set up before it applies)."""
+    """tests/conftest.py's offline environment, for module-scoped fixtures (set up before it applies)."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ANTHROPIC_BASE_URL", CLOSED_PORT)
         env.setenv("ANTHROPIC_API_KEY", CANARY_KEY)
@@ -760,7 +760,7 @@ def report() -> Loaded:
 
 
 def answer_every_state(fake: FakeMessagesAPI) -> FakeMessagesAPI:
-    """Every state gets `answer(state)` (the conftest fake answers unscripted states with 400)."""
+    """Every state gets `answer(state)` (the `fake` fixture answers unscripted states with 400)."""
     fake.default = lambda request: answer(request.state or "")
     return fake
 
@@ -1349,6 +1349,9 @@ def write_lock_trial(orch: Orch, fake: FakeMessagesAPI, figures: Figures,
 
 def lock_between_steps_trial(
         db_path: Path, fake: FakeMessagesAPI, figures: Figures) -> None:
+    """Another connection takes the write lock right after step 1 commits (in process, busy
+    timeout 0.3 s): the run stops with a "retry" StoreError before step 2's call, and the same
+    run completes once the lock is gone, nothing in doubt."""
     fake.default = lambda request: f"answer for {request.state}"
     tracer = LockAfterStep(db_path, seq=1)
     engine = Engine(SQLiteStore(db_path, busy_timeout_s=0.3), model=fake.model(), hooks=[tracer])
@@ -1382,6 +1385,10 @@ def lock_between_steps_trial(
 
 def corrupted_run_trial(
         orch: Orch, fake: FakeMessagesAPI, tmp_path: Path, kind: str, figures: Figures) -> None:
+    """The victim run damaged as `kind` says (see `corrupt`, `REFUSALS`): its resume (and, for
+    unreadable JSON, log and show) refused with one line, audit verify flags it iff the chain
+    covers the damage, no call made, nothing written; the other runs in the file read and
+    resume as before, and no planted pickle runs."""
     machine_file = shutil.copy(REPORT, tmp_path / "victim_report.py")
     seed_runs(orch.db, {VICTIM: REPORT_STATES[2]}, load_machine(str(machine_file)))
     seed_runs(orch.db, {OTHERS[0]: REPORT_STATES[1], OTHERS[1]: None})
@@ -1425,6 +1432,8 @@ def corrupted_run_trial(
 
 def newer_schema_trial(
         orch: Orch, fake: FakeMessagesAPI, figures: Figures) -> None:
+    """A database stamped with a newer schema version: every command (reads, replay, resume,
+    run) exits 2 with one line saying to upgrade, makes no call and leaves the file as it was."""
     seed_runs(orch.db, {"done": None, "failed": REPORT_STATES[3]})
     with closing(sqlite3.connect(orch.db)) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
@@ -1517,6 +1526,8 @@ def open_when_all_are_ready(path: Path, ready: Any, errors: Any) -> None:
 
 
 def stale_owner_trial(tmp_path: Path) -> None:
+    """Two stores on one file: once the run is taken over, every write of its old (dead)
+    owner is refused (append, the final append, the in-flight mark) or a no-op (release)."""
     db = tmp_path / "fence.db"
     old, new = dead_owner(), dead_owner()
     stale, current = SQLiteStore(db), SQLiteStore(db)  # two processes' connections
@@ -1989,6 +2000,8 @@ def rows_seen_by_splitlines(text: str) -> list[dict[str, Any]]:
 
 
 def code_loading_check(figures: Figures) -> None:
+    """No module of the package imports a deserializer or code loader, or calls code-running
+    functions, outside ALLOWED_CODE_LOADING (and every allowed site is still there)."""
     found = {(path.relative_to(PACKAGE).as_posix(), site) for path in sorted(PACKAGE.rglob("*.py"))
              for site in code_loading_sites(path.read_text(encoding="utf-8"))}
     figures["modules_scanned"] = len(list(PACKAGE.rglob("*.py")))
@@ -1999,6 +2012,7 @@ def code_loading_check(figures: Figures) -> None:
 
 
 def code_loading_scan_self_check() -> None:
+    """The scan of `code_loading_check` sees each kind of site it looks for."""
     source = ("import pickle\nfrom yaml import load\nimport marshal as m\nx = eval('1')\n"
               "y = pickle.loads(b'')\nz = json.loads('1')\nexec('pass')\n")
     assert code_loading_sites(source) == [
@@ -2081,6 +2095,8 @@ def hostile_run_ids_trial(tmp_path: Path, figures: Figures, commands: Sequence[t
 
 
 def sql_text_check() -> None:
+    """Only the SQLite backend talks SQL, and the non-literal parts of its SQL text are the
+    constants in ALLOWED_SQL_PARTS (and the scan sees an f-string value)."""
     stores = [path for path in sorted(PACKAGE.rglob("*.py"))
               if re.search(r"^\s*import sqlite3|^\s*import sqlite_utils", path.read_text(encoding="utf-8"), re.M)]
     assert [p.relative_to(PACKAGE).as_posix() for p in stores] == [
@@ -2092,6 +2108,9 @@ def sql_text_check() -> None:
 
 
 def forged_lines_trial(tmp_path: Path, figures: Figures) -> None:
+    """Control characters and line separators in an input and an answer (see FORGED, ANSWER):
+    stored as given, but no trace line (console or JSON), `orch log` row or JSON row is forged
+    and no raw control character is printed."""
     machine = write(tmp_path / "forger.py", FORGER_MACHINE)
     ticket = write(tmp_path / "ticket.json", json.dumps({"text": "help" + FORGED}))
     fake = FakeMessagesAPI(default=None)
@@ -2123,6 +2142,7 @@ def forged_lines_trial(tmp_path: Path, figures: Figures) -> None:
 
 
 def forged_error_line_trial(tmp_path: Path) -> None:
+    """An input refused for a value holding control characters: one error line, none printed."""
     machine = write(tmp_path / "forger.py", FORGER_MACHINE)
     bad_tag = write(tmp_path / "bad_tag.json", json.dumps({"text": "help", "tag": "other" + FORGED}))
     refused = Orch(tmp_path / "orch.db")("run", machine, "--input", bad_tag)
@@ -2441,6 +2461,8 @@ def steps(*tampers: Tamper) -> Tamper:
 
 
 def v1_upgrade_trial(tmp_path: Path) -> None:
+    """Rows written by schema version 1 (no chain) are chained when the file is upgraded: audit
+    verify passes, then names an edited old row."""
     db = tmp_path / "v1.db"
     with closing(sqlite3.connect(db)) as conn, conn:
         create_v1_schema(conn)
@@ -2578,6 +2600,9 @@ def fuzz_drive(machine: Machine, answers: Callable[[random.Random], Reply], runs
 
 
 def fuzz_check(machine: Machine, db: Path, run_ids: list[str], figures: Figures) -> None:
+    """Every stored step of `run_ids` is a declared transition to the table's target, or a
+    recorded error without one; refusals, truncated and empty answers only reach a guard as
+    InvalidOutput."""
     store = SQLiteStore(db)
     try:
         for run_id in run_ids:
@@ -2602,6 +2627,20 @@ def fuzz_check(machine: Machine, db: Path, run_ids: list[str], figures: Figures)
                     figures.add("invalid_outcomes_routed")
     finally:
         asyncio.run(store.close())
+
+
+def fuzz_trial(tmp_path: Path, figures: Figures, answers: int) -> None:
+    """At least `answers` generated answers through both machines (seeded): every step is a
+    declared transition or a recorded error, and invalid outcomes only reach a guard that routes
+    InvalidOutput."""
+    rng = random.Random(FUZZ_SEED)
+    figures["seed"] = FUZZ_SEED
+    for machine, generated in ((FUZZ_ROUTER, text_answer), (FUZZ_VERDICT, verdict_answer)):
+        db = tmp_path / f"{machine.name}.db"
+        run_ids = fuzz_drive(machine, generated, answers // 3, rng, db, figures)
+        fuzz_check(machine, db, run_ids, figures)
+    assert figures.values["generated_answers"] >= answers
+    figures["crashes"] = 0  # any crash would have failed this test before this line
 
 
 # --------------------------------------------------------------------------- property tests
@@ -2719,6 +2758,8 @@ async def drive_stepwise(engine: Engine, machine: Machine, db: SQLiteStore | Non
 
 
 def property_example(spec: Spec, tmp_path: Path, figures: Figures) -> None:
+    """One random machine (`spec`): the engine's path and status equal the reference model's,
+    every snapshot equals the live run, replay matches and the chain verifies."""
     script = Script(spec.script)
     machine = build_machine(spec, script)
     assume(machine is not None)
@@ -2743,17 +2784,3 @@ def property_example(spec: Spec, tmp_path: Path, figures: Figures) -> None:
     figures.add("snapshots_compared", checked)
     figures.add("replays_matched", 1)
     figures.add("failed_runs", int(run.status is RunStatus.FAILED))
-
-
-def fuzz_trial(tmp_path: Path, figures: Figures, answers: int) -> None:
-    """At least `answers` generated answers through both machines (seeded): every step is a
-    declared transition or a recorded error, and invalid outcomes only reach a guard that routes
-    InvalidOutput."""
-    rng = random.Random(FUZZ_SEED)
-    figures["seed"] = FUZZ_SEED
-    for machine, generated in ((FUZZ_ROUTER, text_answer), (FUZZ_VERDICT, verdict_answer)):
-        db = tmp_path / f"{machine.name}.db"
-        run_ids = fuzz_drive(machine, generated, answers // 3, rng, db, figures)
-        fuzz_check(machine, db, run_ids, figures)
-    assert figures.values["generated_answers"] >= answers
-    figures["crashes"] = 0  # any crash would have failed this test before this line
