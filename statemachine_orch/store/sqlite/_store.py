@@ -4,7 +4,8 @@
 run's last log row it is the resumable snapshot, so a transition writes one INSERT and one
 UPDATE (the totals, fenced on the owner), never a snapshot copy. `transitions` is the
 append-only log, `attempts` the failed model calls; the schema is in `_schema`, the audit
-chain in `_chain` (docs/storage.md).
+chain in `_chain`, the JSON of stored values in `_rows`, the lock handling in `_transaction`
+(docs/storage.md).
 
 Statements are plain SQL on `sqlite3`: the per-step write is a few prepared statements inside
 one IMMEDIATE transaction, and reading commands start without importing sqlite-utils (which
@@ -24,12 +25,11 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ...errors import (
-    CorruptRunError,
     DatabaseNotFoundError,
     OwnershipLostError,
     RunBusyError,
@@ -39,12 +39,14 @@ from ...errors import (
     StoreError,
     UsageError,
 )
-from ...types import Attempt, RunRecord, RunStatus, TransitionRecord, Usage, now_iso
+from ...types import Attempt, RunRecord, RunStatus, TransitionRecord, now_iso
 from .._contract import MachineTotals, RunSummary
 from .._owner import Owner, owner_from_json
 from ._chain import CHAINED_COLUMNS, chain_hash, first_link, last_link, verify
 from ._liveness import is_alive
+from ._rows import dump, load, transition_of, usage_of
 from ._schema import migrate
+from ._transaction import Busy, Transaction, busy_as, is_busy, to_the_end
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -88,10 +90,6 @@ _SET_STATUS = (
 )
 
 
-class _Busy(Exception):
-    """Another connection holds the lock this call needs."""
-
-
 class SQLiteStore:
     """The default store: a local SQLite file, safe for many processes on one machine.
 
@@ -127,7 +125,7 @@ class SQLiteStore:
         self._immutable = not os.access(self.path.parent, os.W_OK) and not Path(f"{self.path}-wal").exists()
         conn = self.conn = self._connect(wait=False)
         try:
-            self._while_busy(lambda: migrate(conn, self.where, lambda: _Transaction(self, conn, waited=True)))
+            self._while_busy(lambda: migrate(conn, self.where, lambda: Transaction(self, conn, waited=True)))
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{self.where} is not a usable SQLite database: {exc}", where=self.where) from exc
@@ -153,8 +151,8 @@ class SQLiteStore:
             self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, options, "
                             "status, error, created_at, updated_at, owner, owner_info) "
                             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                      (run.run_id, run.machine, run.machine_ref, run.machine_hash, _dump(run.input),
-                       _dump(run.options), run.status.value, run.error, run.created_at, run.updated_at,
+                      (run.run_id, run.machine, run.machine_ref, run.machine_hash, dump(run.input),
+                       dump(run.options), run.status.value, run.error, run.created_at, run.updated_at,
                        owner.token, owner.info_json()))
         except sqlite3.IntegrityError:
             raise RunExistsError(run.run_id, where=self.where) from None
@@ -177,7 +175,7 @@ class SQLiteStore:
             raise RunBusyError(run_id, holder=holder.describe() if holder else "an unknown process")
         self._sql(conn, "UPDATE runs SET status = ?, error = NULL, updated_at = ?, owner = ?, owner_info = ?, "
                         "options = coalesce(?, options) WHERE run_id = ?",
-                  (RunStatus.RUNNING.value, now_iso(), owner.token, owner.info_json(), _dump(options), run_id))
+                  (RunStatus.RUNNING.value, now_iso(), owner.token, owner.info_json(), dump(options), run_id))
 
     async def append(self, record: TransitionRecord, owner: Owner, *, status: RunStatus | None = None,
                      error: str | None = None) -> None:
@@ -192,12 +190,12 @@ class SQLiteStore:
                 error: str | None, final: bool) -> str:
         """The row, its attempts and the run's totals (and status); returns the row's chain hash."""
         u = r.usage
-        request = _dump(r.request)  # retried attempts usually carry this same body: encoded once
+        request = dump(r.request)  # retried attempts usually carry this same body: encoded once
         content = (
             r.run_id, r.seq, r.from_state, r.to_state, r.decision, r.reason, r.attempt, r.started_at,
             r.latency_ms, r.source, u.input_tokens, u.output_tokens, u.cache_read_tokens,
-            u.cache_write_tokens, r.cost_usd, r.error, _dump(r.output), request,
-            _dump(r.response), r.request_id, r.request_hash, int(r.in_doubt),
+            u.cache_write_tokens, r.cost_usd, r.error, dump(r.output), request,
+            dump(r.response), r.request_id, r.request_hash, int(r.in_doubt),
         )
         previous = self._chains.get(r.run_id)
         link = previous[1] if previous is not None and previous[0] == r.seq - 1 else last_link(conn, r.run_id)
@@ -219,7 +217,7 @@ class SQLiteStore:
                 (r.run_id, r.seq, a.number, r.from_state, a.started_at, a.kind, a.status_code,
                  a.request_id, a.delay_s, a.error, a.usage.input_tokens, a.usage.output_tokens,
                  a.usage.cache_read_tokens, a.usage.cache_write_tokens, a.cost_usd,
-                 request if a.request is r.request else _dump(a.request), _dump(a.response))
+                 request if a.request is r.request else dump(a.request), dump(a.response))
                 for a in r.attempts])
         return chain
 
@@ -279,11 +277,11 @@ class SQLiteStore:
         row = rows[0]
         return RunRecord(
             run_id=row["run_id"], machine=row["machine"], machine_ref=row["machine_ref"],
-            machine_hash=row["machine_hash"], input=_load(row["input"], "run", run_id, "input"),
+            machine_hash=row["machine_hash"], input=load(row["input"], "run", run_id, "input"),
             status=RunStatus(row["status"]), created_at=row["created_at"],
             updated_at=row["updated_at"], error=row["error"],
-            options=_load(row["options"], "run", run_id, "options") or {},
-            owner=row["owner"], in_flight=_load(row["in_flight"], "run", run_id, "in-flight mark"),
+            options=load(row["options"], "run", run_id, "options") or {},
+            owner=row["owner"], in_flight=load(row["in_flight"], "run", run_id, "in-flight mark"),
         )
 
     async def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
@@ -305,7 +303,7 @@ class SQLiteStore:
         attempts: dict[int, list[Attempt]] = {}
         for seq, attempt in self._attempts(conn, run_id):
             attempts.setdefault(seq, []).append(attempt)
-        return [_transition(row, attempts.get(row["seq"], [])) for row in self._query(
+        return [transition_of(row, attempts.get(row["seq"], [])) for row in self._query(
             conn, "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", [run_id])]
 
     async def attempts(self, run_id: str) -> list[tuple[int, Attempt]]:
@@ -316,10 +314,10 @@ class SQLiteStore:
             (row["seq"], Attempt(
                 number=row["attempt"], started_at=row["started_at"], kind=row["kind"],
                 error=row["error"], status_code=row["status_code"], request_id=row["request_id"],
-                delay_s=row["delay_s"], usage=_usage(row), cost_usd=row["cost_usd"],
-                request=_load(row["request"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"],
+                delay_s=row["delay_s"], usage=usage_of(row), cost_usd=row["cost_usd"],
+                request=load(row["request"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"],
                               "request"),
-                response=_load(row["response"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"],
+                response=load(row["response"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"],
                                "response")))
             for row in self._query(conn, "SELECT * FROM attempts WHERE run_id = ? ORDER BY seq, attempt",
                                    [run_id])
@@ -332,7 +330,7 @@ class SQLiteStore:
         for row in self._query(
                 conn, "SELECT * FROM transitions WHERE request_hash = ? AND response IS NOT NULL "
                       "AND to_state IS NOT NULL AND source IN ('llm', 'fallback') LIMIT 1", [request_hash]):
-            return _transition(row, [])
+            return transition_of(row, [])
         return None
 
     async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
@@ -424,16 +422,16 @@ class SQLiteStore:
         else in a worker thread that waits for it (see the module docstring)."""
         conn = self._marks_connection() if marks else self.conn
         try:
-            with _Transaction(self, conn):
+            with Transaction(self, conn):
                 return work(conn, *args)
-        except _Busy:
-            return await _to_the_end(self._waiting, work, args, marks, True)
+        except Busy:
+            return await to_the_end(self._waiting, work, args, marks, True)
 
     async def _read(self, work: Callable[..., T], *args: Any) -> T:
         """`work(conn, *args)`: here and now, or in a worker thread while the file is locked."""
         try:
-            return _busy_as(work, self.conn, *args)
-        except _Busy:
+            return busy_as(work, self.conn, *args)
+        except Busy:
             return await asyncio.to_thread(self._waiting, work, args, False, False)
 
     def _waiting(self, work: Callable[..., T], args: tuple[Any, ...], marks: bool, write: bool) -> T:
@@ -442,11 +440,11 @@ class SQLiteStore:
         try:
             if not write:
                 try:
-                    return _busy_as(work, conn, *args)
-                except _Busy as busy:
+                    return busy_as(work, conn, *args)
+                except Busy as busy:
                     raise StoreError(f"cannot read {self.where}: {busy.__cause__}", where=self.where,
                                      fix="retry when the database is free") from busy.__cause__
-            with _Transaction(self, conn, waited=True):
+            with Transaction(self, conn, waited=True):
                 return work(conn, *args)
         finally:
             conn.close()
@@ -485,136 +483,10 @@ class SQLiteStore:
                 action()
                 return
             except (sqlite3.OperationalError, StoreError) as exc:
-                if not _is_busy(exc) or time.monotonic() >= deadline:
+                if not is_busy(exc) or time.monotonic() >= deadline:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
-
-
-async def _to_the_end(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a worker thread, awaited to its end even when the caller is cancelled
-    meanwhile (the cancellation is raised after): a write in a thread cannot be called back,
-    and whoever wrote it must not believe it undone while it may still commit."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.cancelled():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
-
-
-class _Transaction:
-    """`with _Transaction(store, conn):` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error.
-
-    A lock held elsewhere is `_Busy` (nothing was done) unless the connection already waited
-    for it (`waited`); other sqlite3 errors are `StoreError`s."""
-
-    __slots__ = ("conn", "store", "waited")
-
-    def __init__(self, store: SQLiteStore, conn: sqlite3.Connection, *, waited: bool = False) -> None:
-        self.store = store
-        self.conn = conn
-        self.waited = waited
-
-    def __enter__(self) -> sqlite3.Connection:
-        try:
-            self.store._sql(self.conn, "BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if _is_busy(exc) and not self.waited:
-                raise _Busy() from exc
-            raise StoreError(f"cannot write to {self.store.where}: {exc}", where=self.store.where,
-                             fix="retry when the database is free") from exc
-        return self.conn
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        conn = self.conn
-        if exc is None:
-            try:
-                self.store._sql(conn, "COMMIT")
-                return
-            except BaseException as failed:
-                exc = failed
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.Error):
-            raise StoreError(f"cannot write to {self.store.where}: {exc}", where=self.store.where) from exc
-        if kind is None:
-            raise exc  # COMMIT itself failed with something other than a sqlite3 error
-
-
-def _busy_as(work: Callable[..., T], conn: sqlite3.Connection, *args: Any) -> T:
-    """`work(conn, *args)`, a lock held elsewhere raised as `_Busy`."""
-    try:
-        return work(conn, *args)
-    except sqlite3.OperationalError as exc:
-        if _is_busy(exc):
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise _Busy() from exc
-        raise
-
-
-def _is_busy(exc: Exception) -> bool:
-    return "locked" in str(exc) or "busy" in str(exc)
-
-
-def _dump(value: Any) -> str | None:
-    """Compact JSON text, non-ASCII kept; pydantic-core's encoder (models included) is several
-    times faster than the json module's for the request and response on every row."""
-    if value is None:
-        return None
-    return _encoder()(value).decode()
-
-
-@cache
-def _encoder() -> Callable[[Any], bytes]:
-    """pydantic-core's `to_json`, imported on the first write: reading commands never load it."""
-    from pydantic_core import to_json
-
-    return to_json
-
-
-def _load(text: str | None, *where: object) -> Any:
-    """A stored JSON value; anything else (truncated JSON, a pickle, binary junk) is refused.
-
-    `where` names the value ("run", id, "seq", 2, "output"), joined only if it is refused."""
-    if text is None:
-        return None
-    try:
-        if not isinstance(text, str):
-            raise ValueError(f"a {type(text).__name__} value where JSON text belongs")
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        what = " ".join(map(str, where)) or "a stored value"
-        raise CorruptRunError(f"{what} is not valid JSON ({str(exc)[:80]}); this run "
-                              "cannot be read or resumed (other runs are unaffected)",
-                              fix="restore the database from a backup") from None
-
-
-def _usage(row: dict[str, Any]) -> Usage:
-    return Usage(input_tokens=row["input_tokens"], output_tokens=row["output_tokens"],
-                 cache_read_tokens=row["cache_read_tokens"], cache_write_tokens=row["cache_write_tokens"])
-
-
-def _transition(row: dict[str, Any], attempts: list[Attempt]) -> TransitionRecord:
-    return TransitionRecord(
-        run_id=row["run_id"], seq=row["seq"], from_state=row["from_state"], to_state=row["to_state"],
-        decision=row["decision"], reason=row["reason"], attempt=row["attempt"],
-        started_at=row["started_at"], latency_ms=row["latency_ms"], source=row["source"],
-        output=_load(row["output"], "run", row["run_id"], "seq", row["seq"], "output"),
-        error=row["error"], request=_load(row["request"], "run", row["run_id"], "seq", row["seq"], "request"),
-        response=_load(row["response"], "run", row["run_id"], "seq", row["seq"], "response"),
-        request_id=row["request_id"], usage=_usage(row),
-        cost_usd=row["cost_usd"], request_hash=row["request_hash"], in_doubt=bool(row["in_doubt"]),
-        attempts=attempts,
-    )
 
 
 def _create_private(path: Path) -> None:

@@ -1,0 +1,94 @@
+"""Transactions that never wait on the event loop: a lock held elsewhere is `Busy` (nothing
+was done) and the store retries the work in a worker thread, awaited to its end."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ...errors import StoreError
+
+if TYPE_CHECKING:
+    from ._store import SQLiteStore
+
+T = TypeVar("T")
+
+
+class Busy(Exception):
+    """Another connection holds the lock this call needs."""
+
+
+async def to_the_end(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a worker thread, awaited to its end even when the caller is cancelled
+    meanwhile (the cancellation is raised after): a write in a thread cannot be called back,
+    and whoever wrote it must not believe it undone while it may still commit."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+class Transaction:
+    """`with Transaction(store, conn):` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error.
+
+    A lock held elsewhere is `Busy` (nothing was done) unless the connection already waited
+    for it (`waited`); other sqlite3 errors are `StoreError`s."""
+
+    __slots__ = ("conn", "store", "waited")
+
+    def __init__(self, store: SQLiteStore, conn: sqlite3.Connection, *, waited: bool = False) -> None:
+        self.store = store
+        self.conn = conn
+        self.waited = waited
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.store._sql(self.conn, "BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if is_busy(exc) and not self.waited:
+                raise Busy() from exc
+            raise StoreError(f"cannot write to {self.store.where}: {exc}", where=self.store.where,
+                             fix="retry when the database is free") from exc
+        return self.conn
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        conn = self.conn
+        if exc is None:
+            try:
+                self.store._sql(conn, "COMMIT")
+                return
+            except BaseException as failed:
+                exc = failed
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"cannot write to {self.store.where}: {exc}", where=self.store.where) from exc
+        if kind is None:
+            raise exc  # COMMIT itself failed with something other than a sqlite3 error
+
+
+def busy_as(work: Callable[..., T], conn: sqlite3.Connection, *args: Any) -> T:
+    """`work(conn, *args)`, a lock held elsewhere raised as `Busy`."""
+    try:
+        return work(conn, *args)
+    except sqlite3.OperationalError as exc:
+        if is_busy(exc):
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise Busy() from exc
+        raise
+
+
+def is_busy(exc: Exception) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
