@@ -169,7 +169,7 @@ class Run:
         if self._pending is not None:
             output = self._reuse_pending(state, step)
         else:
-            output = await self._within_time_budget(self._run_state(state, step, ctx), state)
+            output = await self._within_time_budget(state, step, ctx)
         if type(output) is BudgetRoute:
             return output
         step.output = output if type(output) is str else output_json(output)
@@ -196,19 +196,19 @@ class Run:
             raise StepError(f"returned a value that cannot be stored: {exc}", run_id=self.run_id,
                             state=state.name) from None
 
-    async def _within_time_budget(self, work: Any, state: State) -> Any:
+    async def _within_time_budget(self, state: State, step: TransitionRecord, ctx: StepContext) -> Any:
+        """The state run, stopped when the run reaches its `max_seconds`."""
         limit = self.budget.max_seconds
         if limit is None:
-            return await work
+            return await self._run_state(state, step, ctx)
         left = limit - self.spent.seconds
         if left <= 0:
-            work.close()
             raise BudgetExceededError(
                 f"the run has been active {self.spent.seconds:.1f}s, its max_seconds is {limit:g}",
                 fix="raise it and resume", run_id=self.run_id, state=state.name)
         try:
             async with asyncio.timeout(left):
-                return await work
+                return await self._run_state(state, step, ctx)
         except TimeoutError:
             raise BudgetExceededError(
                 f"state '{state.name}' was stopped when the run reached max_seconds={limit:g}",
