@@ -207,9 +207,11 @@ class RunBusyError(StoreError):
 
     exit_code = 3
 
-    def __init__(self, run_id: str, *, holder: str) -> None:
+    def __init__(self, run_id: str, *, holder: str, proven: bool = True) -> None:
         super().__init__(f"run {run_id} is being driven by {holder}",
-                         fix="wait for it to finish or stop it first")
+                         fix="wait for it to finish or stop it first" if proven else
+                         "wait for it to finish; if that process is gone for sure (its host or container "
+                         "stopped), resume with --take-over")
         self.run_id = run_id
         self.holder = holder
 

@@ -310,6 +310,18 @@ class RunRecord:
     options: dict[str, Any] = field(default_factory=dict)
     owner: str | None = None
     in_flight: dict[str, Any] | None = None  # {"seq", "state", "at"} of the last paid call sent
+    stale: bool = False  # marked running, but its owning process is gone: resume it
+    takeovers: list[Takeover] = field(default_factory=list)
+
+
+@dataclass(slots=True, kw_only=True)
+class Takeover:
+    """A run claimed from an owner that had not released it (it died, or was declared gone)."""
+
+    at: str
+    by: str  # the new owner: user, host and pid
+    previous: str  # the old owner: pid and host
+    why: str  # how it was judged gone
 
 
 @dataclass(slots=True, kw_only=True)

@@ -10,6 +10,7 @@ SQLite-only guarantees are in tests/test_store.py.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from statemachine_orch import (
 )
 from statemachine_orch.types import Attempt, Usage, now_iso
 
-from .helpers import me, new_run, row
+from .helpers import dead_owner, me, new_run, row
 
 StoreFactory = Callable[[Path], Store]
 BACKENDS: dict[str, StoreFactory] = {
@@ -267,6 +268,39 @@ def test_claim_requires_the_owner_to_be_gone(on_store: Callable[[Scenario], None
             await store.append(row(2), owner)  # the first owner is fenced out
         await store.append(row(2), other)
         assert [r.seq for r in await store.transitions("run-1")] == [1, 2]
+
+    on_store(scenario)
+
+
+def test_a_takeover_from_a_gone_owner_is_recorded(on_store: Callable[[Scenario], None]) -> None:
+    async def scenario(store: Store) -> None:
+        gone = dead_owner()
+        await store.create_run(new_run(), gone)
+        assert (await store.get_run("run-1")).stale
+        owner = me()
+        claimed, _ = await store.claim_run("run-1", owner)
+        (takeover,) = claimed.takeovers
+        assert gone.describe() == takeover.previous and takeover.why == "its process is gone"
+        assert f"pid {os.getpid()}" in takeover.by
+        await store.release("run-1", owner, RunStatus.INTERRUPTED, None)
+        claimed, _ = await store.claim_run("run-1", me())  # from a released run: no takeover
+        assert len(claimed.takeovers) == 1 and not claimed.stale
+
+    on_store(scenario)
+
+
+def test_take_over_claims_only_an_owner_that_cannot_be_judged(on_store: Callable[[Scenario], None]) -> None:
+    async def scenario(store: Store) -> None:
+        foreign = replace(dead_owner(), host="another-host")  # no lock key, another host: unknown
+        await store.create_run(new_run(), foreign)
+        with pytest.raises(RunBusyError, match="--take-over"):
+            await store.claim_run("run-1", me())
+        claimed, _ = await store.claim_run("run-1", me(), take_over=True)
+        assert [t.why for t in claimed.takeovers] == ["declared gone with --take-over"]
+        await store.create_run(new_run("run-2"), me())
+        with pytest.raises(RunBusyError):
+            await store.claim_run("run-2", me(), take_over=True)  # a live owner: never
+        assert (await store.get_run("run-2")).takeovers == []
 
     on_store(scenario)
 

@@ -202,7 +202,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     model, _, banner = _model_for(record.options.get("offline"), loaded.machine)
     result = _drive(args, args.run_id, banner, create=False, open_run=lambda store, kill: _engine(
         args, store, model, kill).attach(args.run_id, loaded.machine, budget=_budget(args),
-                                         allow_changed=args.allow_changed))
+                                         allow_changed=args.allow_changed, take_over=args.take_over))
     return _report_result(result, args)
 
 

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine", metavar="MACHINE", help="load the machine from here instead of its stored path")
     p.add_argument("--allow-changed", action="store_true",
                    help="resume even if the changed machine no longer replays the recorded steps")
+    p.add_argument("--take-over", action="store_true",
+                   help="claim the run from an owner that cannot be proven alive (recorded by an older "
+                        "version on another host) once you know it is gone; the takeover is recorded")
     _budget_options(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 

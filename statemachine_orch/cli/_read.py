@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 
 from ..store._contract import MachineTotals, RunSummary, Store
 from ..types import RunStatus, TransitionRecord
@@ -20,6 +21,7 @@ from ._render import (
     one_line,
     print_table,
     snapshot_view,
+    status_text,
     totals,
     totals_line,
     usd,
@@ -82,7 +84,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             for r in runs]))
         return 0
     print_table(
-        [(r.run_id, r.machine, r.status.value + (" (owner gone: resume it)" if r.stale else ""),
+        [(r.run_id, r.machine, status_text(r.status, r.stale),
           r.created_at[:19].replace("T", " "), r.steps, r.input_tokens + r.output_tokens,
           usd(r.cost_usd), one_line(r.error, 60)) for r in runs],
         ["run_id", "machine", "status", "started", "steps", "tokens", "cost", "error"],
@@ -103,9 +105,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             "run_id": record.run_id, "machine": record.machine, "machine_ref": record.machine_ref,
             "machine_hash": record.machine_hash, "created_at": record.created_at,
             "updated_at": record.updated_at, "options": record.options, "input": record.input,
-            "outputs": outputs, "snapshot": snapshot, "totals": totals(rows)}, ensure_ascii=False))
+            "outputs": outputs, "snapshot": snapshot, "totals": totals(rows),
+            "takeovers": [asdict(t) for t in record.takeovers]}, ensure_ascii=False))
         return 0
-    print(f"run {record.run_id}  machine {record.machine}  status {record.status.value}")
+    print(f"run {record.run_id}  machine {record.machine}  status {status_text(record.status, record.stale)}")
     print(f"  created {record.created_at}  updated {record.updated_at}")
     print(f"  machine {record.machine_ref}  (source sha256 {record.machine_hash[:12]})")
     if record.options.get("offline"):
@@ -124,6 +127,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(indent(as_block(value), 4))
         elif key != "pending_answer":
             print(f"  {key}: {'-' if value is None else value}")
+    for t in record.takeovers:
+        print(f"taken over at {t.at} by {t.by} from {t.previous} ({t.why})")
     return 0
 
 

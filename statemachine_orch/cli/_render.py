@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..engine._position import Position
-from ..types import END, Attempt, RunRecord, TransitionRecord, total_cost, total_usage
+from ..types import END, Attempt, RunRecord, RunStatus, TransitionRecord, total_cost, total_usage
 
 if TYPE_CHECKING:
     from ..definition._machine import Machine
@@ -63,6 +63,10 @@ def attempt_row(row: TransitionRecord, a: Attempt) -> dict[str, Any]:
             "output_tokens": a.usage.output_tokens, "cost_usd": a.cost_usd, "error": a.error}
 
 
+def status_text(status: RunStatus, stale: bool) -> str:
+    return status.value + (" (owner gone: resume it)" if stale else "")
+
+
 def totals_line(rows: list[TransitionRecord]) -> str:
     t = totals(rows)
     return (f"total: {t['steps']} step(s), {t['input_tokens']} in / {t['output_tokens']} out tokens "
@@ -76,7 +80,7 @@ def snapshot_view(record: RunRecord, rows: list[TransitionRecord]) -> dict[str, 
     last = rows[-1] if rows else None
     pending = last.output if last is not None and last.to_state is None else None
     return {"status": record.status.value, "next_state": None if state in ("", END) else state,
-            "attempt": attempt, "seq": last.seq if last else 0, "owned": record.owner is not None,
+            "attempt": attempt, "seq": last.seq if last else 0, "owned": record.owner is not None and not record.stale,
             "error": record.error, "pending_answer": pending}
 
 

@@ -118,8 +118,11 @@ class Engine:
                    snap=fresh(machine.initial), budget=effective)
 
     async def attach(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
-                     allow_changed: bool = False) -> Run:
+                     allow_changed: bool = False, take_over: bool = False) -> Run:
         """Claim a stored run (its owner must be gone) and rebuild it from its log.
+
+        `take_over` claims it also from an owner that cannot be proven alive or gone (one
+        recorded by an older version on another host); the takeover is recorded with the run.
 
         A `budget` given here replaces the stored one limit by limit (raise a limit to resume
         a run that stopped with `budget_exceeded`) and is stored with the run. If the
@@ -142,7 +145,7 @@ class Engine:
         owner = Owner.for_this_process()
         effective = Budget.of_run(record.options).merged(budget)
         options = None if budget is None else {**record.options, "budget": effective.to_json()}
-        record, log = await self.store.claim_run(run_id, owner, options=options)
+        record, log = await self.store.claim_run(run_id, owner, options=options, take_over=take_over)
         context_input, _, values = validate_input(machine, record.input)
         run = Run(compiled, record, owner, self._ports, input=context_input, input_values=values,
                   snap=snapshot(compiled, record, log), seq=log[-1].seq if log else 0, budget=effective)
@@ -157,9 +160,9 @@ class Engine:
         return await run.run_to_end()
 
     async def aresume(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
-                      allow_changed: bool = False) -> RunResult:
+                      allow_changed: bool = False, take_over: bool = False) -> RunResult:
         """Continue a stored run from its last committed step."""
-        run = await self.attach(run_id, machine, budget=budget, allow_changed=allow_changed)
+        run = await self.attach(run_id, machine, budget=budget, allow_changed=allow_changed, take_over=take_over)
         return await run.run_to_end()
 
     def run(self, machine: Machine, input: Mapping[str, Any] | None = None,
@@ -168,9 +171,10 @@ class Engine:
         return self._sync(self.arun(machine, input, **options))
 
     def resume(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
-               allow_changed: bool = False) -> RunResult:
+               allow_changed: bool = False, take_over: bool = False) -> RunResult:
         """Synchronous `aresume`."""
-        return self._sync(self.aresume(run_id, machine, budget=budget, allow_changed=allow_changed))
+        return self._sync(self.aresume(run_id, machine, budget=budget, allow_changed=allow_changed,
+                                       take_over=take_over))
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
         try:

@@ -6,7 +6,9 @@ contract, run against every backend.
 
 The engine's writes are fenced: `append`, `mark_in_flight` and `release` fail with
 `OwnershipLostError` (and change nothing) unless `owner` still owns the run, and `append` also
-unless `record.seq` is the run's next step. `append` is atomic: the log row, its failed
+unless `record.seq` is the run's next step. `claim_run` takes a run over only from an owner
+proven gone (or, with `take_over=True`, one that cannot be proven alive), and records the
+takeover with the run. `append` is atomic: the log row, its failed
 attempts, the run's totals and, when given, its new status land together or not at all.
 """
 
@@ -62,11 +64,12 @@ class Store(Protocol):
         """Persist a new run, owned by `owner`, before its first step runs (`RunExistsError`
         when the id is taken)."""
 
-    async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
-                        ) -> tuple[RunRecord, list[TransitionRecord]]:
-        """Take over a stored run whose owner is gone (`RunBusyError` when it lives,
-        `RunFinishedError` when the run is over), replacing its options if given; return it
-        with its log."""
+    async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None,
+                        take_over: bool = False) -> tuple[RunRecord, list[TransitionRecord]]:
+        """Take over a stored run whose owner is gone (`RunBusyError` when it lives, or may
+        live and `take_over` is false; `RunFinishedError` when the run is over), replacing its
+        options if given; return it with its log. A takeover from an owner that had not
+        released the run is recorded in `RunRecord.takeovers`."""
 
     async def append(self, record: TransitionRecord, owner: Owner, *, status: RunStatus | None = None,
                      error: str | None = None) -> None:
@@ -122,8 +125,8 @@ class NullStore:
     async def create_run(self, run: RunRecord, owner: Owner) -> None:
         return None
 
-    async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
-                        ) -> tuple[RunRecord, list[TransitionRecord]]:
+    async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None,
+                        take_over: bool = False) -> tuple[RunRecord, list[TransitionRecord]]:
         raise self._gone(run_id)
 
     async def append(self, record: TransitionRecord, owner: Owner, *, status: RunStatus | None = None,

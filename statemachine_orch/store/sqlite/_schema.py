@@ -17,7 +17,7 @@ from typing import Any
 from ...errors import ForeignDatabaseError, SchemaVersionError, StoreError
 from ._chain import CHAINED_COLUMNS, chain_hash, first_link
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 READABLE_FROM = 3
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
 
@@ -27,6 +27,17 @@ _TOTALS_INDEXES = """
 CREATE INDEX runs_finished_totals ON runs (machine, status, steps, input_tokens, output_tokens, cost_usd,
     cache_hits) WHERE status IN ('completed', 'terminated');
 CREATE INDEX runs_unfinished ON runs (machine, status) WHERE status NOT IN ('completed', 'terminated');
+"""
+
+_TAKEOVERS = """
+CREATE TABLE takeovers (
+    run_id   TEXT NOT NULL REFERENCES runs (run_id),
+    at       TEXT NOT NULL,
+    by_owner TEXT NOT NULL,
+    previous TEXT NOT NULL,
+    why      TEXT NOT NULL
+);
+CREATE INDEX takeovers_by_run ON takeovers (run_id, at);
 """
 
 SCHEMA = """
@@ -101,7 +112,7 @@ CREATE TABLE attempts (
     response           TEXT,
     PRIMARY KEY (run_id, seq, attempt)
 );
-""" + _TOTALS_INDEXES
+""" + _TOTALS_INDEXES + _TAKEOVERS
 
 # Cost sums are NULL when any paid call had no known price (SQL sum() would skip it).
 VIEWS = """
@@ -179,6 +190,7 @@ UPDATE runs SET
 """,
     3: _TOTALS_INDEXES,
     4: _chain_unchained_rows,  # version 5 reshapes tables (`_conform`); the chain must be whole first
+    5: _TAKEOVERS,
 }
 
 

@@ -39,11 +39,11 @@ from ...errors import (
     StoreError,
     UsageError,
 )
-from ...types import Attempt, RunRecord, RunStatus, TransitionRecord, now_iso
+from ...types import Attempt, RunRecord, RunStatus, Takeover, TransitionRecord, now_iso
 from .._contract import MachineTotals, RunSummary
-from .._owner import Owner, owner_from_json
+from .._owner import Owner, owner_from_json, who_am_i
 from ._chain import CHAINED_COLUMNS, chain_hash, first_link, last_link, verify
-from ._liveness import is_alive
+from ._liveness import hold, is_alive, liveness, owners_file
 from ._rows import dump, load, transition_of, usage_of
 from ._schema import migrate
 from ._transaction import Busy, Transaction, busy_as, is_busy, to_the_end
@@ -109,6 +109,7 @@ class SQLiteStore:
     ) -> None:
         self.path = Path(path)
         self.where = str(path)
+        self._owners = owners_file(self.path)
         if synchronous not in ("FULL", "NORMAL"):
             raise UsageError(f"synchronous={synchronous!r} is not supported", fix="use 'FULL' or 'NORMAL'")
         if not self.path.exists():
@@ -147,6 +148,7 @@ class SQLiteStore:
         self._chains[run.run_id] = (0, first_link(run.run_id))  # no log yet: step 1 chains to this
 
     def _create_run(self, conn: sqlite3.Connection, run: RunRecord, owner: Owner) -> None:
+        hold(self._owners, owner)
         try:
             self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, options, "
                             "status, error, created_at, updated_at, owner, owner_info) "
@@ -157,22 +159,31 @@ class SQLiteStore:
         except sqlite3.IntegrityError:
             raise RunExistsError(run.run_id, where=self.where) from None
 
-    async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
-                        ) -> tuple[RunRecord, list[TransitionRecord]]:
-        await self._write(self._claim_run, run_id, owner, options)
+    async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None,
+                        take_over: bool = False) -> tuple[RunRecord, list[TransitionRecord]]:
+        await self._write(self._claim_run, run_id, owner, options, take_over)
         return await self.load_run(run_id)
 
     def _claim_run(self, conn: sqlite3.Connection, run_id: str, owner: Owner,
-                   options: dict[str, Any] | None) -> None:
+                   options: dict[str, Any] | None, take_over: bool) -> None:
         row = self._sql(conn, "SELECT status, owner, owner_info FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise RunNotFoundError(run_id, where=self.where)
         status, current, info = row
         if status in _FINISHED:
             raise RunFinishedError(run_id, status)
-        holder = owner_from_json(info)
-        if current is not None and (holder is None or is_alive(holder)):
-            raise RunBusyError(run_id, holder=holder.describe() if holder else "an unknown process")
+        hold(self._owners, owner)
+        if current is not None:
+            holder = owner_from_json(info)
+            judged = "unknown" if holder is None else liveness(self._owners, holder)
+            if judged == "alive" or (judged == "unknown" and not take_over):
+                raise RunBusyError(run_id, holder=holder.describe() if holder else "an unknown process",
+                                   proven=judged == "alive")
+            why = ("its liveness lock was free" if holder is not None and holder.lock is not None
+                   else "its process is gone" if judged == "gone" else "declared gone with --take-over")
+            self._sql(conn, "INSERT INTO takeovers (run_id, at, by_owner, previous, why) VALUES (?,?,?,?,?)",
+                      (run_id, now_iso(), who_am_i(owner), holder.describe() if holder else "an unknown process",
+                       why))
         self._sql(conn, "UPDATE runs SET status = ?, error = NULL, updated_at = ?, owner = ?, owner_info = ?, "
                         "options = coalesce(?, options) WHERE run_id = ?",
                   (RunStatus.RUNNING.value, now_iso(), owner.token, owner.info_json(), dump(options), run_id))
@@ -282,7 +293,18 @@ class SQLiteStore:
             updated_at=row["updated_at"], error=row["error"],
             options=load(row["options"], "run", run_id, "options") or {},
             owner=row["owner"], in_flight=load(row["in_flight"], "run", run_id, "in-flight mark"),
+            stale=self._stale(row["status"], row["owner_info"]),
+            takeovers=[Takeover(**r) for r in self._query(
+                conn, "SELECT at, by_owner AS by, previous, why FROM takeovers WHERE run_id = ? ORDER BY at",
+                [run_id])],
         )
+
+    def _stale(self, status: str, owner_info: str | None) -> bool:
+        """Marked running, but its owner is gone: what `orch runs` and `orch show` both say."""
+        if status != RunStatus.RUNNING.value:
+            return False
+        holder = owner_from_json(owner_info)
+        return holder is None or not is_alive(self._owners, holder)
 
     async def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
         """The run row and its log as of one moment: read in one transaction, so a step that
@@ -357,9 +379,8 @@ class SQLiteStore:
         params.append(limit)
         summaries = []
         for row in self._query(conn, sql, params):
-            holder = owner_from_json(row.pop("owner_info"))
+            stale = self._stale(row["status"], row.pop("owner_info"))
             row["status"] = RunStatus(row["status"])
-            stale = row["status"] is RunStatus.RUNNING and (holder is None or not is_alive(holder))
             summaries.append(RunSummary(**row, stale=stale))
         return summaries
 
