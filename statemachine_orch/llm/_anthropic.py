@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._redact import redact
-from ..errors import LLMError, NoCredentialsError
+from ..errors import LLMError, NoCredentialsError, UsageError
 from ..types import Attempt, AttemptKind, RetryPolicy, now_iso
 from ._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response
 from ._retry import next_delay, should_retry
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 SPEND_LIMIT_CODES = frozenset({"enforced_spend_limit_reached", "contract_spend_limit_reached",
                                "linked_organization_spend_limit_reached"})
 Sleep = Callable[[float], Awaitable[None]]
+_CHARACTERS = {"\r": "a carriage return", "\n": "a line feed", "\t": "a tab", " ": "a space"}
 
 
 class AnthropicModel:
@@ -43,24 +44,23 @@ class AnthropicModel:
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        # one retry layer: a client passed in with its own retries gets them switched off
-        self._client = client if client is None or client.max_retries == 0 else client.with_options(
-            max_retries=0)
+        # The SDK is imported here, not at the first call: it takes seconds under load, which
+        # would land in that call's latency and on its run's max_seconds clock.
+        import anthropic
+
+        if client is None:
+            kwargs: dict[str, Any] = {"max_retries": 0}
+            if timeout is not None:
+                kwargs["timeout"] = timeout
+            client = anthropic.AsyncAnthropic(**kwargs)
+        elif client.max_retries != 0:  # one retry layer: a client's own retries are switched off
+            client = client.with_options(max_retries=0)
+        _check_sendable("ANTHROPIC_API_KEY", client.api_key)
+        _check_sendable("ANTHROPIC_AUTH_TOKEN", client.auth_token)
+        self.client = client
         self.retry = retry or RetryPolicy()
-        self._timeout = timeout
         self._sleep = sleep
         self._clock = clock
-
-    @property
-    def client(self) -> anthropic.AsyncAnthropic:
-        if self._client is None:
-            import anthropic  # imported on first use: it costs most of the CLI's start-up time
-
-            kwargs: dict[str, Any] = {"max_retries": 0}
-            if self._timeout is not None:
-                kwargs["timeout"] = self._timeout
-            self._client = anthropic.AsyncAnthropic(**kwargs)
-        return self._client
 
     @staticmethod
     def check_credentials() -> None:
@@ -133,6 +133,17 @@ class AnthropicModel:
                 raise LLMError(error, kind=final, status_code=status,
                                request_id=request_id, run_id=request.run_id, state=request.state)
             await self._sleep(delay)
+
+
+def _check_sendable(name: str, credential: str | None) -> None:
+    """Refuse a credential that no HTTP header can carry or that cannot be right (whitespace or
+    control characters: a line ending copied with the key, most often), naming where, never
+    echoing it. Sent, it fails every call as a connection error, and each is retried."""
+    for position, char in enumerate(credential or "", 1):
+        if char.isspace() or not char.isprintable():
+            what = _CHARACTERS.get(char, "a whitespace character" if char.isspace() else "a control character")
+            raise UsageError(f"{name} has {what} at character {position} of {len(credential or '')}",
+                             fix="set it again without it")
 
 
 def _is_spend_limit(exc: anthropic.APIStatusError) -> bool:
