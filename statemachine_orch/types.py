@@ -122,8 +122,8 @@ Source: TypeAlias = Literal["llm", "python", "recorded", "cache", "fallback", "b
 """Where a step's output came from: a model call, a Python state, an answer recorded before a
 failed guard, the step cache, a fallback, or nowhere (the budget routed the step)."""
 
-AttemptKind: TypeAlias = Literal["transient", "deterministic", "timeout", "connection", "spend_limit",
-                                 "invalid_output", "refusal", "truncated", "empty", "cancelled"]
+AttemptKind: TypeAlias = Literal["transient", "deterministic", "timeout", "connection", "malformed",
+                                 "spend_limit", "invalid_output", "refusal", "truncated", "empty", "cancelled"]
 """Why a model call did not give its step the answer."""
 
 OutputProblem: TypeAlias = Literal["invalid_output", "refusal", "truncated", "empty"]
