@@ -103,31 +103,25 @@ def plain_run(tmp: Path) -> list[str | Path]:
 # case -> (arguments, extra environment, what the one line must say)
 REFUSED: dict[str, tuple[Args, dict[str, str], str]] = {
     # 7a: limits, prices and numeric settings that are NaN, infinite, negative or not numbers
+    # (each rule once here: the Python tests below try more values)
     **{f"{flag} {value}": (budget(flag, value), {}, f"{flag} is {shown}; use a finite number, 0 or more")
-       for flag, value, shown in (("--max-cost", "nan", "nan"), ("--max-cost", "-1", "-1.0"),
-                                  ("--max-tokens", "-5", "-5"), ("--max-seconds", "inf", "inf"),
-                                  ("--max-seconds", "-1", "-1.0"))},
+       for flag, value, shown in (("--max-cost", "nan", "nan"), ("--max-tokens", "-5", "-5"),
+                                  ("--max-seconds", "inf", "inf"))},
     "price NaN": (price_file({"input": math.nan, "output": 15}), {}, f"price of '{MODEL}' (input) is nan"),
-    "price negative": (price_file({"input": 3, "output": -15}), {}, f"price of '{MODEL}' (output) is -15.0"),
     "ORCH_STOP_GRACE=abc": (plain_run, {"ORCH_STOP_GRACE": "abc"}, "ORCH_STOP_GRACE='abc' is not a number"),
-    "ORCH_STOP_GRACE=nan": (plain_run, {"ORCH_STOP_GRACE": "nan"}, "ORCH_STOP_GRACE is nan"),
     "ORCH_BUSY_TIMEOUT=-1": (plain_run, {"ORCH_BUSY_TIMEOUT": "-1"}, "ORCH_BUSY_TIMEOUT is -1.0"),
     "ORCH_KILL_AT=after_commit:x": (plain_run, {"ORCH_KILL_AT": "after_commit:x"},
                                     "ORCH_KILL_AT='after_commit:x'"),
     # 10: a machine module that exits or raises a BaseException while it is imported
-    **{f"validate {name}": (stopping(name), {}, f"{name}.py: importing the module raised")
-       for name in STOPPING_MODULES},
-    "validate a module calling sys.exit(0)": (stopping("exits"), {}, "sys.exit(0)"),
-    "run exits": (lambda tmp: ["run", write(tmp / "exits.py", STOPPING_MODULES["exits"])], {},
-                  "exits.py: importing the module"),
+    **{f"validate {name}": (stopping(name), {}, f"{name}.py: importing the module raised {raised}")
+       for name, raised in zip(STOPPING_MODULES, ("SystemExit (sys.exit(0))", "KeyboardInterrupt; fix the module",
+                                                  "Halt: not today"), strict=True)},
     "graph exits": (with_db("graph"), {}, "exits.py: importing the module"),
     "replay --all exits": (with_db("replay"), {}, "exits.py: importing the module"),
     "validate a dotted module that raises": (dotted, {}, "halting: importing the module raised Halt: not today"),
     # 12: a key that no HTTP header can carry
     "key with a trailing CR": (plain_run, {"ANTHROPIC_API_KEY": CANARY_KEY + "\r"},
                                "ANTHROPIC_API_KEY has a carriage return"),
-    "key with a space inside": (plain_run, {"ANTHROPIC_API_KEY": CANARY_KEY[:20] + " " + CANARY_KEY[20:]},
-                                "ANTHROPIC_API_KEY has a space"),
     # 13: no database a resume could reach, and empty run ids
     "--db :memory:": (lambda tmp: ["--db", ":memory:", *plain_run(tmp)], {}, "':memory:'"),
     "--run-id ''": (lambda tmp: ["run", notes(tmp), "--run-id", ""], {}, "the run id is empty"),
@@ -228,13 +222,13 @@ def one_run(orch: EnvOrch, fake: FakeMessagesAPI, tmp_path: Path) -> EnvOrch:
     return orch
 
 
-@pytest.mark.parametrize("args", [("audit", "verify", ""), ("show", ""), ("log", ""), ("resume", ""),
-                                  ("runs", "--before", "")])
-def test_an_empty_run_id_is_refused_not_read_as_every_run(one_run: EnvOrch, args: tuple[str, ...]) -> None:
-    result = one_run(*args)
-    assert result.code == 2, (result.stdout, result.stderr)
-    assert "the run id is empty" in one_error_line(result)
-    assert result.stdout == ""
+def test_an_empty_run_id_is_refused_not_read_as_every_run(one_run: EnvOrch) -> None:
+    commands = [("audit", "verify", ""), ("show", ""), ("log", ""), ("resume", ""), ("runs", "--before", "")]
+    results = [one_run.finish(proc) for proc in [one_run.start(*args) for args in commands]]
+    for result in results:
+        assert result.code == 2, (result.stdout, result.stderr)
+        assert "the run id is empty" in one_error_line(result)
+        assert result.stdout == ""
 
 
 def test_open_store_refuses_a_database_no_resume_could_reach(tmp_path: Path,

@@ -95,7 +95,8 @@ def _import_failure(shown: str, exc: BaseException, *, syntax_in: str | None = N
     if isinstance(exc, SystemExit):
         return DefinitionError([f"{shown}: importing the module raised SystemExit (sys.exit({exc.code!r})); "
                                 "fix the module"])
-    return DefinitionError([f"{shown}: importing the module raised {type(exc).__name__}: {exc}; fix the module"])
+    raised = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return DefinitionError([f"{shown}: importing the module raised {raised}; fix the module"])
 
 
 def _pick(module: ModuleType, attr: str, shown: str) -> tuple[Machine, str]:
