@@ -48,9 +48,14 @@ class MachineNotFoundError(DefinitionError):
 
 
 class InputError(OrchError):
-    """The run input is not acceptable (not JSON, not an object, fails the input model)."""
+    """The run input is not acceptable (not JSON, not an object, fails the input model).
+    `model` names the input model it fails, when that is why."""
 
     exit_code = 2
+
+    def __init__(self, what: str, *, fix: str | None = None, model: str | None = None) -> None:
+        super().__init__(what, fix=fix)
+        self.model = model
 
 
 class UsageError(OrchError):

@@ -6,6 +6,7 @@ never pickled.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from datetime import UTC, datetime
 from enum import Enum
 from time import time_ns
 from typing import Any, Literal, NamedTuple, TypeAlias
+
+from .errors import UsageError
 
 _second: dict[int, str] = {}  # the current second's "YYYY-MM-DDTHH:MM:SS." (one entry)
 
@@ -119,8 +122,8 @@ Source: TypeAlias = Literal["llm", "python", "recorded", "cache", "fallback", "b
 """Where a step's output came from: a model call, a Python state, an answer recorded before a
 failed guard, the step cache, a fallback, or nowhere (the budget routed the step)."""
 
-AttemptKind: TypeAlias = Literal["transient", "deterministic", "timeout", "connection", "spend_limit",
-                                 "invalid_output", "refusal", "truncated", "empty", "cancelled"]
+AttemptKind: TypeAlias = Literal["transient", "deterministic", "timeout", "connection", "malformed",
+                                 "spend_limit", "invalid_output", "refusal", "truncated", "empty", "cancelled"]
 """Why a model call did not give its step the answer."""
 
 OutputProblem: TypeAlias = Literal["invalid_output", "refusal", "truncated", "empty"]
@@ -182,6 +185,15 @@ class Usage:
         return self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
 
 
+def check_amount(name: str, value: float | None) -> None:
+    """Refuse a limit or price that is NaN, infinite or negative (None: no limit), naming it.
+
+    NaN would pass every comparison unnoticed and poison every sum it enters: the run's
+    totals, then the audit chain, leaving the run unresumable."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise UsageError(f"{name} is {value!r}", fix="use a finite number, 0 or more")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Budget:
     """Limits of one run: money, paid tokens and active wall-clock time (None: no limit).
@@ -193,6 +205,10 @@ class Budget:
     max_cost_usd: float | None = None
     max_tokens: int | None = None
     max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_cost_usd", "max_tokens", "max_seconds"):
+            check_amount(name, getattr(self, name))
 
     def to_json(self) -> dict[str, float | int]:
         return {k: v for k, v in (("max_cost_usd", self.max_cost_usd), ("max_tokens", self.max_tokens),

@@ -20,7 +20,7 @@ from typing import Any
 from ..definition._loader import load_machine
 from ..definition._machine import Machine
 from ..definition._states import LLMState
-from ..engine._engine import Engine, new_run_id
+from ..engine._engine import Engine, check_run_id, new_run_id
 from ..engine._inputs import validate_input
 from ..engine._replay import ReplayReport, replay_run
 from ..engine._run import Run
@@ -29,7 +29,7 @@ from ..hooks import Hook
 from ..llm._client import ModelClient
 from ..store._contract import Store
 from ..trace._tracer import Tracer, stream_logger
-from ..types import Budget, RunResult, RunStatus
+from ..types import Budget, RunResult, RunStatus, check_amount
 from ._faults import KillPoints
 from ._options import Interrupted, cli_store, with_store
 from ._render import mermaid, one_line, print_table, usd
@@ -37,7 +37,6 @@ from ._render import mermaid, one_line, print_table, usd
 OFFLINE_BANNER = ("OFFLINE: answers come from {source} through the anthropic SDK and a local fake "
                   "Messages API; no API call is made")
 MAX_INPUT_BYTES = 64 * 1024 * 1024
-DEFAULT_STOP_GRACE_S = 30.0  # SIGTERM: how long a step in progress may take to finish
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, the run saved and resumable
 
 
@@ -138,7 +137,7 @@ def _drive(args: argparse.Namespace, run_id: str, banner: str | None, *, create:
             run = await open_run(store, kill)
             if banner:
                 print(banner, file=sys.stderr)
-            grace = float(os.environ.get("ORCH_STOP_GRACE") or DEFAULT_STOP_GRACE_S)
+            grace = args.stop_grace_s
             # a plain handler, not loop.add_signal_handler: it must act even while a synchronous
             # step holds the loop, so that step is the last
             signal.signal(signal.SIGTERM, lambda *_: run.request_stop(grace))
@@ -180,11 +179,18 @@ def _report_result(result: RunResult, args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> Budget | None:
+    """The budget the flags give (None: none), each limit checked under its flag's name."""
+    limits = {"--max-cost": args.max_cost, "--max-tokens": args.max_tokens, "--max-seconds": args.max_seconds}
+    for flag, value in limits.items():
+        check_amount(flag, value)
     budget = Budget(max_cost_usd=args.max_cost, max_tokens=args.max_tokens, max_seconds=args.max_seconds)
     return budget if budget.to_json() else None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    budget = _budget(args)
+    if args.run_id is not None:
+        check_run_id(args.run_id)
     loaded = load_machine(args.machine)
     data = _read_input(args.input)
     validate_input(loaded.machine, data)  # bad input: refused before a database is even created
@@ -192,16 +198,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = args.run_id or new_run_id()
     result = _drive(args, run_id, banner, create=True, open_run=lambda store, kill: _engine(
         args, store, model, kill).start(loaded.machine, data, run_id=run_id, machine_ref=loaded.ref,
-                                        options=options, budget=_budget(args)))
+                                        options=options, budget=budget))
     return _report_result(result, args)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    budget = _budget(args)
     record = with_store(args, lambda store: store.get_run(args.run_id))
     loaded = load_machine(args.machine or record.machine_ref)
     model, _, banner = _model_for(record.options.get("offline"), loaded.machine)
     result = _drive(args, args.run_id, banner, create=False, open_run=lambda store, kill: _engine(
-        args, store, model, kill).attach(args.run_id, loaded.machine, budget=_budget(args),
+        args, store, model, kill).attach(args.run_id, loaded.machine, budget=budget,
                                          allow_changed=args.allow_changed, take_over=args.take_over))
     return _report_result(result, args)
 
@@ -213,9 +220,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     async def replay(store: Store) -> int:
         if args.all:
             loaded = load_machine(args.all)
-            reports = [await replay_run(store, rid, loaded.machine, prices=args.price_table)
-                       for rid in await store.run_ids(loaded.machine.name)]
-            return _print_replay_summary(reports, loaded.machine.name, args)
+            outcomes: dict[str, ReplayReport | str] = {}
+            for rid in await store.run_ids(loaded.machine.name):
+                try:
+                    outcomes[rid] = await replay_run(store, rid, loaded.machine, prices=args.price_table)
+                except OrchError as exc:  # a damaged run: said at once, and the others still replayed
+                    outcomes[rid] = str(exc)
+                    print(f"orch: error: cannot replay run {rid}: {one_line(str(exc), 10_000)}", file=sys.stderr)
+            return _print_replay_summary(outcomes, loaded.machine.name, args)
         record = await store.get_run(args.run_id)
         loaded = load_machine(args.machine or record.machine_ref)
         return _print_replay(await replay_run(store, args.run_id, loaded.machine, prices=args.price_table), args)
@@ -235,21 +247,29 @@ def _print_replay(report: ReplayReport, args: argparse.Namespace) -> int:
     return 0 if report.matches else 1
 
 
-def _print_replay_summary(reports: list[ReplayReport], machine: str, args: argparse.Namespace) -> int:
+def _print_replay_summary(outcomes: dict[str, ReplayReport | str], machine: str,
+                          args: argparse.Namespace) -> int:
+    """The report of `replay --all`: each run's, a run that could not be read by its error.
+    Exit 1 when any diverged or could not be read."""
+    reports = [o for o in outcomes.values() if isinstance(o, ReplayReport)]
+    unreadable = {rid: o for rid, o in outcomes.items() if isinstance(o, str)}
     diverged = [r for r in reports if not r.matches]
     if args.json:
-        print(json.dumps({"machine": machine, "runs": len(reports), "matching": len(reports) - len(diverged),
-                          "diverged": len(diverged), "reports": [r.to_json() for r in reports]}))
+        print(json.dumps({"machine": machine, "runs": len(outcomes), "matching": len(reports) - len(diverged),
+                          "diverged": len(diverged), "unreadable": len(unreadable),
+                          "reports": [r.to_json() for r in reports],
+                          "unreadable_runs": [{"run_id": rid, "error": e} for rid, e in unreadable.items()]}))
     else:
         print_table(
-            [(r.run_id, r.status, "match" if r.matches else "DIVERGED",
-              f"{r.compared}/{r.recorded}", r.divergence.describe() if r.divergence else "")
-             for r in reports],
+            [(rid, "-", "UNREADABLE", "-", one_line(o, 60)) if isinstance(o, str) else
+             (rid, o.status, "match" if o.matches else "DIVERGED", f"{o.compared}/{o.recorded}",
+              o.divergence.describe() if o.divergence else "")
+             for rid, o in outcomes.items()],
             ["run_id", "status", "result", "compared", "first divergence"],
         )
-        print(f"{len(reports)} run(s) of {machine}: {len(reports) - len(diverged)} matching, "
-              f"{len(diverged)} diverged")
-    return 1 if diverged else 0
+        print(f"{len(outcomes)} run(s) of {machine}: {len(reports) - len(diverged)} matching, "
+              f"{len(diverged)} diverged" + (f", {len(unreadable)} unreadable" if unreadable else ""))
+    return 1 if diverged or unreadable else 0
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import os
 import signal
 from typing import Any
 
+from ..errors import UsageError
 from ..hooks import Hook
 from ..types import RunRecord, TransitionRecord
 
@@ -28,7 +29,7 @@ class KillPoints(Hook):
 
     def __init__(self, point: str, nth: int = 1) -> None:
         if point not in POINTS:
-            raise ValueError(f"ORCH_KILL_AT={point!r} is not a kill point; use one of {', '.join(POINTS)}")
+            raise UsageError(f"ORCH_KILL_AT={point!r} is not a kill point", fix=f"use one of {', '.join(POINTS)}")
         self.point = point
         self.remaining = nth
         self._appending = False
@@ -38,8 +39,11 @@ class KillPoints(Hook):
         spec = os.environ.get("ORCH_KILL_AT")
         if not spec:
             return None
-        point, _, nth = spec.partition(":")
-        return cls(point, int(nth) if nth.isdigit() else 1)
+        point, colon, nth = spec.partition(":")
+        if colon and not (nth.isascii() and nth.isdigit()):
+            raise UsageError(f"ORCH_KILL_AT={spec!r} does not end in a count",
+                             fix="use POINT or POINT:N, N the arrival to kill at (1 the first)")
+        return cls(point, int(nth) if colon else 1)
 
     def reached(self, point: str) -> None:
         if point != self.point:

@@ -1,8 +1,8 @@
 """The `orch` command line: parse, dispatch, and word errors for a terminal.
 
 Exit codes: 0 completed or terminated by a guard (replay: matches); 1 the run failed,
-recorded and resumable (replay: diverged); 2 usage, definition or input error, nothing
-run or stored; 3 the run is busy in another process; 130 interrupted.
+recorded and resumable (replay: diverged, or a run could not be read); 2 usage, definition
+or input error, nothing run or stored; 3 the run is busy in another process; 130 interrupted.
 Errors are one line on stderr; `--debug` adds the traceback.
 """
 
@@ -19,6 +19,7 @@ from ..errors import (
     DatabaseNotFoundError,
     DefinitionError,
     ForeignDatabaseError,
+    InputError,
     MachineChangedError,
     NoCredentialsError,
     OrchError,
@@ -27,7 +28,7 @@ from ..errors import (
     UsageError,
 )
 from ..types import RunStatus
-from ._options import DEFAULT_DB, Interrupted, read_prices
+from ._options import DEFAULT_DB, Interrupted, read_settings
 from ._read import cmd_audit, cmd_log, cmd_runs, cmd_show
 from ._render import one_line
 
@@ -181,7 +182,16 @@ def worded(error: OrchError) -> str:
         fix = "fix the machine, or resume anyway with --allow-changed (allow_changed=True)"
     elif isinstance(error, NoCredentialsError):
         fix = "export it to call the API, or add --offline to run on scripted answers"
+    elif isinstance(error, InputError) and error.model is not None:
+        fix = f"fix the input file to match {error.model}"
     return f"{error.what}; {fix}" if fix else error.what
+
+
+def _refuse_empty_ids(args: argparse.Namespace) -> None:
+    """An empty id (an unset shell variable, most often) is a mistake, never "no id": read as
+    none, `orch audit verify ""` would check every run and `run --run-id ""` pick its own id."""
+    if "" in (getattr(args, "run_id", None), getattr(args, "before", None)):
+        raise UsageError("the run id is empty", fix="give a run id (`orch runs` lists them)")
 
 
 def _print_traceback() -> None:
@@ -197,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, None)
     try:
-        args.price_table = read_prices(args)  # read once; a bad file is an error whatever the command
+        _refuse_empty_ids(args)
+        read_settings(args)
         return int(args.func(args))
     except OrchError as exc:
         if args.debug:

@@ -1,4 +1,5 @@
-"""What every `orch` command shares: the store named by --db/ORCH_DB, the price table, Ctrl-C."""
+"""What every `orch` command shares: the store named by --db/ORCH_DB, the price table, the
+numeric settings from the environment, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from ..errors import UsageError
 from ..llm._prices import PriceTable
 from ..store._contract import Store
 from ..store._open import open_store
+from ..types import check_amount
 
 DEFAULT_DB = "orch.db"
+DEFAULT_BUSY_TIMEOUT_S = 30.0  # how long a write waits for another process's lock
+DEFAULT_STOP_GRACE_S = 30.0  # SIGTERM: how long a step in progress may take to finish
 T = TypeVar("T")
 
 
@@ -24,16 +28,12 @@ class Interrupted(Exception):
 def cli_store(args: argparse.Namespace, *, create: bool, tracer: Callable[[str, object], None] | None = None
               ) -> Store:
     """The store --db (else ORCH_DB, else orch.db) names, with --sync and ORCH_BUSY_TIMEOUT."""
-    target = args.db or os.environ.get("ORCH_DB") or DEFAULT_DB
+    target = args.db if args.db is not None else os.environ.get("ORCH_DB") or DEFAULT_DB
     sync = (args.sync or os.environ.get("ORCH_SYNC") or "full").upper()
     if sync not in ("FULL", "NORMAL"):
         raise UsageError(f"--sync {sync.lower()!r} is not supported", fix="use full or normal")
-    busy = os.environ.get("ORCH_BUSY_TIMEOUT")
-    try:
-        busy_s = float(busy) if busy else 30.0
-    except ValueError:
-        raise UsageError(f"ORCH_BUSY_TIMEOUT={busy!r} is not a number of seconds") from None
-    return open_store(target, synchronous=sync, create=create, busy_timeout_s=busy_s, tracer=tracer)
+    return open_store(target, synchronous=sync, create=create, busy_timeout_s=args.busy_timeout_s,
+                      tracer=tracer)
 
 
 def with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]], *, create: bool = False) -> T:
@@ -49,11 +49,33 @@ def with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]], 
     return asyncio.run(go())
 
 
-def read_prices(args: argparse.Namespace) -> PriceTable:
+def read_settings(args: argparse.Namespace) -> None:
+    """Read what every command may use once, before it runs: a bad price file or setting is a
+    usage error whatever the command, and stops it before anything is stored."""
+    args.price_table = _read_prices(args)
+    args.busy_timeout_s = env_seconds("ORCH_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT_S)
+    args.stop_grace_s = env_seconds("ORCH_STOP_GRACE", DEFAULT_STOP_GRACE_S)
+
+
+def _read_prices(args: argparse.Namespace) -> PriceTable:
     path = args.prices or os.environ.get("ORCH_PRICES")
     if not path:
         return PriceTable()
     try:
         return PriceTable.load(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, UsageError) as exc:
         raise UsageError(f"cannot use price file {path}: {exc}") from None
+
+
+def env_seconds(name: str, default: float) -> float:
+    """The environment variable `name` as a number of seconds, `default` when unset or empty."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} is not a number of seconds",
+                         fix=f"set a number, or unset it for the default ({default:g})") from None
+    check_amount(name, value)
+    return value

@@ -1,7 +1,9 @@
 """Load a machine from `path/to/file.py[:attr]` or `dotted.module[:attr]`.
 
 Loading executes the module, which constructs (and so validates) its machines. Every
-failure becomes a one-line `DefinitionError`/`MachineNotFoundError` naming the file.
+failure becomes a one-line `DefinitionError`/`MachineNotFoundError` naming the file, whatever
+the module raised: `sys.exit()`, `KeyboardInterrupt` or another `BaseException` too, since no
+module has a reason to end the program that loads it.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def _exec_file(path: Path, shown: str) -> ModuleType:
         sys.path.insert(0, parent)  # let a machine import its sibling modules
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except BaseException as exc:
         sys.modules.pop(name, None)
         raise _import_failure(shown, exc, syntax_in=shown) from None
     finally:
@@ -79,18 +81,22 @@ def _import(dotted: str) -> ModuleType:
                 [f"{dotted}: no such module; pass path/to/machine.py or a dotted module on sys.path"]
             ) from None
         raise _import_failure(dotted, exc) from None
-    except Exception as exc:
+    except BaseException as exc:
         raise _import_failure(dotted, exc, syntax_in=getattr(exc, "filename", None)) from None
 
 
-def _import_failure(shown: str, exc: Exception, *, syntax_in: str | None = None) -> DefinitionError:
+def _import_failure(shown: str, exc: BaseException, *, syntax_in: str | None = None) -> DefinitionError:
     """The one-line error for a machine module that failed while importing (`syntax_in`: the
     file a syntax error is reported in)."""
     if isinstance(exc, DefinitionError):
         return exc
     if isinstance(exc, SyntaxError):
         return DefinitionError([f"{syntax_in}:{exc.lineno}: syntax error: {exc.msg}; fix the module"])
-    return DefinitionError([f"{shown}: importing the module raised {type(exc).__name__}: {exc}; fix the module"])
+    if isinstance(exc, SystemExit):
+        return DefinitionError([f"{shown}: importing the module raised SystemExit (sys.exit({exc.code!r})); "
+                                "fix the module"])
+    raised = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return DefinitionError([f"{shown}: importing the module raised {raised}; fix the module"])
 
 
 def _pick(module: ModuleType, attr: str, shown: str) -> tuple[Machine, str]:

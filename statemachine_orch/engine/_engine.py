@@ -14,6 +14,8 @@ import time
 from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
+from pydantic import BaseModel
+
 from ..definition._machine import Machine
 from ..definition._states import LLMState
 from ..errors import CorruptRunError, MachineChangedError, UsageError
@@ -43,6 +45,13 @@ def new_run_id() -> str:
         chars.append(alphabet[value & 31])
         value >>= 5
     return "".join(reversed(chars))
+
+
+def check_run_id(run_id: str) -> None:
+    """Refuse a run id that is not 1-64 letters, digits, '.', '_' or '-' (it names files and
+    shows in commands, so it is only ever a plain word)."""
+    if not _RUN_ID.fullmatch(run_id):
+        raise UsageError(f"run id {run_id!r} is not valid", fix="use 1-64 letters, digits, '.', '_' or '-'")
 
 
 class Engine:
@@ -84,21 +93,22 @@ class Engine:
     async def start(
         self,
         machine: Machine,
-        input: Mapping[str, Any] | None = None,
+        input: Mapping[str, Any] | BaseModel | None = None,
         *,
         run_id: str | None = None,
         machine_ref: str | None = None,
         options: dict[str, Any] | None = None,
         budget: Budget | None = None,
     ) -> Run:
-        """Validate the input, persist a new run (owned by this process) and return it unstarted.
+        """Validate the input (a dict, or an instance of the machine's `input_model`), persist a
+        new run (owned by this process) and return it unstarted.
 
         `budget` overrides the machine's `Budget` limit by limit; the result is stored with
         the run, so a resume keeps it unless given a new one.
         """
         compiled = self.compiled(machine)
-        if run_id is not None and not _RUN_ID.fullmatch(run_id):
-            raise UsageError(f"run id {run_id!r} is not valid", fix="use 1-64 letters, digits, '.', '_' or '-'")
+        if run_id is not None:
+            check_run_id(run_id)
         context_input, stored, values = validate_input(machine, input)
         effective = (machine.budget or Budget()).merged(budget)
         options = dict(options or {})
@@ -153,7 +163,7 @@ class Engine:
             hook(record, resumed=True, machine_hash=machine.source_hash)
         return run
 
-    async def arun(self, machine: Machine, input: Mapping[str, Any] | None = None,
+    async def arun(self, machine: Machine, input: Mapping[str, Any] | BaseModel | None = None,
                    **options: Any) -> RunResult:
         """Start a run and drive it to its end (completed, terminated or failed)."""
         run = await self.start(machine, input, **options)
@@ -165,7 +175,7 @@ class Engine:
         run = await self.attach(run_id, machine, budget=budget, allow_changed=allow_changed, take_over=take_over)
         return await run.run_to_end()
 
-    def run(self, machine: Machine, input: Mapping[str, Any] | None = None,
+    def run(self, machine: Machine, input: Mapping[str, Any] | BaseModel | None = None,
             **options: Any) -> RunResult:
         """Synchronous `arun`, on an event loop this engine keeps for its lifetime."""
         return self._sync(self.arun(machine, input, **options))

@@ -30,25 +30,34 @@ def _depth(value: Any) -> int:
 
 
 def validate_input(machine: Machine, data: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """(input for contexts, input as stored, template values from the input) or InputError."""
+    """(input for contexts, input as stored, template values from the input) or InputError.
+
+    An instance of the machine's input model is taken as its fields: checked as that dict
+    would be, and stored as one, so a resume reads back what this run starts with."""
+    input_model = machine.input_model
     if data is None:
         data = {}
+    elif input_model is not None and isinstance(data, input_model):
+        data = data.model_dump(mode="json")
     if not isinstance(data, dict):
-        raise InputError(f"run input must be a JSON object, got {type(data).__name__}; "
-                         'wrap it, e.g. {"data": ...}')
+        if input_model is None:
+            raise InputError(f"run input must be a JSON object, got {type(data).__name__}",
+                             fix='wrap it, e.g. {"data": ...}')
+        raise InputError(f"run input must be a JSON object or a {input_model.__name__}, got {type(data).__name__}",
+                         fix=f"pass a {input_model.__name__} or a dict of its fields", model=input_model.__name__)
     if data and _depth(data) > MAX_DEPTH:
         raise InputError(f"input is nested too deeply (more than {MAX_DEPTH} levels); flatten it")
     values: dict[str, Any] = {}
-    if machine.input_model is not None:
+    if input_model is not None:
         try:
-            model = machine.input_model.model_validate(data)
+            model = input_model.model_validate(data)
         except ValidationError as exc:
             raise InputError(
-                f"input does not match {machine.input_model.__name__}: {first_error(exc, 'input')} "
-                f"({exc.error_count()} error(s)); fix the input file"
-            ) from None
+                f"input does not match {input_model.__name__}: {first_error(exc, 'input')} "
+                f"({exc.error_count()} error(s))", fix=f"pass an input that matches {input_model.__name__}",
+                model=input_model.__name__) from None
         stored = model.model_dump(mode="json")
-        values.update((name, getattr(model, name)) for name in machine.input_model.model_fields)
+        values.update((name, getattr(model, name)) for name in input_model.model_fields)
         context_input: Any = model
     else:
         stored = data

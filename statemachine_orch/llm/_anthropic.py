@@ -5,6 +5,11 @@ The client is configured by the SDK's own environment (`ANTHROPIC_API_KEY`,
 (`max_retries=0`): `retry.py` is the one retry layer, so every attempt is seen and
 returned as an `Attempt`. Only the request body is ever stored; the key travels in a
 header the SDK builds and never reaches a record or a log.
+
+A call whose `max_tokens` is above `STREAM_ABOVE_TOKENS` is streamed (`messages.stream`):
+the SDK refuses to send unstreamed a call it expects to take more than 10 minutes (an hour
+per 128,000 output tokens, so above 21,333, and above 8,192 for the Opus 4.0 and 4.1 ids).
+The streamed message is recorded exactly as an unstreamed one: same JSON, usage, request id.
 """
 
 from __future__ import annotations
@@ -16,17 +21,30 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._redact import redact
-from ..errors import LLMError, NoCredentialsError
+from ..errors import LLMError, NoCredentialsError, UsageError
 from ..types import Attempt, AttemptKind, RetryPolicy, now_iso
 from ._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response
 from ._retry import next_delay, should_retry
 
 if TYPE_CHECKING:
     import anthropic
+    from anthropic.types import Message
 
 SPEND_LIMIT_CODES = frozenset({"enforced_spend_limit_reached", "contract_spend_limit_reached",
                                "linked_organization_spend_limit_reached"})
+STREAM_ABOVE_TOKENS = 8_192  # every call the SDK would refuse unstreamed is above this
 Sleep = Callable[[float], Awaitable[None]]
+_CHARACTERS = {"\r": "a carriage return", "\n": "a line feed", "\t": "a tab", " ": "a space"}
+
+
+class MalformedAnswer(Exception):
+    """A successful HTTP status whose body is not a Messages API message (a proxy's HTML page,
+    a body cut short): retried like a dropped connection."""
+
+    def __init__(self, why: str, *, status: int, request_id: str | None) -> None:
+        super().__init__(why)
+        self.status = status
+        self.request_id = request_id
 
 
 class AnthropicModel:
@@ -43,24 +61,23 @@ class AnthropicModel:
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        # one retry layer: a client passed in with its own retries gets them switched off
-        self._client = client if client is None or client.max_retries == 0 else client.with_options(
-            max_retries=0)
+        # The SDK is imported here, not at the first call: it takes seconds under load, which
+        # would land in that call's latency and on its run's max_seconds clock.
+        import anthropic
+
+        if client is None:
+            kwargs: dict[str, Any] = {"max_retries": 0}
+            if timeout is not None:
+                kwargs["timeout"] = timeout
+            client = anthropic.AsyncAnthropic(**kwargs)
+        elif client.max_retries != 0:  # one retry layer: a client's own retries are switched off
+            client = client.with_options(max_retries=0)
+        _check_sendable("ANTHROPIC_API_KEY", client.api_key)
+        _check_sendable("ANTHROPIC_AUTH_TOKEN", client.auth_token)
+        self.client = client
         self.retry = retry or RetryPolicy()
-        self._timeout = timeout
         self._sleep = sleep
         self._clock = clock
-
-    @property
-    def client(self) -> anthropic.AsyncAnthropic:
-        if self._client is None:
-            import anthropic  # imported on first use: it costs most of the CLI's start-up time
-
-            kwargs: dict[str, Any] = {"max_retries": 0}
-            if self._timeout is not None:
-                kwargs["timeout"] = self._timeout
-            self._client = anthropic.AsyncAnthropic(**kwargs)
-        return self._client
 
     @staticmethod
     def check_credentials() -> None:
@@ -74,7 +91,6 @@ class AnthropicModel:
         import anthropic
 
         policy = request.retry or self.retry
-        client = self.client
         body = request.body
         # everything beyond the three required fields goes through as the API spells it, so
         # any Messages API parameter works (and an unknown one is the API's 400, not a TypeError)
@@ -84,6 +100,7 @@ class AnthropicModel:
                                  "extra_body": {k: v for k, v in body.items() if k not in required}}
         if request.timeout_s is not None:
             extra["timeout"] = request.timeout_s
+        send = self._stream if required["max_tokens"] > STREAM_ABOVE_TOKENS else self._create
         attempts = request.attempts  # shared, so a step stopped mid-retry still logs its tries
         began = self._clock()
         number = 0
@@ -95,7 +112,7 @@ class AnthropicModel:
             request_id: str | None = None
             kind: AttemptKind
             try:
-                message = await client.messages.create(**required, **extra)
+                message, request_id = await send(required, extra)
             except asyncio.CancelledError:
                 attempts.append(Attempt(number=number, started_at=started_at, kind="cancelled",
                                         error="abandoned in flight when the step was stopped; it may "
@@ -112,13 +129,15 @@ class AnthropicModel:
                 kind, error = "timeout", f"Messages API request timed out after {limit}"
             except anthropic.APIConnectionError as exc:
                 kind, error = "connection", f"cannot reach the Messages API: {exc}"
-            except ValueError as exc:  # the SDK refuses, e.g. a call too long to make unstreamed
-                kind, error = "deterministic", (
-                    f"the SDK refused the request: {' '.join(str(exc).split())[:300]}; set timeout= "
-                    "(seconds) on the state or lower its max_tokens")
+            except MalformedAnswer as exc:
+                status, request_id = exc.status, exc.request_id
+                kind, error = "malformed", (f"the Messages API answered {status} with a body that is not a "
+                                            f"message: {' '.join(str(exc).split())[:300]}")
             else:
-                response = message.model_dump(mode="json", exclude_none=True)
-                return completion_from_response(response, request.tool_name, message._request_id)
+                # no serializer warnings: a malformed usage count is read as best it can be
+                # (completion_from_response) and stored as it came
+                response = message.model_dump(mode="json", exclude_none=True, warnings=False)
+                return completion_from_response(response, request.tool_name, request_id)
             delay, why = (next_delay(policy, number, self._clock() - began, headers)
                           if kind in TRANSIENT_KINDS else (None, "not retriable"))
             error = redact(error)  # a server may quote the credentials it refused
@@ -133,6 +152,47 @@ class AnthropicModel:
                 raise LLMError(error, kind=final, status_code=status,
                                request_id=request_id, run_id=request.run_id, state=request.state)
             await self._sleep(delay)
+
+    async def _create(self, required: dict[str, Any], extra: dict[str, Any]) -> tuple[Message, str | None]:
+        """The answer to one unstreamed call, and its request id."""
+        import anthropic
+
+        raw = await self.client.messages.with_raw_response.create(**required, **extra)
+        try:
+            message = await raw.parse()
+        except ValueError as exc:  # the body is not JSON
+            raise MalformedAnswer(str(exc), status=raw.status_code, request_id=raw.request_id) from None
+        if not isinstance(message, anthropic.types.Message):  # e.g. text/html: the SDK hands back text
+            raise MalformedAnswer(f"a {raw.headers.get('content-type')} body", status=raw.status_code,
+                                  request_id=raw.request_id)
+        return message, raw.request_id
+
+    async def _stream(self, required: dict[str, Any], extra: dict[str, Any]) -> tuple[Message, str | None]:
+        """The answer to one streamed call, as its final message, and its request id."""
+        final: Message | None = None
+        async with self.client.messages.stream(**required, **extra) as stream:
+            try:
+                async for event in stream:
+                    if event.type == "message_stop":
+                        final = event.message
+            except (ValueError, RuntimeError) as exc:  # events that are not JSON, or out of order
+                raise MalformedAnswer(str(exc), status=stream.response.status_code,
+                                      request_id=stream.request_id) from None
+        if final is None:
+            raise MalformedAnswer("the stream ended before the message did",
+                                  status=stream.response.status_code, request_id=stream.request_id)
+        return final, stream.request_id
+
+
+def _check_sendable(name: str, credential: str | None) -> None:
+    """Refuse a credential that no HTTP header can carry or that cannot be right (whitespace or
+    control characters: a line ending copied with the key, most often), naming where, never
+    echoing it. Sent, it fails every call as a connection error, and each is retried."""
+    for position, char in enumerate(credential or "", 1):
+        if char.isspace() or not char.isprintable():
+            what = _CHARACTERS.get(char, "a whitespace character" if char.isspace() else "a control character")
+            raise UsageError(f"{name} has {what} at character {position} of {len(credential or '')}",
+                             fix="set it again without it")
 
 
 def _is_spend_limit(exc: anthropic.APIStatusError) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from ..types import Attempt, RetryPolicy, Usage
 
-TRANSIENT_KINDS = frozenset({"transient", "timeout", "connection"})
+TRANSIENT_KINDS = frozenset({"transient", "timeout", "connection", "malformed"})
 """Attempt kinds worth retrying, and that may go to a state's fallback once retries run out."""
 
 
@@ -72,11 +72,22 @@ def completion_from_response(
         data=data,
         stop_reason=response.get("stop_reason"),
         usage=Usage(
-            input_tokens=int(usage.get("input_tokens") or 0),
-            output_tokens=int(usage.get("output_tokens") or 0),
-            cache_read_tokens=int(usage.get("cache_read_input_tokens") or 0),
-            cache_write_tokens=int(usage.get("cache_creation_input_tokens") or 0),
+            input_tokens=token_count(usage.get("input_tokens")),
+            output_tokens=token_count(usage.get("output_tokens")),
+            cache_read_tokens=token_count(usage.get("cache_read_input_tokens")),
+            cache_write_tokens=token_count(usage.get("cache_creation_input_tokens")),
         ),
         request_id=request_id,
         response=response,
     )
+
+
+def token_count(value: Any) -> int:
+    """A usage count as best it can be read: a whole number of 0 or more, or a string of
+    digits; anything else (missing, null, a word, negative) counts 0. The response itself is
+    stored as it came, so what the API sent stays there to see."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 100:
+        value = int(value)
+    return value if type(value) is int and value >= 0 else 0

@@ -159,7 +159,8 @@ class FakeMessagesAPI:
             hdrs.update(reply.headers)
             hdrs["request-id"] = f"req_fake_{number:06d}"
             return status, hdrs, data, reply
-        status, hdrs, data, _ = _json(200, _message(payload, reply, number))
+        message = _message(payload, reply, number)
+        status, hdrs, data, _ = _streamed(message) if payload.get("stream") else _json(200, message)
         hdrs.update(reply.headers)
         hdrs["request-id"] = f"req_fake_{number:06d}"
         return status, hdrs, data, reply
@@ -352,6 +353,29 @@ def _message(request: dict[str, Any], reply: Reply, number: int) -> dict[str, An
                   "cache_read_input_tokens": reply.cache_read_tokens,
                   "cache_creation_input_tokens": reply.cache_write_tokens},
     }
+
+
+def _streamed(message: dict[str, Any]) -> tuple[int, dict[str, str], bytes, None]:
+    """The message as the Messages API streams it (`"stream": true`): server-sent events, its
+    usage in `message_start` but for the output tokens, which `message_delta` brings."""
+    usage = message["usage"]
+    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
+             "usage": {**usage, "output_tokens": 1}}
+    events: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
+    for index, block in enumerate(message["content"]):
+        if block["type"] == "tool_use":
+            empty, delta = {**block, "input": {}}, {"type": "input_json_delta",
+                                                    "partial_json": json.dumps(block["input"])}
+        else:
+            empty, delta = {**block, "text": ""}, {"type": "text_delta", "text": block["text"]}
+        events += [{"type": "content_block_start", "index": index, "content_block": empty},
+                   {"type": "content_block_delta", "index": index, "delta": delta},
+                   {"type": "content_block_stop", "index": index}]
+    events += [{"type": "message_delta", "usage": {"output_tokens": usage["output_tokens"]},
+                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]}},
+               {"type": "message_stop"}]
+    body = "".join(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n" for event in events)
+    return 200, {"content-type": "text/event-stream"}, body.encode(), None
 
 
 def _json(status: int, payload: dict[str, Any]) -> tuple[int, dict[str, str], bytes, None]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..types import Usage
+from ..types import Usage, check_amount
 
 PRICES_AS_OF = "2026-11"
 CACHE_WRITE_FACTOR = 1.25  # 5-minute cache writes cost 1.25x the input price
@@ -53,10 +53,14 @@ DEFAULT_PRICES: dict[str, Price] = {
 
 
 class PriceTable:
-    """Model id -> Price, with exact ids taking precedence over family names."""
+    """Model id -> Price, with exact ids taking precedence over family names. A price that is
+    NaN, infinite or negative is refused (UsageError) when the table is built."""
 
     def __init__(self, prices: Mapping[str, Price] | None = None) -> None:
         self.prices: Mapping[str, Price] = dict(DEFAULT_PRICES if prices is None else prices)
+        for model, price in self.prices.items():
+            for part in fields(Price):
+                check_amount(f"the price of {model!r} ({part.name})", getattr(price, part.name))
         self._found: dict[str, Price | None] = {}  # model id -> its price, looked up once
 
     def price_for(self, model: str) -> Price | None:

@@ -18,10 +18,11 @@ def open_store(target: str | os.PathLike[str], **options: Any) -> Store:
         path = text
     elif scheme == "sqlite":
         path = rest[1:] if rest.startswith("/") and not rest.startswith("//") else rest
-        if not path:
-            raise UsageError(f"{text!r} names no database file", fix="use sqlite:///path/to/orch.db")
     else:
         raise UsageError(f"no store for {scheme}:// URLs", fix="use a SQLite file path or sqlite:///path")
+    if path in ("", ":memory:"):  # SQLite's in-memory database would be a file named so here
+        raise UsageError(f"{text!r} names no database file",
+                         fix="runs are kept in a file so that they can be resumed: give a file path")
     from .sqlite._store import SQLiteStore  # the backend is loaded only when chosen
 
     return SQLiteStore(path, **options)
