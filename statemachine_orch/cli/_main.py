@@ -9,6 +9,7 @@ Errors are one line on stderr; `--debug` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -193,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("db", "sync", "prices", "log_json", "quiet", "debug"):
         if not hasattr(args, name):
             setattr(args, name, None)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a stored lone surrogate prints as \ud800, not an error
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         args.price_table = read_prices(args)  # read once; a bad file is an error whatever the command
         return int(args.func(args))

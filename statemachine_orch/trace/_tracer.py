@@ -77,8 +77,12 @@ def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
 
 def _ascii_line(event: MutableMapping[str, Any], default: Callable[[Any], Any]) -> str:
     """`JSONRenderer`'s serializer: pydantic-core encodes (several times faster than `json`);
-    `json` takes the rare event with non-ASCII text, so no U+2028 can split a line."""
-    line = to_json(event, fallback=default).decode()
+    `json` takes the rare event with non-ASCII text, so no U+2028 can split a line (nor a
+    lone surrogate, which pydantic-core cannot encode, stop it)."""
+    try:
+        line = to_json(event, fallback=default).decode()
+    except ValueError:
+        return _ascii_json(event)
     return line if line.isascii() else _ascii_json(event)
 
 

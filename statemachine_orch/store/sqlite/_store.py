@@ -44,7 +44,7 @@ from .._contract import MachineTotals, RunSummary
 from .._owner import Owner, owner_from_json
 from ._chain import CHAINED_COLUMNS, chain_hash, first_link, last_link, verify
 from ._liveness import is_alive
-from ._rows import dump, load, transition_of, usage_of
+from ._rows import attempt_rows, dump, load, text, transition_of, transition_row, usage_of
 from ._schema import migrate
 from ._transaction import Busy, Transaction, busy_as, is_busy, to_the_end
 
@@ -189,36 +189,26 @@ class SQLiteStore:
     def _append(self, conn: sqlite3.Connection, r: TransitionRecord, owner: Owner, status: RunStatus | None,
                 error: str | None, final: bool) -> str:
         """The row, its attempts and the run's totals (and status); returns the row's chain hash."""
-        u = r.usage
         request = dump(r.request)  # retried attempts usually carry this same body: encoded once
-        content = (
-            r.run_id, r.seq, r.from_state, r.to_state, r.decision, r.reason, r.attempt, r.started_at,
-            r.latency_ms, r.source, u.input_tokens, u.output_tokens, u.cache_read_tokens,
-            u.cache_write_tokens, r.cost_usd, r.error, dump(r.output), request,
-            dump(r.response), r.request_id, r.request_hash, int(r.in_doubt),
-        )
+        row = transition_row(r, request)
+        content = tuple(row.values())
         previous = self._chains.get(r.run_id)
         link = previous[1] if previous is not None and previous[0] == r.seq - 1 else last_link(conn, r.run_id)
         chain = chain_hash(link, content)
         if status is None:
-            fenced = self._sql(conn, _STEP, (r.seq, r.committed, u.input_tokens, u.output_tokens,
-                                             r.source == "cache", r.cost_usd, r.run_id, owner.token))
+            fenced = self._sql(conn, _STEP, (r.seq, r.committed, row["input_tokens"], row["output_tokens"],
+                                             r.source == "cache", row["cost_usd"], r.run_id, owner.token))
         else:
             fenced = self._sql(conn, _ADVANCE, {
-                "seq": r.seq, "step": r.committed, "input_tokens": u.input_tokens,
-                "output_tokens": u.output_tokens, "cache_hit": r.source == "cache", "cost": r.cost_usd,
-                "status": status.value, "error": error, "now": now_iso(), "release": final,
+                "seq": r.seq, "step": r.committed, "input_tokens": row["input_tokens"],
+                "output_tokens": row["output_tokens"], "cache_hit": r.source == "cache", "cost": row["cost_usd"],
+                "status": status.value, "error": text(error), "now": now_iso(), "release": final,
                 "run_id": r.run_id, "owner": owner.token})
         if fenced.rowcount != 1:
             raise self._not_appended(conn, r, owner)
         self._sql(conn, _APPEND, (*content, chain))
         if r.attempts:
-            self._sql_many(conn, _APPEND_ATTEMPT, [
-                (r.run_id, r.seq, a.number, r.from_state, a.started_at, a.kind, a.status_code,
-                 a.request_id, a.delay_s, a.error, a.usage.input_tokens, a.usage.output_tokens,
-                 a.usage.cache_read_tokens, a.usage.cache_write_tokens, a.cost_usd,
-                 request if a.request is r.request else dump(a.request), dump(a.response))
-                for a in r.attempts])
+            self._sql_many(conn, _APPEND_ATTEMPT, [tuple(a.values()) for a in attempt_rows(r, request)])
         return chain
 
     def _not_appended(self, conn: sqlite3.Connection, r: TransitionRecord, owner: Owner) -> OwnershipLostError:
@@ -263,7 +253,7 @@ class SQLiteStore:
     def _release(self, conn: sqlite3.Connection, run_id: str, owner: Owner, status: RunStatus,
                  error: str | None) -> None:
         keep = status is RunStatus.RUNNING
-        self._sql(conn, _SET_STATUS, (status.value, error, now_iso(), keep, keep, run_id, owner.token))
+        self._sql(conn, _SET_STATUS, (status.value, text(error), now_iso(), keep, keep, run_id, owner.token))
 
     # ------------------------------------------------------------------ reading
 
