@@ -4,7 +4,8 @@ The client is configured by the SDK's own environment (`ANTHROPIC_API_KEY`,
 `ANTHROPIC_BASE_URL`) unless one is passed in. The SDK's retries are switched off
 (`max_retries=0`): `retry.py` is the one retry layer, so every attempt is seen and
 returned as an `Attempt`. Only the request body is ever stored; the key travels in a
-header the SDK builds and never reaches a record or a log.
+header the SDK builds, and a server that quotes it back (in an answer or an error) has it
+blanked here, before anything stores, prints or judges the answer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .._redact import redact
+from .._redact import longest_first, redact, redact_values, secrets_from_env
 from ..errors import LLMError, NoCredentialsError
 from ..types import Attempt, AttemptKind, RetryPolicy, now_iso
 from ._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response
@@ -85,6 +86,7 @@ class AnthropicModel:
         if request.timeout_s is not None:
             extra["timeout"] = request.timeout_s
         attempts = request.attempts  # shared, so a step stopped mid-retry still logs its tries
+        secrets = longest_first([client.api_key, client.auth_token, *secrets_from_env()])
         began = self._clock()
         number = 0
         while True:
@@ -117,11 +119,11 @@ class AnthropicModel:
                     f"the SDK refused the request: {' '.join(str(exc).split())[:300]}; set timeout= "
                     "(seconds) on the state or lower its max_tokens")
             else:
-                response = message.model_dump(mode="json", exclude_none=True)
+                response = redact_values(message.model_dump(mode="json", exclude_none=True), secrets)
                 return completion_from_response(response, request.tool_name, message._request_id)
             delay, why = (next_delay(policy, number, self._clock() - began, headers)
                           if kind in TRANSIENT_KINDS else (None, "not retriable"))
-            error = redact(error)  # a server may quote the credentials it refused
+            error = redact(error, secrets)  # a server may quote the credentials it refused
             attempts.append(Attempt(number=number, started_at=started_at, kind=kind, error=error,
                                     status_code=status, request_id=request_id, delay_s=delay,
                                     request=request.body))
