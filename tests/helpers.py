@@ -1256,10 +1256,11 @@ def corrupt(kind: str, db: Path, machine_file: Path, marker: Path) -> None:
 
 
 # kind -> (exit code of a refused resume, what its one line says, do log/show refuse too,
-#          does `orch audit verify` see it: the hash chain covers the log rows, not the run row)
+#          does `orch audit verify` see it: the hash chain covers the log rows and the run's
+#          identity, input included, not the machine's source file)
 REFUSALS = {
     "truncated_output": (1, f"run {VICTIM} seq 2 output is not valid JSON", True, True),
-    "pickle_text_input": (1, f"run {VICTIM} input is not valid JSON", True, False),
+    "pickle_text_input": (1, f"run {VICTIM} input is not valid JSON", True, True),
     "pickle_blob_output": (1, f"run {VICTIM} seq 1 output is not valid JSON", True, True),
     "broken_chain": (1, f"run {VICTIM}", False, True),
     "changed_machine": (2, f"changed since run {VICTIM} started", False, False),

@@ -25,6 +25,7 @@ from ..errors import (
     OrchError,
     RunExistsError,
     RunNotFoundError,
+    TamperedRunError,
     UsageError,
 )
 from ..types import RunStatus
@@ -179,6 +180,8 @@ def worded(error: OrchError) -> str:
         fix = "fix the machine, or resume anyway with --allow-changed (allow_changed=True)"
     elif isinstance(error, NoCredentialsError):
         fix = "export it to call the API, or add --offline to run on scripted answers"
+    elif isinstance(error, TamperedRunError):
+        fix = f"`orch audit verify {error.run_id}` checks it; restore the database from a backup"
     return f"{error.what}; {fix}" if fix else error.what
 
 

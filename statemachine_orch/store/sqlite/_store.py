@@ -37,12 +37,13 @@ from ...errors import (
     RunFinishedError,
     RunNotFoundError,
     StoreError,
+    TamperedRunError,
     UsageError,
 )
 from ...types import Attempt, RunRecord, RunStatus, TransitionRecord, now_iso
 from .._contract import MachineTotals, RunSummary
 from .._owner import Owner, owner_from_json
-from ._chain import CHAINED_COLUMNS, chain_hash, first_link, last_link, verify
+from ._chain import CANONICAL, CHAINED_COLUMNS, AuditKey, last_link, verify
 from ._liveness import is_alive
 from ._rows import attempt_rows, dump, load, text, transition_of, transition_row, usage_of
 from ._schema import migrate
@@ -96,6 +97,8 @@ class SQLiteStore:
     `synchronous="FULL"` (the default) makes each commit survive a power loss; "NORMAL"
     survives a crashed process only. `create=False` refuses a path with no database
     (`DatabaseNotFoundError`). `tracer(sql, params)` sees every statement before it runs.
+    `audit_key` keys the audit chain of the runs this store creates (HMAC-SHA256) and is needed
+    to verify them; None takes ORCH_AUDIT_KEY from the environment, "" means no key.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class SQLiteStore:
         busy_timeout_s: float = 30.0,
         create: bool = True,
         tracer: SQLTracer | None = None,
+        audit_key: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.where = str(path)
@@ -118,7 +122,8 @@ class SQLiteStore:
         self.synchronous = synchronous
         self.busy_timeout_s = busy_timeout_s
         self.tracer = tracer
-        self._chains: dict[str, tuple[int, str]] = {}  # run -> (seq, chain) of its last row here
+        self._audit = AuditKey(os.environ.get("ORCH_AUDIT_KEY") if audit_key is None else audit_key)
+        self._chains: dict[str, tuple[int, str, int]] = {}  # run -> (seq, chain, version) of its last row here
         self._marks: sqlite3.Connection | None = None
         # A closed WAL database in a directory we cannot write: SQLite could not create the
         # -shm file it needs even to read, so open it immutable (reads work, writes say read-only).
@@ -143,19 +148,24 @@ class SQLiteStore:
     # ------------------------------------------------------------------ the engine's writes
 
     async def create_run(self, run: RunRecord, owner: Owner) -> None:
-        await self._write(self._create_run, run, owner)
-        self._chains[run.run_id] = (0, first_link(run.run_id))  # no log yet: step 1 chains to this
+        anchor = await self._write(self._create_run, run, owner)
+        self._chains[run.run_id] = (0, anchor, CANONICAL)  # no log yet: step 1 chains to this
 
-    def _create_run(self, conn: sqlite3.Connection, run: RunRecord, owner: Owner) -> None:
+    def _create_run(self, conn: sqlite3.Connection, run: RunRecord, owner: Owner) -> str:
+        """The run row, with the anchor of its audit chain (returned)."""
+        identity = {"run_id": run.run_id, "machine": run.machine, "machine_ref": run.machine_ref,
+                    "machine_hash": run.machine_hash, "input": dump(run.input), "created_at": run.created_at,
+                    "chain_version": CANONICAL, "chain_key": self._audit.id}
+        anchor = self._audit.anchor(identity)
         try:
-            self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, options, "
-                            "status, error, created_at, updated_at, owner, owner_info) "
-                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                      (run.run_id, run.machine, run.machine_ref, run.machine_hash, dump(run.input),
-                       dump(run.options), run.status.value, run.error, run.created_at, run.updated_at,
-                       owner.token, owner.info_json()))
+            self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, created_at, "
+                            "chain_version, chain_key, chain_anchor, options, status, error, updated_at, owner, "
+                            "owner_info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                      (*identity.values(), anchor, dump(run.options), run.status.value, text(run.error),
+                       run.updated_at, owner.token, owner.info_json()))
         except sqlite3.IntegrityError:
             raise RunExistsError(run.run_id, where=self.where) from None
+        return anchor
 
     async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None
                         ) -> tuple[RunRecord, list[TransitionRecord]]:
@@ -180,21 +190,23 @@ class SQLiteStore:
     async def append(self, record: TransitionRecord, owner: Owner, *, status: RunStatus | None = None,
                      error: str | None = None) -> None:
         final = status is not None and status is not RunStatus.RUNNING
-        chain = await self._write(self._append, record, owner, status, error, final)
+        chain, version = await self._write(self._append, record, owner, status, error, final)
         if final:
             self._chains.pop(record.run_id, None)  # the run is over here: keep no state for it
         else:
-            self._chains[record.run_id] = (record.seq, chain)
+            self._chains[record.run_id] = (record.seq, chain, version)
 
     def _append(self, conn: sqlite3.Connection, r: TransitionRecord, owner: Owner, status: RunStatus | None,
-                error: str | None, final: bool) -> str:
-        """The row, its attempts and the run's totals (and status); returns the row's chain hash."""
+                error: str | None, final: bool) -> tuple[str, int]:
+        """The row, its attempts and the run's totals (and status); returns the row's chain hash
+        and the run's chain version."""
         request = dump(r.request)  # retried attempts usually carry this same body: encoded once
         row = transition_row(r, request)
-        content = tuple(row.values())
+        attempts = attempt_rows(r, request)
         previous = self._chains.get(r.run_id)
-        link = previous[1] if previous is not None and previous[0] == r.seq - 1 else last_link(conn, r.run_id)
-        chain = chain_hash(link, content)
+        version, link = (previous[2], previous[1]) if previous is not None and previous[0] == r.seq - 1 else (
+            last_link(conn, r.run_id, self._audit))
+        chain = self._audit.link(version, link, row, attempts)
         if status is None:
             fenced = self._sql(conn, _STEP, (r.seq, r.committed, row["input_tokens"], row["output_tokens"],
                                              r.source == "cache", row["cost_usd"], r.run_id, owner.token))
@@ -206,10 +218,10 @@ class SQLiteStore:
                 "run_id": r.run_id, "owner": owner.token})
         if fenced.rowcount != 1:
             raise self._not_appended(conn, r, owner)
-        self._sql(conn, _APPEND, (*content, chain))
-        if r.attempts:
-            self._sql_many(conn, _APPEND_ATTEMPT, [tuple(a.values()) for a in attempt_rows(r, request)])
-        return chain
+        self._sql(conn, _APPEND, (*row.values(), chain))
+        if attempts:
+            self._sql_many(conn, _APPEND_ATTEMPT, [tuple(a.values()) for a in attempts])
+        return chain, version
 
     def _not_appended(self, conn: sqlite3.Connection, r: TransitionRecord, owner: Owner) -> OwnershipLostError:
         """Why the fenced update changed no row: the run was taken over, or is not at step `seq - 1`."""
@@ -274,17 +286,23 @@ class SQLiteStore:
             owner=row["owner"], in_flight=load(row["in_flight"], "run", run_id, "in-flight mark"),
         )
 
-    async def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+    async def load_run(self, run_id: str, *, verified: bool = False) -> tuple[RunRecord, list[TransitionRecord]]:
         """The run row and its log as of one moment: read in one transaction, so a step that
-        another process commits in between cannot show a finished log with a running row."""
-        return await self._read(self._load_run, run_id)
+        another process commits in between cannot show a finished log with a running row.
+        `verified`: refuse them (`TamperedRunError`) unless they pass the run's audit chain."""
+        return await self._read(self._load_run, run_id, verified)
 
-    def _load_run(self, conn: sqlite3.Connection, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+    def _load_run(self, conn: sqlite3.Connection, run_id: str, verified: bool
+                  ) -> tuple[RunRecord, list[TransitionRecord]]:
         self._sql(conn, "BEGIN")
         try:
-            return self._get_run(conn, run_id), self._transitions(conn, run_id)
+            loaded = self._get_run(conn, run_id), self._transitions(conn, run_id)
+            problem = verify(conn, run_id, self._audit) if verified else None
         finally:
             self._sql(conn, "COMMIT")
+        if problem is not None:
+            raise TamperedRunError(run_id, problem, where=self.where)
+        return loaded
 
     async def transitions(self, run_id: str) -> list[TransitionRecord]:
         return await self._read(self._transitions, run_id)
@@ -382,7 +400,7 @@ class SQLiteStore:
             conn, "SELECT run_id FROM runs WHERE machine = ? ORDER BY created_at, run_id", (machine,))]
 
     async def verify_chain(self, run_id: str) -> str | None:
-        return await self._read(verify, run_id)
+        return await self._read(verify, run_id, self._audit)
 
     async def close(self) -> None:
         if self._marks is not None:
