@@ -12,7 +12,6 @@ repr of a log row's values only; such runs are verified, and continued, as they 
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ from functools import cache
 from typing import Any
 
 from ...errors import AuditKeyError
+from ._rows import json_encoder
 
 LEGACY, CANONICAL = 1, 2
 RUN_FIELDS = ("run_id", "machine", "machine_ref", "machine_hash", "input", "created_at", "chain_version",
@@ -33,26 +33,32 @@ ATTEMPT_COLUMNS = ("run_id", "seq", "attempt", "state", "started_at", "kind", "s
                    "cache_write_tokens", "cost_usd", "request", "response")
 CHAINED_COLUMNS = ", ".join(ROW_COLUMNS)
 _KEY_ID_MESSAGE = b"statemachine_orch audit key id"
+_AS_IS = frozenset({str, int, type(None)})
 
 
 def canonical(value: Any) -> str:
     """Canonical JSON of values as SQLite gives them back: no whitespace, keys sorted, a REAL as
-    its IEEE 754 bits, a BLOB as hex, text escaped as RFC 8785 (JCS) escapes it."""
-    return json.dumps(_typed(value), ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    its IEEE 754 bits, a BLOB as hex, text escaped as RFC 8785 (JCS) escapes it (as
+    pydantic-core's encoder does, several times faster than the json module's)."""
+    return json_encoder()(_typed(value)).decode()
 
 
 def _typed(value: Any) -> Any:
-    if isinstance(value, float):
-        return {"real": struct.pack(">d", value).hex()}
-    if isinstance(value, bytes):
-        return {"blob": value.hex()}
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _typed(v) for k, v in value.items()}
-    if isinstance(value, list):
+    """`value` with what JSON cannot say exactly tagged, and object keys in order."""
+    kind = type(value)
+    if kind in _AS_IS:
+        return value
+    if kind is dict:
+        return {k: v if type(v) in _AS_IS else _typed(v) for k, v in sorted(value.items())}
+    if kind is list:
         return [_typed(v) for v in value]
-    return value
+    if kind is float:
+        return {"real": struct.pack(">d", value).hex()}
+    if kind is bytes:
+        return {"blob": value.hex()}
+    if kind is bool:
+        return int(value)
+    raise TypeError(f"a stored value cannot be a {kind.__name__}")
 
 
 class AuditKey:

@@ -29,7 +29,7 @@ def dump(value: Any) -> str | None:
     if value is None:
         return None
     try:
-        return _encoder()(value).decode()
+        return json_encoder()(value).decode()
     except ValueError:  # pydantic-core cannot encode a lone surrogate as UTF-8
         from pydantic_core import to_jsonable_python
 
@@ -86,7 +86,7 @@ def attempt_rows(r: TransitionRecord, request: str | None) -> list[dict[str, Any
 
 
 @cache
-def _encoder() -> Callable[[Any], bytes]:
+def json_encoder() -> Callable[[Any], bytes]:
     """pydantic-core's `to_json`, imported on the first write: reading commands never load it."""
     from pydantic_core import to_json
 
