@@ -199,7 +199,7 @@ def offline_environment() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ANTHROPIC_BASE_URL", CLOSED_PORT)
         env.setenv("ANTHROPIC_API_KEY", CANARY_KEY)
-        for name in ("ANTHROPIC_AUTH_TOKEN", "ORCH_DB", "ORCH_SYNC"):
+        for name in ("ANTHROPIC_AUTH_TOKEN", "ORCH_DB", "ORCH_SYNC", "ORCH_AUDIT_KEY"):
             env.delenv(name, raising=False)
         yield
 
