@@ -1858,6 +1858,7 @@ ALLOWED_SQL_PARTS = {
     "statement": "run_script: the schema module's own schema, migration and view scripts",
     "table": "PRAGMA table_info of the tables a new database has (names from the schema script)",
     "CHAINED_COLUMNS": "a constant list of column names",
+    "CHAINED_ATTEMPT_COLUMNS": "a constant list of column names",
     "SCHEMA_VERSION": "an int constant",
     "APPLICATION_ID": "an int constant",
     "'OFF' if marks else self.synchronous": "checked to be 'FULL' or 'NORMAL' before the connection is made",

@@ -27,7 +27,14 @@ from pathlib import Path
 
 import pytest
 
-from statemachine_orch.store.sqlite._chain import ATTEMPT_COLUMNS, CANONICAL, ROW_COLUMNS, AuditKey
+from statemachine_orch.store.sqlite._chain import (
+    ATTEMPT_COLUMNS,
+    CANONICAL,
+    CHAINED_ATTEMPT_COLUMNS,
+    CHAINED_COLUMNS,
+    ROW_COLUMNS,
+    AuditKey,
+)
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, ScriptEntry, error
 
 from ..helpers import (
@@ -274,11 +281,11 @@ def rechain(run_id: str, from_seq: int) -> Tamper:
     def apply(conn: sqlite3.Connection) -> None:
         chain = conn.execute("SELECT chain FROM transitions WHERE run_id = ? AND seq = ?",
                              (run_id, from_seq - 1)).fetchone()[0]
-        for values in conn.execute(f"SELECT {', '.join(ROW_COLUMNS)} FROM transitions WHERE run_id = ? "
+        for values in conn.execute(f"SELECT {CHAINED_COLUMNS} FROM transitions WHERE run_id = ? "
                                    "AND seq >= ? ORDER BY seq", (run_id, from_seq)).fetchall():
             row = dict(zip(ROW_COLUMNS, values, strict=True))
             attempts = [dict(zip(ATTEMPT_COLUMNS, a, strict=True)) for a in conn.execute(
-                f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM attempts WHERE run_id = ? AND seq = ? ORDER BY attempt",
+                f"SELECT {CHAINED_ATTEMPT_COLUMNS} FROM attempts WHERE run_id = ? AND seq = ? ORDER BY attempt",
                 (run_id, row["seq"]))]
             chain = AuditKey(None).link(CANONICAL, chain, row, attempts)
             conn.execute("UPDATE transitions SET chain = ? WHERE run_id = ? AND seq = ?", (chain, run_id, row["seq"]))

@@ -32,6 +32,7 @@ ATTEMPT_COLUMNS = ("run_id", "seq", "attempt", "state", "started_at", "kind", "s
                    "delay_s", "error", "input_tokens", "output_tokens", "cache_read_tokens",
                    "cache_write_tokens", "cost_usd", "request", "response")
 CHAINED_COLUMNS = ", ".join(ROW_COLUMNS)
+CHAINED_ATTEMPT_COLUMNS = ", ".join(ATTEMPT_COLUMNS)
 _KEY_ID_MESSAGE = b"statemachine_orch audit key id"
 _AS_IS = frozenset({str, int, type(None)})
 
@@ -169,7 +170,7 @@ def verify(conn: sqlite3.Connection, run_id: str, key: AuditKey) -> str | None:
                 "created_at or chain fields were edited")
     attempts: dict[int, list[dict[str, Any]]] = {}
     if version == CANONICAL:
-        for values in conn.execute(f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM attempts WHERE run_id = ? "
+        for values in conn.execute(f"SELECT {CHAINED_ATTEMPT_COLUMNS} FROM attempts WHERE run_id = ? "
                                    "ORDER BY seq, attempt", (run_id,)):
             attempts.setdefault(values[1], []).append(dict(zip(ATTEMPT_COLUMNS, values, strict=True)))
     expected_seq = 1
