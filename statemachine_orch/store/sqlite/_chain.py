@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from typing import Any
 
-from ...errors import AuditKeyError
+from ...errors import AuditKeyError, TamperedRunError
 from ._rows import json_encoder
 
 LEGACY, CANONICAL = 1, 2
@@ -196,3 +196,10 @@ def verify(conn: sqlite3.Connection, run_id: str, key: AuditKey) -> str | None:
     if recorded is not None and recorded < last:
         return f"row seq {recorded + 1} was added after the run's last recorded step (seq {recorded})"
     return None
+
+
+def require_intact(conn: sqlite3.Connection, run_id: str, key: AuditKey, where: str) -> None:
+    """Refuse a run whose rows fail its chain (`TamperedRunError`, naming the first bad row)."""
+    problem = verify(conn, run_id, key)
+    if problem is not None:
+        raise TamperedRunError(run_id, problem, where=where)

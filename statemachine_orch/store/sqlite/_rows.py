@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any
 
 from ...errors import CorruptRunError
-from ...types import Attempt, TransitionRecord, Usage
+from ...types import Attempt, RunRecord, TransitionRecord, Usage
 
 INT64_MAX = 2**63 - 1
 
@@ -53,6 +53,13 @@ def real(value: float | None) -> float | None:
     if value is None or value != value:
         return None
     return float(value) + 0.0
+
+
+def run_identity(run: RunRecord, chain_version: int, chain_key: str | None) -> dict[str, Any]:
+    """The `runs` columns a new run's audit chain is anchored to, as they are stored."""
+    return {"run_id": run.run_id, "machine": run.machine, "machine_ref": run.machine_ref,
+            "machine_hash": run.machine_hash, "input": dump(run.input), "created_at": run.created_at,
+            "chain_version": chain_version, "chain_key": chain_key}
 
 
 def transition_row(r: TransitionRecord, request: str | None) -> dict[str, Any]:

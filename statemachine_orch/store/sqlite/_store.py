@@ -37,15 +37,14 @@ from ...errors import (
     RunFinishedError,
     RunNotFoundError,
     StoreError,
-    TamperedRunError,
     UsageError,
 )
 from ...types import Attempt, RunRecord, RunStatus, TransitionRecord, now_iso
 from .._contract import MachineTotals, RunSummary
 from .._owner import Owner, owner_from_json
-from ._chain import CANONICAL, CHAINED_COLUMNS, AuditKey, last_link, verify
+from ._chain import CANONICAL, CHAINED_COLUMNS, AuditKey, last_link, require_intact, verify
 from ._liveness import is_alive
-from ._rows import attempt_rows, dump, load, text, transition_of, transition_row, usage_of
+from ._rows import attempt_rows, dump, load, run_identity, text, transition_of, transition_row, usage_of
 from ._schema import migrate
 from ._transaction import Busy, Transaction, busy_as, is_busy, to_the_end
 
@@ -97,8 +96,7 @@ class SQLiteStore:
     `synchronous="FULL"` (the default) makes each commit survive a power loss; "NORMAL"
     survives a crashed process only. `create=False` refuses a path with no database
     (`DatabaseNotFoundError`). `tracer(sql, params)` sees every statement before it runs.
-    `audit_key` keys the audit chain of the runs this store creates (HMAC-SHA256) and is needed
-    to verify them; None takes ORCH_AUDIT_KEY from the environment, "" means no key.
+    `audit_key` keys the audit chains it writes and checks (HMAC-SHA256; None: ORCH_AUDIT_KEY, "": none).
     """
 
     def __init__(
@@ -153,9 +151,7 @@ class SQLiteStore:
 
     def _create_run(self, conn: sqlite3.Connection, run: RunRecord, owner: Owner) -> str:
         """The run row, with the anchor of its audit chain (returned)."""
-        identity = {"run_id": run.run_id, "machine": run.machine, "machine_ref": run.machine_ref,
-                    "machine_hash": run.machine_hash, "input": dump(run.input), "created_at": run.created_at,
-                    "chain_version": CANONICAL, "chain_key": self._audit.id}
+        identity = run_identity(run, CANONICAL, self._audit.id)
         anchor = self._audit.anchor(identity)
         try:
             self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, created_at, "
@@ -297,12 +293,11 @@ class SQLiteStore:
         self._sql(conn, "BEGIN")
         try:
             loaded = self._get_run(conn, run_id), self._transitions(conn, run_id)
-            problem = verify(conn, run_id, self._audit) if verified else None
+            if verified:
+                require_intact(conn, run_id, self._audit, self.where)
+            return loaded
         finally:
             self._sql(conn, "COMMIT")
-        if problem is not None:
-            raise TamperedRunError(run_id, problem, where=self.where)
-        return loaded
 
     async def transitions(self, run_id: str) -> list[TransitionRecord]:
         return await self._read(self._transitions, run_id)
