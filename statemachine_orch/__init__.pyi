@@ -14,6 +14,7 @@ from .engine._replay import Divergence as Divergence
 from .engine._replay import ReplayReport as ReplayReport
 from .engine._replay import replay_run as replay_run
 from .engine._run import Run as Run
+from .errors import AuditKeyError as AuditKeyError
 from .errors import BudgetExceededError as BudgetExceededError
 from .errors import CorruptRunError as CorruptRunError
 from .errors import DatabaseNotFoundError as DatabaseNotFoundError
@@ -36,6 +37,7 @@ from .errors import RunNotFoundError as RunNotFoundError
 from .errors import SchemaVersionError as SchemaVersionError
 from .errors import StepError as StepError
 from .errors import StoreError as StoreError
+from .errors import TamperedRunError as TamperedRunError
 from .errors import UsageError as UsageError
 from .errors import VisitLimitError as VisitLimitError
 from .hooks import Hook as Hook

@@ -173,6 +173,26 @@ class CorruptRunError(StoreError):
     """A stored run holds data that is not what statemachine_orch writes (JSON only)."""
 
 
+class TamperedRunError(CorruptRunError):
+    """A run's rows fail its audit chain: something edited, inserted or removed them since
+    they were written. `problem` names the first bad row."""
+
+    def __init__(self, run_id: str, problem: str, *, where: str) -> None:
+        super().__init__(f"run {run_id} fails its audit chain: {problem}", where=where,
+                         fix="check every run with Store.verify_chain and restore the database from a backup")
+        self.run_id = run_id
+        self.problem = problem
+
+
+class AuditKeyError(UsageError):
+    """A run's audit chain cannot be checked with the audit key configured: it was keyed with
+    another key, or with one while none is set, or keyless while one is set."""
+
+    def __init__(self, what: str, *, run_id: str, fix: str) -> None:
+        super().__init__(what, fix=fix)
+        self.run_id = run_id
+
+
 class SchemaVersionError(StoreError):
     """The database was written by a newer (or unknown) schema version."""
 

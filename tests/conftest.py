@@ -35,6 +35,7 @@ def _offline_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("ORCH_DB", raising=False)
     monkeypatch.delenv("ORCH_SYNC", raising=False)
+    monkeypatch.delenv("ORCH_AUDIT_KEY", raising=False)
 
 
 @pytest.fixture

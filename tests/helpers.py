@@ -199,7 +199,7 @@ def offline_environment() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ANTHROPIC_BASE_URL", CLOSED_PORT)
         env.setenv("ANTHROPIC_API_KEY", CANARY_KEY)
-        for name in ("ANTHROPIC_AUTH_TOKEN", "ORCH_DB", "ORCH_SYNC"):
+        for name in ("ANTHROPIC_AUTH_TOKEN", "ORCH_DB", "ORCH_SYNC", "ORCH_AUDIT_KEY"):
             env.delenv(name, raising=False)
         yield
 
@@ -1256,10 +1256,11 @@ def corrupt(kind: str, db: Path, machine_file: Path, marker: Path) -> None:
 
 
 # kind -> (exit code of a refused resume, what its one line says, do log/show refuse too,
-#          does `orch audit verify` see it: the hash chain covers the log rows, not the run row)
+#          does `orch audit verify` see it: the hash chain covers the log rows and the run's
+#          identity, input included, not the machine's source file)
 REFUSALS = {
     "truncated_output": (1, f"run {VICTIM} seq 2 output is not valid JSON", True, True),
-    "pickle_text_input": (1, f"run {VICTIM} input is not valid JSON", True, False),
+    "pickle_text_input": (1, f"run {VICTIM} input is not valid JSON", True, True),
     "pickle_blob_output": (1, f"run {VICTIM} seq 1 output is not valid JSON", True, True),
     "broken_chain": (1, f"run {VICTIM}", False, True),
     "changed_machine": (2, f"changed since run {VICTIM} started", False, False),
@@ -1857,6 +1858,7 @@ ALLOWED_SQL_PARTS = {
     "statement": "run_script: the schema module's own schema, migration and view scripts",
     "table": "PRAGMA table_info of the tables a new database has (names from the schema script)",
     "CHAINED_COLUMNS": "a constant list of column names",
+    "CHAINED_ATTEMPT_COLUMNS": "a constant list of column names",
     "SCHEMA_VERSION": "an int constant",
     "APPLICATION_ID": "an int constant",
     "'OFF' if marks else self.synchronous": "checked to be 'FULL' or 'NORMAL' before the connection is made",

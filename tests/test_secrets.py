@@ -19,12 +19,14 @@ from statemachine_orch.testing import FakeMessagesAPI, Reply, error
 
 from .helpers import (
     CANARY_KEY,
+    MODEL,
     REPORT,
     REPORT_INPUT,
     REPORT_STATES,
     ROUTER,
     ROUTER_STATES,
     CLIResult,
+    EnvOrch,
     Orch,
     resume_hint,
     router_input,
@@ -157,3 +159,47 @@ def test_failed_runs_and_debug_tracebacks_keep_the_key_out(
     assert fake.keys == {CANARY_KEY}
     assert fake.calls() == 2
     evidence.assert_no_key()
+
+
+# --------------------------------------------------------------------------- a key echoed in answers
+
+SHORT_KEY = "k3y-7ch"  # 7 characters: not shaped like a key, so only knowing it can blank it
+ECHO_MACHINE = f'''
+from pydantic import BaseModel
+from statemachine_orch import LLMState, Machine, RetryPolicy
+
+
+class Note(BaseModel):
+    note: str
+    n: int
+
+
+machine = Machine("echo", model={MODEL!r}, retry_policy=RetryPolicy(max_attempts=2, initial_delay_s=0, jitter=0),
+                  states=[LLMState("say", prompt="Say it.", max_tokens=50),
+                          LLMState("form", prompt="Fill it.", output=Note, max_tokens=50)])
+'''
+
+
+@pytest.mark.parametrize("key", [CANARY_KEY, SHORT_KEY], ids=["canary", "short"])
+def test_a_key_echoed_in_successful_answers_is_kept_out_of_everything(
+        orch: EnvOrch, fake: KeyCheckingAPI, evidence: Evidence, tmp_path: Path, key: str) -> None:
+    """The server quotes the key in an error, a text answer, an invalid structured answer
+    (re-asked, kept in the attempt log) and the valid one (#11.8)."""
+    fake.on("say", error(529, f"busy; your key {key}", headers={"retry-after-ms": "0"}), f"the key is {key}!")
+    fake.on("form", {"note": key, "n": "many"}, {"note": f"again {key}", "n": 1})
+    keyed = orch.with_env(ANTHROPIC_API_KEY=key)
+    machine = write(tmp_path / "echo.py", ECHO_MACHINE)
+    console = evidence.command("run", keyed("run", machine, "--run-id", "echo"))
+    assert console.code == 0, console.stderr
+    assert fake.keys == {key}
+    as_json = evidence.command("run --json", keyed("--log-json", "run", machine, "--run-id", "again", "--json"))
+    assert json.loads(as_json.stdout)["outputs"] == {"say": "the key is [REDACTED]!",
+                                                     "form": {"note": "again [REDACTED]", "n": 1}}
+    for run_id in ("echo", "again"):
+        evidence.command("show --json", keyed.ok("show", run_id, "--json"))
+        evidence.command("log --json", keyed.ok("log", run_id, "--json"))
+    attempts = evidence.command("attempts", keyed.ok("log", "echo", "--attempts", "--json"))
+    assert len(attempts.stdout.splitlines()) == 2  # the 529 and the invalid answer, re-asked
+    evidence.database(orch.db)
+    leaks = [label for label, data in evidence.seen.items() if key.encode() in data]
+    assert leaks == []

@@ -425,6 +425,7 @@ def test_verify_chain_passes_an_intact_log(backend: StoreFactory, tmp_path: Path
             await second.append(row(4, to_state="__end__"), other, status=RunStatus.COMPLETED)
             assert await first.verify_chain("run-1") is None
             assert await second.verify_chain("run-1") is None
+            assert await first.load_run("run-1", verified=True) == await second.load_run("run-1")
         finally:
             await first.close()
             await second.close()

@@ -29,7 +29,7 @@ from ..hooks import Hook
 from ..llm._client import ModelClient
 from ..store._contract import Store
 from ..trace._tracer import Tracer, stream_logger
-from ..types import Budget, RunResult, RunStatus, check_amount
+from ..types import Budget, RunRecord, RunResult, RunStatus, TransitionRecord, check_amount
 from ._faults import KillPoints
 from ._options import Interrupted, cli_store, with_store
 from ._render import mermaid, one_line, print_table, usd
@@ -202,9 +202,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _report_result(result, args)
 
 
+def _verified_run(store: Store, run_id: str) -> Awaitable[tuple[RunRecord, list[TransitionRecord]]]:
+    """The run, refused unless it passes its audit chain: its stored machine_ref is imported next."""
+    return store.load_run(run_id, verified=True)
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     budget = _budget(args)
-    record = with_store(args, lambda store: store.get_run(args.run_id))
+    record, _ = with_store(args, lambda store: _verified_run(store, args.run_id))
     loaded = load_machine(args.machine or record.machine_ref)
     model, _, banner = _model_for(record.options.get("offline"), loaded.machine)
     result = _drive(args, args.run_id, banner, create=False, open_run=lambda store, kill: _engine(
@@ -228,7 +233,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     outcomes[rid] = str(exc)
                     print(f"orch: error: cannot replay run {rid}: {one_line(str(exc), 10_000)}", file=sys.stderr)
             return _print_replay_summary(outcomes, loaded.machine.name, args)
-        record = await store.get_run(args.run_id)
+        record, _ = await _verified_run(store, args.run_id)
         loaded = load_machine(args.machine or record.machine_ref)
         return _print_replay(await replay_run(store, args.run_id, loaded.machine, prices=args.price_table), args)
 

@@ -9,6 +9,7 @@ Errors are one line on stderr; `--debug` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from ..errors import (
     OrchError,
     RunExistsError,
     RunNotFoundError,
+    TamperedRunError,
     UsageError,
 )
 from ..types import RunStatus
@@ -184,6 +186,8 @@ def worded(error: OrchError) -> str:
         fix = "export it to call the API, or add --offline to run on scripted answers"
     elif isinstance(error, InputError) and error.model is not None:
         fix = f"fix the input file to match {error.model}"
+    elif isinstance(error, TamperedRunError):
+        fix = f"`orch audit verify {error.run_id}` checks it; restore the database from a backup"
     return f"{error.what}; {fix}" if fix else error.what
 
 
@@ -206,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("db", "sync", "prices", "log_json", "quiet", "debug"):
         if not hasattr(args, name):
             setattr(args, name, None)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a stored lone surrogate prints as \ud800, not an error
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         _refuse_empty_ids(args)
         read_settings(args)

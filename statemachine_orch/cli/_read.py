@@ -9,6 +9,7 @@ import argparse
 import json
 from dataclasses import asdict
 
+from ..errors import AuditKeyError
 from ..store._contract import MachineTotals, RunSummary, Store
 from ..types import RunStatus, TransitionRecord
 from ._options import with_store
@@ -97,7 +98,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    record, rows = with_store(args, lambda store: store.load_run(args.run_id))
+    record, rows = with_store(args, lambda store: store.load_run(args.run_id, verified=True))
     outputs = {r.from_state: r.output for r in rows if r.committed}
     snapshot = snapshot_view(record, rows)
     if args.json:
@@ -133,16 +134,28 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Check the hash chain of one run's log, or of every run's."""
-    async def check(store: Store) -> dict[str, str | None]:
+    """Check the hash chain of one run, or of every run: exit 1 when one is broken, else 2
+    when one could not be checked with the audit key set (none, or another)."""
+    async def check(store: Store) -> dict[str, str | AuditKeyError | None]:
         if args.run_id:
             await store.get_run(args.run_id)
         run_ids = [args.run_id] if args.run_id else await store.run_ids()
-        return {run_id: await store.verify_chain(run_id) for run_id in run_ids}
+        verdicts: dict[str, str | AuditKeyError | None] = {}
+        for run_id in run_ids:
+            try:
+                verdicts[run_id] = await store.verify_chain(run_id)
+            except AuditKeyError as exc:
+                verdicts[run_id] = exc
+        return verdicts
 
-    problems = with_store(args, check)
-    for run_id, problem in problems.items():
-        print(f"run {run_id}: {'ok' if problem is None else 'TAMPERED: ' + problem}")
-    broken = sum(problem is not None for problem in problems.values())
-    print(f"{len(problems)} run(s) checked, {broken} with a broken log")
-    return 1 if broken else 0
+    verdicts = with_store(args, check)
+    for run_id, verdict in verdicts.items():
+        if isinstance(verdict, AuditKeyError):
+            print(f"run {run_id}: UNVERIFIED: {one_line(str(verdict), 10_000)}")
+        else:
+            print(f"run {run_id}: {'ok' if verdict is None else 'TAMPERED: ' + verdict}")
+    broken = sum(isinstance(v, str) for v in verdicts.values())
+    unverified = sum(isinstance(v, AuditKeyError) for v in verdicts.values())
+    print(f"{len(verdicts)} run(s) checked, {broken} with a broken log"
+          + (f", {unverified} not verified" if unverified else ""))
+    return 1 if broken else 2 if unverified else 0

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from ..definition._machine import Machine
 from ..definition._states import LLMState
-from ..errors import CorruptRunError, MachineChangedError, UsageError
+from ..errors import MachineChangedError, UsageError
 from ..hooks import Hook, HookCalls
 from ..llm._client import ModelClient
 from ..llm._prices import PriceTable
@@ -137,15 +137,12 @@ class Engine:
         A `budget` given here replaces the stored one limit by limit (raise a limit to resume
         a run that stopped with `budget_exceeded`) and is stored with the run. If the
         machine's source changed since the run started, its recorded steps are replayed on
-        the new code first; a divergence refuses the resume unless `allow_changed`.
+        the new code first; a divergence refuses the resume unless `allow_changed`. A run
+        whose rows fail its audit chain is refused (`TamperedRunError`).
         """
         compiled = self.compiled(machine)
-        record, log = await self.store.load_run(run_id)
+        record, log = await self.store.load_run(run_id, verified=True)
         snapshot(compiled, record, log)  # refuse an incompatible run before claiming it
-        problem = await self.store.verify_chain(run_id)
-        if problem is not None:
-            raise CorruptRunError(f"run {run_id} cannot be resumed: its transition log fails the audit "
-                                  f"chain ({problem})", fix="restore the database from a backup")
         if record.machine_hash != machine.source_hash and not allow_changed:
             report = await replay_run(self.store, run_id, machine, prices=self.prices, compiled=compiled)
             if report.divergence is not None:

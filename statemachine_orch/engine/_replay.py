@@ -207,8 +207,9 @@ def _text_difference(label: str, a: str, b: str) -> tuple[str, str]:
 async def replay_run(store: Store, run_id: str, machine: Machine, *, prices: PriceTable | None = None,
                      compiled: Compiled | None = None) -> ReplayReport:
     """Replay one stored run against `machine` as defined now, with its stored budget and
-    `prices` (give the table the run was made with). Writes nothing."""
-    record, log = await store.load_run(run_id)
+    `prices` (give the table the run was made with). Writes nothing; a run that fails its
+    audit chain is refused (`TamperedRunError`), never replayed."""
+    record, log = await store.load_run(run_id, verified=True)
     committed = [row for row in log if row.committed]
     cursor = _Cursor(committed)
 

@@ -4,7 +4,8 @@ The client is configured by the SDK's own environment (`ANTHROPIC_API_KEY`,
 `ANTHROPIC_BASE_URL`) unless one is passed in. The SDK's retries are switched off
 (`max_retries=0`): `retry.py` is the one retry layer, so every attempt is seen and
 returned as an `Attempt`. Only the request body is ever stored; the key travels in a
-header the SDK builds and never reaches a record or a log.
+header the SDK builds, and a server that quotes it back (in an answer or an error) has it
+blanked here, before anything stores, prints or judges the answer.
 
 A call whose `max_tokens` is above `STREAM_ABOVE_TOKENS` is streamed (`messages.stream`):
 the SDK refuses to send unstreamed a call it expects to take more than 10 minutes (an hour
@@ -20,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .._redact import redact
+from .._redact import longest_first, redact, redact_values, secrets_from_env
 from ..errors import LLMError, NoCredentialsError, UsageError
 from ..types import Attempt, AttemptKind, RetryPolicy, now_iso
 from ._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response
@@ -102,6 +103,7 @@ class AnthropicModel:
             extra["timeout"] = request.timeout_s
         send = self._stream if required["max_tokens"] > STREAM_ABOVE_TOKENS else self._create
         attempts = request.attempts  # shared, so a step stopped mid-retry still logs its tries
+        secrets = longest_first([self.client.api_key, self.client.auth_token, *secrets_from_env()])
         began = self._clock()
         number = 0
         while True:
@@ -136,11 +138,12 @@ class AnthropicModel:
             else:
                 # no serializer warnings: a malformed usage count is read as best it can be
                 # (completion_from_response) and stored as it came
-                response = message.model_dump(mode="json", exclude_none=True, warnings=False)
+                response = redact_values(message.model_dump(mode="json", exclude_none=True, warnings=False),
+                                         secrets)
                 return completion_from_response(response, request.tool_name, request_id)
             delay, why = (next_delay(policy, number, self._clock() - began, headers)
                           if kind in TRANSIENT_KINDS else (None, "not retriable"))
-            error = redact(error)  # a server may quote the credentials it refused
+            error = redact(error, secrets)  # a server may quote the credentials it refused
             attempts.append(Attempt(number=number, started_at=started_at, kind=kind, error=error,
                                     status_code=status, request_id=request_id, delay_s=delay,
                                     request=request.body))

@@ -87,8 +87,10 @@ class Store(Protocol):
     async def get_run(self, run_id: str) -> RunRecord:
         """The run (`RunNotFoundError` when there is none)."""
 
-    async def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
-        """The run and its log as of one moment, without taking ownership."""
+    async def load_run(self, run_id: str, *, verified: bool = False) -> tuple[RunRecord, list[TransitionRecord]]:
+        """The run and its log as of one moment, without taking ownership; `verified`: only if
+        they pass the run's audit chain, else `TamperedRunError` (or `AuditKeyError` when the
+        chain needs another key)."""
 
     async def transitions(self, run_id: str) -> list[TransitionRecord]:
         """The run's log, oldest first, each row with its failed attempts."""
@@ -111,7 +113,8 @@ class Store(Protocol):
         """Every run id (of one machine), oldest first."""
 
     async def verify_chain(self, run_id: str) -> str | None:
-        """None when the run's log is intact, else which row was edited, inserted or removed."""
+        """None when the run's row, log and attempts are intact, else which row was edited,
+        inserted or removed (`AuditKeyError` when the chain needs another key)."""
 
     async def close(self) -> None:
         """Release connections; the store is not used afterwards."""
@@ -142,7 +145,7 @@ class NullStore:
     async def get_run(self, run_id: str) -> RunRecord:
         raise self._gone(run_id)
 
-    async def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+    async def load_run(self, run_id: str, *, verified: bool = False) -> tuple[RunRecord, list[TransitionRecord]]:
         raise self._gone(run_id)
 
     async def transitions(self, run_id: str) -> list[TransitionRecord]:

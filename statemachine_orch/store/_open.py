@@ -11,7 +11,7 @@ from ._contract import Store
 
 def open_store(target: str | os.PathLike[str], **options: Any) -> Store:
     """The store at `target`: a SQLite file path, or `sqlite:///path`. `options` go to the
-    backend (for SQLite: `synchronous`, `busy_timeout_s`, `create`, `tracer`)."""
+    backend (for SQLite: `synchronous`, `busy_timeout_s`, `create`, `tracer`, `audit_key`)."""
     text = os.fspath(target)
     scheme, sep, rest = text.partition("://")
     if not sep or len(scheme) == 1:  # a plain path (a Windows drive letter is not a scheme)

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import structlog
 from pydantic_core import to_json
 
-from .._redact import KEY_PATTERN, redact, secrets_from_env, worth_hiding
+from .._redact import KEY_PATTERN, longest_first, redact, secrets_from_env
 from ..hooks import Hook
 from ..types import RunRecord, RunResult, TransitionRecord, now_iso
 
@@ -28,7 +28,7 @@ _ascii_json = JSONEncoder(separators=(",", ":"), default=repr).encode  # ASCII: 
 
 def redact_secrets(secrets: Iterable[str] = ()) -> structlog.types.Processor:
     """A processor that blanks API keys (the given values and anything shaped like one)."""
-    known = worth_hiding(secrets)
+    known = longest_first(secrets)
     # one search per value; most values hold no secret and are left as they are
     suspect = re.compile("|".join([*map(re.escape, known), KEY_PATTERN.pattern])).search
 
@@ -50,8 +50,7 @@ def _line_scrubber(secrets: Iterable[str]) -> Callable[[str], str]:
     """Blanks API keys in a rendered JSON line: substring checks over the line instead of a
     regular expression per value. Each known secret is looked for as written and as JSON
     escapes it; anything shaped like a key starts with "sk-ant-"."""
-    forms = sorted({form for s in worth_hiding(secrets) for form in (s, _ascii_json(s)[1:-1])},
-                   key=len, reverse=True)
+    forms = longest_first(form for s in secrets if s for form in (s, _ascii_json(s)[1:-1]))
 
     def scrub(line: str) -> str:
         if "sk-ant-" in line or (forms and any(form in line for form in forms)):
@@ -77,8 +76,12 @@ def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
 
 def _ascii_line(event: MutableMapping[str, Any], default: Callable[[Any], Any]) -> str:
     """`JSONRenderer`'s serializer: pydantic-core encodes (several times faster than `json`);
-    `json` takes the rare event with non-ASCII text, so no U+2028 can split a line."""
-    line = to_json(event, fallback=default).decode()
+    `json` takes the rare event with non-ASCII text, so no U+2028 can split a line (nor a
+    lone surrogate, which pydantic-core cannot encode, stop it)."""
+    try:
+        line = to_json(event, fallback=default).decode()
+    except ValueError:
+        return _ascii_json(event)
     return line if line.isascii() else _ascii_json(event)
 
 

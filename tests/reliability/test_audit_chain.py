@@ -1,7 +1,8 @@
-"""The tamper-evident audit log: every transition row's `chain` is sha256 over the previous
-row's chain and the row's stored values (response included); a run's first row chains to its
-run id. `orch audit verify [RUN_ID]` recomputes the chains and names the first bad row of
-each run: exit 0 when all are intact, 1 otherwise.
+"""The tamper-evident audit log: every transition row's `chain` is a hash over the previous
+row's chain, the row's stored values (response included) and its failed attempts; a run's
+first row chains to the hash of the run's identity (docs/storage.md#the-audit-chain).
+`orch audit verify [RUN_ID]` recomputes the chains and names the first bad row of each run
+(the runs row, or a seq): exit 0 when all are intact, 1 otherwise.
 
 One database is recorded by the real `orch` (plain, retried, fallback, cache-hit, guard-failed
 then resumed, over-budget then resumed runs). Each tamper case edits a copy of it the way
@@ -10,9 +11,9 @@ someone with write access to the file could, and the audit must name the right r
 What a chain alone cannot show, and the code does not claim (docs/cli.md, `orch audit`):
 rows cut off the END of a log leave a shorter consistent chain (the run's status and step
 count show it instead; tested below); a run whose rows are all deleted has nothing to check;
-anyone who can write the file can also recompute every later hash (the chain is not keyed);
-the `runs` row (input, status) and the `attempts` table are outside the chain. Those are
-measured and recorded as figures, not asserted.
+anyone who can write the file can also recompute every later hash when the chain is not
+keyed (tests/test_audit.py shows a keyed chain refusing that). Those are measured and recorded
+as figures, not asserted.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from pathlib import Path
 
 import pytest
 
-from statemachine_orch.store.sqlite._chain import chain_hash
+from statemachine_orch.store.sqlite._chain import (
+    ATTEMPT_COLUMNS,
+    CANONICAL,
+    CHAINED_ATTEMPT_COLUMNS,
+    CHAINED_COLUMNS,
+    ROW_COLUMNS,
+    AuditKey,
+)
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, ScriptEntry, error
 
 from ..helpers import (
@@ -164,6 +172,9 @@ def test_a_database_upgraded_from_version_1_chains_its_old_rows(tmp_path: Path) 
 # --------------------------------------------------------------------------- tampering
 
 
+RUNS_ROW = -1  # what `verdicts` gives for the runs row: it names no seq
+
+
 @dataclass(frozen=True)
 class TamperCase:
     name: str
@@ -207,6 +218,12 @@ TAMPER_CASES = [
         "DELETE FROM transitions WHERE run_id = 'fallback'"), {"fallback": 1}),
     TamperCase("edit the first row of every run", steps(*(edit(run_id, 1, "latency_ms = latency_ms + 1")
                                                         for run_id in RUNS)), dict.fromkeys(RUNS, 1)),
+    TamperCase("edit a run's input", lambda conn: conn.execute(
+        "UPDATE runs SET input = '{\"text\": \"a yacht\"}' WHERE run_id = 'plain'"), {"plain": RUNS_ROW}),
+    TamperCase("point a run at other code", lambda conn: conn.execute(
+        "UPDATE runs SET machine_ref = '/tmp/other.py:machine' WHERE run_id = 'cached'"), {"cached": RUNS_ROW}),
+    TamperCase("edit a failed attempt", lambda conn: conn.execute(
+        "UPDATE attempts SET error = 'fine' WHERE run_id = 'retried'"), {"retried": 1}),
 ]
 
 
@@ -260,25 +277,24 @@ def test_rows_cut_off_the_end_are_named_from_the_runs_last_seq(recorded: Recorde
 
 
 def rechain(run_id: str, from_seq: int) -> Tamper:
-    """Recompute every hash from `from_seq` on, as anyone who can write the file can."""
+    """Recompute every hash from `from_seq` on, as anyone who can write the file can (keyless)."""
     def apply(conn: sqlite3.Connection) -> None:
-        columns = [r[1] for r in conn.execute("PRAGMA table_info(transitions)") if r[1] != "chain"]
-        previous = conn.execute("SELECT chain FROM transitions WHERE run_id = ? AND seq = ?",
-                                (run_id, from_seq - 1)).fetchone()
-        chain = previous[0] if previous else chain_hash("", (run_id,))
-        for row in conn.execute(f"SELECT {', '.join(columns)} FROM transitions WHERE run_id = ? AND seq >= ? "
-                                "ORDER BY seq", (run_id, from_seq)).fetchall():
-            chain = chain_hash(chain, tuple(row))
-            conn.execute("UPDATE transitions SET chain = ? WHERE run_id = ? AND seq = ?", (chain, run_id, row[1]))
+        chain = conn.execute("SELECT chain FROM transitions WHERE run_id = ? AND seq = ?",
+                             (run_id, from_seq - 1)).fetchone()[0]
+        for values in conn.execute(f"SELECT {CHAINED_COLUMNS} FROM transitions WHERE run_id = ? "
+                                   "AND seq >= ? ORDER BY seq", (run_id, from_seq)).fetchall():
+            row = dict(zip(ROW_COLUMNS, values, strict=True))
+            attempts = [dict(zip(ATTEMPT_COLUMNS, a, strict=True)) for a in conn.execute(
+                f"SELECT {CHAINED_ATTEMPT_COLUMNS} FROM attempts WHERE run_id = ? AND seq = ? ORDER BY attempt",
+                (run_id, row["seq"]))]
+            chain = AuditKey(None).link(CANONICAL, chain, row, attempts)
+            conn.execute("UPDATE transitions SET chain = ? WHERE run_id = ? AND seq = ?", (chain, run_id, row["seq"]))
     return apply
 
 
 OUTSIDE_THE_CHAIN = {
     "edit a row and recompute the later hashes": steps(edit("plain", 2, "reason = 'approved by the CFO'"),
                                                         rechain("plain", 2)),
-    "edit a run's input": lambda conn: conn.execute("UPDATE runs SET input = '{\"text\": \"a yacht\"}' "
-                                                    "WHERE run_id = 'plain'"),
-    "edit a failed attempt": lambda conn: conn.execute("UPDATE attempts SET error = 'fine' WHERE run_id = 'retried'"),
 }
 
 

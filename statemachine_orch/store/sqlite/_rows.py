@@ -1,4 +1,12 @@
-"""Stored values and rows: JSON text in, records out (anything but JSON is refused)."""
+"""Stored values and rows: records in as rows SQLite holds exactly, JSON text out as records
+(anything but JSON is refused).
+
+A paid answer must be stored whatever it holds: text with a lone surrogate (which UTF-8, so
+SQLite's TEXT, cannot hold) is stored with it escaped, and counts beyond SQLite's 64-bit
+integers saturate in their columns (the response's JSON keeps them exact). A row is built as
+SQLite will give it back, so the audit chain hashes the same values when it is written and
+when it is verified.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +16,84 @@ from functools import cache
 from typing import Any
 
 from ...errors import CorruptRunError
-from ...types import Attempt, TransitionRecord, Usage
+from ...types import Attempt, RunRecord, TransitionRecord, Usage
+
+INT64_MAX = 2**63 - 1
 
 
 def dump(value: Any) -> str | None:
     """Compact JSON text, non-ASCII kept; pydantic-core's encoder (models included) is several
-    times faster than the json module's for the request and response on every row."""
+    times faster than the json module's for the request and response on every row. A value
+    holding a lone surrogate is written all-ASCII instead, the surrogate as its `\\ud800`
+    escape, which `load` turns back into the same string."""
     if value is None:
         return None
-    return _encoder()(value).decode()
+    try:
+        return json_encoder()(value).decode()
+    except ValueError:  # pydantic-core cannot encode a lone surrogate as UTF-8
+        from pydantic_core import to_jsonable_python
+
+        return json.dumps(to_jsonable_python(value), separators=(",", ":"))
+
+
+def text(value: str | None) -> str | None:
+    """Plain text as SQLite can hold it: a lone surrogate is written as its escape (`\\ud800`)."""
+    if value is None or value.isascii():
+        return value
+    return value.encode("utf-8", "backslashreplace").decode()
+
+
+def integer(value: int) -> int:
+    """A count as an INTEGER column holds it: beyond 64 bits it saturates."""
+    return max(-INT64_MAX - 1, min(value, INT64_MAX))
+
+
+def real(value: float | None) -> float | None:
+    """A number as a REAL column gives it back: NaN is NULL, -0.0 is 0.0."""
+    if value is None or value != value:
+        return None
+    return float(value) + 0.0
+
+
+def run_identity(run: RunRecord, chain_version: int, chain_key: str | None) -> dict[str, Any]:
+    """The `runs` columns a new run's audit chain is anchored to, as they are stored."""
+    return {"run_id": run.run_id, "machine": run.machine, "machine_ref": run.machine_ref,
+            "machine_hash": run.machine_hash, "input": dump(run.input), "created_at": run.created_at,
+            "chain_version": chain_version, "chain_key": chain_key}
+
+
+def transition_row(r: TransitionRecord, request: str | None) -> dict[str, Any]:
+    """The `transitions` row of a record, in column order, as SQLite will give it back
+    (`request`: the record's request as `dump` wrote it)."""
+    u = r.usage
+    return {
+        "run_id": r.run_id, "seq": r.seq, "from_state": r.from_state, "to_state": r.to_state,
+        "decision": text(r.decision), "reason": text(r.reason), "attempt": r.attempt,
+        "started_at": r.started_at, "latency_ms": real(r.latency_ms), "source": r.source,
+        "input_tokens": integer(u.input_tokens), "output_tokens": integer(u.output_tokens),
+        "cache_read_tokens": integer(u.cache_read_tokens), "cache_write_tokens": integer(u.cache_write_tokens),
+        "cost_usd": real(r.cost_usd), "error": text(r.error), "output": dump(r.output), "request": request,
+        "response": dump(r.response), "request_id": text(r.request_id), "request_hash": r.request_hash,
+        "in_doubt": int(r.in_doubt),
+    }
+
+
+def attempt_rows(r: TransitionRecord, request: str | None) -> list[dict[str, Any]]:
+    """The `attempts` rows of a record's failed calls, in column order (`request`: as for
+    `transition_row`; most attempts carry the step's own request, encoded once)."""
+    return [{
+        "run_id": r.run_id, "seq": r.seq, "attempt": a.number, "state": r.from_state,
+        "started_at": a.started_at, "kind": a.kind, "status_code": a.status_code,
+        "request_id": text(a.request_id), "delay_s": real(a.delay_s), "error": text(a.error),
+        "input_tokens": integer(a.usage.input_tokens), "output_tokens": integer(a.usage.output_tokens),
+        "cache_read_tokens": integer(a.usage.cache_read_tokens),
+        "cache_write_tokens": integer(a.usage.cache_write_tokens), "cost_usd": real(a.cost_usd),
+        "request": request if a.request is r.request else dump(a.request), "response": dump(a.response),
+    } for a in r.attempts]
 
 
 @cache
-def _encoder() -> Callable[[Any], bytes]:
+def json_encoder() -> Callable[[Any], bytes]:
     """pydantic-core's `to_json`, imported on the first write: reading commands never load it."""
     from pydantic_core import to_json
 

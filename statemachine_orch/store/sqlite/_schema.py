@@ -1,11 +1,12 @@
 """The SQLite schema: tables, indexes and views as SQL, and the migrations between versions.
 
-Version 5 (docs/storage.md). A database is created at the current version in one transaction,
+Version 6 (docs/storage.md). A database is created at the current version in one transaction,
 or upgraded to it in one transaction: every migration from its version on, then `_conform`,
 which rebuilds (with sqlite-utils' `transform`) any table whose columns differ from a new
 database's in order, NOT NULL or default, so an upgraded database has exactly the schema of a
 new one. Files of versions READABLE_FROM and later work unmigrated when they cannot be written:
-the later versions only add indexes or reshape nothing a query depends on.
+the later versions only add indexes, reshape nothing a query depends on, or add the audit
+chain's columns, which readers take as absent (version 1) when they are.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...errors import ForeignDatabaseError, SchemaVersionError, StoreError
-from ._chain import CHAINED_COLUMNS, chain_hash, first_link
+from ._chain import CHAINED_COLUMNS, legacy_first_link, legacy_hash
 
 SCHEMA_VERSION = 6
 READABLE_FROM = 3
@@ -60,7 +61,10 @@ CREATE TABLE runs (
     input_tokens  INTEGER NOT NULL DEFAULT 0,
     output_tokens INTEGER NOT NULL DEFAULT 0,
     cost_usd      REAL DEFAULT 0,
-    cache_hits    INTEGER NOT NULL DEFAULT 0
+    cache_hits    INTEGER NOT NULL DEFAULT 0,
+    chain_version INTEGER NOT NULL DEFAULT 1,
+    chain_key     TEXT,
+    chain_anchor  TEXT
 );
 CREATE INDEX runs_by_created ON runs (created_at, run_id);
 CREATE INDEX runs_by_machine ON runs (machine, created_at);
@@ -139,13 +143,13 @@ _DROP_VIEWS = "\n".join(line for line in VIEWS.splitlines() if line.startswith("
 
 
 def _chain_unchained_rows(conn: sqlite3.Connection) -> None:
-    """Rows written before the audit chain existed get one when the schema is upgraded."""
+    """Rows written before the audit chain existed get one (version 1) when the schema is upgraded."""
     runs = [r[0] for r in conn.execute("SELECT DISTINCT run_id FROM transitions WHERE chain = ''")]
     for run_id in runs:
-        previous = first_link(run_id)
+        previous = legacy_first_link(run_id)
         for row in conn.execute(f"SELECT {CHAINED_COLUMNS} FROM transitions WHERE run_id = ? "
                                 "ORDER BY seq", (run_id,)).fetchall():
-            previous = chain_hash(previous, tuple(row))
+            previous = legacy_hash(previous, tuple(row))
             conn.execute("UPDATE transitions SET chain = ? WHERE run_id = ? AND seq = ?",
                          (previous, run_id, row[1]))
 
@@ -190,7 +194,13 @@ UPDATE runs SET
 """,
     3: _TOTALS_INDEXES,
     4: _chain_unchained_rows,  # version 5 reshapes tables (`_conform`); the chain must be whole first
-    5: _TAKEOVERS,
+    # the takeovers table, and the audit chain's version, key and anchor per run (the runs
+    # written before keep chain version 1)
+    5: _TAKEOVERS + """
+ALTER TABLE runs ADD COLUMN chain_version INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE runs ADD COLUMN chain_key TEXT;
+ALTER TABLE runs ADD COLUMN chain_anchor TEXT;
+""",
 }
 
 

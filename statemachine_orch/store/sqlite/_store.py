@@ -42,9 +42,9 @@ from ...errors import (
 from ...types import Attempt, RunRecord, RunStatus, Takeover, TransitionRecord, now_iso
 from .._contract import MachineTotals, RunSummary
 from .._owner import Owner, owner_from_json, who_am_i
-from ._chain import CHAINED_COLUMNS, chain_hash, first_link, last_link, verify
+from ._chain import CANONICAL, CHAINED_COLUMNS, AuditKey, last_link, require_intact, verify
 from ._liveness import hold, is_alive, liveness, owners_file
-from ._rows import dump, load, transition_of, usage_of
+from ._rows import attempt_rows, dump, load, run_identity, text, transition_of, transition_row, usage_of
 from ._schema import migrate
 from ._transaction import Busy, Transaction, busy_as, is_busy, to_the_end
 
@@ -96,6 +96,7 @@ class SQLiteStore:
     `synchronous="FULL"` (the default) makes each commit survive a power loss; "NORMAL"
     survives a crashed process only. `create=False` refuses a path with no database
     (`DatabaseNotFoundError`). `tracer(sql, params)` sees every statement before it runs.
+    `audit_key` keys the audit chains it writes and checks (HMAC-SHA256; None: ORCH_AUDIT_KEY, "": none).
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class SQLiteStore:
         busy_timeout_s: float = 30.0,
         create: bool = True,
         tracer: SQLTracer | None = None,
+        audit_key: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.where = str(path)
@@ -119,7 +121,8 @@ class SQLiteStore:
         self.synchronous = synchronous
         self.busy_timeout_s = busy_timeout_s
         self.tracer = tracer
-        self._chains: dict[str, tuple[int, str]] = {}  # run -> (seq, chain) of its last row here
+        self._audit = AuditKey(os.environ.get("ORCH_AUDIT_KEY") if audit_key is None else audit_key)
+        self._chains: dict[str, tuple[int, str, int]] = {}  # run -> (seq, chain, version) of its last row here
         self._marks: sqlite3.Connection | None = None
         # A closed WAL database in a directory we cannot write: SQLite could not create the
         # -shm file it needs even to read, so open it immutable (reads work, writes say read-only).
@@ -144,20 +147,23 @@ class SQLiteStore:
     # ------------------------------------------------------------------ the engine's writes
 
     async def create_run(self, run: RunRecord, owner: Owner) -> None:
-        await self._write(self._create_run, run, owner)
-        self._chains[run.run_id] = (0, first_link(run.run_id))  # no log yet: step 1 chains to this
+        anchor = await self._write(self._create_run, run, owner)
+        self._chains[run.run_id] = (0, anchor, CANONICAL)  # no log yet: step 1 chains to this
 
-    def _create_run(self, conn: sqlite3.Connection, run: RunRecord, owner: Owner) -> None:
+    def _create_run(self, conn: sqlite3.Connection, run: RunRecord, owner: Owner) -> str:
+        """The run row, with the anchor of its audit chain (returned)."""
         hold(self._owners, owner)
+        identity = run_identity(run, CANONICAL, self._audit.id)
+        anchor = self._audit.anchor(identity)
         try:
-            self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, options, "
-                            "status, error, created_at, updated_at, owner, owner_info) "
-                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                      (run.run_id, run.machine, run.machine_ref, run.machine_hash, dump(run.input),
-                       dump(run.options), run.status.value, run.error, run.created_at, run.updated_at,
-                       owner.token, owner.info_json()))
+            self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, created_at, "
+                            "chain_version, chain_key, chain_anchor, options, status, error, updated_at, owner, "
+                            "owner_info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                      (*identity.values(), anchor, dump(run.options), run.status.value, text(run.error),
+                       run.updated_at, owner.token, owner.info_json()))
         except sqlite3.IntegrityError:
             raise RunExistsError(run.run_id, where=self.where) from None
+        return anchor
 
     async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None,
                         take_over: bool = False) -> tuple[RunRecord, list[TransitionRecord]]:
@@ -191,46 +197,38 @@ class SQLiteStore:
     async def append(self, record: TransitionRecord, owner: Owner, *, status: RunStatus | None = None,
                      error: str | None = None) -> None:
         final = status is not None and status is not RunStatus.RUNNING
-        chain = await self._write(self._append, record, owner, status, error, final)
+        chain, version = await self._write(self._append, record, owner, status, error, final)
         if final:
             self._chains.pop(record.run_id, None)  # the run is over here: keep no state for it
         else:
-            self._chains[record.run_id] = (record.seq, chain)
+            self._chains[record.run_id] = (record.seq, chain, version)
 
     def _append(self, conn: sqlite3.Connection, r: TransitionRecord, owner: Owner, status: RunStatus | None,
-                error: str | None, final: bool) -> str:
-        """The row, its attempts and the run's totals (and status); returns the row's chain hash."""
-        u = r.usage
+                error: str | None, final: bool) -> tuple[str, int]:
+        """The row, its attempts and the run's totals (and status); returns the row's chain hash
+        and the run's chain version."""
         request = dump(r.request)  # retried attempts usually carry this same body: encoded once
-        content = (
-            r.run_id, r.seq, r.from_state, r.to_state, r.decision, r.reason, r.attempt, r.started_at,
-            r.latency_ms, r.source, u.input_tokens, u.output_tokens, u.cache_read_tokens,
-            u.cache_write_tokens, r.cost_usd, r.error, dump(r.output), request,
-            dump(r.response), r.request_id, r.request_hash, int(r.in_doubt),
-        )
+        row = transition_row(r, request)
+        attempts = attempt_rows(r, request)
         previous = self._chains.get(r.run_id)
-        link = previous[1] if previous is not None and previous[0] == r.seq - 1 else last_link(conn, r.run_id)
-        chain = chain_hash(link, content)
+        version, link = (previous[2], previous[1]) if previous is not None and previous[0] == r.seq - 1 else (
+            last_link(conn, r.run_id, self._audit))
+        chain = self._audit.link(version, link, row, attempts)
         if status is None:
-            fenced = self._sql(conn, _STEP, (r.seq, r.committed, u.input_tokens, u.output_tokens,
-                                             r.source == "cache", r.cost_usd, r.run_id, owner.token))
+            fenced = self._sql(conn, _STEP, (r.seq, r.committed, row["input_tokens"], row["output_tokens"],
+                                             r.source == "cache", row["cost_usd"], r.run_id, owner.token))
         else:
             fenced = self._sql(conn, _ADVANCE, {
-                "seq": r.seq, "step": r.committed, "input_tokens": u.input_tokens,
-                "output_tokens": u.output_tokens, "cache_hit": r.source == "cache", "cost": r.cost_usd,
-                "status": status.value, "error": error, "now": now_iso(), "release": final,
+                "seq": r.seq, "step": r.committed, "input_tokens": row["input_tokens"],
+                "output_tokens": row["output_tokens"], "cache_hit": r.source == "cache", "cost": row["cost_usd"],
+                "status": status.value, "error": text(error), "now": now_iso(), "release": final,
                 "run_id": r.run_id, "owner": owner.token})
         if fenced.rowcount != 1:
             raise self._not_appended(conn, r, owner)
-        self._sql(conn, _APPEND, (*content, chain))
-        if r.attempts:
-            self._sql_many(conn, _APPEND_ATTEMPT, [
-                (r.run_id, r.seq, a.number, r.from_state, a.started_at, a.kind, a.status_code,
-                 a.request_id, a.delay_s, a.error, a.usage.input_tokens, a.usage.output_tokens,
-                 a.usage.cache_read_tokens, a.usage.cache_write_tokens, a.cost_usd,
-                 request if a.request is r.request else dump(a.request), dump(a.response))
-                for a in r.attempts])
-        return chain
+        self._sql(conn, _APPEND, (*row.values(), chain))
+        if attempts:
+            self._sql_many(conn, _APPEND_ATTEMPT, [tuple(a.values()) for a in attempts])
+        return chain, version
 
     def _not_appended(self, conn: sqlite3.Connection, r: TransitionRecord, owner: Owner) -> OwnershipLostError:
         """Why the fenced update changed no row: the run was taken over, or is not at step `seq - 1`."""
@@ -274,7 +272,7 @@ class SQLiteStore:
     def _release(self, conn: sqlite3.Connection, run_id: str, owner: Owner, status: RunStatus,
                  error: str | None) -> None:
         keep = status is RunStatus.RUNNING
-        self._sql(conn, _SET_STATUS, (status.value, error, now_iso(), keep, keep, run_id, owner.token))
+        self._sql(conn, _SET_STATUS, (status.value, text(error), now_iso(), keep, keep, run_id, owner.token))
 
     # ------------------------------------------------------------------ reading
 
@@ -294,10 +292,18 @@ class SQLiteStore:
             options=load(row["options"], "run", run_id, "options") or {},
             owner=row["owner"], in_flight=load(row["in_flight"], "run", run_id, "in-flight mark"),
             stale=self._stale(row["status"], row["owner_info"]),
-            takeovers=[Takeover(**r) for r in self._query(
-                conn, "SELECT at, by_owner AS by, previous, why FROM takeovers WHERE run_id = ? ORDER BY at",
-                [run_id])],
+            takeovers=self._takeovers(conn, run_id),
         )
+
+    def _takeovers(self, conn: sqlite3.Connection, run_id: str) -> list[Takeover]:
+        try:
+            return [Takeover(**r) for r in self._query(
+                conn, "SELECT at, by_owner AS by, previous, why FROM takeovers WHERE run_id = ? ORDER BY at",
+                [run_id])]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []  # a version 5 file read as it is (read-only): no takeover was recorded
+            raise
 
     def _stale(self, status: str, owner_info: str | None) -> bool:
         """Marked running, but its owner is gone: what `orch runs` and `orch show` both say."""
@@ -306,15 +312,20 @@ class SQLiteStore:
         holder = owner_from_json(owner_info)
         return holder is None or not is_alive(self._owners, holder)
 
-    async def load_run(self, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+    async def load_run(self, run_id: str, *, verified: bool = False) -> tuple[RunRecord, list[TransitionRecord]]:
         """The run row and its log as of one moment: read in one transaction, so a step that
-        another process commits in between cannot show a finished log with a running row."""
-        return await self._read(self._load_run, run_id)
+        another process commits in between cannot show a finished log with a running row.
+        `verified`: refuse them (`TamperedRunError`) unless they pass the run's audit chain."""
+        return await self._read(self._load_run, run_id, verified)
 
-    def _load_run(self, conn: sqlite3.Connection, run_id: str) -> tuple[RunRecord, list[TransitionRecord]]:
+    def _load_run(self, conn: sqlite3.Connection, run_id: str, verified: bool
+                  ) -> tuple[RunRecord, list[TransitionRecord]]:
         self._sql(conn, "BEGIN")
         try:
-            return self._get_run(conn, run_id), self._transitions(conn, run_id)
+            loaded = self._get_run(conn, run_id), self._transitions(conn, run_id)
+            if verified:
+                require_intact(conn, run_id, self._audit, self.where)
+            return loaded
         finally:
             self._sql(conn, "COMMIT")
 
@@ -413,7 +424,7 @@ class SQLiteStore:
             conn, "SELECT run_id FROM runs WHERE machine = ? ORDER BY created_at, run_id", (machine,))]
 
     async def verify_chain(self, run_id: str) -> str | None:
-        return await self._read(verify, run_id)
+        return await self._read(verify, run_id, self._audit)
 
     async def close(self) -> None:
         if self._marks is not None:
