@@ -120,8 +120,9 @@ Source: TypeAlias = Literal["llm", "python", "recorded", "cache", "fallback", "b
 failed guard, the step cache, a fallback, or nowhere (the budget routed the step)."""
 
 AttemptKind: TypeAlias = Literal["transient", "deterministic", "timeout", "connection", "spend_limit",
-                                 "invalid_output", "refusal", "truncated", "empty", "cancelled"]
-"""Why a model call did not give its step the answer."""
+                                 "invalid_output", "refusal", "truncated", "empty", "cancelled", "in_doubt"]
+"""Why a model call did not give its step the answer ("in_doubt": it was in flight when its
+process died, so it may have been paid; it is counted at its worst case)."""
 
 OutputProblem: TypeAlias = Literal["invalid_output", "refusal", "truncated", "empty"]
 """Why an answer that arrived is not usable."""
@@ -309,7 +310,7 @@ class RunRecord:
     error: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     owner: str | None = None
-    in_flight: dict[str, Any] | None = None  # {"seq", "state", "at"} of the last paid call sent
+    in_flight: dict[str, Any] | None = None  # {"seq", "state", "at", ...progress} of the last paid call
 
 
 @dataclass(slots=True, kw_only=True)
