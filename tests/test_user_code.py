@@ -148,8 +148,15 @@ def timed(tmp_path: Path) -> Path:
     return write(tmp_path / "timed.py", TIMED)
 
 
-def error_lines(stdout: str) -> list[str]:
-    return [line for line in stdout.splitlines() if line.startswith("error: ")]
+def failure(orch: EnvOrch, machine: str, misbehave: str = "") -> str:
+    """`orch run MACHINE --run-id r`, MISBEHAVE set: it must fail (exit 1, run `failed`) with one
+    `error:` line and nothing on stderr; that line."""
+    failed = orch.with_env(MISBEHAVE=misbehave)("-q", "run", machine, "--run-id", "r")
+    assert failed.code == 1, (failed.code, failed.stdout, failed.stderr)
+    assert failed.stderr == ""
+    (line,) = [line for line in failed.stdout.splitlines() if line.startswith("error: ")]
+    assert stored_status(orch.db, "r") == "failed"
+    return line
 
 
 def sources(orch: Orch, run_id: str) -> list[tuple[int, str, str | None]]:
@@ -160,11 +167,7 @@ def sources(orch: Orch, run_id: str) -> list[tuple[int, str, str | None]]:
 def test_a_guard_raising_a_base_exception_fails_the_step_keeping_the_paid_answer(
         orch: EnvOrch, fake: FakeMessagesAPI, machines: Path, how: str) -> None:
     fake.on("ask", ANSWER)
-    failed = orch.with_env(MISBEHAVE=f"guard:{how}")("-q", "run", f"{machines}:judged", "--run-id", "r")
-    assert failed.code == 1, (failed.code, failed.stdout, failed.stderr)
-    assert failed.stderr == ""
-    assert error_lines(failed.stdout) == [f"error: GuardError: guard judge raised {RAISED[how]}"]
-    assert stored_status(orch.db, "r") == "failed"
+    assert failure(orch, f"{machines}:judged", f"guard:{how}") == f"error: GuardError: guard judge raised {RAISED[how]}"
     (row,) = stored_log(orch.db, "r")
     assert (row["to_state"], json.loads(row["output"])) == (None, ANSWER.text)  # the paid answer, kept
 
@@ -178,11 +181,7 @@ def test_a_guard_raising_a_base_exception_fails_the_step_keeping_the_paid_answer
 def test_a_python_state_raising_a_base_exception_is_a_failed_step(
         orch: EnvOrch, fake: FakeMessagesAPI, machines: Path, how: str) -> None:
     fake.on("ask", ANSWER)
-    failed = orch.with_env(MISBEHAVE=f"python:{how}")("-q", "run", f"{machines}:judged", "--run-id", "r")
-    assert failed.code == 1, (failed.code, failed.stdout, failed.stderr)
-    assert failed.stderr == ""
-    assert error_lines(failed.stdout) == [f"error: StepError: {RAISED[how]}"]
-    assert stored_status(orch.db, "r") == "failed"
+    assert failure(orch, f"{machines}:judged", f"python:{how}") == f"error: StepError: {RAISED[how]}"
     assert orch.json("resume", "r")["status"] == "completed"
     assert fake.calls("ask") == 1
 
@@ -190,10 +189,7 @@ def test_a_python_state_raising_a_base_exception_is_a_failed_step(
 def test_a_fallback_function_raising_a_base_exception_fails_the_step(
         orch: EnvOrch, fake: FakeMessagesAPI, machines: Path) -> None:
     fake.on("ask", error(529, "overloaded"), ANSWER)
-    failed = orch.with_env(MISBEHAVE="fallback:exit")("-q", "run", f"{machines}:fallen", "--run-id", "r")
-    assert failed.code == 1, (failed.code, failed.stdout, failed.stderr)
-    assert failed.stderr == ""
-    (line,) = error_lines(failed.stdout)
+    line = failure(orch, f"{machines}:fallen", "fallback:exit")
     assert line.startswith("error: LLMError: Messages API returned 529") and line.endswith(
         "fallback stand_in failed too: SystemExit: 0"), line
     (row,) = orch.log("r")
@@ -233,18 +229,12 @@ def test_a_signal_stops_spinning_user_code_and_resume_pays_nothing_again(
                     "timeout=0.3s"),
 ])
 def test_a_state_timeout_bounds_its_python_code(orch: EnvOrch, timed: Path, machine: str, line: str) -> None:
-    failed = orch("-q", "run", f"{timed}:{machine}", "--run-id", "r")
-    assert failed.code == 1, (failed.code, failed.stdout, failed.stderr)
-    assert failed.stderr == ""
-    assert error_lines(failed.stdout) == [line]
-    assert stored_status(orch.db, "r") == "failed"
+    assert failure(orch, f"{timed}:{machine}") == line
 
 
 def test_reading_an_output_not_in_needs_names_the_state_and_the_fix(
         orch: EnvOrch, fake: FakeMessagesAPI, machines: Path) -> None:
     fake.on("ask", ANSWER)
-    failed = orch("-q", "run", f"{machines}:nosy", "--run-id", "r")
-    assert failed.code == 1, (failed.code, failed.stdout, failed.stderr)
-    assert error_lines(failed.stdout) == [
+    assert failure(orch, f"{machines}:nosy") == (
         "error: StepError: state 'peek' read ctx.outputs['ask'], which is not in its needs; add 'ask' to "
-        "needs=[...] of state 'peek'"]
+        "needs=[...] of state 'peek'")
