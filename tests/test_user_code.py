@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from statemachine_orch import Engine, Machine, PythonState, RunResult, RunStatus, open_store
 from statemachine_orch.testing import FakeMessagesAPI, error
 
 from .helpers import (
@@ -238,3 +241,17 @@ def test_reading_an_output_not_in_needs_names_the_state_and_the_fix(
     assert failure(orch, f"{machines}:nosy") == (
         "error: StepError: state 'peek' read ctx.outputs['ask'], which is not in its needs; add 'ask' to "
         "needs=[...] of state 'peek'")
+
+
+def test_off_the_main_thread_a_python_state_is_judged_by_its_timeout_when_it_returns(db_path: Path) -> None:
+    """Only the main thread can be interrupted (signals); elsewhere a late state still fails."""
+    machine = Machine("late", states=[PythonState("nap", run=lambda ctx: time.sleep(0.3), timeout=0.05)])
+
+    def drive() -> RunResult:
+        with Engine(open_store(db_path)) as engine:
+            return engine.run(machine, run_id="r")
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        result = pool.submit(drive).result(timeout=30)
+    assert (result.status, result.error) == (
+        RunStatus.FAILED, "StepError: state 'nap' did not finish within its timeout=0.05s")

@@ -109,7 +109,7 @@ class UserCode:
         try:
             if timeout is not None or self._stop is not None:
                 _arm(section)
-            return fn(*args)
+            result = fn(*args)
         except BaseException as exc:
             raise _outcome(section, exc, timeout) from exc
         finally:
@@ -117,6 +117,9 @@ class UserCode:
             if section.installed:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, section.previous)
+        if section.ended_by is not None:  # the code swallowed what was raised into it
+            raise _outcome(section, None, timeout)
+        return result
 
     def stop_after(self, grace_s: float) -> None:
         """A stop was requested: code running now or later is stopped `grace_s` seconds from now.
@@ -167,7 +170,7 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
     raise _Raised()
 
 
-def _outcome(section: _Section, exc: BaseException, timeout: float | None) -> BaseException:
+def _outcome(section: _Section, exc: BaseException | None, timeout: float | None) -> BaseException:
     """What the run makes of what came out of a section (see the module docstring)."""
     ended_by = section.ended_by
     if ended_by == "interrupt":
