@@ -638,6 +638,7 @@ class Trial:
     calls_after: Counter[str]
     status_after: str | None
     integrity: str
+    calls_recorded: int  # what the run's log counts as calls once resumed
 
     @property
     def completed(self) -> bool:
@@ -692,6 +693,8 @@ class Trial:
         if kill.repaid:
             expected_calls[kill.state or ""] += 1
         expect("requests per state", dict(self.calls_after), dict(expected_calls))
+        expect("calls in the log against requests at the fake", self.calls_recorded,
+               sum(self.calls_after.values()))
         doubt = [STATES.index(kill.state or "") + 1] if kill.repaid else []
         expect("seqs flagged in doubt", self.flagged, doubt)
         expect("final log against the reference", log_difference(self.after, reference), None)
@@ -745,7 +748,16 @@ class Matrix:
         found = query(db, "SELECT status FROM runs WHERE run_id = ?", run_id)
         return Trial(kill, run_id, killed, before, calls_before, status_before, integrity_at_kill,
                      resumed, rows(db, run_id), self.answers.calls(run_id),
-                     found[0]["status"] if found else None, integrity(db))
+                     found[0]["status"] if found else None, integrity(db), recorded_calls(db, run_id))
+
+
+def recorded_calls(db: Path, run_id: str) -> int:
+    """The model calls a run's log counts (the `calls` of `orch log`): its attempts, calls in
+    doubt included, and the answers its rows hold."""
+    (found,) = query(db, "SELECT (SELECT count(*) FROM attempts WHERE run_id = ?1) + (SELECT count(*) "
+                         "FROM transitions WHERE run_id = ?1 AND source IN ('llm', 'fallback') "
+                         "AND response IS NOT NULL) AS n", run_id)
+    return int(found["n"])
 
 
 def shown_in_doubt(orch: Orch, trial: Trial) -> None:
