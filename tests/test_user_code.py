@@ -139,6 +139,7 @@ ANSWER = reply("three short words", input_tokens=40, output_tokens=3)
 
 RAISED = {"exit": "SystemExit: 0", "keyboard": "KeyboardInterrupt", "cancelled": "CancelledError",
           "custom": "Custom: not an Exception"}
+SLOW = pytest.mark.slow  # the same path as a case in the default run
 
 
 @pytest.fixture
@@ -166,7 +167,8 @@ def sources(orch: Orch, run_id: str) -> list[tuple[int, str, str | None]]:
     return [(row["seq"], row["source"], row["to_state"]) for row in orch.log(run_id)]
 
 
-@pytest.mark.parametrize("how", list(RAISED))
+@pytest.mark.parametrize("how", ["exit", "custom", pytest.param("keyboard", marks=SLOW),
+                                 pytest.param("cancelled", marks=SLOW)])
 def test_a_guard_raising_a_base_exception_fails_the_step_keeping_the_paid_answer(
         orch: EnvOrch, fake: FakeMessagesAPI, machines: Path, how: str) -> None:
     fake.on("ask", ANSWER)
@@ -180,7 +182,7 @@ def test_a_guard_raising_a_base_exception_fails_the_step_keeping_the_paid_answer
     assert sources(orch, "r") == [(1, "llm", None), (2, "recorded", "count"), (3, "python", "__end__")]
 
 
-@pytest.mark.parametrize("how", ["exit", "custom"])
+@pytest.mark.parametrize("how", ["exit", pytest.param("custom", marks=SLOW)])
 def test_a_python_state_raising_a_base_exception_is_a_failed_step(
         orch: EnvOrch, fake: FakeMessagesAPI, machines: Path, how: str) -> None:
     fake.on("ask", ANSWER)
@@ -200,8 +202,10 @@ def test_a_fallback_function_raising_a_base_exception_fails_the_step(
     assert orch.json("resume", "r")["outputs"] == {"ask": ANSWER.text}
 
 
-@pytest.mark.parametrize("where", ["guard", "python"])
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["TERM", "INT"])
+@pytest.mark.parametrize(("where", "sig", "code"), [
+    ("guard", signal.SIGTERM, 143), ("python", signal.SIGINT, 130),
+    pytest.param("python", signal.SIGTERM, 143, marks=SLOW), pytest.param("guard", signal.SIGINT, 130, marks=SLOW),
+])
 def test_a_signal_stops_spinning_user_code_and_resume_pays_nothing_again(
         orch: EnvOrch, fake: FakeMessagesAPI, machines: Path, tmp_path: Path, where: str,
         sig: signal.Signals, code: int) -> None:
