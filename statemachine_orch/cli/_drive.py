@@ -147,7 +147,8 @@ def _drive(args: argparse.Namespace, run_id: str, banner: str | None, *, create:
                 signal.signal(signal.SIGINT, lambda signum, frame: run.interrupt() or on_sigint(signum, frame))
             return await run.run_to_end()
         finally:
-            signal.signal(signal.SIGINT, on_sigint)
+            if callable(on_sigint):
+                signal.signal(signal.SIGINT, on_sigint)
             await store.close()
 
     try:
