@@ -329,10 +329,12 @@ class Run:
 
     def request_stop(self, grace_s: float = 30.0) -> None:
         """Stop before the next step (SIGTERM). A step in progress gets `grace_s` seconds to
-        finish and commit; after that its call is abandoned and the run left resumable.
+        finish and commit; after that its call is abandoned, or its guard or Python state
+        stopped, and the run left resumable.
 
-        Safe to call from a signal handler: the flag is set at once, so even a step that never
-        yields to the event loop (a plain Python state) is the last one to run."""
+        Safe to call from a signal handler (in the main thread, to reach synchronous code): the
+        flag is set at once, so even a step that never yields to the event loop (a plain Python
+        state) is the last one to run."""
         if self._stop is not None:
             return
         self._stop = "stopped on request; resume to continue"
