@@ -5,7 +5,7 @@ notifications are all hooks. A hook subclasses `Hook` and overrides the methods 
 engine calls only those, in the order the hooks were given, inside the run's own task.
 
 For one step the order is: `before_step` (nothing has run), the state runs, `after_output` (only
-when it produced an output; a paid answer is not yet committed), the guard judges and the
+when it produced an output; a paid answer is kept with the run, not yet committed), the guard judges and the
 machine moves, the row commits, `after_commit` (the row is durable, a failed step's too).
 
 A hook that raises stops the run as a crash would: what is committed stays committed, the run
@@ -34,7 +34,8 @@ class Hook:
         ("llm" for a state that calls the model, "python" for a Python state)."""
 
     def after_output(self, run: RunRecord, step: TransitionRecord, output: Any) -> None:
-        """The state produced `output` (for an LLM state, a paid answer); not judged, not committed."""
+        """The state produced `output` (for an LLM state, a paid answer, already kept with the
+        run so that a resume does not pay for it again); not judged, not committed."""
 
     def after_commit(self, run: RunRecord, step: TransitionRecord) -> None:
         """The step's row is committed: `step` is what the log now holds."""

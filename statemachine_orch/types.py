@@ -123,8 +123,10 @@ Source: TypeAlias = Literal["llm", "python", "recorded", "cache", "fallback", "b
 failed guard, the step cache, a fallback, or nowhere (the budget routed the step)."""
 
 AttemptKind: TypeAlias = Literal["transient", "deterministic", "timeout", "connection", "malformed",
-                                 "spend_limit", "invalid_output", "refusal", "truncated", "empty", "cancelled"]
-"""Why a model call did not give its step the answer."""
+                                 "spend_limit", "invalid_output", "refusal", "truncated", "empty", "cancelled",
+                                 "in_doubt"]
+"""Why a model call did not give its step the answer ("in_doubt": it was in flight when its
+process died, so it may have been paid; it is counted at its worst case)."""
 
 OutputProblem: TypeAlias = Literal["invalid_output", "refusal", "truncated", "empty"]
 """Why an answer that arrived is not usable."""
@@ -325,7 +327,7 @@ class RunRecord:
     error: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     owner: str | None = None
-    in_flight: dict[str, Any] | None = None  # {"seq", "state", "at"} of the last paid call sent
+    in_flight: dict[str, Any] | None = None  # {"seq", "state", "at", ...progress} of the last paid call
     stale: bool = False  # marked running, but its owning process is gone: resume it
     takeovers: list[Takeover] = field(default_factory=list)
 

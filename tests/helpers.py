@@ -437,8 +437,9 @@ CRASH_MATRIX_INPUT = {"topic": "durable state machines"}
 
 POINTS = ("run_created", "before_request", "in_flight", "after_response", "mid_commit",
           "after_commit")
-# A paid call was made and its step not committed: a resume must send it again.
-IN_FLIGHT_POINTS = ("in_flight", "after_response", "mid_commit")
+# A paid call was made and its answer never arrived: a resume must send it again. (An answer
+# that arrived is kept before anything judges it: a kill after_response or mid_commit re-pays nothing.)
+IN_FLIGHT_POINTS = ("in_flight",)
 
 # "Timestamps and attempts aside": a crashed-and-resumed log must equal an uninterrupted run's
 # log in every column except these. Timestamps: started_at and latency_ms (and the hash
@@ -537,14 +538,23 @@ def kill_9(proc: subprocess.Popen[str]) -> None:
 
 
 def rows(db: Path, run_id: str) -> list[dict[str, Any]]:
-    return [dict(row) for row in stored_log(db, run_id)]
+    """The stored log, each row with `in_doubt_usd`: the part of its cost that is calls in doubt
+    (in flight when a process died, counted at their worst case)."""
+    doubts = {r["seq"]: r["usd"] for r in query(
+        db, "SELECT seq, sum(cost_usd) AS usd FROM attempts WHERE run_id = ? AND kind = 'in_doubt' GROUP BY seq",
+        run_id)}
+    return [{**dict(row), "in_doubt_usd": doubts.get(row["seq"], 0.0)} for row in stored_log(db, run_id)]
 
 
 def comparable(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The log without timestamps and call bookkeeping (see NOT_COMPARED)."""
+    """The log without timestamps and call bookkeeping (see NOT_COMPARED), each row's cost
+    without its calls in doubt (they depend on when the process died)."""
     out = []
     for row in log:
         kept = {k: v for k, v in row.items() if k not in NOT_COMPARED}
+        doubt = kept.pop("in_doubt_usd", 0.0)
+        if kept["cost_usd"] is not None:
+            kept["cost_usd"] = round(kept["cost_usd"] - doubt, 12)
         if kept.get("response"):
             kept["response"] = {k: v for k, v in json.loads(kept["response"]).items() if k != "id"}
         out.append(kept)
@@ -628,6 +638,7 @@ class Trial:
     calls_after: Counter[str]
     status_after: str | None
     integrity: str
+    calls_recorded: int  # what the run's log counts as calls once resumed
 
     @property
     def completed(self) -> bool:
@@ -682,6 +693,8 @@ class Trial:
         if kill.repaid:
             expected_calls[kill.state or ""] += 1
         expect("requests per state", dict(self.calls_after), dict(expected_calls))
+        expect("calls in the log against requests at the fake", self.calls_recorded,
+               sum(self.calls_after.values()))
         doubt = [STATES.index(kill.state or "") + 1] if kill.repaid else []
         expect("seqs flagged in doubt", self.flagged, doubt)
         expect("final log against the reference", log_difference(self.after, reference), None)
@@ -735,7 +748,16 @@ class Matrix:
         found = query(db, "SELECT status FROM runs WHERE run_id = ?", run_id)
         return Trial(kill, run_id, killed, before, calls_before, status_before, integrity_at_kill,
                      resumed, rows(db, run_id), self.answers.calls(run_id),
-                     found[0]["status"] if found else None, integrity(db))
+                     found[0]["status"] if found else None, integrity(db), recorded_calls(db, run_id))
+
+
+def recorded_calls(db: Path, run_id: str) -> int:
+    """The model calls a run's log counts (the `calls` of `orch log`): its attempts, calls in
+    doubt included, and the answers its rows hold."""
+    (found,) = query(db, "SELECT (SELECT count(*) FROM attempts WHERE run_id = ?1) + (SELECT count(*) "
+                         "FROM transitions WHERE run_id = ?1 AND source IN ('llm', 'fallback') "
+                         "AND response IS NOT NULL) AS n", run_id)
+    return int(found["n"])
 
 
 def shown_in_doubt(orch: Orch, trial: Trial) -> None:
@@ -1087,11 +1109,12 @@ def file_size_limit(limit: int) -> ChildHook:
     return apply
 
 
-def in_flight_ahead(db: Path, run_id: str) -> str | None:
-    """The state of the call marked in flight after the run's last row, if there is one."""
-    mark = json.loads(run_row(db, run_id)["in_flight"] or "null")
+def in_flight_ahead(db: Path, run_id: str) -> dict[str, Any] | None:
+    """The in-flight mark of a step after the run's last row, if there is one: a call was made
+    (its answer kept with the mark when `answered`)."""
+    mark: dict[str, Any] | None = json.loads(run_row(db, run_id)["in_flight"] or "null")
     (last,) = query(db, "SELECT count(*) AS n FROM transitions WHERE run_id = ?", run_id)
-    return mark["state"] if mark and mark["seq"] > last["n"] else None
+    return mark if mark and mark["seq"] > last["n"] else None
 
 
 def park_kind(orch: Orch, run_id: str) -> str:
@@ -1131,8 +1154,11 @@ def disk_full_trial(cli: Orch, fake: FakeMessagesAPI, run_id: str, limit: int,
 
     figures.add("failed_at_in_flight_mark" if line.endswith("; no call was made")
                 else "failed_at_commit")
-    unanswered = in_flight_ahead(db, run_id)  # a call made whose answer was not committed
-    recorded = tally(committed_states(db, run_id) + ([unanswered] if unanswered else []))
+    ahead = in_flight_ahead(db, run_id)  # a call made whose answer was not committed
+    kept = ahead is not None and ahead["answered"]  # ... but kept: resume commits it, no call
+    figures.add("answers_kept_past_a_failed_commit", kept)
+    unanswered = ahead["state"] if ahead is not None and not kept else None  # resume sends it again
+    recorded = tally(committed_states(db, run_id) + ([ahead["state"]] if ahead else []))
     figures.add("calls_without_a_record", (requested_states(fake.requests, run_id) - recorded).total())
     assert requested_states(fake.requests, run_id) == recorded, what
     figures.add(park_kind(cli, run_id))
@@ -1855,6 +1881,8 @@ ALLOWED_SQL_PARTS = {
     "_ADVANCE": "constant UPDATE with :named placeholders",
     "sql": "list_runs: constant fragments joined with ? placeholders; the values go in params",
     "part": "machine_totals: a constant SELECT with one '?' per machine name, used twice",
+    "_IN_DOUBT_BY_MACHINE": "machine_totals: a constant SELECT ending in IN, followed by `marks`",
+    "marks": "machine_totals: one '?' per machine name",
     "statement": "run_script: the schema module's own schema, migration and view scripts",
     "table": "PRAGMA table_info of the tables a new database has (names from the schema script)",
     "CHAINED_COLUMNS": "a constant list of column names",

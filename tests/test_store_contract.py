@@ -247,6 +247,27 @@ def test_mark_in_flight_is_fenced_on_the_owner(on_store: Callable[[Scenario], No
     on_store(scenario)
 
 
+def test_the_in_flight_mark_keeps_progress_and_then_the_answer_fenced_on_the_owner(
+        on_store: Callable[[Scenario], None]) -> None:
+    paid = {"attempts": [{"kind": "invalid_output", "text": "caf\u00e9 \ud800"}]}  # a lone surrogate too
+    answer = {"answer": {"text": "the reply", "tokens": 2**70}}
+
+    async def scenario(store: Store) -> None:
+        owner = me()
+        await store.create_run(new_run(), owner)
+        await store.mark_in_flight("run-1", owner, seq=1, state="a", progress=paid)
+        mark = (await store.get_run("run-1")).in_flight
+        assert mark is not None and (mark["seq"], mark["state"], mark["attempts"]) == (1, "a", paid["attempts"])
+        with pytest.raises(OwnershipLostError, match="the answer was paid but not kept"):
+            await store.keep_answer("run-1", me(), seq=1, state="a", progress=answer)
+        await store.keep_answer("run-1", owner, seq=1, state="a", progress=answer)
+        mark = (await store.get_run("run-1")).in_flight
+        assert mark is not None and (mark["seq"], mark["answer"]) == (1, answer["answer"]) and mark["at"]
+        assert "attempts" not in mark  # the answer's mark replaces the one before the call
+
+    on_store(scenario)
+
+
 # --------------------------------------------------------------------------- ownership: claim and release
 
 

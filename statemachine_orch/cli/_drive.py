@@ -133,16 +133,21 @@ def _drive(args: argparse.Namespace, run_id: str, banner: str | None, *, create:
 
     async def go() -> RunResult:
         store = _store(args, create=create, kill=kill)
+        on_sigint = signal.getsignal(signal.SIGINT)  # asyncio.run's: it cancels this task
         try:
             run = await open_run(store, kill)
             if banner:
                 print(banner, file=sys.stderr)
             grace = args.stop_grace_s
-            # a plain handler, not loop.add_signal_handler: it must act even while a synchronous
-            # step holds the loop, so that step is the last
+            # plain handlers, not loop.add_signal_handler: they must act even while synchronous
+            # user code (a guard, a Python state) holds the loop, and reach into that code
             signal.signal(signal.SIGTERM, lambda *_: run.request_stop(grace))
+            if callable(on_sigint):
+                signal.signal(signal.SIGINT, lambda signum, frame: run.interrupt() or on_sigint(signum, frame))
             return await run.run_to_end()
         finally:
+            if callable(on_sigint):
+                signal.signal(signal.SIGINT, on_sigint)
             await store.close()
 
     try:

@@ -6,7 +6,7 @@ SQLite store's statement tracer, which the CLI installs only when the variable i
 
 Points, in the order a step reaches them: `run_created` (the run row is committed, no step
 has run), `before_request` (an LLM state's step begins: nothing sent, no in-flight mark),
-`after_response` (the state's output arrived, nothing committed), `mid_commit` (inside the
+`after_response` (the state's output arrived and was kept, nothing committed), `mid_commit` (inside the
 step's transaction, before COMMIT), `after_commit` (the step is committed, the next not begun).
 "While the request is in flight" is reached from outside: the fake server kills on arrival.
 """

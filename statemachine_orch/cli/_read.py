@@ -17,6 +17,7 @@ from ._render import (
     as_block,
     attempt_row,
     calls_of,
+    cost_text,
     indent,
     log_row,
     one_line,
@@ -81,18 +82,20 @@ def cmd_runs(args: argparse.Namespace) -> int:
             {"run_id": r.run_id, "machine": r.machine, "status": r.status.value, "started_at": r.created_at,
              "updated_at": r.updated_at, "steps": r.steps, "input_tokens": r.input_tokens,
              "output_tokens": r.output_tokens, "tokens": r.input_tokens + r.output_tokens,
-             "cost_usd": r.cost_usd, "error": r.error, "stale": r.stale}
+             "cost_usd": r.cost_usd, "in_doubt_calls": r.in_doubt_calls, "in_doubt_usd": r.in_doubt_usd,
+             "error": r.error, "stale": r.stale}
             for r in runs]))
         return 0
     print_table(
         [(r.run_id, r.machine, status_text(r.status, r.stale),
           r.created_at[:19].replace("T", " "), r.steps, r.input_tokens + r.output_tokens,
-          usd(r.cost_usd), one_line(r.error, 60)) for r in runs],
+          cost_text(r.cost_usd, r.in_doubt_calls, r.in_doubt_usd, of_it=""), one_line(r.error, 60))
+         for r in runs],
         ["run_id", "machine", "status", "started", "steps", "tokens", "cost", "error"],
     )
     for t in totals:
         print(f"machine {t.machine}: {t.runs} run(s), {t.steps} step(s), "
-              f"{t.input_tokens + t.output_tokens} tokens, {usd(t.cost_usd)}, "
+              f"{t.input_tokens + t.output_tokens} tokens, {cost_text(t.cost_usd, t.in_doubt_calls, t.in_doubt_usd)}, "
               f"{t.cache_hits} cache hit(s)")
     return 0
 

@@ -37,6 +37,11 @@ def usd(value: float | None) -> str:
     return "?" if value is None else f"${value:.4f}"
 
 
+def cost_text(cost: float | None, in_doubt_calls: int, in_doubt_usd: float | None, *, of_it: str = " of it") -> str:
+    """A cost total, saying how much of it is the worst case of calls in doubt."""
+    return usd(cost) + (f" (up to {usd(in_doubt_usd)}{of_it} in doubt)" if in_doubt_calls else "")
+
+
 def log_row(row: TransitionRecord) -> dict[str, Any]:
     u = row.usage
     return {
@@ -69,9 +74,11 @@ def status_text(status: RunStatus, stale: bool) -> str:
 
 def totals_line(rows: list[TransitionRecord]) -> str:
     t = totals(rows)
+    doubt = t["in_doubt_calls"]
     return (f"total: {t['steps']} step(s), {t['input_tokens']} in / {t['output_tokens']} out tokens "
             f"({t['cache_read_tokens']} cache read, {t['cache_write_tokens']} cache write), "
-            f"{usd(t['cost_usd'])}, {t['calls']} call(s), {t['cache_hits']} cache hit(s)")
+            f"{cost_text(t['cost_usd'], doubt, t['in_doubt_usd'])}, {t['calls']} call(s)"
+            f"{f' ({doubt} in doubt)' if doubt else ''}, {t['cache_hits']} cache hit(s)")
 
 
 def snapshot_view(record: RunRecord, rows: list[TransitionRecord]) -> dict[str, Any]:
@@ -85,11 +92,15 @@ def snapshot_view(record: RunRecord, rows: list[TransitionRecord]) -> dict[str, 
 
 
 def totals(rows: list[TransitionRecord]) -> dict[str, Any]:
+    """A run's totals. `cost_usd` includes the calls in doubt (in flight when a process died)
+    at their worst case, `in_doubt_usd` says how much of it that is."""
     usage = total_usage(rows)
+    doubts = [a.cost_usd for r in rows for a in r.attempts if a.kind == "in_doubt"]
     return {"steps": sum(1 for r in rows if r.to_state), "input_tokens": usage.input_tokens,
             "output_tokens": usage.output_tokens, "cache_read_tokens": usage.cache_read_tokens,
             "cache_write_tokens": usage.cache_write_tokens, "cost_usd": total_cost(rows),
-            "calls": sum(calls_of(r) for r in rows), "cache_hits": sum(r.source == "cache" for r in rows)}
+            "calls": sum(calls_of(r) for r in rows), "cache_hits": sum(r.source == "cache" for r in rows),
+            "in_doubt_calls": len(doubts), "in_doubt_usd": None if None in doubts else sum(doubts)}
 
 
 def as_block(value: Any) -> str:

@@ -1,7 +1,10 @@
 """The states a machine is made of, and the `guard` decorator that declares what a guard returns.
 
 `LLMState` wraps one Messages API call, `PythonState` one Python function; both share the
-guard, the `on=` overrides of the transition table and the loop bounds of `State`.
+guard, the `on=` overrides of the transition table, the loop bounds and the `timeout` of `State`.
+`timeout` has one meaning everywhere: the most seconds any one call made for the state may
+take, be it a Messages API request, a Python state's function, a fallback function or the
+state's guard.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class State:
     retry_limit: int | None = 3  # the most runs in a row (RETRY or any decision routed to itself)
     max_visits: int | None = None
     output: type[BaseModel] | None = None
+    timeout: float | None = None  # seconds any one call for the state may take: a request, its function, its guard
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "needs", tuple(self.needs))
@@ -82,7 +86,6 @@ class LLMState(State):
     model: str | None = None
     max_tokens: int = 1024
     params: Mapping[str, Any] = field(default_factory=dict)
-    timeout: float | None = None
     retry_policy: RetryPolicy | None = None
     repairs: int = 1
     on_invalid: Literal["fail", "guard"] = "fail"

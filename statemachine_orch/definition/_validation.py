@@ -126,6 +126,9 @@ class _Validator:
             isinstance(state.output, type) and issubclass(state.output, BaseModel)
         ):
             self.add(state.name, "output is not a pydantic model class", "pass a BaseModel subclass")
+        if state.timeout is not None and not (isinstance(state.timeout, (int, float)) and state.timeout > 0):
+            self.add(state.name, f"timeout={state.timeout!r} is not a positive number of seconds",
+                     "set timeout=60 or leave it None")
         for need in state.needs:
             if need == state.name:
                 self.add(state.name, "needs itself", "remove it from needs")
@@ -155,9 +158,6 @@ class _Validator:
                      "add guard= that checks isinstance(output, InvalidOutput)")
         if not isinstance(state.repairs, int) or state.repairs < 0:
             self.add(state.name, f"repairs={state.repairs!r} is not a count", "use 0 or more re-asks")
-        if state.timeout is not None and not (isinstance(state.timeout, (int, float)) and state.timeout > 0):
-            self.add(state.name, f"timeout={state.timeout!r} is not a positive number of seconds",
-                     "set timeout=60 or leave it None")
         if state.retry_policy is not None and not isinstance(state.retry_policy, RetryPolicy):
             self.add(state.name, "retry_policy is not a RetryPolicy", "pass RetryPolicy(max_attempts=...)")
         params = state.params

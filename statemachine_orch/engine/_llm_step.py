@@ -2,13 +2,15 @@
 
 Every model call the step makes lands in the step's record: the one that answered in the
 row itself, the others (retried errors, invalid answers that were re-asked, the failure
-that sent the step to its fallback) as `Attempt`s. Usage and cost add up over all of them.
+that sent the step to its fallback, a call in doubt after a crash) as `Attempt`s. Usage and
+cost add up over all of them. With a model that bills, each call is marked in flight with the
+step so far before it is sent, and each answer is kept as it arrives (`_progress`): a resume
+picks the step up where its process stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 from collections.abc import Callable
@@ -24,11 +26,15 @@ from ..store._owner import Owner
 from ..types import Attempt, Budget, InvalidOutput, OutputProblem, StepContext, TransitionRecord, Usage, now_iso
 from ._fsm import Compiled
 from ._outputs import first_error, restore_output
+from ._progress import Unfinished, answered, sending
+from ._user_code import CodeError, UserCode
 
 if TYPE_CHECKING:
     from ._run import Ports
 
 CHARS_PER_TOKEN_ESTIMATE = 3  # conservative: English averages nearer 4 characters per token
+IN_DOUBT = ("in flight when its process stopped, so it may have been paid; counted at its worst case "
+            "(the estimated input and max_tokens)")
 
 PythonOverride = Callable[[PythonState | LLMState, StepContext], Any]
 """Replaces running Python code of a state (a Python state, or an LLM state's fallback
@@ -66,7 +72,7 @@ class LLMStep:
     a fallback model) all land in the step's record."""
 
     def __init__(self, *, run_id: str, compiled: Compiled, ports: Ports, budget: Budget, owner: Owner,
-                 in_doubt_seq: int | None = None) -> None:
+                 code: UserCode, left: Unfinished | None = None) -> None:
         self.run_id = run_id
         self.machine = compiled.machine
         self.tools = compiled.tools
@@ -79,7 +85,8 @@ class LLMStep:
         self._budgeted = budget.max_cost_usd is not None or budget.max_tokens is not None
         self.python_override = ports.python_override
         self.owner = owner
-        self.in_doubt_seq = in_doubt_seq  # a call of this step was in flight when a process died
+        self.code = code
+        self.left = left  # a step a stopped process left with a call in flight
 
     def body(self, state: LLMState, values: Callable[[tuple[str, ...]], dict[str, Any]],
              tool: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
@@ -114,7 +121,8 @@ class LLMStep:
         tool_name = tool[0] if tool is not None else None
         body = self.body(state, values, tool)
         rec.request = body
-        if state.cache:
+        picked_up, reask, repairs = self._pick_up(state, rec, tool_name)
+        if state.cache and not picked_up:
             rec.request_hash = request_hash(body)
             hit = await self.store.find_cached(rec.request_hash)
             if hit is not None and hit.response is not None:
@@ -126,33 +134,62 @@ class LLMStep:
                 if problem is None:
                     return output
                 rec.source, rec.response, rec.request_id, rec.reason = "llm", None, None, None
-        return await self._ask(state, rec, ctx, spent, body, tool_name, state.repairs, None)
+        return await self._ask(state, rec, ctx, spent, body, tool_name, repairs, None, reask)
+
+    def _pick_up(self, state: LLMState, rec: TransitionRecord, tool_name: str | None
+                 ) -> tuple[bool, dict[str, Any] | None, int]:
+        """(picked up, the re-ask to send, repairs left) for this step. A step a stopped process
+        left unfinished gets back what it paid for; the call it had in flight is in doubt; it goes
+        on with the re-ask of its last paid answer, if it had one, else with its first request."""
+        left = self.left
+        if left is None or left.step.seq != rec.seq:
+            return False, None, state.repairs
+        self.left = None
+        was = left.step
+        rec.attempts, rec.usage, rec.cost_usd, rec.in_doubt = was.attempts, was.usage, was.cost_usd, True
+        if left.calling is not None:
+            rec.attempts.append(left.calling)
+            rec.cost_usd = _plus(rec.cost_usd, left.calling.cost_usd)
+        paid = [a for a in rec.attempts if a.kind == "invalid_output" and a.response is not None]
+        if not paid:
+            return True, None, state.repairs
+        last = paid[-1]
+        assert last.request is not None and last.response is not None
+        completion = completion_from_response(last.response, tool_name, last.request_id)
+        return True, _reask(last.request, completion, last.error, tool_name), state.repairs - len(paid)
+
+    async def keep(self, rec: TransitionRecord) -> None:
+        """Keep the answer that arrived for `rec` with its in-flight mark, before anything
+        (a hook, the guard) sees it: a resume commits it without calling again."""
+        if self.bills:
+            await self.store.keep_answer(rec.run_id, self.owner, seq=rec.seq, state=rec.from_state,
+                                         progress=answered(rec))
 
     async def _ask(self, state: LLMState, rec: TransitionRecord, ctx: StepContext, spent: Spent,
-                   body: dict[str, Any], tool_name: str | None, repairs: int, primary: LLMError | None) -> Any:
+                   body: dict[str, Any], tool_name: str | None, repairs: int, primary: LLMError | None,
+                   reask: dict[str, Any] | None = None) -> Any:
         """Call until an answer is usable: re-ask an invalid one up to `repairs` times, hand a
         transient failure to the state's fallback. `primary` is set when this is the fallback
-        model answering for a call that failed."""
+        model answering for a call that failed; `reask` is the re-ask to send first instead of
+        `body` (a step picked up after its process stopped)."""
         model = self.model
         if model is None:
             raise UsageError(f"state '{state.name}' calls a model, but the engine was given none",
                              fix="pass Engine(store, model=AnthropicModel())")
         first = body
-        fresh = primary is None  # the step's first call: it starts with the step
-        started = rec.started_at
+        body = reask or body
+        started = rec.started_at if primary is None else now_iso()  # the step's first call starts with it
         while True:
             if self._budgeted:
                 route = self._afford(state, rec, spent, body)
                 if route is not None:
                     return route
-            if fresh:
-                if self.bills:
-                    await self.store.mark_in_flight(rec.run_id, self.owner, seq=rec.seq, state=state.name)
-                fresh = False
-            else:
-                started = now_iso()
-            if rec.seq == self.in_doubt_seq:
-                rec.in_doubt = True
+            if self.bills:
+                _, worst, price = self._worst_case(state, body)
+                call = Attempt(number=len(rec.attempts) + 1, started_at=started, kind="in_doubt",
+                               error=IN_DOUBT, usage=worst, cost_usd=price)
+                await self.store.mark_in_flight(rec.run_id, self.owner, seq=rec.seq, state=state.name,
+                                                progress=sending(rec, call))
             request = LLMRequest(run_id=rec.run_id, state=state.name, body=body, tool_name=tool_name,
                                  timeout_s=state.timeout, retry=state.retry_policy or self.machine.retry_policy)
             rec.request = body
@@ -181,7 +218,7 @@ class LLMStep:
             usage = completion.usage
             rec.usage.add(usage)
             cost = self.prices.cost(body["model"], usage)
-            rec.cost_usd = None if cost is None or rec.cost_usd is None else rec.cost_usd + cost
+            rec.cost_usd = _plus(rec.cost_usd, cost)
             output, problem = _check(state, completion, tool_name)
             if problem is None:
                 rec.response = completion.response
@@ -197,6 +234,7 @@ class LLMStep:
                 cost_usd=cost, request=body,
                 response=completion.response))  # an answer that will be re-asked, kept with its response
             body = _reask(body, completion, error, tool_name)
+            started = now_iso()
 
     @staticmethod
     def _add_attempts(rec: TransitionRecord, attempts: list[Attempt]) -> None:
@@ -229,14 +267,13 @@ class LLMStep:
         rec.request_hash = None
         override = self.python_override
         try:
-            result = override(state, ctx) if override is not None else fallback(ctx)
-            if inspect.isawaitable(result):
-                result = await result
-        except OrchError:
-            raise
-        except Exception as exc:
-            raise LLMError(f"{failure}; fallback {name} failed too: {type(exc).__name__}: {exc}",
-                           kind=failure.kind, run_id=rec.run_id, state=state.name) from exc
+            result = await (self.code.call(fallback, ctx, timeout=state.timeout) if override is None
+                            else self.code.call(override, state, ctx, timeout=None))
+        except CodeError as err:
+            if isinstance(err.cause, OrchError):
+                raise err.cause from None
+            raise LLMError(f"{failure}; fallback {name} failed too: {err.message('', 'it')}",
+                           kind=failure.kind, run_id=rec.run_id, state=state.name) from err.cause
         try:
             result = restore_output(state, result)  # as a Python state's value: validated, storable
         except (TypeError, ValueError) as exc:
@@ -245,21 +282,24 @@ class LLMStep:
         rec.request = None
         return result
 
+    def _worst_case(self, state: LLMState, body: dict[str, Any]) -> tuple[int, Usage, float | None]:
+        """What a call of `body` can cost at most: (estimated input tokens, usage, price)."""
+        estimate = estimate_input_tokens(body)
+        usage = (Usage(cache_write_tokens=estimate, output_tokens=state.max_tokens) if state.prompt_cache
+                 else Usage(input_tokens=estimate, output_tokens=state.max_tokens))
+        return estimate, usage, self.prices.cost(body["model"], usage)
+
     def _afford(self, state: LLMState, rec: TransitionRecord, spent: Spent, body: dict[str, Any]) -> BudgetRoute | None:
         """Check the run's budget against this call's worst case before sending it."""
         budget = self.budget
-        estimate = estimate_input_tokens(body)
-        worst_tokens = estimate + state.max_tokens
+        estimate, worst_usage, worst = self._worst_case(state, body)
+        worst_tokens = worst_usage.paid_tokens
         so_far_tokens = spent.usage.paid_tokens + rec.usage.paid_tokens
         problem = None
         if budget.max_tokens is not None and so_far_tokens + worst_tokens > budget.max_tokens:
             problem = (f"tokens: spent {so_far_tokens} + worst case {worst_tokens} (about {estimate} in, "
                        f"{state.max_tokens} out) > max_tokens {budget.max_tokens}")
         if problem is None and budget.max_cost_usd is not None:
-            worst_usage = (Usage(cache_write_tokens=estimate, output_tokens=state.max_tokens)
-                           if state.prompt_cache else
-                           Usage(input_tokens=estimate, output_tokens=state.max_tokens))
-            worst = self.prices.cost(body["model"], worst_usage)
             so_far = spent.cost_usd + (rec.cost_usd or 0.0)
             if worst is None:
                 problem = (f"cost: no price known for model {body['model']!r}, so max_cost_usd cannot "
@@ -277,6 +317,11 @@ class LLMStep:
                                   fix="add the model's price (--prices FILE or PriceTable) and resume" if unpriced
                                   else "raise the limit and resume", unpriced_model=unpriced,
                                   run_id=rec.run_id, state=state.name)
+
+
+def _plus(cost: float | None, more: float | None) -> float | None:
+    """Two costs added up; None (unknown) when either is."""
+    return None if cost is None or more is None else cost + more
 
 
 def _check(state: LLMState, completion: Completion, tool_name: str | None

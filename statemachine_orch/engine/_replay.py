@@ -105,7 +105,8 @@ class _Cursor:
             self._calls_of = self.index
             self._calls = [(a.request, None if a.response is not None else a,
                             _answer_row(row, a) if a.response is not None else None)
-                           for a in row.attempts if a.response is not None or a.delay_s is None]
+                           for a in row.attempts  # a call in doubt recorded no answer: nothing to serve
+                           if a.kind != "in_doubt" and (a.response is not None or a.delay_s is None)]
             if row.response is not None:
                 self._calls.append((row.request, None, row))
         if not self._calls:

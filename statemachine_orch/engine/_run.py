@@ -2,19 +2,19 @@
 
 A step reads top to bottom: the state produces an output (a model answer, a Python value, a
 recorded answer to judge again), its guard judges it, the decision's trigger moves the
-`transitions` FSM, and the row is committed in one store transaction. A failure of the state
-or its guard is committed as a failed row (the run stops, resumable); it is not raised.
-Hooks see each stage (`hooks.Hook`). `run_to_end()` is a loop over `step()`.
+`transitions` FSM, and the row is committed in one store transaction. A paid answer is kept
+with the run's in-flight mark as it arrives, before any user code sees it. A failure of the
+state or its guard, whatever it raised, is committed as a failed row (the run stops,
+resumable); it is not raised. User code is called so that a timeout, a stop or Ctrl-C reaches
+it (`_user_code`). Hooks see each stage (`hooks.Hook`). `run_to_end()` is a loop over `step()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Mapping
 from dataclasses import dataclass
 from time import perf_counter
-from types import MappingProxyType
 from typing import Any
 
 from ..definition._states import LLMState, PythonState, State
@@ -48,14 +48,17 @@ from ..types import (
     now_iso,
     output_json,
 )
+from ._context import context
 from ._fsm import Compiled, Plan
 from ._llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
 from ._outputs import restore_output
 from ._snapshot import Snapshot
+from ._user_code import CodeError, UserCode
 
 _NO_OUTPUT = object()
-_NO_NEEDS: Mapping[str, Any] = MappingProxyType({})
 _REASON_LIMIT = 500
+_KEPT = ("source", "started_at", "request", "response", "request_id", "usage", "cost_usd", "request_hash",
+         "in_doubt", "attempts", "reason")  # what a step takes over from its own answer kept before a stop
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,10 +97,11 @@ class Run:
         self._ports = ports
         self._hooks = ports.hooks
         self._input_values = input_values
-        self._pending = snap.pending
-        in_flight = (record.in_flight or {}).get("seq")
+        self._code = UserCode()
+        left = snap.unfinished
+        self._pending = left.step if left is not None and left.answered else snap.pending
         self._llm = LLMStep(run_id=record.run_id, compiled=compiled, ports=ports, budget=self.budget,
-                            owner=owner, in_doubt_seq=in_flight if isinstance(in_flight, int) and in_flight > seq
+                            owner=owner, code=self._code, left=left if left is not None and not left.answered
                             else None)
         self._broken: BaseException | None = None
         self._stop: str | None = None
@@ -129,7 +133,7 @@ class Run:
         started = perf_counter()
         for hook in self._hooks.before_step:
             hook(self.record, step)
-        ctx = self._context(plan.state, step.attempt)
+        ctx = context(self.run_id, plan.state, step.attempt, self.input, self.outputs)
         output: Any = _NO_OUTPUT
         status: RunStatus | None = None
         try:
@@ -156,12 +160,6 @@ class Run:
         if self.status is not RunStatus.RUNNING:
             raise UsageError(f"run {self.run_id} is {self.status.value}; nothing left to step")
 
-    def _context(self, state: State, attempt: int) -> StepContext:
-        """What the state's code and its guard may read: the input and the outputs it needs."""
-        needs = state.needs
-        return StepContext(self.run_id, state.name, attempt, self.input,
-                           {n: self.outputs[n] for n in needs} if needs else _NO_NEEDS)
-
     async def _produce(self, plan: Plan, step: TransitionRecord, ctx: StepContext) -> Any:
         """The state's output: a recorded answer to judge again, or the state run (within what
         is left of the run's wall-clock budget). Hooks see it before it is judged."""
@@ -173,6 +171,8 @@ class Run:
         if type(output) is BudgetRoute:
             return output
         step.output = output if type(output) is str else output_json(output)
+        if step.response is not None and step.source in ("llm", "fallback"):
+            await self._llm.keep(step)  # paid: kept before any hook or guard sees it
         for hook in self._hooks.after_output:
             hook(self.record, step, output)
         return output
@@ -183,13 +183,13 @@ class Run:
         assert isinstance(state, PythonState)
         override = self._ports.python_override
         try:
-            result = override(state, ctx) if override is not None else state.run(ctx)
-            if inspect.isawaitable(result):
-                result = await result
-        except OrchError:
-            raise
-        except Exception as exc:
-            raise StepError(f"{type(exc).__name__}: {exc}", run_id=self.run_id, state=state.name) from exc
+            result = await (self._code.call(state.run, ctx, timeout=state.timeout) if override is None
+                            else self._code.call(override, state, ctx, timeout=None))
+        except CodeError as err:
+            if isinstance(err.cause, OrchError):
+                raise err.cause from None
+            raise StepError(err.message("", f"state '{state.name}'"), run_id=self.run_id,
+                            state=state.name) from err.cause
         try:
             return restore_output(state, result)
         except (TypeError, ValueError) as exc:
@@ -215,14 +215,20 @@ class Run:
                 fix="raise it and resume", run_id=self.run_id, state=state.name) from None
 
     def _reuse_pending(self, state: State, step: TransitionRecord) -> Any:
-        """An answer already paid for (its guard failed before): judged again, not asked again."""
+        """An answer already paid for: judged again, not asked again. One its guard failed on
+        is logged as `recorded`; this step's own answer, kept before its process stopped, is
+        logged as it arrived (usage, cost and attempts included: they were never committed)."""
         pending = self._pending
         assert pending is not None
         self._pending = None
-        step.source = "recorded"
-        step.request = pending.request
-        step.response = pending.response
-        step.request_id = pending.request_id
+        if pending.seq == step.seq:
+            for name in _KEPT:
+                setattr(step, name, getattr(pending, name))
+        else:
+            step.source = "recorded"
+            step.request = pending.request
+            step.response = pending.response
+            step.request_id = pending.request_id
         return restore_output(state, pending.output)
 
     def _values(self, names: tuple[str, ...]) -> dict[str, Any]:
@@ -247,11 +253,12 @@ class Run:
 
     def _ask_guard(self, plan: Plan, output: Any, ctx: StepContext) -> tuple[str, str]:
         assert plan.guard is not None
+        name = plan.guard_name
         try:
-            result: Any = plan.guard(output, ctx)
-        except Exception as exc:
-            raise GuardError(f"guard {plan.guard_name} raised {type(exc).__name__}: {exc}",
-                             run_id=self.run_id, state=plan.state.name) from exc
+            result: Any = self._code.run(plan.guard, output, ctx, timeout=plan.state.timeout)
+        except CodeError as err:
+            raise GuardError(err.message(f"guard {name} raised ", f"guard {name} of state '{plan.state.name}'"),
+                             run_id=self.run_id, state=plan.state.name) from err.cause
         reason = ""
         if isinstance(result, Verdict):
             result, reason = result.decision, str(result.reason)
@@ -322,16 +329,25 @@ class Run:
 
     def request_stop(self, grace_s: float = 30.0) -> None:
         """Stop before the next step (SIGTERM). A step in progress gets `grace_s` seconds to
-        finish and commit; after that its call is abandoned and the run left resumable.
+        finish and commit; after that its call is abandoned, or its guard or Python state
+        stopped, and the run left resumable.
 
-        Safe to call from a signal handler: the flag is set at once, so even a step that never
-        yields to the event loop (a plain Python state) is the last one to run."""
+        Safe to call from a signal handler (in the main thread, to reach synchronous code): the
+        flag is set at once, so even a step that never yields to the event loop (a plain Python
+        state) is the last one to run."""
         if self._stop is not None:
             return
         self._stop = "stopped on request; resume to continue"
+        self._code.stop_after(grace_s)  # user code holding the event loop: no loop timer reaches it
         task = self._task
         if task is not None and not task.done():
             task.get_loop().call_soon_threadsafe(self._arm_grace, grace_s)
+
+    def interrupt(self) -> bool:
+        """Ctrl-C: raise KeyboardInterrupt into the run's synchronous user code (a guard or a
+        Python state holding the event loop), if it is running now; False when none is, and the
+        caller stops the run its usual way (cancelling its task). For a SIGINT handler."""
+        return self._code.interrupt()
 
     def _arm_grace(self, grace_s: float) -> None:
         task = self._task

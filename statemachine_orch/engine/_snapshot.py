@@ -2,7 +2,8 @@
 
 The position is rebuilt by firing, over the log, the same triggers that moved the run; a
 failed row's state runs again and its answer, if it had one, is `pending`: judged again,
-not paid for again. Nothing here writes.
+not paid for again. The step after the last row may have got further in the process that
+stopped (`unfinished`, from the run's in-flight mark). Nothing here writes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..types import END, RunRecord, TransitionRecord, Usage, total_cost, total_u
 from ._fsm import Compiled
 from ._outputs import restore_output
 from ._position import Position
+from ._progress import Unfinished, unfinished
 
 
 @dataclass(slots=True, kw_only=True)
@@ -28,6 +30,7 @@ class Snapshot:
     cost_usd: float | None  # None when a paid call had no known price
     seconds: float
     pending: TransitionRecord | None  # a paid answer its guard failed on
+    unfinished: Unfinished | None = None  # how far the next step got before its process stopped
 
 
 def fresh(initial: str) -> Snapshot:
@@ -80,4 +83,5 @@ def snapshot(compiled: Compiled, record: RunRecord, log: list[TransitionRecord])
     pending = last if last is not None and not last.committed and last.output is not None else None
     return Snapshot(position=position, outputs=outputs, path=path, usage=total_usage(log),
                     cost_usd=total_cost(log), seconds=sum(row.latency_ms for row in log) / 1000.0,
-                    pending=pending)
+                    pending=pending, unfinished=unfinished(record.in_flight, run_id=rid,
+                                                           seq=last.seq + 1 if last else 1, state=position.state))

@@ -4,7 +4,7 @@ Every method is a coroutine, so a store never blocks the event loop while it wai
 a disk or a server): the runs sharing the loop go on. tests/test_store_contract.py is the
 contract, run against every backend.
 
-The engine's writes are fenced: `append`, `mark_in_flight` and `release` fail with
+The engine's writes are fenced: `append`, `mark_in_flight`, `keep_answer` and `release` fail with
 `OwnershipLostError` (and change nothing) unless `owner` still owns the run, and `append` also
 unless `record.seq` is the run's next step. `claim_run` takes a run over only from an owner
 proven gone (or, with `take_over=True`, one that cannot be proven alive), and records the
@@ -34,9 +34,11 @@ class RunSummary:
     steps: int
     input_tokens: int
     output_tokens: int
-    cost_usd: float | None
+    cost_usd: float | None  # calls in doubt included, at their worst case
     error: str | None
     stale: bool = False  # marked running, but its owning process is gone: resume it
+    in_doubt_calls: int = 0  # calls in flight when a process died: they may have been paid
+    in_doubt_usd: float | None = 0.0  # their worst case, part of cost_usd
 
 
 @dataclass(slots=True, kw_only=True)
@@ -48,8 +50,10 @@ class MachineTotals:
     steps: int
     input_tokens: int
     output_tokens: int
-    cost_usd: float | None
+    cost_usd: float | None  # calls in doubt included, at their worst case
     cache_hits: int
+    in_doubt_calls: int = 0
+    in_doubt_usd: float | None = 0.0
 
 
 class Store(Protocol):
@@ -76,8 +80,16 @@ class Store(Protocol):
         """Commit one log row and, if it changes, the run's status (a final status also ends
         the ownership), in one transaction."""
 
-    async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str) -> None:
-        """Record, before a paid call is sent, that step `seq` has a call in flight."""
+    async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str,
+                             progress: dict[str, Any] | None = None) -> None:
+        """Record, before a paid call is sent, that step `seq` has a call in flight; `progress`
+        (JSON data, kept in `RunRecord.in_flight` beside `seq`, `state` and `at`) is what the
+        step paid for so far."""
+
+    async def keep_answer(self, run_id: str, owner: Owner, *, seq: int, state: str,
+                          progress: dict[str, Any]) -> None:
+        """Record, in place of the in-flight mark, that the answer to step `seq`'s call arrived
+        (`progress`: the step with its answer), before anything judges it."""
 
     async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
         """Give up ownership, leaving the run in `status` (an interrupted or failed run)."""
@@ -136,7 +148,12 @@ class NullStore:
                      error: str | None = None) -> None:
         return None
 
-    async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str) -> None:
+    async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str,
+                             progress: dict[str, Any] | None = None) -> None:
+        return None
+
+    async def keep_answer(self, run_id: str, owner: Owner, *, seq: int, state: str,
+                          progress: dict[str, Any]) -> None:
         return None
 
     async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:

@@ -85,6 +85,8 @@ def test_sigkill_at_every_kill_point_then_resume(
     figures["committed_steps_recalled"] = sum(t.recalled for t in trials)
     figures["calls_flagged_in_doubt"] = sum(len(t.flagged) for t in trials)
     figures["repaid_calls"] = sum(t.repaid for t in trials)
+    figures["requests_at_the_fake"] = sum(sum(t.calls_after.values()) for t in trials)
+    figures["calls_in_the_logs"] = sum(t.calls_recorded for t in trials)
     figures["final_logs_differing"] = sum(log_difference(t.after, reference) is not None
                                           for t in trials)
     figures["audit_verify_exit"] = audit.code

@@ -82,6 +82,13 @@ _APPEND_ATTEMPT = (
     "delay_s, error, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, "
     "request, response) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+# Calls in doubt (in flight when a process died, counted at their worst case) are attempts.
+_DOUBT_COST = "CASE WHEN sum(a.cost_usd IS NULL) > 0 THEN NULL ELSE coalesce(sum(a.cost_usd), 0.0) END"
+_DOUBTS_OF_RUN = "FROM attempts a WHERE a.run_id = runs.run_id AND a.kind = 'in_doubt'"
+_IN_DOUBT_OF_RUN = (f"(SELECT count(*) {_DOUBTS_OF_RUN}) AS in_doubt_calls, "
+                    f"(SELECT {_DOUBT_COST} {_DOUBTS_OF_RUN}) AS in_doubt_usd")
+_IN_DOUBT_BY_MACHINE = (f"SELECT r.machine, count(*) AS in_doubt_calls, {_DOUBT_COST} AS in_doubt_usd FROM attempts a "
+                        "JOIN runs r ON r.run_id = a.run_id WHERE a.kind = 'in_doubt' AND r.machine IN ")
 _SET_STATUS = (
     "UPDATE runs SET status = ?, error = ?, updated_at = ?, "
     "owner = CASE WHEN ? THEN owner ELSE NULL END, "
@@ -242,27 +249,41 @@ class SQLiteStore:
         return OwnershipLostError(f"run {r.run_id} is at step {found[1]}, so step {r.seq} cannot follow it",
                                   where=self.where)
 
-    async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str) -> None:
-        """Note, before a paid call is sent, that step `seq` has a call in flight.
+    async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str,
+                             progress: dict[str, Any] | None = None) -> None:
+        """Note, before a paid call is sent, that step `seq` has a call in flight (`progress`:
+        what the step paid for so far).
 
         A resume that finds the mark ahead of the log knows the call may have been paid
         already and flags the step it re-sends (`in_doubt`). Written on a second connection
         with synchronous=OFF: it survives a killed process (not a power cut) for a fraction of
         a durable commit's cost. Fenced like every write: no mark, no call.
         """
-        mark = json.dumps({"seq": seq, "state": state, "at": now_iso()}, separators=(",", ":"))
+        await self._write_mark(run_id, owner, {"seq": seq, "state": state, **(progress or {})},
+                               "no call was made")
+
+    async def keep_answer(self, run_id: str, owner: Owner, *, seq: int, state: str,
+                          progress: dict[str, Any]) -> None:
+        """Keep, in the in-flight mark, the answer that arrived for step `seq` (`progress`),
+        before anything judges it. Written as the mark is."""
+        await self._write_mark(run_id, owner, {"seq": seq, "state": state, **progress},
+                               "the answer was paid but not kept: a resume sends its call again")
+
+    async def _write_mark(self, run_id: str, owner: Owner, mark: dict[str, Any], unwritten: str) -> None:
+        # ASCII JSON: whatever text an answer holds (a lone surrogate too) is kept as it arrived
+        text = json.dumps({**mark, "at": now_iso()}, separators=(",", ":"))
         try:
-            await self._write(self._mark, run_id, owner, mark, marks=True)
+            await self._write(self._mark, run_id, owner, text, unwritten, marks=True)
         except OwnershipLostError:
             raise
         except StoreError as exc:
-            raise StoreError(f"{exc.what}; no call was made", where=self.where, fix=exc.fix) from exc
+            raise StoreError(f"{exc.what}; {unwritten}", where=self.where, fix=exc.fix) from exc
 
-    def _mark(self, conn: sqlite3.Connection, run_id: str, owner: Owner, mark: str) -> None:
+    def _mark(self, conn: sqlite3.Connection, run_id: str, owner: Owner, mark: str, unwritten: str) -> None:
         updated = self._sql(conn, "UPDATE runs SET in_flight = ? WHERE run_id = ? AND owner = ?",
                             (mark, run_id, owner.token)).rowcount
         if updated != 1:
-            raise OwnershipLostError(f"run {run_id} was taken over by another process; no call was made",
+            raise OwnershipLostError(f"run {run_id} was taken over by another process; {unwritten}",
                                      where=self.where)
 
     async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
@@ -384,7 +405,7 @@ class SQLiteStore:
             where.append("(created_at, run_id) < (SELECT created_at, run_id FROM runs WHERE run_id = ?)")
             params.append(before)
         sql = ("SELECT run_id, machine, status, created_at, updated_at, error, owner_info, steps, input_tokens, "
-               "output_tokens, cost_usd FROM runs "
+               f"output_tokens, cost_usd, {_IN_DOUBT_OF_RUN} FROM runs "
                + ("WHERE " + " AND ".join(where) + " " if where else "")
                + "ORDER BY created_at DESC, run_id DESC LIMIT ?")
         params.append(limit)
@@ -402,11 +423,13 @@ class SQLiteStore:
         if not machines:
             return []
         marks = ",".join("?" * len(machines))
+        doubts = {row.pop("machine"): row for row in self._query(  # attempts are few: scanned
+            conn, f"{_IN_DOUBT_BY_MACHINE}({marks}) GROUP BY r.machine", machines)}
         # finished runs and the others apart: each WHERE matches one of the schema's totals indexes
         part = ("SELECT machine, count(*) AS runs, sum(steps) AS steps, sum(input_tokens) AS input_tokens, "
                 "sum(output_tokens) AS output_tokens, sum(cost_usd IS NULL) AS unpriced, sum(cost_usd) AS cost_usd, "
                 f"sum(cache_hits) AS cache_hits FROM runs WHERE machine IN ({marks}) AND status ")
-        return [MachineTotals(**row) for row in self._query(
+        return [MachineTotals(**row, **doubts.get(row["machine"], {})) for row in self._query(
             conn, "SELECT machine, sum(runs) AS runs, sum(steps) AS steps, sum(input_tokens) AS input_tokens, "
                   "sum(output_tokens) AS output_tokens, "
                   "CASE WHEN sum(unpriced) > 0 THEN NULL ELSE sum(cost_usd) END AS cost_usd, "
