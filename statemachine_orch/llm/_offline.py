@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ import httpx2
 from ._anthropic import AnthropicModel
 
 _SECRET_HEADERS = frozenset({"x-api-key", "authorization"})
+LISTEN_BACKLOG = socket.SOMAXCONN  # the served fake's pending-connection queue
 
 
 @dataclass(kw_only=True)
@@ -106,6 +110,7 @@ class FakeMessagesAPI:
         self.default = default
         self.requests: list[CapturedRequest] = []
         self.slept: list[float] = []  # backoff delays an AnthropicModel from model() asked for
+        self.errors: list[Exception] = []  # what responders raised, in order
         self._lock = threading.Condition()
         for state, entry in (script or {}).items():
             self.on(state, *(entry if isinstance(entry, list) else [entry]))
@@ -129,6 +134,23 @@ class FakeMessagesAPI:
                 lambda: sum(1 for r in self.requests if r.state == state) >= count, timeout)
 
     # ------------------------------------------------------------------ answering
+
+    def answer(self, method: str, path: str, headers: Mapping[str, str],
+               body: bytes) -> tuple[int, dict[str, str], bytes, Reply | None]:
+        """`handle`, where a responder that raises is the test's own error, not the API's: it
+        is kept in `errors` (and raised again when `serve()` ends) and answered with a 500
+        that carries its traceback and tells the client not to retry."""
+        try:
+            return self.handle(method, path, headers, body)
+        except Exception as exc:
+            with self._lock:
+                self.errors.append(exc)
+            trace = "".join(traceback.format_exception(exc))
+            status, hdrs, data, _ = _json(500, {"type": "error", "error": {
+                "type": "api_error",
+                "message": f"the FakeMessagesAPI responder raised {type(exc).__name__}: {exc}\n{trace}"}})
+            hdrs["x-should-retry"] = "false"
+            return status, hdrs, data, None
 
     def handle(self, method: str, path: str, headers: Mapping[str, str],
                body: bytes) -> tuple[int, dict[str, str], bytes, Reply | None]:
@@ -186,7 +208,7 @@ class FakeMessagesAPI:
 
     def transport(self) -> httpx2.MockTransport:
         async def handler(request: httpx2.Request) -> httpx2.Response:
-            status, headers, body, reply = self.handle(
+            status, headers, body, reply = self.answer(
                 request.method, request.url.raw_path.decode(), dict(request.headers), request.content)
             if reply is not None and reply.gate is not None:
                 while not reply.gate.is_set():
@@ -221,43 +243,64 @@ class FakeMessagesAPI:
 
     @contextmanager
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-        """Serve the fake on loopback HTTP for other processes; yields the base URL."""
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length)
-                status, headers, data, reply = fake.handle(
-                    "POST", self.path, {k: v for k, v in self.headers.items()}, body)
-                if reply is not None and reply.gate is not None:
-                    reply.gate.wait(60)
-                if reply is not None and reply.hold_s:
-                    time.sleep(reply.hold_s)
-                if reply is not None and reply.fault:
-                    self.close_connection = True  # drop the connection with no response
-                    return
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        server = ThreadingHTTPServer((host, port), Handler)
-        server.daemon_threads = True
+        """Serve the fake on loopback HTTP for other processes; yields the base URL. The first
+        exception a responder raised in the block is raised again when the block ends."""
+        server = loopback_server(self, host, port)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
+        raised = len(self.errors)
         try:
             yield f"http://{host}:{server.server_address[1]}"
         finally:
             server.shutdown()
             server.server_close()
+        if len(self.errors) > raised:  # the block ended well, but a responder failed in it
+            raise self.errors[raised]
+
+
+def loopback_server(fake: FakeMessagesAPI, host: str, port: int) -> ThreadingHTTPServer:
+    """An HTTP server answering for `fake`, listening but not yet serving (`serve_forever`)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length)
+            status, headers, data, reply = fake.answer(
+                "POST", self.path, {k: v for k, v in self.headers.items()}, body)
+            if reply is not None and reply.gate is not None:
+                reply.gate.wait(60)
+            if reply is not None and reply.hold_s:
+                time.sleep(reply.hold_s)
+            if reply is not None and reply.fault:
+                self.close_connection = True  # drop the connection with no response
+                return
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            return None
+
+    return _LoopbackServer((host, port), Handler)
+
+
+class _LoopbackServer(ThreadingHTTPServer):
+    """Room in the listen backlog for many clients at once (the default 5 left the others
+    waiting seconds for a SYN retry while the server was busy), handler threads that do not
+    keep a process alive, and no traceback for a client that left before its answer."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client is gone (killed mid-answer): nobody is left to tell
+        super().handle_error(request, client_address)
 
 
 def load_script(path: str) -> dict[str, ScriptEntry]:
