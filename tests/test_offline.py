@@ -6,25 +6,46 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import select
+import signal
 import socket
+import sqlite3
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from statemachine_orch import Engine, LLMState, Machine, RunStatus, open_store
 from statemachine_orch.llm._offline import loopback_server
-from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply
+from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, disconnect, error, load_script, timeout
 
-from .helpers import Orch, write
+from .helpers import WAIT_S, EnvOrch, Orch, one_error_line, query, run_count, write
 
 ONE_STATE = '''
 from statemachine_orch import LLMState, Machine
 
 machine = Machine("one", states=[LLMState("ask", prompt="Say something.", max_tokens=50)])
+'''
+
+NOTES = '''
+from pydantic import BaseModel
+
+from statemachine_orch import LLMState, Machine
+
+
+class Note(BaseModel):
+    title: str
+
+
+machine = Machine("notes", states=[
+    LLMState("ask", prompt="Say something.", max_tokens=50),
+    LLMState("extract", prompt="A title for: {ask}", needs=["ask"], max_tokens=50, output=Note),
+])
 '''
 
 CLIENTS = 50
@@ -151,3 +172,140 @@ def test_a_client_that_leaves_mid_answer_prints_no_traceback(capfd: pytest.Captu
         _handlers_done()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Error" not in err, err
+
+
+# --------------------------------------------------------------------------- answer files
+
+
+def answers_file(tmp_path: Path, answers: dict[str, Any], name: str = "answers.json") -> Path:
+    return write(tmp_path / name, json.dumps(answers))
+
+
+def notes(tmp_path: Path) -> Path:
+    return write(tmp_path / "notes.py", NOTES)
+
+
+def test_an_answer_file_naming_an_unknown_state_is_refused(tmp_path: Path) -> None:
+    answers = answers_file(tmp_path, {"ask": "hello", "extarct": {"json": {"title": "Hi"}}})
+    result = Orch(tmp_path / "orch.db")("run", notes(tmp_path), "--offline", answers)
+    assert result.code == 2, result.stderr
+    line = one_error_line(result)
+    assert str(answers) in line and "'extarct'" in line and "ask, extract" in line
+    assert run_count(tmp_path / "orch.db") == 0
+
+
+def test_a_state_at_model_key_is_checked_by_its_state(tmp_path: Path) -> None:
+    good = {"ask@claude-haiku-4-5": "hello", "extract": {"json": {"title": "Hi"}}}
+    assert set(load_script(str(answers_file(tmp_path, good)), states=["ask", "extract"])) == set(good)
+    with pytest.raises(ValueError, match="'asks'"):
+        load_script(str(answers_file(tmp_path, {"asks@claude-haiku-4-5": "hello"})), states=["ask"])
+
+
+def test_every_kind_of_answer_is_read_as_the_python_kit_builds_it(tmp_path: Path) -> None:
+    answers = answers_file(tmp_path, {"ask": [
+        "text", {"text": "late", "delay": 1.5}, {"json": {"title": "Hi"}},
+        {"error": 529}, {"error": 429, "message": "slow down", "headers": {"retry-after": "2"}},
+        {"fault": "timeout", "delay": 2}, {"fault": "disconnect"}, {"delay": 3}]})
+    assert load_script(str(answers)) == {"ask": [
+        "text", Reply(text="late", hold_s=1.5), Reply(data={"title": "Hi"}),
+        error(529), error(429, "slow down", headers={"retry-after": "2"}),
+        timeout(hold_s=2), disconnect(), Reply(hold_s=3)]}
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"txet": "hello"}, "'txet'"),
+    ({"text": "a", "json": {}}, "one of"),
+    ({"text": 5}, "text"),
+    ({"json": "not an object"}, "json"),
+    ({"error": "529"}, "error"),
+    ({"error": 200}, "error"),
+    ({"fault": "crash"}, "fault"),
+    ({"delay": -1}, "delay"),
+    ({"delay": math.inf}, "delay"),
+    ({"text": "a", "message": "only for errors"}, "'message'"),
+    ([["nested"]], '["nested"]'),
+    (5, "5"),
+])
+def test_a_malformed_answer_is_refused_naming_it(tmp_path: Path, entry: Any, problem: str) -> None:
+    answers = answers_file(tmp_path, {"ask": entry})
+    with pytest.raises(ValueError, match="ask") as refused:
+        load_script(str(answers))
+    assert problem in str(refused.value) and str(answers) in str(refused.value)
+
+
+def test_errors_in_an_answer_file_fail_the_run_and_resume_goes_on_down_the_list(tmp_path: Path) -> None:
+    answers = answers_file(tmp_path, {
+        "ask": [{"error": 529}, {"error": 529, "message": "busy"}, {"error": 500}, {"error": 529}, "hello"],
+        "extract": {"json": {"title": "Hello"}}})
+    cli = Orch(tmp_path / "orch.db")
+    first = cli("run", notes(tmp_path), "--offline", answers, "--json")
+    assert first.code == 1, first.stderr
+    run_id = json.loads(first.stdout)["run_id"]
+    assert "gave up after 4 attempts" in json.loads(first.stdout)["error"]
+    resumed = cli.json("resume", run_id)
+    assert (resumed["status"], resumed["outputs"]["ask"]) == ("completed", "hello")
+    assert [row["calls"] for row in cli.log(run_id)] == [4, 1, 1]  # the fifth answer, not the first
+
+
+def test_a_resumed_offline_run_goes_on_down_each_states_list(tmp_path: Path) -> None:
+    """Two invalid answers use up the re-ask; the resume gets the third answer, not the first."""
+    answers = answers_file(tmp_path, {
+        "ask": "hello", "extract": [{"json": {"name": "x"}}, {"json": {"name": "y"}}, {"json": {"title": "Hi"}}]})
+    cli = Orch(tmp_path / "orch.db")
+    first = cli("run", notes(tmp_path), "--offline", answers, "--json")
+    assert first.code == 1, first.stderr
+    run_id = json.loads(first.stdout)["run_id"]
+    resumed = cli.json("resume", run_id)
+    assert (resumed["status"], resumed["outputs"]["extract"]) == ("completed", {"title": "Hi"})
+    assert [row["calls"] for row in cli.log(run_id)] == [1, 2, 1]
+
+
+def _in_flight(db: Path) -> bool:
+    try:
+        return bool(query(db, "SELECT run_id FROM runs WHERE in_flight IS NOT NULL"))
+    except sqlite3.OperationalError:  # the schema is still being created
+        return False
+
+
+def _wait_for_a_call_in_flight(db: Path, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not _in_flight(db) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no call went out"
+        time.sleep(0.02)
+
+
+def test_a_delay_in_an_answer_file_lets_the_cli_alone_show_a_stop_and_a_resume(tmp_path: Path) -> None:
+    answers = answers_file(tmp_path, {"ask": [{"delay": 20, "text": "slow"}, "hello"],
+                                      "extract": {"json": {"title": "Hello"}}})
+    db = tmp_path / "orch.db"
+    cli = EnvOrch(db)
+    proc = cli.with_env(ORCH_STOP_GRACE="0").start("run", notes(tmp_path), "--offline", answers, "--run-id", "slow-1")
+    try:
+        _wait_for_a_call_in_flight(db, proc)
+        proc.send_signal(signal.SIGTERM)  # stop it while the delayed answer is awaited
+        assert Orch.finish(proc).code == 143
+    finally:
+        cli.stop_all()
+    resumed = cli.json("resume", "slow-1")  # the stopped call took the slow answer: the next one now
+    assert (resumed["status"], resumed["outputs"]["ask"]) == ("completed", "hello")
+
+
+# --------------------------------------------------------------------------- orch resume --offline
+
+
+def test_resume_offline_finishes_a_live_run_without_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeMessagesAPI({"extract": {"title": "Live"}}, default=None)  # "ask" gets a 400
+    with fake.serve() as url:
+        live = Orch(tmp_path / "orch.db", url)("run", notes(tmp_path), "--json")
+    assert live.code == 1, live.stderr
+    run_id = json.loads(live.stdout)["run_id"]
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    keyless = Orch(tmp_path / "orch.db", key=False)
+    refused = keyless("resume", run_id)
+    assert refused.code == 2 and "--offline" in one_error_line(refused)
+
+    answers = answers_file(tmp_path, {"ask": "hello", "extract": {"json": {"title": "Offline"}}})
+    resumed = keyless.json("resume", run_id, "--offline", answers)
+    assert (resumed["status"], resumed["outputs"]) == ("completed", {"ask": "hello", "extract": {"title": "Offline"}})
+    assert keyless.json("show", run_id)["options"] == {"offline": str(answers)}
+    assert fake.calls() == 1

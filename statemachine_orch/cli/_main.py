@@ -72,6 +72,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offline_option(p: argparse.ArgumentParser, when: str = "") -> None:
+    p.add_argument("--offline", nargs="?", const="auto", metavar="SCRIPT",
+                   help=f"answer {when}from a scripted fake Messages API (default script: MACHINE.offline.json)")
+
+
 def _budget_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cost", type=float, metavar="USD",
                    help="stop (status budget_exceeded) before a call that could take the run past USD")
@@ -111,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run", "cmd_run", "start a run of a machine and drive it to its end")
     p.add_argument("machine", metavar="MACHINE", help="path/to/file.py or dotted.module, optionally :attr")
     p.add_argument("--input", metavar="FILE", help="JSON object input file, or - for stdin")
-    p.add_argument("--offline", nargs="?", const="auto", metavar="SCRIPT",
-                   help="answer from a scripted fake Messages API (default script: MACHINE.offline.json)")
+    _offline_option(p)
     _budget_options(p)
     p.add_argument("--run-id", metavar="ID",
                    help="use this run id (letters, digits, . _ -; at most 64) instead of a generated one")
@@ -123,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine", metavar="MACHINE", help="load the machine from here instead of its stored path")
     p.add_argument("--allow-changed", action="store_true",
                    help="resume even if the changed machine no longer replays the recorded steps")
+    _offline_option(p, "from here on ")
     _budget_options(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 

@@ -52,8 +52,7 @@ def log_row(row: TransitionRecord) -> dict[str, Any]:
 
 def calls_of(row: TransitionRecord) -> int:
     """Model calls the step made: its failed attempts plus the one that answered."""
-    answered = row.source in ("llm", "fallback") and row.response is not None
-    return len(row.attempts) + (1 if answered else 0)
+    return len(row.call_requests())
 
 
 def attempt_row(row: TransitionRecord, a: Attempt) -> dict[str, Any]:

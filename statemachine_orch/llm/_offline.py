@@ -12,26 +12,29 @@ Answers are scripted per state (the engine tags each request with `x-orch-state`
 its last answer repeats. Unscripted states get `default`: "auto"
 writes a labelled placeholder (or a schema-shaped object for structured output), None
 answers 400 so a test notices. Every request is captured without its auth headers.
+`load_script` reads the same answers from a JSON file, for `orch --offline`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anthropic
 import httpx2
 
+from ..types import TransitionRecord
 from ._anthropic import AnthropicModel
 
 _SECRET_HEADERS = frozenset({"x-api-key", "authorization"})
@@ -40,7 +43,8 @@ LISTEN_BACKLOG = socket.SOMAXCONN  # the served fake's pending-connection queue
 
 @dataclass(kw_only=True)
 class Reply:
-    """One scripted answer: text, a tool call (`data`), or an HTTP error (`status` >= 400)."""
+    """One scripted answer: text, a tool call (`data`), or an HTTP error (`status` >= 400).
+    With neither text nor data it is the placeholder answer (say, `Reply(hold_s=5)`: late)."""
 
     text: str | None = None
     data: dict[str, Any] | None = None
@@ -52,7 +56,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     gate: threading.Event | None = None  # block the answer until the event is set
     fault: str | None = None  # "timeout" or "disconnect": no HTTP answer at all
-    hold_s: float = 0.0  # server mode: wait this long before answering (or dropping)
+    hold_s: float = 0.0  # wait this long before answering (or failing)
     input_tokens: int | None = None
     output_tokens: int | None = None
     cache_read_tokens: int = 0
@@ -60,8 +64,8 @@ class Reply:
 
 
 def timeout(hold_s: float = 0.0) -> Reply:
-    """No answer: in process, a read timeout at once; served, the connection is held `hold_s`
-    seconds (longer than the client's timeout) and then dropped."""
+    """No answer: the request is held `hold_s` seconds (served: make it longer than the client's
+    timeout), then fails with a read timeout in process, or is dropped when served."""
     return Reply(fault="timeout", hold_s=hold_s)
 
 
@@ -186,16 +190,37 @@ class FakeMessagesAPI:
         hdrs["request-id"] = f"req_fake_{number:06d}"
         return status, hdrs, data, reply
 
+    def already_served(self, log: Sequence[TransitionRecord], in_flight: Mapping[str, Any] | None = None
+                       ) -> FakeMessagesAPI:
+        """Count the calls a stored run made as served, so that resuming it goes on down each
+        state's answers where it left them: its failed attempts, the calls that answered, and
+        the call its `in_flight` mark says was sent when its process stopped (ahead of the log)."""
+        calls = [(row.from_state, (body or {}).get("model")) for row in log for body in row.call_requests()]
+        mark = in_flight or {}
+        if isinstance(mark.get("seq"), int) and mark["seq"] > (log[-1].seq if log else 0):
+            calls.append((str(mark.get("state")), None))
+        with self._lock:
+            for state, model in calls:
+                key = self._key(state, model)
+                self._served[key] = self._served.get(key, 0) + 1
+        return self
+
+    def _key(self, state: str, model: Any) -> str:
+        """Whose answers a request gets: "state@model" when scripted (a fallback model's), else "state"."""
+        key = f"{state}@{model}"
+        return key if key in self._script else state
+
     def _next_reply(self, request: CapturedRequest) -> Reply:
-        state = request.state or ""
-        key = f"{state}@{request.body.get('model')}"  # e.g. a fallback model's answers
-        if key not in self._script:
-            key = state
+        key = self._key(request.state or "", request.body.get("model"))
         queue = self._script.get(key)
         if queue:
             served = self._served.get(key, 0)
             self._served[key] = served + 1
-            return queue[min(served, len(queue) - 1)]
+            reply = queue[min(served, len(queue) - 1)]
+            if reply.text is None and reply.data is None and reply.status < 400 and reply.fault is None:
+                placeholder = _auto_reply(request)  # only a delay or a gate was scripted
+                return replace(reply, text=placeholder.text, data=placeholder.data)
+            return reply
         if callable(self.default):
             return _as_reply(self.default(request))
         if self.default == "auto":
@@ -213,6 +238,8 @@ class FakeMessagesAPI:
             if reply is not None and reply.gate is not None:
                 while not reply.gate.is_set():
                     await asyncio.sleep(0.005)
+            if reply is not None and reply.hold_s:
+                await asyncio.sleep(reply.hold_s)
             if reply is not None and reply.fault == "timeout":
                 raise httpx2.ReadTimeout("scripted read timeout", request=request)
             if reply is not None and reply.fault == "disconnect":
@@ -303,23 +330,82 @@ class _LoopbackServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-def load_script(path: str) -> dict[str, ScriptEntry]:
-    """Read a JSON answer script: {"state": "text" | {"json": {...}} | [answers...]}."""
+def load_script(path: str, *, states: Collection[str] | None = None) -> dict[str, ScriptEntry]:
+    """Read a JSON answer file: {"state" or "state@model": an answer or a list of answers}.
+
+    An answer is a string (its text) or an object with one of "text", "json" (a structured
+    answer), "error" (an HTTP status, with optional "message" and "headers") or "fault"
+    ("timeout" or "disconnect"), and optionally "delay" (seconds to wait first); "delay"
+    alone is the placeholder answer, late. Given the machine's `states`, any other name is
+    refused: a misspelt one would leave its state on placeholders. A problem is a
+    ValueError naming the file.
+    """
     with open(path, encoding="utf-8") as handle:
-        raw = json.load(handle)
+        try:
+            raw = json.load(handle)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: an answer script is a JSON object of state -> answer(s)")
-    return {state: _from_json(entry) for state, entry in raw.items()}
+        raise ValueError(f"{path}: an answer file is a JSON object of state -> answer(s)")
+    script: dict[str, ScriptEntry] = {}
+    for key, entry in raw.items():
+        state = key.split("@", 1)[0]
+        if states is not None and state not in states:
+            raise ValueError(f"{path}: {state!r} is not a state of the machine (its states: "
+                             f"{', '.join(states)}); fix the name")
+        try:
+            script[key] = [_from_json(e) for e in entry] if isinstance(entry, list) else _from_json(entry)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {key}: {exc}") from None
+    return script
 
 
-def _from_json(entry: Any) -> ScriptEntry:
-    if isinstance(entry, list):
-        return [_from_json(e) for e in entry]
-    if isinstance(entry, dict) and "json" in entry:
-        return dict(entry["json"])
+_KINDS = ("text", "json", "error", "fault")
+_FAULTS = {"timeout": timeout, "disconnect": disconnect}
+
+
+def _from_json(entry: Any) -> str | Reply:
+    """One answer of an answer file, as the Python kit spells it."""
     if isinstance(entry, str):
         return entry
-    raise ValueError(f"unsupported answer {entry!r}: use a string or {{\"json\": {{...}}}}")
+    if not isinstance(entry, dict):
+        raise ValueError(f"{json.dumps(entry)} is not an answer: use a string or an object with one of "
+                         f"{', '.join(_KINDS)}")
+    kinds = [k for k in _KINDS if k in entry]
+    if len(kinds) > 1:
+        raise ValueError(f"an answer has one of {', '.join(_KINDS)}, not {' and '.join(kinds)}")
+    kind = kinds[0] if kinds else None
+    allowed = (*kinds, "delay", *(("message", "headers") if kind == "error" else ()))
+    unknown = sorted(set(entry) - set(allowed))
+    if unknown:
+        expected = ", ".join(allowed if kind else (*_KINDS, "delay"))
+        raise ValueError(f"unknown key {unknown[0]!r} (an answer has {expected})")
+    delay = entry.get("delay", 0)
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not math.isfinite(delay) or delay < 0:
+        raise ValueError(f"delay {delay!r} is not a number of seconds >= 0")
+    value = entry.get(kind)
+    if kind == "text" and not isinstance(value, str):
+        raise ValueError("text must be a string")
+    if kind == "json" and not isinstance(value, dict):
+        raise ValueError("json must be an object (the tool input of a structured answer)")
+    if kind == "error":
+        return replace(_error_from_json(value, entry.get("message", "scripted error"), entry.get("headers", {})),
+                       hold_s=delay)
+    if kind == "fault":
+        if value not in _FAULTS:
+            raise ValueError(f"fault {value!r} is not one of {', '.join(_FAULTS)}")
+        return replace(_FAULTS[value](), hold_s=delay)
+    return Reply(text=value if kind == "text" else None, data=value if kind == "json" else None, hold_s=delay)
+
+
+def _error_from_json(status: Any, message: Any, headers: Any) -> Reply:
+    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+        raise ValueError(f"error {status!r} is not an HTTP error status (400 to 599)")
+    if not isinstance(message, str):
+        raise ValueError("message must be a string")
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ValueError('headers must be an object of strings, e.g. {"retry-after": "2"}')
+    return error(status, message, headers=headers)
 
 
 def _as_reply(entry: ScriptEntry) -> Reply:
