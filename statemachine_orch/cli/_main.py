@@ -9,6 +9,7 @@ Errors are one line on stderr; `--debug` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -48,10 +49,15 @@ def _driving(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the report machine offline, print its log, replay it: each an `orch` command."""
-    machine_file, input_file = "machines/report.py", "machines/report_input.json"
-    if not Path(machine_file).is_file():
-        raise UsageError("orch demo runs machines/report.py", fix="run it from the statemachine_orch checkout")
+    """Run the report machine offline, print its log, replay it: each an `orch` command. The
+    machine, its input and its answers ship with the package (`statemachine_orch.examples`,
+    machines/ in a checkout), so the demo runs from any directory."""
+    examples = importlib.resources.files("statemachine_orch.examples")
+    machine, data = examples / "report.py", examples / "report_input.json"
+    if not (isinstance(machine, Path) and machine.is_file() and isinstance(data, Path)):
+        raise UsageError(f"orch demo cannot find the example machine in {examples}",
+                         fix="reinstall statemachine-orch")
+    machine_file, input_file = str(machine), str(data)
     from ..engine._engine import new_run_id
 
     run_id = "demo-" + new_run_id()
