@@ -70,7 +70,7 @@ def totals_line(rows: list[TransitionRecord]) -> str:
 
 
 def snapshot_view(record: RunRecord, rows: list[TransitionRecord]) -> dict[str, Any]:
-    position = Position.after(rows, "")
+    position = Position.after(rows, rows[0].from_state if rows else "")  # the first row ran the initial state
     state, attempt = position.state, position.attempt
     last = rows[-1] if rows else None
     pending = last.output if last is not None and last.to_state is None else None
