@@ -83,6 +83,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MACHINES = ROOT / "machines"
 
 
+EXAMPLE_MACHINES = sorted(p for p in MACHINES.glob("*.py") if not p.name.startswith("_"))  # not __init__.py
+
+
 CANARY_KEY = "sk-ant-api03-CANARY-" + "x" * 40  # must never appear in logs or the database
 
 

@@ -128,7 +128,9 @@ def _run(command: str, workdir: Path) -> str:
     return done.stdout
 
 
-SESSIONS = sorted({block.session for block in blocks()})
+FAST_SESSIONS = {"tutorial", "concepts"}  # a new user's first pages; the others are `slow`, for time
+SESSIONS = [pytest.param(s, marks=() if s in FAST_SESSIONS else pytest.mark.slow)
+            for s in sorted({block.session for block in blocks()})]
 
 
 @pytest.mark.parametrize("session", SESSIONS)

@@ -17,6 +17,7 @@ from statemachine_orch.cli._render import mermaid
 from statemachine_orch.errors import MachineNotFoundError
 
 from .helpers import (
+    EXAMPLE_MACHINES,
     MACHINES,
     ROOT,
     Orch,
@@ -246,7 +247,7 @@ def test_a_failed_load_can_be_retried_after_fixing_the_file(tmp_path: Path) -> N
 # --------------------------------------------------------------------------- the CLI
 
 
-@pytest.mark.parametrize("path", sorted(MACHINES.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EXAMPLE_MACHINES, ids=lambda p: p.name)
 def test_cli_validate_accepts_the_seed_machines(path: Path) -> None:
     machine = load_machine(str(path)).machine
     edges = sum(len(machine.edges(s.name)) for s in machine.states)

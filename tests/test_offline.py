@@ -233,31 +233,22 @@ def test_a_malformed_answer_is_refused_naming_it(tmp_path: Path, entry: Any, pro
     assert problem in str(refused.value) and str(answers) in str(refused.value)
 
 
-def test_errors_in_an_answer_file_fail_the_run_and_resume_goes_on_down_the_list(tmp_path: Path) -> None:
+def test_errors_in_an_answer_file_fail_the_run_and_each_resume_goes_on_down_the_lists(tmp_path: Path) -> None:
+    """Four 529s use up the retries of `ask`; two invalid answers use up the re-ask of `extract`.
+    Each resume gets the next answer of the list, not the first one again."""
     answers = answers_file(tmp_path, {
         "ask": [{"error": 529}, {"error": 529, "message": "busy"}, {"error": 500}, {"error": 529}, "hello"],
-        "extract": {"json": {"title": "Hello"}}})
+        "extract": [{"json": {"name": "x"}}, {"json": {"name": "y"}}, {"json": {"title": "Hi"}}]})
     cli = Orch(tmp_path / "orch.db")
     first = cli("run", notes(tmp_path), "--offline", answers, "--json")
     assert first.code == 1, first.stderr
     run_id = json.loads(first.stdout)["run_id"]
     assert "gave up after 4 attempts" in json.loads(first.stdout)["error"]
+    second = cli("resume", run_id, "--json")
+    assert second.code == 1 and "answer does not match Note" in json.loads(second.stdout)["error"]
     resumed = cli.json("resume", run_id)
-    assert (resumed["status"], resumed["outputs"]["ask"]) == ("completed", "hello")
-    assert [row["calls"] for row in cli.log(run_id)] == [4, 1, 1]  # the fifth answer, not the first
-
-
-def test_a_resumed_offline_run_goes_on_down_each_states_list(tmp_path: Path) -> None:
-    """Two invalid answers use up the re-ask; the resume gets the third answer, not the first."""
-    answers = answers_file(tmp_path, {
-        "ask": "hello", "extract": [{"json": {"name": "x"}}, {"json": {"name": "y"}}, {"json": {"title": "Hi"}}]})
-    cli = Orch(tmp_path / "orch.db")
-    first = cli("run", notes(tmp_path), "--offline", answers, "--json")
-    assert first.code == 1, first.stderr
-    run_id = json.loads(first.stdout)["run_id"]
-    resumed = cli.json("resume", run_id)
-    assert (resumed["status"], resumed["outputs"]["extract"]) == ("completed", {"title": "Hi"})
-    assert [row["calls"] for row in cli.log(run_id)] == [1, 2, 1]
+    assert (resumed["status"], resumed["outputs"]) == ("completed", {"ask": "hello", "extract": {"title": "Hi"}})
+    assert [row["calls"] for row in cli.log(run_id)] == [4, 1, 2, 1]
 
 
 def _in_flight(db: Path) -> bool:
