@@ -211,16 +211,19 @@ class FakeMessagesAPI:
         return key if key in self._script else state
 
     def _next_reply(self, request: CapturedRequest) -> Reply:
+        reply = self._scripted(request)
+        if reply.text is None and reply.data is None and reply.status < 400 and reply.fault is None:
+            placeholder = _auto_reply(request)  # only a delay or a gate was scripted
+            return replace(reply, text=placeholder.text, data=placeholder.data)
+        return reply
+
+    def _scripted(self, request: CapturedRequest) -> Reply:
         key = self._key(request.state or "", request.body.get("model"))
         queue = self._script.get(key)
         if queue:
             served = self._served.get(key, 0)
             self._served[key] = served + 1
-            reply = queue[min(served, len(queue) - 1)]
-            if reply.text is None and reply.data is None and reply.status < 400 and reply.fault is None:
-                placeholder = _auto_reply(request)  # only a delay or a gate was scripted
-                return replace(reply, text=placeholder.text, data=placeholder.data)
-            return reply
+            return queue[min(served, len(queue) - 1)]
         if callable(self.default):
             return _as_reply(self.default(request))
         if self.default == "auto":
