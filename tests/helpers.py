@@ -1721,6 +1721,8 @@ ALLOWED_CODE_LOADING = {
                                                    "a row's JSON",
     ("definition/_loader.py", "call import_module"): "imports a dotted machine module, as above",
     ("__init__.py", "from importlib import"): "lazy public names: imports the package's own submodules",
+    ("cli/_main.py", "import importlib.resources"): "`orch demo` finds the example files that ship with the "
+                                                    "package; reads paths, loads no code",
 }
 
 
