@@ -18,19 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import pytest
 
-from statemachine_orch import Engine, LLMState, Machine, RunStatus, open_store
+from statemachine_orch import AnthropicModel, Engine, LLMState, Machine, RunStatus, open_store
 from statemachine_orch.llm._offline import loopback_server
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, disconnect, error, load_script, timeout
 
 from .helpers import WAIT_S, EnvOrch, Orch, one_error_line, query, run_count, write
-
-ONE_STATE = '''
-from statemachine_orch import LLMState, Machine
-
-machine = Machine("one", states=[LLMState("ask", prompt="Say something.", max_tokens=50)])
-'''
 
 NOTES = '''
 from pydantic import BaseModel
@@ -68,13 +63,13 @@ def one_state() -> Machine:
 
 def test_a_responder_that_raises_fails_the_served_test_with_its_own_error(tmp_path: Path) -> None:
     fake = FakeMessagesAPI(default=refuse)
-    machine = write(tmp_path / "one.py", ONE_STATE)
     with pytest.raises(Refused, match="no answer for ask"), fake.serve() as url:
-        result = Orch(tmp_path / "orch.db", url)("run", machine, "--json")
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="test-key-not-secret")
+        with Engine(open_store(tmp_path / "orch.db"), model=AnthropicModel(client)) as engine:
+            result = engine.run(one_state())
         assert fake.calls("ask") == 1  # answered once, not retried as a dropped connection
-        assert result.code == 1
-        error = json.loads(result.stdout)["error"]
-        assert "500" in error and "Refused: no answer for ask" in error
+        assert result.status is RunStatus.FAILED
+        assert "500" in (result.error or "") and "Refused: no answer for ask" in (result.error or "")
     assert len(fake.errors) == 1 and isinstance(fake.errors[0], Refused)
 
 
@@ -149,9 +144,10 @@ def test_fifty_clients_that_connect_while_the_server_is_busy_are_all_answered() 
 # --------------------------------------------------------------------------- a client that leaves
 
 
-def _handlers_done() -> None:
-    """Wait for the fake's request threads (socketserver names them after their target)."""
-    for thread in threading.enumerate():
+def _handlers_done(before: set[threading.Thread]) -> None:
+    """Wait for the fake's request threads started since `before` (socketserver names them
+    after their target)."""
+    for thread in set(threading.enumerate()) - before:
         if "process_request_thread" in thread.name:
             thread.join(30)
 
@@ -159,6 +155,7 @@ def _handlers_done() -> None:
 def test_a_client_that_leaves_mid_answer_prints_no_traceback(capfd: pytest.CaptureFixture[str]) -> None:
     gate = threading.Event()
     fake = FakeMessagesAPI({"ask": Reply(text="x" * 4_000_000, gate=gate)})
+    before = set(threading.enumerate())
     with fake.serve() as url:
         port = int(url.rsplit(":", 1)[1])
         sock = socket.create_connection(("127.0.0.1", port))
@@ -169,7 +166,7 @@ def test_a_client_that_leaves_mid_answer_prints_no_traceback(capfd: pytest.Captu
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()  # killed mid-answer: the connection is reset
         gate.set()
-        _handlers_done()
+        _handlers_done(before)
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Error" not in err, err
 
@@ -298,5 +295,6 @@ def test_resume_offline_finishes_a_live_run_without_a_key(tmp_path: Path, monkey
     answers = answers_file(tmp_path, {"ask": "hello", "extract": {"json": {"title": "Offline"}}})
     resumed = keyless.json("resume", run_id, "--offline", answers)
     assert (resumed["status"], resumed["outputs"]) == ("completed", {"ask": "hello", "extract": {"title": "Offline"}})
-    assert keyless.json("show", run_id)["options"] == {"offline": str(answers)}
+    (stored,) = query(tmp_path / "orch.db", "SELECT options FROM runs")
+    assert json.loads(stored["options"]) == {"offline": str(answers)}  # later resumes stay offline
     assert fake.calls() == 1
