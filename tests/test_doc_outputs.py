@@ -128,7 +128,7 @@ def _run(command: str, workdir: Path) -> str:
     return done.stdout
 
 
-FAST_SESSIONS = {"tutorial", "concepts"}  # a new user's first pages; the others are `slow`, for time
+FAST_SESSIONS = {"concepts"}  # one short session in the default run; the longer ones are `slow`
 SESSIONS = [pytest.param(s, marks=() if s in FAST_SESSIONS else pytest.mark.slow)
             for s in sorted({block.session for block in blocks()})]
 
