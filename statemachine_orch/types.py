@@ -311,6 +311,12 @@ class TransitionRecord:
         """The step moved the machine (False: it failed and its state runs again on resume)."""
         return self.to_state is not None
 
+    def call_requests(self) -> list[dict[str, Any] | None]:
+        """The request of each model call the step made: its failed attempts, then the call that
+        answered (none for a cache hit, a recorded answer, a Python state or a fallback function)."""
+        answered = self.source in ("llm", "fallback") and self.response is not None
+        return [a.request for a in self.attempts] + ([self.request] if answered else [])
+
 
 @dataclass(slots=True, kw_only=True)
 class RunRecord:

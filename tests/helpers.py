@@ -83,6 +83,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MACHINES = ROOT / "machines"
 
 
+EXAMPLE_MACHINES = sorted(p for p in MACHINES.glob("*.py") if not p.name.startswith("_"))  # not __init__.py
+
+
 CANARY_KEY = "sk-ant-api03-CANARY-" + "x" * 40  # must never appear in logs or the database
 
 
@@ -1745,6 +1748,8 @@ ALLOWED_CODE_LOADING = {
                                                    "a row's JSON",
     ("definition/_loader.py", "call import_module"): "imports a dotted machine module, as above",
     ("__init__.py", "from importlib import"): "lazy public names: imports the package's own submodules",
+    ("cli/_main.py", "import importlib.resources"): "`orch demo` finds the example files that ship with the "
+                                                    "package; reads paths, loads no code",
 }
 
 

@@ -470,14 +470,13 @@ def test_live_mode_without_an_api_key_exits_2_and_stores_nothing(
     assert run_count(db_path) == 0
 
 
-def test_demo_runs_logs_and_replays_offline(machines_dir: Path) -> None:
-    checkout = machines_dir.parent  # holds machines/, as a statemachine_orch checkout does
-    result = run_orch("demo", cwd=checkout)
+def test_demo_runs_logs_and_replays_offline_from_any_directory(tmp_path: Path) -> None:
+    result = run_orch("demo", cwd=tmp_path)  # no machines/ here: the demo ships with the package
     assert result.code == 0, result.stderr
-    (run,) = query(checkout / "orch.db", "SELECT run_id, status FROM runs")
+    (run,) = query(tmp_path / "orch.db", "SELECT run_id, status FROM runs")
     assert run["status"] == "completed"
     assert f"replay {run['run_id']}: matches the recording" in result.stdout
-    steps = query(checkout / "orch.db", "SELECT from_state FROM transitions ORDER BY seq")
+    steps = query(tmp_path / "orch.db", "SELECT from_state FROM transitions ORDER BY seq")
     assert [row["from_state"] for row in steps] == list(REPORT_STATES)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -15,8 +17,11 @@ from statemachine_orch.cli._render import mermaid
 from statemachine_orch.errors import MachineNotFoundError
 
 from .helpers import (
+    EXAMPLE_MACHINES,
     MACHINES,
     ROOT,
+    Orch,
+    one_error_line,
     run_orch,
     shown,
 )
@@ -242,7 +247,7 @@ def test_a_failed_load_can_be_retried_after_fixing_the_file(tmp_path: Path) -> N
 # --------------------------------------------------------------------------- the CLI
 
 
-@pytest.mark.parametrize("path", sorted(MACHINES.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EXAMPLE_MACHINES, ids=lambda p: p.name)
 def test_cli_validate_accepts_the_seed_machines(path: Path) -> None:
     machine = load_machine(str(path)).machine
     edges = sum(len(machine.edges(s.name)) for s in machine.states)
@@ -333,3 +338,59 @@ machine = Machine("loop", [
         "    review --> [*]: continue",
         "    review --> review: retry",
     ]
+
+
+# --------------------------------------------------------------------------- what the machine hash covers
+
+
+GREET = HEADER + """\
+import json
+
+import pydantic
+
+from orchtest_hash_prompts import GREETING
+
+machine = Machine("greet", [LLMState("hello", prompt=GREETING)], input_vars={"text": str})
+"""
+
+
+def test_the_hash_covers_the_project_modules_a_machine_imports(tmp_path: Path) -> None:
+    prompts = write(tmp_path / "flows" / "orchtest_hash_prompts.py",
+                    'from orchtest_hash_words import WORD\n\nGREETING = "Say " + WORD + " to {text}."\n')
+    words = write(tmp_path / "flows" / "orchtest_hash_words.py", 'WORD = "hello"\n')
+    unused = write(tmp_path / "flows" / "orchtest_hash_unused.py", "X = 1\n")
+    path = write(tmp_path / "flows" / "greet.py", GREET)
+    hashes = [load_machine(str(path)).machine.source_hash]
+    unused.write_text("X = 2\n")  # a file beside it that it does not import
+    hashes.append(load_machine(str(path)).machine.source_hash)
+    prompts.write_text(prompts.read_text() + "# edited\n")
+    hashes.append(load_machine(str(path)).machine.source_hash)
+    words.write_text('WORD = "hi"\n')  # imported by what it imports
+    hashes.append(load_machine(str(path)).machine.source_hash)
+    assert hashes[0] == hashes[1] and len(set(hashes)) == 3
+
+
+def test_a_machine_importing_only_libraries_hashes_as_its_own_file() -> None:
+    """The library, pydantic and the standard library are not the machine's: runs stored before
+    imports were hashed keep their hash."""
+    report = MACHINES / "report.py"
+    assert load_machine(str(report)).machine.source_hash == hashlib.sha256(report.read_bytes()).hexdigest()
+
+
+def test_resume_refuses_a_run_whose_imported_prompts_changed_its_recorded_steps(tmp_path: Path) -> None:
+    prompts = write(tmp_path / "orchtest_hash_prompts.py", 'GREETING = "Say hello to {text}."\n')
+    path = write(tmp_path / "greet.py", HEADER + """\
+from orchtest_hash_prompts import GREETING
+
+machine = Machine("greet", [LLMState("hello", prompt=GREETING), LLMState("bye", prompt="Bye.")],
+                  input_vars={"text": str})
+""")
+    answers = write(tmp_path / "answers.json", json.dumps({"hello": "hi", "bye": [{"error": 400}, "bye"]}))
+    cli = Orch(tmp_path / "orch.db")
+    failed = cli("run", path, "--offline", answers, "--run-id", "greet-1")
+    assert failed.code == 1, failed.stderr
+    prompts.write_text('GREETING = "Say goodbye to {text}."\n')
+    refused = cli("resume", "greet-1")
+    assert refused.code == 2, refused.stdout
+    assert "changed since run greet-1 started" in one_error_line(refused)
+    assert "state hello" in one_error_line(refused)

@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +93,15 @@ def _read_file(path: str) -> bytes:
         return handle.read(MAX_INPUT_BYTES + 1)
 
 
-def _model_for(offline: str | None, machine: Machine) -> tuple[ModelClient | None, dict[str, Any], str | None]:
+def _model_for(offline: str | None, machine: Machine, run: tuple[RunRecord, Sequence[TransitionRecord]] | None = None
+               ) -> tuple[ModelClient | None, dict[str, Any], str | None]:
     """The model client for a run, the run options that let a resume pick the same one, and
     the banner that labels an offline run.
 
     Offline, a real SDK client talks to the fake Messages API in process; its answers come
     from SCRIPT, else MACHINE.offline.json beside the module, else labelled placeholders.
+    The calls a resumed `run` already made took their answers: each state goes on down its
+    list from there.
     """
     if not any(isinstance(s, LLMState) for s in machine.states):
         return None, {}, None
@@ -117,9 +120,14 @@ def _model_for(offline: str | None, machine: Machine) -> tuple[ModelClient | Non
         fake = FakeMessagesAPI(default="auto")
     else:
         try:
-            fake = FakeMessagesAPI(load_script(script_path), default="auto")
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot use offline script {script_path}: {exc}") from None
+            script = load_script(script_path, states=[state.name for state in machine.states])
+        except OSError as exc:
+            raise UsageError(f"cannot use offline answers {script_path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"cannot use offline answers {exc}") from None
+        fake = FakeMessagesAPI(script, default="auto")
+        if run is not None:
+            fake.already_served(run[1], in_flight=run[0].in_flight)
         script_path = str(Path(script_path).resolve())
     banner = OFFLINE_BANNER.format(source=script_path if script_path != "auto" else "placeholders")
     return fake.model(), {"offline": script_path}, banner
@@ -214,12 +222,14 @@ def _verified_run(store: Store, run_id: str) -> Awaitable[tuple[RunRecord, list[
 
 def cmd_resume(args: argparse.Namespace) -> int:
     budget = _budget(args)
-    record, _ = with_store(args, lambda store: _verified_run(store, args.run_id))
+    record, log = with_store(args, lambda store: _verified_run(store, args.run_id))
     loaded = load_machine(args.machine or record.machine_ref)
-    model, _, banner = _model_for(record.options.get("offline"), loaded.machine)
+    model, options, banner = _model_for(args.offline or record.options.get("offline"), loaded.machine,
+                                        (record, log))
     result = _drive(args, args.run_id, banner, create=False, open_run=lambda store, kill: _engine(
         args, store, model, kill).attach(args.run_id, loaded.machine, budget=budget,
-                                         allow_changed=args.allow_changed, take_over=args.take_over))
+                                         allow_changed=args.allow_changed, take_over=args.take_over,
+                                         options=options if args.offline else None))
     return _report_result(result, args)
 
 

@@ -9,6 +9,7 @@ Errors are one line on stderr; `--debug` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import io
 import os
 import sys
@@ -51,10 +52,15 @@ def _driving(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the report machine offline, print its log, replay it: each an `orch` command."""
-    machine_file, input_file = "machines/report.py", "machines/report_input.json"
-    if not Path(machine_file).is_file():
-        raise UsageError("orch demo runs machines/report.py", fix="run it from the statemachine_orch checkout")
+    """Run the report machine offline, print its log, replay it: each an `orch` command. The
+    machine, its input and its answers ship with the package (`statemachine_orch.examples`,
+    machines/ in a checkout), so the demo runs from any directory."""
+    examples = importlib.resources.files("statemachine_orch.examples")
+    machine, data = examples / "report.py", examples / "report_input.json"
+    if not (isinstance(machine, Path) and machine.is_file() and isinstance(data, Path)):
+        raise UsageError(f"orch demo cannot find the example machine in {examples}",
+                         fix="reinstall statemachine-orch")
+    machine_file, input_file = str(machine), str(data)
     from ..engine._engine import new_run_id
 
     run_id = "demo-" + new_run_id()
@@ -73,6 +79,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return code
     print(f"\nDone. Next: orch show {run_id}   orch runs   orch graph {machine_file}")
     return 0
+
+
+def _offline_option(p: argparse.ArgumentParser, when: str = "") -> None:
+    p.add_argument("--offline", nargs="?", const="auto", metavar="SCRIPT",
+                   help=f"answer {when}from a scripted fake Messages API (default script: MACHINE.offline.json)")
 
 
 def _budget_options(p: argparse.ArgumentParser) -> None:
@@ -114,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run", "cmd_run", "start a run of a machine and drive it to its end")
     p.add_argument("machine", metavar="MACHINE", help="path/to/file.py or dotted.module, optionally :attr")
     p.add_argument("--input", metavar="FILE", help="JSON object input file, or - for stdin")
-    p.add_argument("--offline", nargs="?", const="auto", metavar="SCRIPT",
-                   help="answer from a scripted fake Messages API (default script: MACHINE.offline.json)")
+    _offline_option(p)
     _budget_options(p)
     p.add_argument("--run-id", metavar="ID",
                    help="use this run id (letters, digits, . _ -; at most 64) instead of a generated one")
@@ -129,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--take-over", action="store_true",
                    help="claim the run from an owner that cannot be proven alive (recorded by an older "
                         "version on another host) once you know it is gone; the takeover is recorded")
+    _offline_option(p, "from here on ")
     _budget_options(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 

@@ -57,8 +57,7 @@ def log_row(row: TransitionRecord) -> dict[str, Any]:
 
 def calls_of(row: TransitionRecord) -> int:
     """Model calls the step made: its failed attempts plus the one that answered."""
-    answered = row.source in ("llm", "fallback") and row.response is not None
-    return len(row.attempts) + (1 if answered else 0)
+    return len(row.call_requests())
 
 
 def attempt_row(row: TransitionRecord, a: Attempt) -> dict[str, Any]:
@@ -82,7 +81,7 @@ def totals_line(rows: list[TransitionRecord]) -> str:
 
 
 def snapshot_view(record: RunRecord, rows: list[TransitionRecord]) -> dict[str, Any]:
-    position = Position.after(rows, "")
+    position = Position.after(rows, rows[0].from_state if rows else "")  # the first row ran the initial state
     state, attempt = position.state, position.attempt
     last = rows[-1] if rows else None
     pending = last.output if last is not None and last.to_state is None else None

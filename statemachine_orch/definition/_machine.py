@@ -14,7 +14,6 @@ Construction builds the transition table (`_table.py`), validates the whole defi
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property
@@ -25,6 +24,7 @@ from pydantic import BaseModel
 
 from ..errors import DefinitionError
 from ..types import Budget, RetryPolicy
+from ._source import code_hash
 from ._states import State
 from ._table import TransitionTable, build_table
 from ._templates import Template
@@ -96,13 +96,11 @@ class Machine:
 
     @cached_property
     def source_hash(self) -> str:
-        """sha256 of the defining module's source as loaded; stored with each run to detect edits."""
-        digest = hashlib.sha256()
-        if self.source_file and Path(self.source_file).is_file():
-            digest.update(Path(self.source_file).read_bytes())
-        else:
-            digest.update(repr([(s.name, type(s).__name__) for s in self.states]).encode())
-        return digest.hexdigest()
+        """sha256 of the defining module's source and the project modules it imports, as
+        loaded (`_source.code_hash`); stored with each run to detect edits."""
+        package = getattr(sys.modules.get(self.module or ""), "__package__", None) or ""
+        return code_hash(self.source_file, package=package,
+                         fallback=repr([(s.name, type(s).__name__) for s in self.states]).encode())
 
     @cached_property
     def _where(self) -> str:

@@ -128,14 +128,16 @@ class Engine:
                    snap=fresh(machine.initial), budget=effective)
 
     async def attach(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
-                     allow_changed: bool = False, take_over: bool = False) -> Run:
+                     allow_changed: bool = False, take_over: bool = False,
+                     options: Mapping[str, Any] | None = None) -> Run:
         """Claim a stored run (its owner must be gone) and rebuild it from its log.
 
         `take_over` claims it also from an owner that cannot be proven alive or gone (one
         recorded by an older version on another host); the takeover is recorded with the run.
 
         A `budget` given here replaces the stored one limit by limit (raise a limit to resume
-        a run that stopped with `budget_exceeded`) and is stored with the run. If the
+        a run that stopped with `budget_exceeded`) and is stored with the run, as are
+        `options` (over the stored ones: say, offline answers from here on). If the
         machine's source changed since the run started, its recorded steps are replayed on
         the new code first; a divergence refuses the resume unless `allow_changed`. A run
         whose rows fail its audit chain is refused (`TamperedRunError`).
@@ -151,8 +153,12 @@ class Engine:
                     f"steps no longer replay ({report.divergence.describe()})", run_id=run_id)
         owner = Owner.for_this_process()
         effective = Budget.of_run(record.options).merged(budget)
-        options = None if budget is None else {**record.options, "budget": effective.to_json()}
-        record, log = await self.store.claim_run(run_id, owner, options=options, take_over=take_over)
+        stored = {**record.options, **(options or {})}
+        if budget is not None:
+            stored["budget"] = effective.to_json()
+        changed = budget is not None or bool(options)
+        record, log = await self.store.claim_run(run_id, owner, options=stored if changed else None,
+                                                 take_over=take_over)
         context_input, _, values = validate_input(machine, record.input)
         run = Run(compiled, record, owner, self._ports, input=context_input, input_values=values,
                   snap=snapshot(compiled, record, log), seq=log[-1].seq if log else 0, budget=effective)

@@ -12,31 +12,39 @@ Answers are scripted per state (the engine tags each request with `x-orch-state`
 its last answer repeats. Unscripted states get `default`: "auto"
 writes a labelled placeholder (or a schema-shaped object for structured output), None
 answers 400 so a test notices. Every request is captured without its auth headers.
+`load_script` reads the same answers from a JSON file, for `orch --offline`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import socket
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+import traceback
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anthropic
 import httpx2
 
+from ..types import TransitionRecord
 from ._anthropic import AnthropicModel
 
 _SECRET_HEADERS = frozenset({"x-api-key", "authorization"})
+LISTEN_BACKLOG = socket.SOMAXCONN  # the served fake's pending-connection queue
 
 
 @dataclass(kw_only=True)
 class Reply:
-    """One scripted answer: text, a tool call (`data`), or an HTTP error (`status` >= 400)."""
+    """One scripted answer: text, a tool call (`data`), or an HTTP error (`status` >= 400).
+    With neither text nor data it is the placeholder answer (say, `Reply(hold_s=5)`: late)."""
 
     text: str | None = None
     data: dict[str, Any] | None = None
@@ -48,7 +56,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     gate: threading.Event | None = None  # block the answer until the event is set
     fault: str | None = None  # "timeout" or "disconnect": no HTTP answer at all
-    hold_s: float = 0.0  # server mode: wait this long before answering (or dropping)
+    hold_s: float = 0.0  # wait this long before answering (or failing)
     input_tokens: int | None = None
     output_tokens: int | None = None
     cache_read_tokens: int = 0
@@ -56,8 +64,8 @@ class Reply:
 
 
 def timeout(hold_s: float = 0.0) -> Reply:
-    """No answer: in process, a read timeout at once; served, the connection is held `hold_s`
-    seconds (longer than the client's timeout) and then dropped."""
+    """No answer: the request is held `hold_s` seconds (served: make it longer than the client's
+    timeout), then fails with a read timeout in process, or is dropped when served."""
     return Reply(fault="timeout", hold_s=hold_s)
 
 
@@ -106,6 +114,7 @@ class FakeMessagesAPI:
         self.default = default
         self.requests: list[CapturedRequest] = []
         self.slept: list[float] = []  # backoff delays an AnthropicModel from model() asked for
+        self.errors: list[Exception] = []  # what responders raised, in order
         self._lock = threading.Condition()
         for state, entry in (script or {}).items():
             self.on(state, *(entry if isinstance(entry, list) else [entry]))
@@ -129,6 +138,23 @@ class FakeMessagesAPI:
                 lambda: sum(1 for r in self.requests if r.state == state) >= count, timeout)
 
     # ------------------------------------------------------------------ answering
+
+    def answer(self, method: str, path: str, headers: Mapping[str, str],
+               body: bytes) -> tuple[int, dict[str, str], bytes, Reply | None]:
+        """`handle`, where a responder that raises is the test's own error, not the API's: it
+        is kept in `errors` (and raised again when `serve()` ends) and answered with a 500
+        that carries its traceback and tells the client not to retry."""
+        try:
+            return self.handle(method, path, headers, body)
+        except Exception as exc:
+            with self._lock:
+                self.errors.append(exc)
+            trace = "".join(traceback.format_exception(exc))
+            status, hdrs, data, _ = _json(500, {"type": "error", "error": {
+                "type": "api_error",
+                "message": f"the FakeMessagesAPI responder raised {type(exc).__name__}: {exc}\n{trace}"}})
+            hdrs["x-should-retry"] = "false"
+            return status, hdrs, data, None
 
     def handle(self, method: str, path: str, headers: Mapping[str, str],
                body: bytes) -> tuple[int, dict[str, str], bytes, Reply | None]:
@@ -165,11 +191,38 @@ class FakeMessagesAPI:
         hdrs["request-id"] = f"req_fake_{number:06d}"
         return status, hdrs, data, reply
 
+    def already_served(self, log: Sequence[TransitionRecord], in_flight: Mapping[str, Any] | None = None
+                       ) -> FakeMessagesAPI:
+        """Count the calls a stored run made as served, so that resuming it goes on down each
+        state's answers where it left them: its failed attempts, the calls that answered, and
+        the calls its `in_flight` mark says the unfinished step made when its process stopped
+        (ahead of the log): the attempts kept in it, and the call that answered or was in flight."""
+        calls = [(row.from_state, (body or {}).get("model")) for row in log for body in row.call_requests()]
+        mark = in_flight or {}
+        if isinstance(mark.get("seq"), int) and mark["seq"] > (log[-1].seq if log else 0):
+            kept = mark.get("step")
+            attempts = kept.get("attempts") if isinstance(kept, dict) else None
+            calls.extend([(str(mark.get("state")), None)] * (len(attempts or []) + 1))
+        with self._lock:
+            for state, model in calls:
+                key = self._key(state, model)
+                self._served[key] = self._served.get(key, 0) + 1
+        return self
+
+    def _key(self, state: str, model: Any) -> str:
+        """Whose answers a request gets: "state@model" when scripted (a fallback model's), else "state"."""
+        key = f"{state}@{model}"
+        return key if key in self._script else state
+
     def _next_reply(self, request: CapturedRequest) -> Reply:
-        state = request.state or ""
-        key = f"{state}@{request.body.get('model')}"  # e.g. a fallback model's answers
-        if key not in self._script:
-            key = state
+        reply = self._scripted(request)
+        if reply.text is None and reply.data is None and reply.status < 400 and reply.fault is None:
+            placeholder = _auto_reply(request)  # only a delay or a gate was scripted
+            return replace(reply, text=placeholder.text, data=placeholder.data)
+        return reply
+
+    def _scripted(self, request: CapturedRequest) -> Reply:
+        key = self._key(request.state or "", request.body.get("model"))
         queue = self._script.get(key)
         if queue:
             served = self._served.get(key, 0)
@@ -187,11 +240,13 @@ class FakeMessagesAPI:
 
     def transport(self) -> httpx2.MockTransport:
         async def handler(request: httpx2.Request) -> httpx2.Response:
-            status, headers, body, reply = self.handle(
+            status, headers, body, reply = self.answer(
                 request.method, request.url.raw_path.decode(), dict(request.headers), request.content)
             if reply is not None and reply.gate is not None:
                 while not reply.gate.is_set():
                     await asyncio.sleep(0.005)
+            if reply is not None and reply.hold_s:
+                await asyncio.sleep(reply.hold_s)
             if reply is not None and reply.fault == "timeout":
                 raise httpx2.ReadTimeout("scripted read timeout", request=request)
             if reply is not None and reply.fault == "disconnect":
@@ -222,62 +277,142 @@ class FakeMessagesAPI:
 
     @contextmanager
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-        """Serve the fake on loopback HTTP for other processes; yields the base URL."""
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length)
-                status, headers, data, reply = fake.handle(
-                    "POST", self.path, {k: v for k, v in self.headers.items()}, body)
-                if reply is not None and reply.gate is not None:
-                    reply.gate.wait(60)
-                if reply is not None and reply.hold_s:
-                    time.sleep(reply.hold_s)
-                if reply is not None and reply.fault:
-                    self.close_connection = True  # drop the connection with no response
-                    return
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        server = ThreadingHTTPServer((host, port), Handler)
-        server.daemon_threads = True
+        """Serve the fake on loopback HTTP for other processes; yields the base URL. The first
+        exception a responder raised in the block is raised again when the block ends."""
+        server = loopback_server(self, host, port)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
+        raised = len(self.errors)
         try:
             yield f"http://{host}:{server.server_address[1]}"
         finally:
             server.shutdown()
             server.server_close()
+        if len(self.errors) > raised:  # the block ended well, but a responder failed in it
+            raise self.errors[raised]
 
 
-def load_script(path: str) -> dict[str, ScriptEntry]:
-    """Read a JSON answer script: {"state": "text" | {"json": {...}} | [answers...]}."""
+def loopback_server(fake: FakeMessagesAPI, host: str, port: int) -> ThreadingHTTPServer:
+    """An HTTP server answering for `fake`, listening but not yet serving (`serve_forever`)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = self.rfile.read(length)
+            status, headers, data, reply = fake.answer(
+                "POST", self.path, {k: v for k, v in self.headers.items()}, body)
+            if reply is not None and reply.gate is not None:
+                reply.gate.wait(60)
+            if reply is not None and reply.hold_s:
+                time.sleep(reply.hold_s)
+            if reply is not None and reply.fault:
+                self.close_connection = True  # drop the connection with no response
+                return
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            return None
+
+    return _LoopbackServer((host, port), Handler)
+
+
+class _LoopbackServer(ThreadingHTTPServer):
+    """Room in the listen backlog for many clients at once (the default 5 left the others
+    waiting seconds for a SYN retry while the server was busy), handler threads that do not
+    keep a process alive, and no traceback for a client that left before its answer."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client is gone (killed mid-answer): nobody is left to tell
+        super().handle_error(request, client_address)
+
+
+def load_script(path: str, *, states: Collection[str] | None = None) -> dict[str, ScriptEntry]:
+    """Read a JSON answer file: {"state" or "state@model": an answer or a list of answers}.
+
+    An answer is a string (its text) or an object with one of "text", "json" (a structured
+    answer), "error" (an HTTP status, with optional "message" and "headers") or "fault"
+    ("timeout" or "disconnect"), and optionally "delay" (seconds to wait first); "delay"
+    alone is the placeholder answer, late. Given the machine's `states`, any other name is
+    refused: a misspelt one would leave its state on placeholders. A problem is a
+    ValueError naming the file.
+    """
     with open(path, encoding="utf-8") as handle:
-        raw = json.load(handle)
+        try:
+            raw = json.load(handle)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: an answer script is a JSON object of state -> answer(s)")
-    return {state: _from_json(entry) for state, entry in raw.items()}
+        raise ValueError(f"{path}: an answer file is a JSON object of state -> answer(s)")
+    script: dict[str, ScriptEntry] = {}
+    for key, entry in raw.items():
+        state = key.split("@", 1)[0]
+        if states is not None and state not in states:
+            raise ValueError(f"{path}: {state!r} is not a state of the machine (its states: "
+                             f"{', '.join(states)}); fix the name")
+        try:
+            script[key] = [_from_json(e) for e in entry] if isinstance(entry, list) else _from_json(entry)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {key}: {exc}") from None
+    return script
 
 
-def _from_json(entry: Any) -> ScriptEntry:
-    if isinstance(entry, list):
-        return [_from_json(e) for e in entry]
-    if isinstance(entry, dict) and "json" in entry:
-        return dict(entry["json"])
+_KINDS = ("text", "json", "error", "fault")
+_FAULTS = {"timeout": timeout, "disconnect": disconnect}
+
+
+def _from_json(entry: Any) -> str | Reply:
+    """One answer of an answer file, as the Python kit spells it."""
     if isinstance(entry, str):
         return entry
-    raise ValueError(f"unsupported answer {entry!r}: use a string or {{\"json\": {{...}}}}")
+    if not isinstance(entry, dict):
+        raise ValueError(f"{json.dumps(entry)} is not an answer: use a string or an object with one of "
+                         f"{', '.join(_KINDS)}")
+    kinds = [k for k in _KINDS if k in entry]
+    if len(kinds) > 1:
+        raise ValueError(f"an answer has one of {', '.join(_KINDS)}, not {' and '.join(kinds)}")
+    kind = kinds[0] if kinds else None
+    allowed = (*kinds, "delay", *(("message", "headers") if kind == "error" else ()))
+    unknown = sorted(set(entry) - set(allowed))
+    if unknown:
+        expected = ", ".join(allowed if kind else (*_KINDS, "delay"))
+        raise ValueError(f"unknown key {unknown[0]!r} (an answer has {expected})")
+    delay = entry.get("delay", 0)
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not math.isfinite(delay) or delay < 0:
+        raise ValueError(f"delay {delay!r} is not a number of seconds >= 0")
+    value = entry.get(kind)
+    if kind == "text" and not isinstance(value, str):
+        raise ValueError("text must be a string")
+    if kind == "json" and not isinstance(value, dict):
+        raise ValueError("json must be an object (the tool input of a structured answer)")
+    if kind == "error":
+        return replace(_error_from_json(value, entry.get("message", "scripted error"), entry.get("headers", {})),
+                       hold_s=delay)
+    if kind == "fault":
+        if value not in _FAULTS:
+            raise ValueError(f"fault {value!r} is not one of {', '.join(_FAULTS)}")
+        return replace(_FAULTS[value](), hold_s=delay)
+    return Reply(text=value if kind == "text" else None, data=value if kind == "json" else None, hold_s=delay)
+
+
+def _error_from_json(status: Any, message: Any, headers: Any) -> Reply:
+    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+        raise ValueError(f"error {status!r} is not an HTTP error status (400 to 599)")
+    if not isinstance(message, str):
+        raise ValueError("message must be a string")
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ValueError('headers must be an object of strings, e.g. {"retry-after": "2"}')
+    return error(status, message, headers=headers)
 
 
 def _as_reply(entry: ScriptEntry) -> Reply:
