@@ -24,7 +24,7 @@ class Owner:
     pid: int
     boot_id: str | None
     started: str | None  # process start time in clock ticks since boot (Linux)
-    lock: str | None = None  # this process's liveness lock key; None in rows from before v0.6
+    lock: str | None = None  # this process's liveness lock key; None in rows from before schema version 6
 
     @classmethod
     def for_this_process(cls) -> Owner:
