@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 from structlog.testing import LogCapture
 
+from .llm._answer_files import load_script
 from .llm._offline import (
     CapturedRequest,
     FakeMessagesAPI,
@@ -23,7 +24,6 @@ from .llm._offline import (
     ScriptEntry,
     disconnect,
     error,
-    load_script,
     timeout,
 )
 from .trace._tracer import Tracer

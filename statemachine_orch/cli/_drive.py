@@ -110,7 +110,8 @@ def _model_for(offline: str | None, machine: Machine, run: tuple[RunRecord, Sequ
 
         AnthropicModel.check_credentials()
         return AnthropicModel(), {}, None
-    from ..llm._offline import FakeMessagesAPI, load_script
+    from ..llm._answer_files import load_script
+    from ..llm._offline import FakeMessagesAPI
 
     script_path = offline
     if offline == "auto":

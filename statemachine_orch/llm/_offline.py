@@ -12,20 +12,19 @@ Answers are scripted per state (the engine tags each request with `x-orch-state`
 its last answer repeats. Unscripted states get `default`: "auto"
 writes a labelled placeholder (or a schema-shaped object for structured output), None
 answers 400 so a test notices. Every request is captured without its auth headers.
-`load_script` reads the same answers from a JSON file, for `orch --offline`.
+`_answer_files.load_script` reads the same answers from a JSON file, for `orch --offline`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import socket
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -335,84 +334,6 @@ class _LoopbackServer(ThreadingHTTPServer):
         if isinstance(sys.exc_info()[1], ConnectionError):
             return  # the client is gone (killed mid-answer): nobody is left to tell
         super().handle_error(request, client_address)
-
-
-def load_script(path: str, *, states: Collection[str] | None = None) -> dict[str, ScriptEntry]:
-    """Read a JSON answer file: {"state" or "state@model": an answer or a list of answers}.
-
-    An answer is a string (its text) or an object with one of "text", "json" (a structured
-    answer), "error" (an HTTP status, with optional "message" and "headers") or "fault"
-    ("timeout" or "disconnect"), and optionally "delay" (seconds to wait first); "delay"
-    alone is the placeholder answer, late. Given the machine's `states`, any other name is
-    refused: a misspelt one would leave its state on placeholders. A problem is a
-    ValueError naming the file.
-    """
-    with open(path, encoding="utf-8") as handle:
-        try:
-            raw = json.load(handle)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: an answer file is a JSON object of state -> answer(s)")
-    script: dict[str, ScriptEntry] = {}
-    for key, entry in raw.items():
-        state = key.split("@", 1)[0]
-        if states is not None and state not in states:
-            raise ValueError(f"{path}: {state!r} is not a state of the machine (its states: "
-                             f"{', '.join(states)}); fix the name")
-        try:
-            script[key] = [_from_json(e) for e in entry] if isinstance(entry, list) else _from_json(entry)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {key}: {exc}") from None
-    return script
-
-
-_KINDS = ("text", "json", "error", "fault")
-_FAULTS = {"timeout": timeout, "disconnect": disconnect}
-
-
-def _from_json(entry: Any) -> str | Reply:
-    """One answer of an answer file, as the Python kit spells it."""
-    if isinstance(entry, str):
-        return entry
-    if not isinstance(entry, dict):
-        raise ValueError(f"{json.dumps(entry)} is not an answer: use a string or an object with one of "
-                         f"{', '.join(_KINDS)}")
-    kinds = [k for k in _KINDS if k in entry]
-    if len(kinds) > 1:
-        raise ValueError(f"an answer has one of {', '.join(_KINDS)}, not {' and '.join(kinds)}")
-    kind = kinds[0] if kinds else None
-    allowed = (*kinds, "delay", *(("message", "headers") if kind == "error" else ()))
-    unknown = sorted(set(entry) - set(allowed))
-    if unknown:
-        expected = ", ".join(allowed if kind else (*_KINDS, "delay"))
-        raise ValueError(f"unknown key {unknown[0]!r} (an answer has {expected})")
-    delay = entry.get("delay", 0)
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or not math.isfinite(delay) or delay < 0:
-        raise ValueError(f"delay {delay!r} is not a number of seconds >= 0")
-    value = entry.get(kind)
-    if kind == "text" and not isinstance(value, str):
-        raise ValueError("text must be a string")
-    if kind == "json" and not isinstance(value, dict):
-        raise ValueError("json must be an object (the tool input of a structured answer)")
-    if kind == "error":
-        return replace(_error_from_json(value, entry.get("message", "scripted error"), entry.get("headers", {})),
-                       hold_s=delay)
-    if kind == "fault":
-        if value not in _FAULTS:
-            raise ValueError(f"fault {value!r} is not one of {', '.join(_FAULTS)}")
-        return replace(_FAULTS[value](), hold_s=delay)
-    return Reply(text=value if kind == "text" else None, data=value if kind == "json" else None, hold_s=delay)
-
-
-def _error_from_json(status: Any, message: Any, headers: Any) -> Reply:
-    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
-        raise ValueError(f"error {status!r} is not an HTTP error status (400 to 599)")
-    if not isinstance(message, str):
-        raise ValueError("message must be a string")
-    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-        raise ValueError('headers must be an object of strings, e.g. {"retry-after": "2"}')
-    return error(status, message, headers=headers)
 
 
 def _as_reply(entry: ScriptEntry) -> Reply:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 from ...errors import StoreError
-from .._owner import Owner, boot_id, identity, lock_key, proc_stat
+from ...types import RunStatus
+from .._owner import Owner, boot_id, identity, lock_key, owner_from_json, proc_stat
 
 Liveness = Literal["alive", "gone", "unknown"]  # unknown: assumed alive, but not proven
 
@@ -48,6 +49,14 @@ def hold(path: Path, owner: Owner) -> None:
         raise StoreError(f"cannot lock {path}, which tells other processes this one is alive: "
                          f"{exc.strerror or exc}", where=str(path),
                          fix="make the database's directory writable") from exc
+
+
+def stale(path: Path, status: str, owner_info: str | None) -> bool:
+    """Marked running, but its owner is gone: what `orch runs` and `orch show` both say."""
+    if status != RunStatus.RUNNING.value:
+        return False
+    holder = owner_from_json(owner_info)
+    return holder is None or not is_alive(path, holder)
 
 
 def is_alive(path: Path, owner: Owner) -> bool:

@@ -11,8 +11,10 @@ chain's columns, which readers take as absent (version 1) when they are.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ...errors import ForeignDatabaseError, SchemaVersionError, StoreError
@@ -323,3 +325,10 @@ def migrate(conn: sqlite3.Connection, where: str, begin: Callable[[], Any]) -> N
     except StoreError:
         if version < READABLE_FROM:
             raise
+
+
+def create_private(path: Path) -> None:
+    """Create the database file readable by its owner only; SQLite gives -wal/-shm the same mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)

@@ -42,10 +42,11 @@ from ...errors import (
 from ...types import Attempt, RunRecord, RunStatus, Takeover, TransitionRecord, now_iso
 from .._contract import MachineTotals, RunSummary
 from .._owner import Owner, owner_from_json, who_am_i
-from ._chain import CANONICAL, CHAINED_COLUMNS, AuditKey, last_link, require_intact, verify
-from ._liveness import hold, is_alive, liveness, owners_file
+from ._chain import CANONICAL, AuditKey, last_link, require_intact, verify
+from ._liveness import hold, liveness, owners_file, stale
 from ._rows import attempt_rows, dump, load, run_identity, text, transition_of, transition_row, usage_of
-from ._schema import migrate
+from ._schema import create_private, migrate
+from ._statements import _ADVANCE, _APPEND, _APPEND_ATTEMPT, _IN_DOUBT_BY_MACHINE, _IN_DOUBT_OF_RUN, _SET_STATUS, _STEP
 from ._transaction import Busy, Transaction, busy_as, is_busy, to_the_end
 
 if TYPE_CHECKING:
@@ -56,46 +57,6 @@ SQLTracer = Callable[[str, Any], None]
 """`tracer(sql, params)`, called before each statement the store executes (as in sqlite-utils)."""
 T = TypeVar("T")
 _FINISHED = (RunStatus.COMPLETED.value, RunStatus.TERMINATED.value)
-
-# The fence: the run's totals (and its status, when it changes) are updated only while we
-# own it and the row is the run's next step; no row changed means another process took the
-# run or advanced it, and nothing is inserted.
-# `_STEP` is the common case of `_ADVANCE` (the run goes on, its status stays): fewer terms.
-_STEP = (
-    "UPDATE runs SET last_seq = ?1, steps = steps + ?2, input_tokens = input_tokens + ?3, "
-    "output_tokens = output_tokens + ?4, cache_hits = cache_hits + ?5, "
-    "cost_usd = CASE WHEN cost_usd IS NULL OR ?6 IS NULL THEN NULL ELSE cost_usd + ?6 END "
-    "WHERE run_id = ?7 AND owner = ?8 AND last_seq = ?1 - 1"
-)
-_ADVANCE = (
-    "UPDATE runs SET last_seq = :seq, steps = steps + :step, input_tokens = input_tokens + :input_tokens, "
-    "output_tokens = output_tokens + :output_tokens, cache_hits = cache_hits + :cache_hit, "
-    "cost_usd = CASE WHEN cost_usd IS NULL OR :cost IS NULL THEN NULL ELSE cost_usd + :cost END, "
-    "status = :status, error = :error, updated_at = :now, "
-    "owner = CASE WHEN :release THEN NULL ELSE owner END, "
-    "owner_info = CASE WHEN :release THEN NULL ELSE owner_info END "
-    "WHERE run_id = :run_id AND owner = :owner AND last_seq = :seq - 1"
-)
-_APPEND = f"INSERT INTO transitions ({CHAINED_COLUMNS}, chain) VALUES ({','.join('?' * 23)})"
-_APPEND_ATTEMPT = (
-    "INSERT INTO attempts (run_id, seq, attempt, state, started_at, kind, status_code, request_id, "
-    "delay_s, error, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, "
-    "request, response) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-)
-# Calls in doubt (in flight when a process died, counted at their worst case) are attempts.
-_DOUBT_COST = "CASE WHEN sum(a.cost_usd IS NULL) > 0 THEN NULL ELSE coalesce(sum(a.cost_usd), 0.0) END"
-_DOUBTS_OF_RUN = "FROM attempts a WHERE a.run_id = runs.run_id AND a.kind = 'in_doubt'"
-_IN_DOUBT_OF_RUN = (f"(SELECT count(*) {_DOUBTS_OF_RUN}) AS in_doubt_calls, "
-                    f"(SELECT {_DOUBT_COST} {_DOUBTS_OF_RUN}) AS in_doubt_usd")
-_IN_DOUBT_BY_MACHINE = (f"SELECT r.machine, count(*) AS in_doubt_calls, {_DOUBT_COST} AS in_doubt_usd FROM attempts a "
-                        "JOIN runs r ON r.run_id = a.run_id WHERE a.kind = 'in_doubt' AND r.machine IN ")
-_SET_STATUS = (
-    "UPDATE runs SET status = ?, error = ?, updated_at = ?, "
-    "owner = CASE WHEN ? THEN owner ELSE NULL END, "
-    "owner_info = CASE WHEN ? THEN owner_info ELSE NULL END "
-    "WHERE run_id = ? AND owner = ?"
-)
-
 
 class SQLiteStore:
     """The default store: a local SQLite file, safe for many processes on one machine.
@@ -124,7 +85,7 @@ class SQLiteStore:
         if not self.path.exists():
             if not create:
                 raise DatabaseNotFoundError(self.where)
-            _create_private(self.path)
+            create_private(self.path)
         self.synchronous = synchronous
         self.busy_timeout_s = busy_timeout_s
         self.tracer = tracer
@@ -312,7 +273,7 @@ class SQLiteStore:
             updated_at=row["updated_at"], error=row["error"],
             options=load(row["options"], "run", run_id, "options") or {},
             owner=row["owner"], in_flight=load(row["in_flight"], "run", run_id, "in-flight mark"),
-            stale=self._stale(row["status"], row["owner_info"]),
+            stale=stale(self._owners, row["status"], row["owner_info"]),
             takeovers=self._takeovers(conn, run_id),
         )
 
@@ -325,13 +286,6 @@ class SQLiteStore:
             if "no such table" in str(exc):
                 return []  # a version 5 file read as it is (read-only): no takeover was recorded
             raise
-
-    def _stale(self, status: str, owner_info: str | None) -> bool:
-        """Marked running, but its owner is gone: what `orch runs` and `orch show` both say."""
-        if status != RunStatus.RUNNING.value:
-            return False
-        holder = owner_from_json(owner_info)
-        return holder is None or not is_alive(self._owners, holder)
 
     async def load_run(self, run_id: str, *, verified: bool = False) -> tuple[RunRecord, list[TransitionRecord]]:
         """The run row and its log as of one moment: read in one transaction, so a step that
@@ -411,9 +365,9 @@ class SQLiteStore:
         params.append(limit)
         summaries = []
         for row in self._query(conn, sql, params):
-            stale = self._stale(row["status"], row.pop("owner_info"))
+            gone = stale(self._owners, row["status"], row.pop("owner_info"))
             row["status"] = RunStatus(row["status"])
-            summaries.append(RunSummary(**row, stale=stale))
+            summaries.append(RunSummary(**row, stale=gone))
         return summaries
 
     async def machine_totals(self, machines: list[str]) -> list[MachineTotals]:
@@ -542,10 +496,3 @@ class SQLiteStore:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
-
-
-def _create_private(path: Path) -> None:
-    """Create the database file readable by its owner only; SQLite gives -wal/-shm the same mode."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-    os.close(fd)
