@@ -1879,14 +1879,14 @@ def database_fingerprint(db: Path) -> list[tuple[Any, ...]]:
 
 # Parts of SQL text that are not literal, and why each is safe.
 ALLOWED_SQL_PARTS = {
-    "_APPEND": "constant INSERT with ? placeholders",
-    "_APPEND_ATTEMPT": "constant INSERT with ? placeholders",
-    "_SET_STATUS": "constant UPDATE with ? placeholders",
-    "_STEP": "constant UPDATE with numbered ? placeholders",
-    "_ADVANCE": "constant UPDATE with :named placeholders",
+    "APPEND": "constant INSERT with ? placeholders",
+    "APPEND_ATTEMPT": "constant INSERT with ? placeholders",
+    "SET_STATUS": "constant UPDATE with ? placeholders",
+    "STEP": "constant UPDATE with numbered ? placeholders",
+    "ADVANCE": "constant UPDATE with :named placeholders",
     "sql": "list_runs: constant fragments joined with ? placeholders; the values go in params",
     "part": "machine_totals: a constant SELECT with one '?' per machine name, used twice",
-    "_IN_DOUBT_BY_MACHINE": "machine_totals: a constant SELECT ending in IN, followed by `marks`",
+    "IN_DOUBT_BY_MACHINE": "machine_totals: a constant SELECT ending in IN, followed by `marks`",
     "marks": "machine_totals: one '?' per machine name",
     "statement": "run_script: the schema module's own schema, migration and view scripts",
     "table": "PRAGMA table_info of the tables a new database has (names from the schema script)",

@@ -46,7 +46,7 @@ from ._chain import CANONICAL, AuditKey, last_link, require_intact, verify
 from ._liveness import hold, liveness, owners_file, stale
 from ._rows import attempt_rows, dump, load, run_identity, text, transition_of, transition_row, usage_of
 from ._schema import create_private, migrate
-from ._statements import _ADVANCE, _APPEND, _APPEND_ATTEMPT, _IN_DOUBT_BY_MACHINE, _IN_DOUBT_OF_RUN, _SET_STATUS, _STEP
+from ._statements import ADVANCE, APPEND, APPEND_ATTEMPT, IN_DOUBT_BY_MACHINE, IN_DOUBT_OF_RUN, SET_STATUS, STEP
 from ._transaction import Busy, Transaction, busy_as, is_busy, to_the_end
 
 if TYPE_CHECKING:
@@ -183,19 +183,19 @@ class SQLiteStore:
             last_link(conn, r.run_id, self._audit))
         chain = self._audit.link(version, link, row, attempts)
         if status is None:
-            fenced = self._sql(conn, _STEP, (r.seq, r.committed, row["input_tokens"], row["output_tokens"],
+            fenced = self._sql(conn, STEP, (r.seq, r.committed, row["input_tokens"], row["output_tokens"],
                                              r.source == "cache", row["cost_usd"], r.run_id, owner.token))
         else:
-            fenced = self._sql(conn, _ADVANCE, {
+            fenced = self._sql(conn, ADVANCE, {
                 "seq": r.seq, "step": r.committed, "input_tokens": row["input_tokens"],
                 "output_tokens": row["output_tokens"], "cache_hit": r.source == "cache", "cost": row["cost_usd"],
                 "status": status.value, "error": text(error), "now": now_iso(), "release": final,
                 "run_id": r.run_id, "owner": owner.token})
         if fenced.rowcount != 1:
             raise self._not_appended(conn, r, owner)
-        self._sql(conn, _APPEND, (*row.values(), chain))
+        self._sql(conn, APPEND, (*row.values(), chain))
         if attempts:
-            self._sql_many(conn, _APPEND_ATTEMPT, [tuple(a.values()) for a in attempts])
+            self._sql_many(conn, APPEND_ATTEMPT, [tuple(a.values()) for a in attempts])
         return chain, version
 
     def _not_appended(self, conn: sqlite3.Connection, r: TransitionRecord, owner: Owner) -> OwnershipLostError:
@@ -254,7 +254,7 @@ class SQLiteStore:
     def _release(self, conn: sqlite3.Connection, run_id: str, owner: Owner, status: RunStatus,
                  error: str | None) -> None:
         keep = status is RunStatus.RUNNING
-        self._sql(conn, _SET_STATUS, (status.value, text(error), now_iso(), keep, keep, run_id, owner.token))
+        self._sql(conn, SET_STATUS, (status.value, text(error), now_iso(), keep, keep, run_id, owner.token))
 
     # ------------------------------------------------------------------ reading
 
@@ -359,7 +359,7 @@ class SQLiteStore:
             where.append("(created_at, run_id) < (SELECT created_at, run_id FROM runs WHERE run_id = ?)")
             params.append(before)
         sql = ("SELECT run_id, machine, status, created_at, updated_at, error, owner_info, steps, input_tokens, "
-               f"output_tokens, cost_usd, {_IN_DOUBT_OF_RUN} FROM runs "
+               f"output_tokens, cost_usd, {IN_DOUBT_OF_RUN} FROM runs "
                + ("WHERE " + " AND ".join(where) + " " if where else "")
                + "ORDER BY created_at DESC, run_id DESC LIMIT ?")
         params.append(limit)
@@ -378,7 +378,7 @@ class SQLiteStore:
             return []
         marks = ",".join("?" * len(machines))
         doubts = {row.pop("machine"): row for row in self._query(  # attempts are few: scanned
-            conn, f"{_IN_DOUBT_BY_MACHINE}({marks}) GROUP BY r.machine", machines)}
+            conn, f"{IN_DOUBT_BY_MACHINE}({marks}) GROUP BY r.machine", machines)}
         # finished runs and the others apart: each WHERE matches one of the schema's totals indexes
         part = ("SELECT machine, count(*) AS runs, sum(steps) AS steps, sum(input_tokens) AS input_tokens, "
                 "sum(output_tokens) AS output_tokens, sum(cost_usd IS NULL) AS unpriced, sum(cost_usd) AS cost_usd, "
