@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from time import time_ns
+from types import MappingProxyType
 from typing import Any, Literal, NamedTuple, TypeAlias
 
 from .errors import UsageError
@@ -103,13 +104,26 @@ class RunStatus(str, Enum):  # noqa: UP042 (str mixin: statuses compare equal to
 
 
 class StepContext(NamedTuple):
-    """What a guard or Python step may read: the run input and the outputs it declared in `needs`."""
+    """What a guard or Python step may read: the run input, the latest outputs of the states
+    it declared in `needs` (and, those that ran, in `needs_if_ran`), and what earlier visits
+    of a loop produced (`history`). `attempt` counts the runs of this state in a row,
+    `visit` the times the run has entered it (1 the first time)."""
 
     run_id: str
     state: str
     attempt: int
     input: Any
     outputs: Mapping[str, Any]
+    visit: int = 1
+    past: Mapping[str, Sequence[Any]] = MappingProxyType({})
+
+    def history(self, state: str) -> list[Any]:
+        """The outputs `state` committed so far in this run, oldest first (the one being
+        judged now is not among them: it is committed after its guard)."""
+        try:
+            return list(self.past[state])
+        except KeyError:  # a context built by hand, with no history
+            return []
 
 
 Guard: TypeAlias = Callable[[Any, StepContext], "Decision | Verdict"]
