@@ -6,6 +6,8 @@ from .definition._loader import Loaded as Loaded
 from .definition._loader import load_machine as load_machine
 from .definition._machine import Machine as Machine
 from .definition._states import LLMState as LLMState
+from .definition._states import MachineState as MachineState
+from .definition._states import MapState as MapState
 from .definition._states import PythonState as PythonState
 from .definition._states import State as State
 from .definition._states import guard as guard
@@ -62,6 +64,8 @@ from .types import Budget as Budget
 from .types import Decision as Decision
 from .types import FlowDecision as FlowDecision
 from .types import InvalidOutput as InvalidOutput
+from .types import ItemError as ItemError
+from .types import Parent as Parent
 from .types import RetryPolicy as RetryPolicy
 from .types import RunRecord as RunRecord
 from .types import RunResult as RunResult

@@ -132,9 +132,10 @@ Guard: TypeAlias = Callable[[Any, StepContext], "Decision | Verdict"]
 StepFunction: TypeAlias = Callable[[StepContext], Any | Awaitable[Any]]
 """A plain Python state: `(context) -> output`, sync or async; the output must be JSON-able."""
 
-Source: TypeAlias = Literal["llm", "python", "recorded", "cache", "fallback", "budget"]
+Source: TypeAlias = Literal["llm", "python", "recorded", "cache", "fallback", "budget", "child"]
 """Where a step's output came from: a model call, a Python state, an answer recorded before a
-failed guard, the step cache, a fallback, or nowhere (the budget routed the step)."""
+failed guard, the step cache, a fallback, nowhere (the budget routed the step), or child runs
+(a machine or map state: the row's usage and cost are theirs, rolled up)."""
 
 AttemptKind: TypeAlias = Literal["transient", "deterministic", "timeout", "connection", "malformed",
                                  "spend_limit", "invalid_output", "refusal", "truncated", "empty", "cancelled",
@@ -268,6 +269,24 @@ class InvalidOutput:
 INVALID_MARKER = "__orch_invalid_output__"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ItemError:
+    """A map state's item whose child run did not finish, in its slot of the output list
+    (with `on_item_error="guard"`): the guard decides what to do without it."""
+
+    item: int
+    run_id: str
+    status: str
+    error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {ITEM_ERROR_MARKER: {"item": self.item, "run_id": self.run_id, "status": self.status,
+                                    "error": self.error}}
+
+
+ITEM_ERROR_MARKER = "__orch_item_error__"
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -350,6 +369,17 @@ class RunRecord:
     in_flight: dict[str, Any] | None = None  # {"seq", "state", "at", ...progress} of the last paid call
     stale: bool = False  # marked running, but its owning process is gone: resume it
     takeovers: list[Takeover] = field(default_factory=list)
+    parent: Parent | None = None  # set on a child run: the run whose state started it
+
+
+@dataclass(frozen=True, slots=True)
+class Parent:
+    """Where a child run comes from: the run and state that started it, and its item number
+    (0 for a sub-machine state's one child; a map state's items count from 0)."""
+
+    run_id: str
+    state: str
+    item: int
 
 
 @dataclass(slots=True, kw_only=True)
@@ -401,8 +431,10 @@ class RunResult:
 
 def output_json(value: Any) -> Any:
     """How an output is stored: models and InvalidOutput as JSON, the rest as it is."""
-    if isinstance(value, InvalidOutput):
+    if isinstance(value, (InvalidOutput, ItemError)):
         return value.to_json()
+    if type(value) is list:  # a map state's outputs
+        return [output_json(v) for v in value]
     model_dump = getattr(value, "model_dump", None)  # a pydantic model (not imported: readers stay light)
     if model_dump is not None and not isinstance(value, type):
         return model_dump(mode="json")

@@ -19,8 +19,8 @@ from typing import Any
 
 from ..definition._loader import load_machine
 from ..definition._machine import Machine
-from ..definition._states import LLMState
-from ..engine._engine import Engine, check_run_id, new_run_id
+from ..engine._engine import Engine
+from ..engine._ids import check_run_id, new_run_id
 from ..engine._inputs import validate_input
 from ..engine._replay import ReplayReport, replay_run
 from ..engine._run import Run
@@ -103,7 +103,7 @@ def _model_for(offline: str | None, machine: Machine, run: tuple[RunRecord, Sequ
     The calls a resumed `run` already made took their answers: each state goes on down its
     list from there.
     """
-    if not any(isinstance(s, LLMState) for s in machine.states):
+    if not machine.calls_a_model:
         return None, {}, None
     if not offline:
         from ..llm._anthropic import AnthropicModel
@@ -121,7 +121,7 @@ def _model_for(offline: str | None, machine: Machine, run: tuple[RunRecord, Sequ
         fake = FakeMessagesAPI(default="auto")
     else:
         try:
-            script = load_script(script_path, states=[state.name for state in machine.states])
+            script = load_script(script_path, states=[s.name for m in machine.family() for s in m.states])
         except OSError as exc:
             raise UsageError(f"cannot use offline answers {script_path}: {exc.strerror or exc}") from None
         except ValueError as exc:

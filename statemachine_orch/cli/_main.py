@@ -61,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"orch demo cannot find the example machine in {examples}",
                          fix="reinstall statemachine-orch")
     machine_file, input_file = str(machine), str(data)
-    from ..engine._engine import new_run_id
+    from ..engine._ids import new_run_id
 
     run_id = "demo-" + new_run_id()
     base = [flag for flag, on in (("--log-json", args.log_json), ("--quiet", args.quiet),

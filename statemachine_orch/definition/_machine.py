@@ -15,7 +15,7 @@ Construction builds the transition table (`_table.py`), validates the whole defi
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from ..errors import DefinitionError
 from ..types import Budget, RetryPolicy
 from ._source import code_hash
-from ._states import State
+from ._states import LLMState, State
 from ._table import TransitionTable, build_table
 from ._templates import Template
 from ._validation import validate
@@ -121,6 +121,17 @@ class Machine:
             return where  # still importing: it may bind the machine yet, so look again next time
         self._ref = f"{where}:{attr}"
         return self._ref
+
+    def family(self) -> Iterator[Machine]:
+        """This machine and every machine its child runs run (machine and map states), nested."""
+        yield self
+        for child in self.transitions.children.values():
+            yield from child.family()
+
+    @property
+    def calls_a_model(self) -> bool:
+        """Whether its runs call the Messages API: it or a machine of its family has an LLM state."""
+        return any(isinstance(s, LLMState) for m in self.family() for s in m.states)
 
     @property
     def table(self) -> Mapping[str, Mapping[str, str]]:

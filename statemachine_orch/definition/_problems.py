@@ -30,6 +30,14 @@ class Problems(list[str]):
         self.append(f"{self.where}: {subject}: {problem}; fix: {fix}")
         self.states.append(state)
 
+    def adopt(self, lines: list[str], inner: str, state: str) -> None:
+        """The problems of the machine a state builds for its items (`inner`: that machine's
+        one state), said of `state`."""
+        for line in lines:
+            what = line.split(": ", 1)[1].replace(f"state '{inner}'", f"its each= state '{inner}'", 1)
+            self.append(f"{self.where}: state '{state}': {what}")
+            self.states.append(state)
+
     def take(self, other: Problems, state: str | None) -> None:
         """Add `other`'s lines about `state` (None: about the machine)."""
         for line, whose in zip(other, other.states, strict=True):

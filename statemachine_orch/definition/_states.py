@@ -1,6 +1,7 @@
 """The states a machine is made of, and the `guard` decorator that declares what a guard returns.
 
-`LLMState` wraps one Messages API call, `PythonState` one Python function; both share the
+`LLMState` wraps one Messages API call, `PythonState` one Python function, `MachineState` a
+child run of another machine, `MapState` one child run per item of a list; all share the
 guard, the `on=` overrides of the transition table, the loop bounds (and `on_exhausted`, the
 decision taken when one stops a loop), what the state reads of earlier states (`needs`,
 `needs_if_ran`) and the `timeout` of `State`.
@@ -11,13 +12,16 @@ state's guard.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
 from ..types import Decision, Guard, RetryPolicy, StepContext, StepFunction
+
+if TYPE_CHECKING:
+    from ._machine import Machine
 
 G = TypeVar("G", bound=Callable[..., Any])
 
@@ -106,3 +110,36 @@ class PythonState(State):
 
     _: KW_ONLY
     run: StepFunction
+
+
+@dataclass(frozen=True)
+class MachineState(State):
+    """A state that runs another machine to its end as a child run and takes its result as
+    output. `input(ctx)` builds the child's input from this run's context (default: none).
+
+    The child is a run of its own, durable step by step: a resume of this run continues it
+    where it stopped, and replay checks its steps. Its tokens and cost count in this run."""
+
+    _: KW_ONLY
+    machine: Machine
+    input: Callable[[StepContext], Any] | None = None
+
+
+@dataclass(frozen=True)
+class MapState(State):
+    """A state that runs `each` once per item of `items(ctx)`, each item a child run, up to
+    `concurrency` at a time; its output is the items' outputs in item order (`reduce`d, if
+    given). `each` is an `LLMState` or `PythonState` (which reads the item as `{item}`, or the
+    fields of `item_model` when given, and `ctx.input`) or a `Machine` (the item is its input).
+
+    A finished item is never run again: a crash after 7 of 10 items re-runs the other 3.
+    `on_item_error="fail"` fails the step when an item fails (a resume retries the failed
+    items only); `"guard"` hands the guard the list with an `ItemError` in each failed slot."""
+
+    _: KW_ONLY
+    items: Callable[[StepContext], Iterable[Any]]
+    each: LLMState | PythonState | Machine
+    item_model: type[BaseModel] | None = None
+    concurrency: int = 4
+    on_item_error: Literal["fail", "guard"] = "fail"
+    reduce: Callable[[list[Any]], Any] | None = None

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ..errors import DefinitionError
 from ..types import END, Branch, FlowDecision
 from ._problems import Problems
-from ._states import DeclaredGuard, LLMState, State
+from ._states import DeclaredGuard, LLMState, MachineState, MapState, PythonState, State
 from ._templates import Template
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ class TransitionTable:
     targets: Mapping[str, Mapping[str, str]]  # state -> decision value -> target (defaults included)
     decisions: Mapping[str, frozenset[str]]  # state -> the decisions it may take
     templates: Mapping[str, tuple[Template, Template | None]]  # LLM state -> (prompt, system)
+    children: Mapping[str, Machine]  # machine or map state -> the machine of its child runs
     complete: bool
 
     def edges(self, state: str) -> dict[str, str]:
@@ -51,6 +53,7 @@ def build_table(machine: Machine) -> tuple[TransitionTable, Problems]:
     targets: dict[str, dict[str, str]] = {}
     decisions: dict[str, frozenset[str]] = {}
     templates: dict[str, tuple[Template, Template | None]] = {}
+    children: dict[str, Machine] = {}
     states = [s for s in machine.states if isinstance(s, State) and isinstance(s.name, str)]
     names = [s.name for s in states]
     for index, state in enumerate(states):
@@ -60,7 +63,11 @@ def build_table(machine: Machine) -> tuple[TransitionTable, Problems]:
             parsed = _templates(state, problems)
             if parsed is not None:
                 templates[state.name] = parsed
-    table = TransitionTable(targets=targets, decisions=decisions, templates=templates, complete=not problems)
+        child = _child_machine(machine, state, problems)
+        if child is not None:
+            children[state.name] = child
+    table = TransitionTable(targets=targets, decisions=decisions, templates=templates, children=children,
+                            complete=not problems)
     return table, problems
 
 
@@ -126,6 +133,36 @@ def fallback_decisions(state: State) -> dict[str, FlowDecision | Branch]:
     if state.on_exhausted is not None:
         taken["on_exhausted"] = state.on_exhausted
     return taken
+
+
+def _child_machine(machine: Machine, state: State, problems: Problems) -> Machine | None:
+    """The machine whose runs a machine or map state starts: the one it names, or, for a map
+    state over an LLM or Python state, a machine of that one state, whose input is the item
+    (`{item}`, or the fields of `item_model`)."""
+    from ._machine import Machine  # a machine is made of states; this one is made here
+
+    each = state.machine if isinstance(state, MachineState) else state.each if isinstance(state, MapState) else None
+    if each is None or isinstance(each, Machine):
+        return each
+    if not isinstance(each, (LLMState, PythonState)):
+        problems.add(state.name, f"each={each!r} is not an LLMState, a PythonState or a Machine", "pass one of them")
+        return None
+    assert isinstance(state, MapState)
+    try:
+        child = Machine(f"{machine.name}__{state.name}", [each], model=machine.model,
+                        input_model=state.item_model, input_vars=None if state.item_model else {"item": _item},
+                        retry_policy=machine.retry_policy, context_tokens=machine.context_tokens,
+                        source_file=machine.source_file)
+    except DefinitionError as exc:
+        problems.adopt(exc.problems, getattr(each, "name", "?"), state.name)
+        return None
+    child.module = machine.module
+    return child
+
+
+def _item(data: dict[str, Any]) -> Any:
+    """A map item's `{item}`: the item itself."""
+    return data["item"]
 
 
 def _templates(state: LLMState, problems: Problems) -> tuple[Template, Template | None] | None:

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from ..types import END, Budget, FlowDecision, RetryPolicy
 from ._problems import Problems
-from ._states import DeclaredGuard, LLMState, PythonState, State
+from ._states import DeclaredGuard, LLMState, MachineState, MapState, PythonState, State
 from ._table import TransitionTable, decision_value, fallback_decisions
 
 if TYPE_CHECKING:
@@ -148,6 +148,54 @@ class _Validator:
             self._llm_state(state)
         elif isinstance(state, PythonState) and not callable(state.run):
             self.add(state.name, "run= is not callable", "pass a function (ctx) -> output")
+        elif isinstance(state, (MachineState, MapState)):
+            self._child_state(state)
+
+    def _child_state(self, state: MachineState | MapState) -> None:
+        """A state whose work is child runs: a machine state's child, a map state's items."""
+        from ._machine import Machine
+
+        if state.output is not None:
+            self.add(state.name, "output= checks an answer, and this state's output is its child runs' results",
+                     "set output= on the child machine's states (or the each= state)")
+        if isinstance(state, MachineState):
+            if not isinstance(state.machine, Machine):
+                self.add(state.name, f"machine={state.machine!r} is not a Machine", "pass the child Machine")
+            self._one_argument(state.name, "input", state.input, "def child_input(ctx) -> dict")
+            return
+        self._one_argument(state.name, "items", state.items, "def items(ctx) -> list")
+        self._one_argument(state.name, "reduce", state.reduce, "def reduce(outputs: list) -> value")
+        if not isinstance(state.concurrency, int) or isinstance(state.concurrency, bool) or state.concurrency < 1:
+            self.add(state.name, f"concurrency={state.concurrency!r} is not a positive integer",
+                     "set concurrency=4 (items run at once)")
+        if state.on_item_error not in ("fail", "guard"):
+            self.add(state.name, f"on_item_error={state.on_item_error!r} is not 'fail' or 'guard'",
+                     "use on_item_error='guard' to judge failed items, or leave the default")
+        elif state.on_item_error == "guard" and state.guard is None:
+            self.add(state.name, "on_item_error='guard' needs a guard to judge the failed items",
+                     "add guard= that checks for ItemError in the outputs")
+        if state.item_model is not None and not (
+            isinstance(state.item_model, type) and issubclass(state.item_model, BaseModel)
+        ):
+            self.add(state.name, "item_model is not a pydantic model class", "pass a BaseModel subclass")
+        each = state.each
+        if isinstance(each, State) and (each.needs or each.needs_if_ran):
+            self.add(state.name, f"its each= state '{each.name}' has needs, but an item reads only its item",
+                     "put what each item needs into the items (items=lambda ctx: [...])")
+
+    def _one_argument(self, state: str, field: str, fn: Any, shape: str) -> None:
+        """`fn` is None or a function of one argument."""
+        if fn is None:
+            return
+        if not callable(fn):
+            self.add(state, f"{field}= is not callable", f"pass a function: {shape}")
+            return
+        try:
+            inspect.signature(fn).bind(None)
+        except TypeError:
+            self.add(state, f"{field}= does not take one argument", f"define it as {shape}")
+        except ValueError:
+            pass  # no signature to inspect (some builtins): trust it
 
     def _guard_signature(self, state: str, fn: Callable[..., Any]) -> None:
         try:

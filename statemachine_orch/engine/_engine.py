@@ -8,16 +8,12 @@ adapter. Each machine is compiled once (`_fsm`), each run is a `Run` (`_run`).
 from __future__ import annotations
 
 import asyncio
-import re
-import secrets
-import time
 from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from ..definition._machine import Machine
-from ..definition._states import LLMState
 from ..errors import MachineChangedError, UsageError
 from ..hooks import Hook, HookCalls
 from ..llm._client import ModelClient
@@ -25,7 +21,9 @@ from ..llm._prices import PriceTable
 from ..store._contract import NullStore, Store
 from ..store._owner import Owner
 from ..types import Budget, RunRecord, RunResult, RunStatus, now_iso
+from ._children import drive_child
 from ._fsm import Compiled, compile_machine
+from ._ids import check_run_id, new_run_id
 from ._inputs import validate_input
 from ._llm_step import PythonOverride
 from ._replay import replay_run
@@ -33,25 +31,6 @@ from ._run import Ports, Run
 from ._snapshot import fresh, snapshot
 
 T = TypeVar("T")
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def new_run_id() -> str:
-    """Time-ordered, 26 characters (like ULID): ms timestamp + 80 random bits, Crockford base32."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(secrets.token_bytes(10), "big")
-    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-    chars = []
-    for _ in range(26):
-        chars.append(alphabet[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
-
-
-def check_run_id(run_id: str) -> None:
-    """Refuse a run id that is not 1-64 letters, digits, '.', '_' or '-' (it names files and
-    shows in commands, so it is only ever a plain word)."""
-    if not _RUN_ID.fullmatch(run_id):
-        raise UsageError(f"run id {run_id!r} is not valid", fix="use 1-64 letters, digits, '.', '_' or '-'")
 
 
 class Engine:
@@ -77,14 +56,14 @@ class Engine:
         self.hooks = tuple(hooks)
         self.prices = prices or PriceTable()
         self._ports = Ports(store=self.store, model=model, prices=self.prices, hooks=HookCalls(self.hooks),
-                            python_override=python_override)
+                            python_override=python_override, children=drive_child)
         self._compiled: dict[int, Compiled] = {}
         self._loop: asyncio.Runner | None = None
 
     def compiled(self, machine: Machine) -> Compiled:
         found = self._compiled.get(id(machine))
         if found is None or found.machine is not machine:
-            if self.model is None and any(isinstance(s, LLMState) for s in machine.states):
+            if self.model is None and machine.calls_a_model:
                 raise UsageError(f"machine '{machine.name}' has LLM states, but the engine has no model client",
                                  fix="pass Engine(store, model=AnthropicModel())")
             found = self._compiled[id(machine)] = compile_machine(machine)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -50,11 +50,24 @@ class BudgetRoute:
 
 @dataclass(slots=True)
 class Spent:
-    """What a run has paid so far (and how long it has been active)."""
+    """The budget ledger of a run and its child runs: what they have paid (each adds its steps
+    as they commit), the worst case of the calls they have in flight (`reserved_*`: so that
+    children calling at once cannot overspend together), and how long the run has been active."""
 
     cost_usd: float = 0.0
-    usage: Usage = field(default_factory=Usage)  # the run's own usage object, summed as it commits
+    tokens: int = 0  # paid tokens
     seconds: float = 0.0
+    reserved_usd: float = 0.0
+    reserved_tokens: int = 0
+
+    def add(self, usage: Usage, cost_usd: float | None) -> None:
+        self.tokens += usage.paid_tokens
+        self.cost_usd += cost_usd or 0.0
+
+    def reserve(self, tokens: int, cost_usd: float | None, sign: int = 1) -> None:
+        """Hold (sign 1) or give back (sign -1) a call's worst case while it is in flight."""
+        self.reserved_tokens += sign * tokens
+        self.reserved_usd += sign * (cost_usd or 0.0)
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -180,10 +193,14 @@ class LLMStep:
         body = reask or body
         started = rec.started_at if primary is None else now_iso()  # the step's first call starts with it
         while True:
+            held: tuple[int, float | None] = (0, None)
             if self._budgeted:
                 route = self._afford(state, rec, spent, body)
                 if route is not None:
                     return route
+                _, worst_usage, worst_usd = self._worst_case(state, body)
+                held = (worst_usage.paid_tokens, worst_usd)
+                spent.reserve(*held)
             if self.bills:
                 _, worst, price = self._worst_case(state, body)
                 call = Attempt(number=len(rec.attempts) + 1, started_at=started, kind="in_doubt",
@@ -203,6 +220,7 @@ class LLMStep:
                                    run_id=rec.run_id, state=state.name)
                 failure.__cause__ = exc
             finally:  # also when the step is cancelled mid-retry: the tries already made are logged
+                spent.reserve(*held, sign=-1)
                 if request.attempts:
                     self._add_attempts(rec, request.attempts)
             if failure is not None:
@@ -294,13 +312,13 @@ class LLMStep:
         budget = self.budget
         estimate, worst_usage, worst = self._worst_case(state, body)
         worst_tokens = worst_usage.paid_tokens
-        so_far_tokens = spent.usage.paid_tokens + rec.usage.paid_tokens
+        so_far_tokens = spent.tokens + spent.reserved_tokens + rec.usage.paid_tokens
         problem = None
         if budget.max_tokens is not None and so_far_tokens + worst_tokens > budget.max_tokens:
             problem = (f"tokens: spent {so_far_tokens} + worst case {worst_tokens} (about {estimate} in, "
                        f"{state.max_tokens} out) > max_tokens {budget.max_tokens}")
         if problem is None and budget.max_cost_usd is not None:
-            so_far = spent.cost_usd + (rec.cost_usd or 0.0)
+            so_far = spent.cost_usd + spent.reserved_usd + (rec.cost_usd or 0.0)
             if worst is None:
                 problem = (f"cost: no price known for model {body['model']!r}, so max_cost_usd cannot "
                            "be checked")

@@ -7,17 +7,23 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ..definition._states import State
-from ..types import INVALID_MARKER, InvalidOutput
+from ..definition._states import MapState, State
+from ..types import INVALID_MARKER, ITEM_ERROR_MARKER, InvalidOutput, ItemError
 
 
 def restore_output(state: State, value: Any) -> Any:
     """`value` as `state`'s output: its `output` model validated, a stored InvalidOutput
-    rebuilt, anything else as JSON data (ValueError/TypeError when it is none of these)."""
-    if isinstance(value, dict) and INVALID_MARKER in value and len(value) == 1:
-        return InvalidOutput(**value[INVALID_MARKER])
-    if isinstance(value, InvalidOutput):
+    rebuilt, a map state's items each as its each= state's output, anything else as JSON data
+    (ValueError/TypeError when it is none of these)."""
+    if isinstance(value, dict) and len(value) == 1:
+        if INVALID_MARKER in value:
+            return InvalidOutput(**value[INVALID_MARKER])
+        if ITEM_ERROR_MARKER in value:
+            return ItemError(**value[ITEM_ERROR_MARKER])
+    if isinstance(value, (InvalidOutput, ItemError)):
         return value
+    if isinstance(state, MapState) and isinstance(state.each, State) and state.reduce is None and type(value) is list:
+        return [restore_output(state.each, item) for item in value]
     if state.output is not None:
         if isinstance(value, state.output):
             return value

@@ -18,14 +18,15 @@ from itertools import zip_longest
 from typing import Any
 
 from ..definition._machine import Machine
-from ..definition._states import LLMState, PythonState
-from ..errors import InputError, LLMError, OrchError
+from ..definition._states import LLMState, PythonState, State
+from ..errors import InputError, LLMError, OrchError, RunNotFoundError
 from ..hooks import HookCalls
 from ..llm._client import Completion, LLMRequest, completion_from_response
 from ..llm._prices import PriceTable
 from ..store._contract import NullStore, Store
 from ..store._owner import Owner
 from ..types import Attempt, Budget, RunStatus, StepContext, TransitionRecord
+from ._children import ChildResult, child_id, result_of
 from ._fsm import Compiled, compile_machine
 from ._inputs import validate_input
 from ._run import Ports, Run
@@ -223,8 +224,31 @@ async def replay_run(store: Store, run_id: str, machine: Machine, *, prices: Pri
 
     if record.machine != machine.name:
         return report(Divergence(0, "-", "machine", record.machine, machine.name))
+    async def recorded_child(parent: Run, state: State, slot: int, item: int, input: Any) -> ChildResult:
+        """A child run as recorded, replayed on its machine as it is now: a divergence in it is
+        the parent's, at the step that started it."""
+        seq = cursor.current(state.name).seq
+        run_id = child_id(parent, state, slot, item)
+        compiled_child = parent.compiled.children[state.name]
+        child = compiled_child.machine
+        try:
+            child_record, child_log = await store.load_run(run_id, verified=True)
+        except RunNotFoundError:
+            raise _Diverged(Divergence(seq, state.name, "item", "no such item recorded",
+                                       f"item {item} (run {run_id})")) from None
+        given = validate_input(child, input)[1]
+        if given != child_record.input:
+            raise _Diverged(Divergence(seq, state.name, "item",
+                                       f"item {item} input {json.dumps(child_record.input)[:200]}",
+                                       f"item {item} input {json.dumps(given)[:200]}"))
+        inner = await replay_run(store, run_id, child, prices=prices, compiled=compiled_child)
+        if inner.divergence is not None:
+            raise _Diverged(Divergence(seq, state.name, "item", f"item {item} (run {run_id}) as recorded",
+                                       inner.divergence.describe()))
+        return result_of(child, child_record, child_log)
+
     ports = Ports(store=_ComparingStore(cursor), model=_RecordedModel(cursor), prices=prices or PriceTable(),
-                  hooks=HookCalls(), python_override=recorded_output)
+                  hooks=HookCalls(), python_override=recorded_output, children=recorded_child)
     try:
         context_input, _, values = validate_input(machine, record.input)
         run = Run(compiled or compile_machine(machine), record, Owner.for_this_process(), ports,

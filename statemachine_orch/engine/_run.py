@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..definition._states import LLMState, PythonState, State
+from ..definition._machine import Machine
+from ..definition._states import LLMState, MachineState, MapState, PythonState, State
 from ..errors import (
     BudgetExceededError,
     GuardError,
@@ -39,6 +41,7 @@ from ..types import (
     Branch,
     Budget,
     FlowDecision,
+    ItemError,
     RunRecord,
     RunResult,
     RunStatus,
@@ -55,6 +58,9 @@ from ._outputs import restore_output
 from ._snapshot import Snapshot
 from ._user_code import CodeError, UserCode
 
+if TYPE_CHECKING:
+    from ._children import ChildResult
+
 _NO_OUTPUT = object()
 _REASON_LIMIT = 500
 _KEPT = ("source", "started_at", "request", "response", "request_id", "usage", "cost_usd", "request_hash",
@@ -70,6 +76,12 @@ class Ports:
     prices: PriceTable
     hooks: HookCalls
     python_override: PythonOverride | None = None
+    children: ChildDriver | None = None  # runs a machine or map state's child runs (None: it cannot)
+
+
+ChildDriver = Callable[["Run", State, int, int, Any], Awaitable["ChildResult"]]
+"""`(parent, state, slot, item, input) -> ChildResult`: drives one child run to its end
+(`_children.drive_child`; replay reads the recorded child instead)."""
 
 
 class Run:
@@ -77,7 +89,9 @@ class Run:
 
     def __init__(self, compiled: Compiled, record: RunRecord, owner: Owner, ports: Ports, *,
                  input: Any, input_values: dict[str, Any], snap: Snapshot, seq: int = 0,
-                 budget: Budget | None = None) -> None:
+                 budget: Budget | None = None, ledger: Spent | None = None) -> None:
+        """`ledger`: a child run's parent's budget ledger, which it shares (a top-level run
+        has its own)."""
         self.machine = compiled.machine
         self.record = record
         self.run_id = record.run_id
@@ -89,13 +103,15 @@ class Run:
         self.history: dict[str, list[Any]] = snap.history  # state -> its committed outputs, oldest first
         self.path: list[str] = snap.path
         self.usage = snap.usage
-        self.spent = Spent(snap.cost_usd or 0.0, self.usage, snap.seconds)
+        self.cost_usd = snap.cost_usd or 0.0  # the run's own, its children's rolled up as they join
         self.cost_known = snap.cost_usd is not None
+        self.spent = ledger or Spent(cost_usd=self.cost_usd, tokens=self.usage.paid_tokens, seconds=snap.seconds)
+        self.is_child = ledger is not None
         self.budget = budget or Budget()
         self.status = RunStatus.RUNNING
         self.error: str | None = None
-        self._compiled = compiled
-        self._ports = ports
+        self.compiled = compiled
+        self.ports = ports
         self._hooks = ports.hooks
         self._input_values = input_values
         self._code = UserCode()
@@ -122,14 +138,14 @@ class Run:
     def result(self) -> RunResult:
         return RunResult(run_id=self.run_id, machine=self.machine.name, status=self.status,
                          path=list(self.path), outputs=dict(self.outputs), usage=self.usage,
-                         cost_usd=self.spent.cost_usd if self.cost_known else None, error=self.error)
+                         cost_usd=self.cost_usd if self.cost_known else None, error=self.error)
 
     # ------------------------------------------------------------------ one step
 
     async def step(self) -> TransitionRecord:
         """Run the current state, judge its output, move, commit; return the committed row."""
         self._check_can_step()
-        plan = self._compiled.plans[self.position.state]
+        plan = self.compiled.plans[self.position.state]
         step = TransitionRecord(run_id=self.run_id, seq=self.seq + 1, from_state=plan.state.name,
                                 attempt=self.position.attempt, started_at=now_iso(), source=plan.source)
         started = perf_counter()
@@ -184,8 +200,10 @@ class Run:
     async def _run_state(self, state: State, step: TransitionRecord, ctx: StepContext) -> Any:
         if isinstance(state, LLMState):
             return await self._llm.execute(state, step, ctx, self._values, self.spent)
+        if isinstance(state, (MachineState, MapState)):
+            return await self._children(state, step, ctx)
         assert isinstance(state, PythonState)
-        override = self._ports.python_override
+        override = self.ports.python_override
         try:
             result = await (self._code.call(state.run, ctx, timeout=state.timeout) if override is None
                             else self._code.call(override, state, ctx, timeout=None))
@@ -199,6 +217,69 @@ class Run:
         except (TypeError, ValueError) as exc:
             raise StepError(f"returned a value that cannot be stored: {exc}", run_id=self.run_id,
                             state=state.name) from None
+
+    async def _children(self, state: MachineState | MapState, step: TransitionRecord, ctx: StepContext) -> Any:
+        """The output of a machine or map state: its child runs, `concurrency` at a time, each
+        driven to its end (`_children`); the items' outputs in item order. The step's usage and
+        cost are the children's, in all, once they join: a failed step carries none (its
+        children keep theirs, and a resume continues them)."""
+        drive = self.ports.children
+        if drive is None:
+            raise StepError("this engine cannot run child runs", run_id=self.run_id, state=state.name)
+        slot = len(self.history.get(state.name, ())) + 1  # the slot's children: same after a failure
+        if isinstance(state, MachineState):
+            inputs = [None if state.input is None else await self._user(state, "input", state.input, ctx)]
+        else:
+            items = await self._user(state, "items", state.items, ctx)
+            try:
+                items = list(items)
+            except TypeError:
+                raise StepError(f"items() returned {type(items).__name__}, not a list", fix="return a list of items",
+                                run_id=self.run_id, state=state.name) from None
+            wrap = state.item_model is None and not isinstance(state.each, Machine)
+            inputs = [{"item": output_json(item)} if wrap else item for item in items]
+        gate = asyncio.Semaphore(state.concurrency if isinstance(state, MapState) else 1)
+
+        async def one(item: int, child_input: Any) -> ChildResult:
+            async with gate:
+                return await drive(self, state, slot, item, child_input)
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i, child_input)) for i, child_input in enumerate(inputs)]
+        results = [task.result() for task in tasks]
+        failed = [(i, r) for i, r in enumerate(results) if r.status not in (RunStatus.COMPLETED, RunStatus.TERMINATED)]
+        over = next((r for _, r in failed if r.status is RunStatus.BUDGET_EXCEEDED), None)
+        if over is not None:
+            raise BudgetExceededError(f"child run {over.run_id}: {over.error}", fix="raise the limit and resume",
+                                      run_id=self.run_id, state=state.name)
+        if failed and (isinstance(state, MachineState) or state.on_item_error == "fail"):
+            i, first = failed[0]
+            raise StepError(f"{len(failed)} of {len(results)} child run(s) did not finish; the first, item {i} "
+                            f"(run {first.run_id}), is {first.status.value}: {first.error}",
+                            fix="resume the run: finished items are kept, the others continue",
+                            run_id=self.run_id, state=state.name)
+        for r in results:
+            step.usage.add(r.usage)
+            step.cost_usd = None if step.cost_usd is None or r.cost_usd is None else step.cost_usd + r.cost_usd
+        if isinstance(state, MachineState):
+            return restore_output(state, results[0].output)
+        outputs = restore_output(state, [
+            ItemError(item=i, run_id=r.run_id, status=r.status.value, error=r.error or "").to_json()
+            if (i, r) in failed else r.output for i, r in enumerate(results)])
+        if state.reduce is None or failed:
+            return outputs
+        return restore_output(state, await self._user(state, "reduce", state.reduce, outputs))
+
+    async def _user(self, state: State, what: str, fn: Callable[[Any], Any], arg: Any) -> Any:
+        """`fn(arg)`, user code of `state` other than its main function (a map state's `items`,
+        a machine state's `input`): what it raises fails the step, naming it."""
+        try:
+            return await self._code.call(fn, arg, timeout=state.timeout)
+        except CodeError as err:
+            if isinstance(err.cause, OrchError):
+                raise err.cause from None
+            raise StepError(err.message(f"{what}() raised ", f"{what}() of state '{state.name}'"),
+                            run_id=self.run_id, state=state.name) from err.cause
 
     async def _within_time_budget(self, state: State, step: TransitionRecord, ctx: StepContext) -> Any:
         """The state run, stopped when the run reaches its `max_seconds`."""
@@ -294,7 +375,7 @@ class Run:
         """Fire the decision's trigger and return the decision taken. A loop bound that blocks
         it takes the state's `on_exhausted` decision instead (the reason says why), or, with
         none declared, fails the step."""
-        if self._compiled.fire(self.position, decision):
+        if self.compiled.fire(self.position, decision):
             return decision
         state = plan.state
         target = self.machine.table[state.name][decision]
@@ -312,7 +393,7 @@ class Run:
                                       run_id=self.run_id, state=state.name)
             why = f"'{target}' reached max_visits={bound}"
         exhausted = state.on_exhausted
-        if exhausted is None or exhausted.value == decision or not self._compiled.fire(self.position,
+        if exhausted is None or exhausted.value == decision or not self.compiled.fire(self.position,
                                                                                       exhausted.value):
             raise blocked
         step.reason = f"{decision} blocked ({why}): on_exhausted -> {exhausted.value}; {step.reason}"[
@@ -321,7 +402,7 @@ class Run:
 
     async def _commit(self, step: TransitionRecord, status: RunStatus | None) -> None:
         try:
-            await self._ports.store.append(step, self.owner, status=status, error=step.error)
+            await self.ports.store.append(step, self.owner, status=status, error=step.error)
         except Exception as exc:
             self._broken = exc
             if not isinstance(exc, OwnershipLostError):
@@ -334,8 +415,11 @@ class Run:
         self.usage.add(step.usage)
         if step.cost_usd is None:
             self.cost_known = False
-        self.spent.cost_usd += step.cost_usd or 0.0
-        self.spent.seconds += step.latency_ms / 1000.0
+        self.cost_usd += step.cost_usd or 0.0
+        if step.source != "child":  # children added their steps to the ledger as they committed
+            self.spent.add(step.usage, step.cost_usd)
+        if not self.is_child:  # a child's time is its parent's step's
+            self.spent.seconds += step.latency_ms / 1000.0
         if step.committed:
             value = None if type(output) is BudgetRoute else output
             self.outputs[state.name] = value
@@ -408,7 +492,7 @@ class Run:
 
     async def _release_quietly(self, status: RunStatus, error: str) -> None:
         try:
-            await self._ports.store.release(self.run_id, self.owner, status, error)
+            await self.ports.store.release(self.run_id, self.owner, status, error)
         except OrchError:
             pass  # the owner check on resume treats a dead process as gone anyway
         self.status = status

@@ -24,6 +24,7 @@ from ._rows import json_encoder
 LEGACY, CANONICAL = 1, 2
 RUN_FIELDS = ("run_id", "machine", "machine_ref", "machine_hash", "input", "created_at", "chain_version",
               "chain_key")
+PARENT_FIELDS = ("parent_run_id", "parent_state", "item")  # hashed too, for a child run only
 ROW_COLUMNS = ("run_id", "seq", "from_state", "to_state", "decision", "reason", "attempt", "started_at",
                "latency_ms", "source", "input_tokens", "output_tokens", "cache_read_tokens",
                "cache_write_tokens", "cost_usd", "error", "output", "request", "response", "request_id",
@@ -82,8 +83,10 @@ class AuditKey:
         return keyed
 
     def anchor(self, run: Mapping[str, Any]) -> str:
-        """What a version-2 run's first row chains to: the hash of the run row's identity."""
-        return self.digest(canonical({name: run[name] for name in RUN_FIELDS}).encode())
+        """What a version-2 run's first row chains to: the hash of the run row's identity (and,
+        for a child run, of its parent's; a top-level run hashes as before children existed)."""
+        names = RUN_FIELDS + PARENT_FIELDS if run.get("parent_run_id") is not None else RUN_FIELDS
+        return self.digest(canonical({name: run[name] for name in names}).encode())
 
     def link(self, version: int, previous: str, row: Mapping[str, Any], attempts: Sequence[Mapping[str, Any]]
              ) -> str:

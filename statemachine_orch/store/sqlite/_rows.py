@@ -57,9 +57,12 @@ def real(value: float | None) -> float | None:
 
 def run_identity(run: RunRecord, chain_version: int, chain_key: str | None) -> dict[str, Any]:
     """The `runs` columns a new run's audit chain is anchored to, as they are stored."""
+    parent = run.parent
     return {"run_id": run.run_id, "machine": run.machine, "machine_ref": run.machine_ref,
             "machine_hash": run.machine_hash, "input": dump(run.input), "created_at": run.created_at,
-            "chain_version": chain_version, "chain_key": chain_key}
+            "chain_version": chain_version, "chain_key": chain_key,
+            "parent_run_id": parent and parent.run_id, "parent_state": parent and parent.state,
+            "item": parent and parent.item}
 
 
 def transition_row(r: TransitionRecord, request: str | None) -> dict[str, Any]:

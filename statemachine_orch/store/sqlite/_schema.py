@@ -1,6 +1,6 @@
 """The SQLite schema: tables, indexes and views as SQL, and the migrations between versions.
 
-Version 6 (docs/storage.md). A database is created at the current version in one transaction,
+Version 7 (docs/storage.md). A database is created at the current version in one transaction,
 or upgraded to it in one transaction: every migration from its version on, then `_conform`,
 which rebuilds (with sqlite-utils' `transform`) any table whose columns differ from a new
 database's in order, NOT NULL or default, so an upgraded database has exactly the schema of a
@@ -20,7 +20,7 @@ from typing import Any
 from ...errors import ForeignDatabaseError, SchemaVersionError, StoreError
 from ._chain import CHAINED_COLUMNS, legacy_first_link, legacy_hash
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 READABLE_FROM = 3
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
 
@@ -30,6 +30,11 @@ _TOTALS_INDEXES = """
 CREATE INDEX runs_finished_totals ON runs (machine, status, steps, input_tokens, output_tokens, cost_usd,
     cache_hits) WHERE status IN ('completed', 'terminated');
 CREATE INDEX runs_unfinished ON runs (machine, status) WHERE status NOT IN ('completed', 'terminated');
+"""
+
+# child runs (a sub-machine's run, a map state's items) by their parent, in item order
+_CHILDREN = """
+CREATE INDEX runs_children ON runs (parent_run_id, parent_state, item) WHERE parent_run_id IS NOT NULL;
 """
 
 _TAKEOVERS = """
@@ -66,11 +71,14 @@ CREATE TABLE runs (
     cache_hits    INTEGER NOT NULL DEFAULT 0,
     chain_version INTEGER NOT NULL DEFAULT 1,
     chain_key     TEXT,
-    chain_anchor  TEXT
+    chain_anchor  TEXT,
+    parent_run_id TEXT,
+    parent_state  TEXT,
+    item          INTEGER
 );
 CREATE INDEX runs_by_created ON runs (created_at, run_id);
 CREATE INDEX runs_by_machine ON runs (machine, created_at);
-CREATE TABLE transitions (
+""" + _CHILDREN + """CREATE TABLE transitions (
     run_id             TEXT NOT NULL REFERENCES runs (run_id),
     seq                INTEGER NOT NULL,
     from_state         TEXT NOT NULL,
@@ -203,6 +211,12 @@ ALTER TABLE runs ADD COLUMN chain_version INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE runs ADD COLUMN chain_key TEXT;
 ALTER TABLE runs ADD COLUMN chain_anchor TEXT;
 """,
+    # child runs: the run, state and item that started each one
+    6: """
+ALTER TABLE runs ADD COLUMN parent_run_id TEXT;
+ALTER TABLE runs ADD COLUMN parent_state TEXT;
+ALTER TABLE runs ADD COLUMN item INTEGER;
+""" + _CHILDREN,
 }
 
 

@@ -39,7 +39,7 @@ from ...errors import (
     StoreError,
     UsageError,
 )
-from ...types import Attempt, RunRecord, RunStatus, Takeover, TransitionRecord, now_iso
+from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, TransitionRecord, now_iso
 from .._contract import MachineTotals, RunSummary
 from .._owner import Owner, owner_from_json, who_am_i
 from ._chain import CANONICAL, AuditKey, last_link, require_intact, verify
@@ -57,6 +57,8 @@ SQLTracer = Callable[[str, Any], None]
 """`tracer(sql, params)`, called before each statement the store executes (as in sqlite-utils)."""
 T = TypeVar("T")
 _FINISHED = (RunStatus.COMPLETED.value, RunStatus.TERMINATED.value)
+_SUMMARY = ("run_id, machine, status, created_at, updated_at, error, owner_info, steps, input_tokens, output_tokens, "
+            f"cost_usd, {IN_DOUBT_OF_RUN}")
 
 class SQLiteStore:
     """The default store: a local SQLite file, safe for many processes on one machine.
@@ -104,6 +106,8 @@ class SQLiteStore:
         except BaseException:
             conn.close()
             raise
+        # a file of an older version, opened read-only, has no child runs (nor their columns)
+        self._children = any(row[1] == "parent_run_id" for row in conn.execute("PRAGMA table_info(runs)"))
 
     @cached_property
     def db(self) -> sqlite_utils.Database:
@@ -125,8 +129,9 @@ class SQLiteStore:
         anchor = self._audit.anchor(identity)
         try:
             self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, created_at, "
-                            "chain_version, chain_key, chain_anchor, options, status, error, updated_at, owner, "
-                            "owner_info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            "chain_version, chain_key, parent_run_id, parent_state, item, chain_anchor, options, "
+                            "status, error, updated_at, owner, owner_info) "
+                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (*identity.values(), anchor, dump(run.options), run.status.value, text(run.error),
                        run.updated_at, owner.token, owner.info_json()))
         except sqlite3.IntegrityError:
@@ -275,6 +280,8 @@ class SQLiteStore:
             owner=row["owner"], in_flight=load(row["in_flight"], "run", run_id, "in-flight mark"),
             stale=stale(self._owners, row["status"], row["owner_info"]),
             takeovers=self._takeovers(conn, run_id),
+            parent=Parent(row["parent_run_id"], row["parent_state"], row["item"]) if row.get("parent_run_id")
+            else None,
         )
 
     def _takeovers(self, conn: sqlite3.Connection, run_id: str) -> list[Takeover]:
@@ -342,12 +349,20 @@ class SQLiteStore:
         return None
 
     async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
-                        limit: int = 50, before: str | None = None) -> list[RunSummary]:
+                        limit: int = 50, before: str | None = None, parent: str | None = None) -> list[RunSummary]:
+        if parent is not None:
+            return await self._read(self._children_of, parent)
         return await self._read(self._list_runs, machine, status, limit, before)
+
+    def _children_of(self, conn: sqlite3.Connection, parent: str) -> list[RunSummary]:
+        if not self._children:
+            return []
+        return self._summaries(conn, f"SELECT {_SUMMARY} FROM runs WHERE parent_run_id = ? "
+                                     "ORDER BY parent_state, item, created_at", [parent])
 
     def _list_runs(self, conn: sqlite3.Connection, machine: str | None, status: RunStatus | None,
                    limit: int, before: str | None) -> list[RunSummary]:
-        where: list[str] = []
+        where: list[str] = ["parent_run_id IS NULL"] if self._children else []
         params: list[Any] = []
         if machine:
             where.append("machine = ?")
@@ -358,11 +373,13 @@ class SQLiteStore:
         if before:
             where.append("(created_at, run_id) < (SELECT created_at, run_id FROM runs WHERE run_id = ?)")
             params.append(before)
-        sql = ("SELECT run_id, machine, status, created_at, updated_at, error, owner_info, steps, input_tokens, "
-               f"output_tokens, cost_usd, {IN_DOUBT_OF_RUN} FROM runs "
+        sql = (f"SELECT {_SUMMARY} FROM runs "
                + ("WHERE " + " AND ".join(where) + " " if where else "")
                + "ORDER BY created_at DESC, run_id DESC LIMIT ?")
         params.append(limit)
+        return self._summaries(conn, sql, params)
+
+    def _summaries(self, conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[RunSummary]:
         summaries = []
         for row in self._query(conn, sql, params):
             gone = stale(self._owners, row["status"], row.pop("owner_info"))
