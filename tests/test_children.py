@@ -29,7 +29,7 @@ from statemachine_orch import (
     open_store,
     replay_run,
 )
-from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, error
+from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, error
 
 from .helpers import query
 
@@ -105,3 +105,175 @@ def test_a_map_state_runs_one_child_per_item_and_joins_them_in_item_order(
     assert work.cost_usd == pytest.approx(sum(r.cost_usd or 0.0 for r in kid_rows))
     assert result.cost_usd == pytest.approx(work.cost_usd)
     assert len(fake.requests) == 3
+
+
+def test_a_failed_item_fails_the_step_and_a_resume_pays_only_for_the_unfinished_items(
+        engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
+    answer_by_prompt(fake, fail=frozenset({"Style casual: write it casual"}))
+    machine = workers(concurrency=3)
+    failed = engine.run(machine)
+    assert failed.status is RunStatus.FAILED
+    assert "1 of 3 child run(s) did not finish; the first, item 1" in (failed.error or "")
+    assert [k["status"] for k in children(db_path)] == ["completed", "failed", "completed"]
+    failed_row = log_of(db_path, failed.run_id)[-1]
+    assert (failed_row.from_state, failed_row.to_state, failed_row.cost_usd) == ("work", None, 0.0)
+    paid = query(db_path, "SELECT sum(cost_usd) AS c FROM runs WHERE parent_run_id IS NOT NULL")[0]["c"]
+
+    answer_by_prompt(fake)  # the API recovers
+    fake.requests.clear()
+    with Engine(open_store(db_path), model=fake.model()) as again:  # as a new process would
+        result = again.resume(failed.run_id, machine)
+    assert result.status is RunStatus.COMPLETED
+    assert [r.body["messages"][0]["content"] for r in fake.requests] == ["Style casual: write it casual"]
+    assert [k["status"] for k in children(db_path)] == ["completed"] * 3
+    # every item's cost is counted once: the joined step carries all three children's
+    work = log_of(db_path, result.run_id)[-2]
+    assert work.cost_usd == pytest.approx(sum(k["cost_usd"] for k in children(db_path)))
+    assert work.cost_usd > paid
+
+
+def test_with_on_item_error_guard_the_guard_sees_the_failed_items(
+        engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
+    answer_by_prompt(fake, fail=frozenset({"Style terse: write it terse"}))
+    seen: list[Any] = []
+
+    def judge(outputs: list[Any], ctx: StepContext) -> FlowDecision:
+        seen.append(outputs)
+        return FlowDecision.CONTINUE
+
+    machine = Machine("lenient", [
+        PythonState("orchestrate", run=plan),
+        MapState("work", needs=["orchestrate"], items=lambda ctx: ctx.outputs["orchestrate"],
+                 item_model=Subtask, each=LLMState("worker", prompt="Style {kind}: {description}"),
+                 on_item_error="guard", guard=judge),
+    ])
+    result = engine.run(machine)
+    assert result.status is RunStatus.COMPLETED
+    (outputs,) = seen
+    assert outputs[:2] == ["done: Style formal: write it formal", "done: Style casual: write it casual"]
+    assert isinstance(outputs[2], ItemError)
+    assert (outputs[2].item, outputs[2].status, outputs[2].run_id) == (2, "failed", f"{result.run_id}.1.1.2")
+    # stored and read back as the same ItemError
+    assert result.outputs["work"][2] == outputs[2]
+
+
+def test_a_map_over_python_items_reduces_its_outputs(engine: Engine, db_path: Path) -> None:
+    machine = Machine("squares", [
+        MapState("square", items=lambda ctx: range(5), each=PythonState("one", run=lambda ctx: ctx.input["item"] ** 2),
+                 reduce=sum),
+    ])
+    result = engine.run(machine)
+    assert result.status is RunStatus.COMPLETED
+    assert result.outputs["square"] == 30
+    assert len(children(db_path)) == 5
+
+
+class Draft(BaseModel):
+    topic: str
+
+
+def test_a_machine_state_runs_a_sub_machine_as_a_child_run(
+        engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
+    answer_by_prompt(fake)
+    writer = Machine("writer", [
+        LLMState("draft", prompt="Draft about {topic}"),
+        LLMState("polish", prompt="Polish: {draft}", needs=["draft"]),
+    ], input_model=Draft)
+    parent = Machine("editor", [
+        PythonState("pick", run=lambda ctx: "owls"),
+        MachineState("write", needs=["pick"], machine=writer, input=lambda ctx: {"topic": ctx.outputs["pick"]}),
+    ])
+    result = engine.run(parent)
+    assert result.status is RunStatus.COMPLETED
+    assert result.outputs["write"] == "done: Polish: done: Draft about owls"
+    (kid,) = children(db_path)
+    assert (kid["run_id"], kid["machine"], kid["parent_state"]) == (f"{result.run_id}.1.1.0", "writer", "write")
+    assert [r.from_state for r in log_of(db_path, kid["run_id"])] == ["draft", "polish"]
+    assert log_of(db_path, result.run_id)[1].usage.input_tokens == sum(
+        r.usage.input_tokens for r in log_of(db_path, kid["run_id"]))
+
+
+def test_a_run_with_children_replays_item_by_item_with_zero_calls(
+        engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
+    answer_by_prompt(fake)
+    result = engine.run(workers())
+    fake.requests.clear()
+
+    async def replay(machine: Machine) -> Any:
+        store = open_store(db_path)
+        try:
+            return await replay_run(store, result.run_id, machine)
+        finally:
+            await store.close()
+
+    report = asyncio.run(replay(workers()))
+    assert report.matches and report.compared == 3
+    assert fake.requests == []
+    changed = Machine("workers", [
+        PythonState("orchestrate", run=plan),
+        MapState("work", needs=["orchestrate"], items=lambda ctx: ctx.outputs["orchestrate"],
+                 item_model=Subtask, each=LLMState("worker", prompt="Tone {kind}: {description}")),
+        PythonState("summary", needs=["work"], run=lambda ctx: " | ".join(ctx.outputs["work"])),
+    ])
+    report = asyncio.run(replay(changed))
+    assert report.divergence is not None and report.divergence.state == "work"
+    assert f"item 0 (run {result.run_id}.1.1.0)" in report.divergence.describe()
+    assert "Tone formal" in report.divergence.describe()
+    assert fake.requests == []
+
+
+def test_concurrent_items_cannot_overspend_the_budget_together(
+        engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
+    """Eight items at once, each call able to cost about 1,000 tokens, under a 3,500-token
+    budget: the calls in flight reserve their worst case, so three go out, and once they
+    have spent 3,000 tokens no fourth fits. Without reservations all eight would be sent."""
+    fake.default = lambda request: Reply(text="long answer", input_tokens=100, output_tokens=900)
+    machine = Machine("many", [
+        MapState("work", items=lambda ctx: range(8), concurrency=8,
+                 each=LLMState("worker", prompt="Item {item}", max_tokens=900)),
+    ])
+    result = engine.run(machine, budget=Budget(max_tokens=3_500))
+    assert result.status is RunStatus.BUDGET_EXCEEDED
+    assert len(fake.requests) == 3
+    spent = query(db_path, "SELECT sum(input_tokens + output_tokens) AS t FROM runs WHERE parent_run_id = ?",
+                  result.run_id)[0]["t"]
+    assert spent == 3_000
+    assert "budget exceeded before calling worker" in (result.error or "")
+
+
+def test_calls_in_flight_wait_for_each_other_rather_than_fail_when_they_may_fit(
+        engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
+    """The same budget with answers far below their worst case: every item gets its call."""
+    fake.default = lambda request: Reply(text="short", input_tokens=10, output_tokens=5)
+    machine = Machine("many", [
+        MapState("work", items=lambda ctx: range(8), concurrency=8,
+                 each=LLMState("worker", prompt="Item {item}", max_tokens=900)),
+    ])
+    result = engine.run(machine, budget=Budget(max_tokens=3_500))
+    assert result.status is RunStatus.COMPLETED
+    assert len(fake.requests) == 8
+
+
+def test_map_and_machine_states_are_validated() -> None:
+    def problems(*states: Any) -> list[str]:
+        with pytest.raises(DefinitionError) as raised:
+            Machine("m", list(states))
+        return [p.split(": ", 1)[1] for p in raised.value.problems]
+
+    assert problems(MapState("m", items=lambda ctx: [], each=LLMState("w", prompt="{nothing}"), concurrency=0)) == [
+        "state 'm': its each= state 'w': prompt uses {nothing}, which no input field or needed state provides; "
+        "fix: add the field to input_model or input_vars, or fix the spelling",
+        "state 'm': concurrency=0 is not a positive integer; fix: set concurrency=4 (items run at once)",
+    ]
+    assert problems(MapState("m", items=lambda: [], each="worker")) == [  # type: ignore[arg-type]
+        "state 'm': each='worker' is not an LLMState, a PythonState or a Machine; fix: pass one of them",
+        "state 'm': items= does not take one argument; fix: define it as def items(ctx) -> list",
+    ]
+    assert problems(PythonState("a", run=lambda ctx: 1),
+                    MapState("m", needs=["a"], items=lambda ctx: [], on_item_error="guard",
+                             each=LLMState("w", prompt="{a}", needs=["a"]))) == [
+        "state 'm': on_item_error='guard' needs a guard to judge the failed items; fix: add guard= that checks "
+        "for ItemError in the outputs",
+        "state 'm': its each= state 'w' has needs, but an item reads only its item; fix: put what each item "
+        "needs into the items (items=lambda ctx: [...])",
+    ]

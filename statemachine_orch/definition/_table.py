@@ -148,6 +148,8 @@ def _child_machine(machine: Machine, state: State, problems: Problems) -> Machin
         problems.add(state.name, f"each={each!r} is not an LLMState, a PythonState or a Machine", "pass one of them")
         return None
     assert isinstance(state, MapState)
+    if each.needs or each.needs_if_ran:
+        return None  # an item reads only its item: reported by validation
     try:
         child = Machine(f"{machine.name}__{state.name}", [each], model=machine.model,
                         input_model=state.item_model, input_vars=None if state.item_model else {"item": _item},

@@ -10,6 +10,7 @@ picks the step up where its process stopped.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -59,6 +60,8 @@ class Spent:
     seconds: float = 0.0
     reserved_usd: float = 0.0
     reserved_tokens: int = 0
+    in_flight: int = 0  # calls holding a reservation
+    _released: asyncio.Event | None = None  # set when a reservation is given back
 
     def add(self, usage: Usage, cost_usd: float | None) -> None:
         self.tokens += usage.paid_tokens
@@ -66,8 +69,18 @@ class Spent:
 
     def reserve(self, tokens: int, cost_usd: float | None, sign: int = 1) -> None:
         """Hold (sign 1) or give back (sign -1) a call's worst case while it is in flight."""
+        self.in_flight += sign
         self.reserved_tokens += sign * tokens
-        self.reserved_usd += sign * (cost_usd or 0.0)
+        self.reserved_usd = self.reserved_usd + sign * (cost_usd or 0.0) if self.in_flight else 0.0  # no drift
+        if sign < 0 and self._released is not None:
+            self._released.set()
+            self._released = None
+
+    async def settled(self) -> None:
+        """Wait until a call in flight gives back its reservation."""
+        if self._released is None:
+            self._released = asyncio.Event()
+        await self._released.wait()
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -193,11 +206,14 @@ class LLMStep:
         body = reask or body
         started = rec.started_at if primary is None else now_iso()  # the step's first call starts with it
         while True:
-            held: tuple[int, float | None] = (0, None)
+            held: tuple[int, float | None] | None = None
             if self._budgeted:
-                route = self._afford(state, rec, spent, body)
-                if route is not None:
-                    return route
+                short = self._over_budget(state, rec, spent, body)
+                while short is not None and spent.in_flight:
+                    await spent.settled()  # a sibling's call in flight may cost less than its worst case
+                    short = self._over_budget(state, rec, spent, body)
+                if short is not None:
+                    return self._budget_route(state, rec, body, short)
                 _, worst_usage, worst_usd = self._worst_case(state, body)
                 held = (worst_usage.paid_tokens, worst_usd)
                 spent.reserve(*held)
@@ -220,7 +236,8 @@ class LLMStep:
                                    run_id=rec.run_id, state=state.name)
                 failure.__cause__ = exc
             finally:  # also when the step is cancelled mid-retry: the tries already made are logged
-                spent.reserve(*held, sign=-1)
+                if held is not None:
+                    spent.reserve(*held, sign=-1)
                 if request.attempts:
                     self._add_attempts(rec, request.attempts)
             if failure is not None:
@@ -307,8 +324,9 @@ class LLMStep:
                  else Usage(input_tokens=estimate, output_tokens=state.max_tokens))
         return estimate, usage, self.prices.cost(body["model"], usage)
 
-    def _afford(self, state: LLMState, rec: TransitionRecord, spent: Spent, body: dict[str, Any]) -> BudgetRoute | None:
-        """Check the run's budget against this call's worst case before sending it."""
+    def _over_budget(self, state: LLMState, rec: TransitionRecord, spent: Spent, body: dict[str, Any]) -> str | None:
+        """Why the budget cannot cover this call's worst case on top of what is spent and
+        reserved, or None when it can."""
         budget = self.budget
         estimate, worst_usage, worst = self._worst_case(state, body)
         worst_tokens = worst_usage.paid_tokens
@@ -325,8 +343,10 @@ class LLMStep:
             elif so_far + worst > budget.max_cost_usd:
                 problem = (f"cost: spent ${so_far:.4f} + worst case ${worst:.4f} > max_cost_usd "
                            f"${budget.max_cost_usd:.4f}")
-        if problem is None:
-            return None
+        return problem
+
+    def _budget_route(self, state: LLMState, rec: TransitionRecord, body: dict[str, Any], problem: str) -> BudgetRoute:
+        """The state's `on_budget` route for a call the budget cannot cover, else BudgetExceededError."""
         if state.on_budget is not None:
             return BudgetRoute(f"budget exhausted before calling {state.name} ({problem}); "
                                f"routed to {state.on_budget.value}")

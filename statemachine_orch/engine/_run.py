@@ -244,14 +244,19 @@ class Run:
             async with gate:
                 return await drive(self, state, slot, item, child_input)
 
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(i, child_input)) for i, child_input in enumerate(inputs)]
+        tasks: list[asyncio.Task[ChildResult]] = []
+        try:
+            async with asyncio.TaskGroup() as group:  # what a child raises stops the others
+                tasks += [group.create_task(one(i, child_input)) for i, child_input in enumerate(inputs)]
+        except BaseExceptionGroup as raised:  # the lowest item's, as one error (a store error, a divergence)
+            lowest = next((t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+            raise (lowest or raised.exceptions[0]) from None
         results = [task.result() for task in tasks]
         failed = [(i, r) for i, r in enumerate(results) if r.status not in (RunStatus.COMPLETED, RunStatus.TERMINATED)]
         over = next((r for _, r in failed if r.status is RunStatus.BUDGET_EXCEEDED), None)
         if over is not None:
-            raise BudgetExceededError(f"child run {over.run_id}: {over.error}", fix="raise the limit and resume",
-                                      run_id=self.run_id, state=state.name)
+            raise BudgetExceededError(f"child run {over.run_id} stopped: {over.error}", run_id=self.run_id,
+                                      state=state.name)
         if failed and (isinstance(state, MachineState) or state.on_item_error == "fail"):
             i, first = failed[0]
             raise StepError(f"{len(failed)} of {len(results)} child run(s) did not finish; the first, item {i} "
