@@ -68,6 +68,7 @@ class _Validator:
             return self.problems  # later checks need unique, valid names
         for state in m.states:
             self._state(state)
+        self._result()
         if not self.table.complete:
             return self.problems  # graph checks need a whole transition table
         self._reachability()
@@ -143,6 +144,21 @@ class _Validator:
         if not _takes(fn, 2):
             self.add(state, "guard does not take (output, context)",
                      "define it as def my_guard(output, ctx) -> FlowDecision")
+
+    def _result(self) -> None:
+        result = self.m.result
+        if result is None:
+            return
+        if isinstance(result, str):
+            if result not in self.m.by_name:
+                self.add(None, f"result names unknown state {result!r}",
+                         f"use one of {[s.name for s in self.m.states]}")
+        elif not callable(result):
+            self.add(None, "result is neither a state name nor a function",
+                     "pass result='state_name' or result=lambda outputs: ...")
+        elif not _takes(result, 1):
+            self.add(None, "result function does not take (outputs)",
+                     "define it as def result(outputs) -> value")
 
     def _llm_state(self, state: LLMState) -> None:
         m = self.m

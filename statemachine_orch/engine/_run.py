@@ -47,6 +47,7 @@ from ..types import (
     Verdict,
     now_iso,
     output_json,
+    run_output,
 )
 from ._context import context
 from ._fsm import Compiled, Plan
@@ -120,7 +121,8 @@ class Run:
     def result(self) -> RunResult:
         return RunResult(run_id=self.run_id, machine=self.machine.name, status=self.status,
                          path=list(self.path), outputs=dict(self.outputs), usage=self.usage,
-                         cost_usd=self.spent.cost_usd if self.cost_known else None, error=self.error)
+                         cost_usd=self.spent.cost_usd if self.cost_known else None, error=self.error,
+                         output=run_output(self.machine.result, self.outputs, self.path))
 
     # ------------------------------------------------------------------ one step
 
