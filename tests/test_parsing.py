@@ -67,9 +67,9 @@ class Spy:
 
 def picking(*, guard: Any = None, use: str = "Act on: {pick}", **options: Any) -> Machine:
     """`pick` answers in tags, `use` reads the parsed answer from its prompt."""
+    options = {"parse": xml_tags("thoughts", "response"), **options}
     return Machine("picking", model=MODEL, states=[
-        LLMState("pick", prompt="Pick A or B.", parse=xml_tags("thoughts", "response"), guard=guard,
-                 **options),
+        LLMState("pick", prompt="Pick A or B.", guard=guard, **options),
         LLMState("use", prompt=use, needs=["pick"]),
     ])
 
@@ -230,6 +230,31 @@ def test_a_parsed_answer_whose_guard_failed_is_judged_again_on_resume(engine: En
     assert resumed.status is RunStatus.COMPLETED
     assert spy.seen == [PARSED, PARSED] and fake.calls("pick") == 1
     assert rows(engine, failed.run_id)[1].source == "recorded"
+
+
+def test_a_pending_answer_goes_through_the_parse_as_it_is_on_resume(engine: Engine, fake: FakeMessagesAPI) -> None:
+    fake.on("pick", reply(TAGGED)).on("use", reply("done"))
+    spy = Spy()
+
+    def choosing(output: Any, ctx: StepContext) -> Any:
+        spy.seen.append(output)
+        return FlowDecision.CONTINUE if output["choice"] == "B" else FlowDecision.TERMINATE
+
+    failed = engine.run(picking(guard=choosing))  # the guard wants a key the parse does not give
+    assert (failed.status, spy.seen) == (RunStatus.FAILED, [PARSED])
+    rejecting = picking(guard=choosing, parse=xml_tags("verdict"))
+    refused = engine.resume(failed.run_id, rejecting)  # the paid answer lacks <verdict>: unusable, no re-ask
+    assert (refused.status, fake.calls("pick")) == (RunStatus.FAILED, 1)
+    assert refused.error == ("LLMError: parse failed: ValueError: the answer has no <verdict> section; "
+                             "answer with <verdict>...</verdict>")
+
+    fake.on("pick", reply(TAGGED))
+    failed = engine.run(picking(guard=choosing), run_id="fixed")
+    fixed = picking(guard=choosing, parse=lambda text: {"choice": xml_tags("response")(text)["response"]})
+    resumed = engine.resume("fixed", fixed)
+    assert resumed.status is RunStatus.COMPLETED
+    assert spy.seen[-1] == {"choice": "B"} and resumed.outputs["pick"] == {"choice": "B"}
+    assert fake.calls("pick") == 2  # one per run: the resume parsed the paid answer again
 
 
 def test_a_parsed_answer_kept_before_its_process_stopped_is_committed_on_resume(

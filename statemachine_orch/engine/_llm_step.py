@@ -200,6 +200,14 @@ class LLMStep:
                             fix="return JSON data (a dict, list, str, number) or a pydantic model",
                             run_id=self.run_id, state=state.name) from None
 
+    def parse_again(self, state: LLMState, rec: TransitionRecord) -> Any:
+        """The output of `rec`'s recorded text answer by the state's `parse` as it is now (a
+        resume judging a paid answer again); one it rejects now is unusable, never re-asked."""
+        assert rec.response is not None
+        completion = completion_from_response(rec.response, None, rec.request_id)
+        output, problem = self._check(state, completion, None)
+        return output if problem is None else self._unusable(state, rec, completion, *problem)
+
     def _pick_up(self, state: LLMState, rec: TransitionRecord, tool_name: str | None
                  ) -> tuple[bool, dict[str, Any] | None, int]:
         """(picked up, the re-ask to send, repairs left) for this step. A step a stopped process
