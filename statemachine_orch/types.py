@@ -104,13 +104,26 @@ class RunStatus(str, Enum):  # noqa: UP042 (str mixin: statuses compare equal to
 
 
 class StepContext(NamedTuple):
-    """What a guard or Python step may read: the run input and the outputs it declared in `needs`."""
+    """What a guard or Python step may read: the run input, the latest outputs of the states
+    it declared in `needs` (and, those that ran, in `needs_if_ran`), and what earlier visits
+    of a loop produced (`history`). `attempt` counts the runs of this state in a row,
+    `visit` the times the run has entered it (1 the first time)."""
 
     run_id: str
     state: str
     attempt: int
     input: Any
     outputs: Mapping[str, Any]
+    visit: int = 1
+    past: Mapping[str, Sequence[Any]] = MappingProxyType({})
+
+    def history(self, state: str) -> list[Any]:
+        """The outputs `state` committed so far in this run, oldest first (the one being
+        judged now is not among them: it is committed after its guard)."""
+        try:
+            return list(self.past[state])
+        except KeyError:  # a context built by hand, with no history
+            return []
 
 
 Guard: TypeAlias = Callable[[Any, StepContext], "Decision | Verdict"]
@@ -397,8 +410,9 @@ class RunResult:
 
 def run_output(result: Result | None, outputs: Mapping[str, Any], path: Sequence[str]) -> Any:
     """What a run answers: the latest output of the `result` state, or `result(outputs)` (a
-    KeyError, an output it reads that does not exist yet, gives None); without a declared
-    result, the output of the state committed last. None while there is no such output."""
+    KeyError, an output it reads that does not exist yet, gives None; anything else it raises
+    is a DefinitionError); without a declared result, the output of the state committed last.
+    None while there is no such output."""
     if result is None:
         return outputs.get(path[-1]) if path else None
     if isinstance(result, str):

@@ -390,7 +390,8 @@ def test_needs_unknown_state() -> None:
 
 def test_needs_itself() -> None:
     assert problems_of(step("a"), step("b", needs=["b"])) == [
-        state_line("b", "needs itself", "remove it from needs")]
+        state_line("b", "needs itself",
+                   "remove it from needs (needs_if_ran=[...] reads its output of an earlier visit)")]
 
 
 @pytest.mark.parametrize(

@@ -244,7 +244,7 @@ def test_reading_an_output_not_in_needs_names_the_state_and_the_fix(
     fake.on("ask", ANSWER)
     assert failure(orch, f"{machines}:nosy") == (
         "error: StepError: state 'peek' read ctx.outputs['ask'], which is not in its needs; add 'ask' to "
-        "needs=[...] of state 'peek'")
+        "needs=[...] (or needs_if_ran=[...]) of state 'peek'")
 
 
 def test_off_the_main_thread_a_python_state_is_judged_by_its_timeout_when_it_returns(db_path: Path) -> None:

@@ -83,7 +83,7 @@ def test_a_var_that_raises_fails_the_step_naming_the_state_and_the_var(engine: E
 def test_a_var_reading_an_output_it_does_not_need_says_which_need_to_add(engine: Engine) -> None:
     result = engine.run(orchestrated(needs=[]), {"topic": "kites"})
     assert result.error == ("StepError: state 'work' read ctx.outputs['plan'], which is not in its needs; "
-                            "add 'plan' to needs=[...] of state 'work'")
+                            "add 'plan' to needs=[...] (or needs_if_ran=[...]) of state 'work'")
 
 
 def test_a_var_that_returns_what_no_prompt_can_hold_fails_the_step(engine: Engine) -> None:

@@ -1,7 +1,9 @@
 """The states a machine is made of, and the `guard` decorator that declares what a guard returns.
 
 `LLMState` wraps one Messages API call, `PythonState` one Python function; both share the
-guard, the `on=` overrides of the transition table, the loop bounds and the `timeout` of `State`.
+guard, the `on=` overrides of the transition table, the loop bounds (and `on_exhausted`, the
+decision taken when one stops a loop), what the state reads of earlier states (`needs`,
+`needs_if_ran`) and the `timeout` of `State`.
 `timeout` has one meaning everywhere: the most seconds any one call made for the state may
 take, be it a Messages API request, a Python state's function, a fallback function or the
 state's guard.
@@ -51,15 +53,18 @@ class State:
     name: str
     _: KW_ONLY
     needs: Sequence[str] = ()
+    needs_if_ran: Sequence[str] = ()  # read when they ran before (a loop's feedback): absent otherwise
     guard: Guard | None = None
     on: Mapping[Decision, str] = field(default_factory=dict)
     retry_limit: int | None = 3  # the most runs in a row (RETRY or any decision routed to itself)
     max_visits: int | None = None
+    on_exhausted: Decision | None = None  # taken when a loop bound blocks the guard's decision
     output: type[BaseModel] | None = None
     timeout: float | None = None  # seconds any one call for the state may take: a request, its function, its guard
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "needs", tuple(self.needs))
+        object.__setattr__(self, "needs_if_ran", tuple(self.needs_if_ran))
         object.__setattr__(self, "on", dict(self.on))
 
 

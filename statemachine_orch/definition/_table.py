@@ -85,7 +85,8 @@ def _targets(state: State, following: list[str], machine: Machine, problems: Pro
 
 def _decisions(state: State, targets: dict[str, str], problems: Problems) -> frozenset[str]:
     """What the state may decide: CONTINUE without a guard, its declared set with `@guard(...)`,
-    every decision of its table with an undeclared guard; plus its `on_budget` decision."""
+    every decision of its table with an undeclared guard; plus its `on_budget` and
+    `on_exhausted` decisions."""
     g = state.guard
     allowed: set[str] = {FlowDecision.CONTINUE.value}
     if g is not None and not callable(g):
@@ -104,16 +105,27 @@ def _decisions(state: State, targets: dict[str, str], problems: Problems) -> fro
                 allowed.add(value)
     elif g is not None:
         allowed = set(targets)
-    on_budget = state.on_budget if isinstance(state, LLMState) else None
-    if on_budget is not None:
-        value = decision_value(on_budget)
+    for label, taken in fallback_decisions(state).items():
+        value = decision_value(taken)
         if value is None or value not in targets:
-            problems.add(state.name, f"on_budget={on_budget!r} has no transition",
-                         "use a decision with an on= entry, e.g. on_budget=Branch('cheap') with "
-                         "on={Branch('cheap'): 'cheaper_state'}")
+            shown = _decision_repr(taken) if value is not None else repr(taken)
+            problems.add(state.name, f"{label}={shown} has no transition",
+                         f"use a decision with an on= entry, e.g. {label}=Branch('give_up') with "
+                         "on={Branch('give_up'): '<target state>'}")
         else:
             allowed.add(value)
     return frozenset(allowed)
+
+
+def fallback_decisions(state: State) -> dict[str, FlowDecision | Branch]:
+    """The decisions the engine takes for the state without its guard: `on_budget` when the
+    budget cannot cover a call, `on_exhausted` when a loop bound blocks the guard's decision."""
+    taken: dict[str, FlowDecision | Branch] = {}
+    if isinstance(state, LLMState) and state.on_budget is not None:
+        taken["on_budget"] = state.on_budget
+    if state.on_exhausted is not None:
+        taken["on_exhausted"] = state.on_exhausted
+    return taken
 
 
 def _templates(state: LLMState, problems: Problems) -> tuple[Template, Template | None] | None:

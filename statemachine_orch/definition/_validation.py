@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from ..types import END, Budget, FlowDecision, RetryPolicy
 from ._problems import Problems
 from ._states import DeclaredGuard, LLMState, PythonState, State
-from ._table import TransitionTable, decision_value
+from ._table import TransitionTable, decision_value, fallback_decisions
 
 if TYPE_CHECKING:
     from ._machine import Machine
@@ -73,6 +73,7 @@ class _Validator:
             return self.problems  # graph checks need a whole transition table
         self._reachability()
         self._needs_dominate()
+        self._needs_can_run_first()
         self._cycles()
         self._branch_depth()
         return self.problems
@@ -100,11 +101,10 @@ class _Validator:
         allowed = self.table.decisions[state.name]
         declared_on = [value for key, value in ((k, decision_value(k)) for k in state.on)
                        if value is not None and value in table and table[value] == state.on[key]]
-        on_budget = (decision_value(state.on_budget)
-                     if isinstance(state, LLMState) and state.on_budget is not None else None)
+        fallbacks = {decision_value(d) for d in fallback_decisions(state).values()}
         g = state.guard
         if g is None:
-            unused = [d for d in declared_on if d not in (FlowDecision.CONTINUE.value, on_budget)]
+            unused = [d for d in declared_on if d != FlowDecision.CONTINUE.value and d not in fallbacks]
             if unused:
                 self.add(state.name, f"has transitions for {unused} but no guard to choose them "
                          "(without a guard a state always continues)",
@@ -112,7 +112,7 @@ class _Validator:
         elif callable(g):
             self._guard_signature(state.name, g.fn if isinstance(g, DeclaredGuard) else g)
             if isinstance(g, DeclaredGuard):
-                unused = [d for d in declared_on if d not in allowed and d != on_budget]
+                unused = [d for d in declared_on if d not in allowed and d not in fallbacks]
                 if unused:
                     self.add(state.name, f"has transitions for {unused}, which its guard never returns",
                              "add them to @guard(...) or remove those on= entries")
@@ -132,9 +132,19 @@ class _Validator:
                      "set timeout=60 or leave it None")
         for need in state.needs:
             if need == state.name:
-                self.add(state.name, "needs itself", "remove it from needs")
+                self.add(state.name, "needs itself",
+                         "remove it from needs (needs_if_ran=[...] reads its output of an earlier visit)")
             elif need not in m.by_name:
                 self.add(state.name, f"needs unknown state {need!r}", f"use one of {names}")
+        for need in state.needs_if_ran:
+            if need not in m.by_name:
+                self.add(state.name, f"needs_if_ran names unknown state {need!r}", f"use one of {names}")
+            elif need in state.needs:
+                self.add(state.name, f"names {need!r} in both needs and needs_if_ran",
+                         "keep it in needs if it always runs first, else in needs_if_ran")
+        if state.on_exhausted is not None and table.get(decision_value(state.on_exhausted) or "") == state.name:
+            self.add(state.name, "on_exhausted leads back to the state itself, which its retry_limit blocks",
+                     "route on_exhausted out of the loop, e.g. on_exhausted=FlowDecision.CONTINUE")
         if isinstance(state, LLMState):
             self._llm_state(state)
         elif isinstance(state, PythonState) and not callable(state.run):
@@ -204,7 +214,7 @@ class _Validator:
             self.add(state.name, f"max_tokens={state.max_tokens!r} is not a positive integer",
                      "set max_tokens to the answer's budget, e.g. 500")
         prompt, system = parsed
-        available = m.input_names | set(state.needs)
+        available = m.input_names | set(state.needs) | set(state.needs_if_ran)
         available |= own
         for label, tpl in (("prompt", prompt), ("system", system)):
             if tpl is None:
@@ -273,6 +283,19 @@ class _Validator:
                 if state.name in self._reachable(self.m.initial, blocked=need) or state.name == self.m.initial:
                     self.add(state.name, f"can run before {need!r}, whose output it needs",
                              f"make every path to it pass through {need!r}, or drop it from needs")
+
+    def _needs_can_run_first(self) -> None:
+        """A `needs_if_ran` state must run before this one on some path (or its output would
+        never be there to read): reachable from the start, with this state reachable after it."""
+        start = self._reachable(self.m.initial)
+        for state in self.m.states:
+            for need in state.needs_if_ran:
+                if need not in self.m.by_name or need not in start:
+                    continue
+                after = set().union(*(self._reachable(t) for t in self.table.edges(need).values() if t != END))
+                if state.name not in after:
+                    self.add(state.name, f"reads {need!r} (needs_if_ran), which no path runs before it",
+                             f"route a path through {need!r} to {state.name!r}, or drop it from needs_if_ran")
 
     def _cycles(self) -> None:
         """Every cycle through two or more states needs a state with max_visits (self-loops are

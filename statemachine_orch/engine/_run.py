@@ -49,7 +49,7 @@ from ..types import (
     output_json,
     run_output,
 )
-from ._context import context
+from ._context import History, context
 from ._fsm import Compiled, Plan
 from ._llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
 from ._outputs import restore_output
@@ -87,6 +87,7 @@ class Run:
         self.seq = seq
         self.position = snap.position
         self.outputs: dict[str, Any] = snap.outputs
+        self.history: dict[str, list[Any]] = snap.history  # state -> its committed outputs, oldest first
         self.path: list[str] = snap.path
         self.usage = snap.usage
         self.spent = Spent(snap.cost_usd or 0.0, self.usage, snap.seconds)
@@ -99,6 +100,7 @@ class Run:
         self._hooks = ports.hooks
         self._input_values = input_values
         self._code = UserCode()
+        self._past = History(self.history, self.machine.by_name, record.run_id)
         left = snap.unfinished
         self._pending = left.step if left is not None and left.answered else snap.pending
         self._llm = LLMStep(run_id=record.run_id, compiled=compiled, ports=ports, budget=self.budget,
@@ -135,13 +137,15 @@ class Run:
         started = perf_counter()
         for hook in self._hooks.before_step:
             hook(self.record, step)
-        ctx = context(self.run_id, plan.state, step.attempt, self.input, self.outputs)
+        position = self.position
+        ctx = context(self.run_id, plan.state, step.attempt, self.input, self.outputs,
+                      position.visits.get(position.state, 1), self._past)
         output: Any = _NO_OUTPUT
         status: RunStatus | None = None
         try:
             output = await self._produce(plan, step, ctx)
             step.decision = self._judge(plan, step, output, ctx)
-            self._move(plan, step.decision)
+            step.decision = self._move(plan, step, step.decision)
             step.to_state = self.position.state
         except RunError as failure:
             status = RunStatus.BUDGET_EXCEEDED if isinstance(failure, BudgetExceededError) else RunStatus.FAILED
@@ -237,9 +241,11 @@ class Run:
         return restore_output(state, pending.output)
 
     def _values(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """A template's values: outputs, else input values; a `needs_if_ran` state that has
+        not run renders as empty text (validation lets no other name be missing)."""
         outputs = self.outputs
         values = self._input_values
-        return {n: outputs[n] if n in outputs else values[n] for n in names}
+        return {n: outputs[n] if n in outputs else values.get(n, "") for n in names}
 
     def _judge(self, plan: Plan, step: TransitionRecord, output: Any, ctx: StepContext) -> str:
         """The decision (its value) for `output`, with the reason noted in the step."""
@@ -289,20 +295,34 @@ class Run:
             fix=f"return a FlowDecision or Branch (allowed here: {allowed})", run_id=self.run_id,
             state=plan.state.name)
 
-    def _move(self, plan: Plan, decision: str) -> None:
-        """Fire the decision's trigger; a loop bound that blocks it fails the step."""
+    def _move(self, plan: Plan, step: TransitionRecord, decision: str) -> str:
+        """Fire the decision's trigger and return the decision taken. A loop bound that blocks
+        it takes the state's `on_exhausted` decision instead (the reason says why), or, with
+        none declared, fails the step."""
         if self._compiled.fire(self.position, decision):
-            return
+            return decision
         state = plan.state
         target = self.machine.table[state.name][decision]
         if target == state.name:
-            raise RetryLimitError(
+            blocked: RunError = RetryLimitError(
                 f"state '{state.name}' decided {decision} (back to itself) after attempt "
                 f"{self.position.attempt}, but its retry_limit is {state.retry_limit}",
-                fix="raise retry_limit or route the failure", run_id=self.run_id, state=state.name)
-        raise VisitLimitError(
-            f"state '{target}' reached max_visits={self.machine.by_name[target].max_visits}",
-            fix="raise max_visits or break the loop", run_id=self.run_id, state=state.name)
+                fix="raise retry_limit, route the failure or set on_exhausted=", run_id=self.run_id,
+                state=state.name)
+            why = f"retry_limit={state.retry_limit} reached"
+        else:
+            bound = self.machine.by_name[target].max_visits
+            blocked = VisitLimitError(f"state '{target}' reached max_visits={bound}",
+                                      fix="raise max_visits, break the loop or set on_exhausted=",
+                                      run_id=self.run_id, state=state.name)
+            why = f"'{target}' reached max_visits={bound}"
+        exhausted = state.on_exhausted
+        if exhausted is None or exhausted.value == decision or not self._compiled.fire(self.position,
+                                                                                      exhausted.value):
+            raise blocked
+        step.reason = f"{decision} blocked ({why}): on_exhausted -> {exhausted.value}; {step.reason}"[
+            :_REASON_LIMIT]
+        return exhausted.value
 
     async def _commit(self, step: TransitionRecord, status: RunStatus | None) -> None:
         try:
@@ -322,7 +342,9 @@ class Run:
         self.spent.cost_usd += step.cost_usd or 0.0
         self.spent.seconds += step.latency_ms / 1000.0
         if step.committed:
-            self.outputs[state.name] = None if type(output) is BudgetRoute else output
+            value = None if type(output) is BudgetRoute else output
+            self.outputs[state.name] = value
+            self.history.setdefault(state.name, []).append(value)
             self.path.append(state.name)
         elif output is not _NO_OUTPUT and type(output) is not BudgetRoute:
             self._pending = step  # a paid answer the guard failed on: a resume judges it again

@@ -25,6 +25,7 @@ class Snapshot:
 
     position: Position
     outputs: dict[str, Any]
+    history: dict[str, list[Any]]  # state -> its committed outputs, oldest first
     path: list[str]
     usage: Usage
     cost_usd: float | None  # None when a paid call had no known price
@@ -35,7 +36,7 @@ class Snapshot:
 
 def fresh(initial: str) -> Snapshot:
     """A run that has not taken a step."""
-    return Snapshot(position=Position(initial), outputs={}, path=[], usage=Usage(), cost_usd=0.0,
+    return Snapshot(position=Position(initial), outputs={}, history={}, path=[], usage=Usage(), cost_usd=0.0,
                     seconds=0.0, pending=None)
 
 
@@ -50,6 +51,7 @@ def snapshot(compiled: Compiled, record: RunRecord, log: list[TransitionRecord])
                          "pass the right machine")
     position = Position(machine.initial)
     outputs: dict[str, Any] = {}
+    history: dict[str, list[Any]] = {}
     path: list[str] = []
     for row in log:
         for name in (row.from_state, row.to_state):
@@ -76,12 +78,13 @@ def snapshot(compiled: Compiled, record: RunRecord, log: list[TransitionRecord])
                              f"{exc}; restore the output model to resume it") from None
         if row.committed:
             outputs[row.from_state] = output
+            history.setdefault(row.from_state, []).append(output)
             path.append(row.from_state)
     if position.state == END:
         raise UsageError(f"run {rid} already reached its end; nothing to resume")
     last = log[-1] if log else None
     pending = last if last is not None and not last.committed and last.output is not None else None
-    return Snapshot(position=position, outputs=outputs, path=path, usage=total_usage(log),
+    return Snapshot(position=position, outputs=outputs, history=history, path=path, usage=total_usage(log),
                     cost_usd=total_cost(log), seconds=sum(row.latency_ms for row in log) / 1000.0,
                     pending=pending, unfinished=unfinished(record.in_flight, run_id=rid,
                                                            seq=last.seq + 1 if last else 1, state=position.state))
