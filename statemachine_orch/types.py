@@ -16,7 +16,7 @@ from time import time_ns
 from types import MappingProxyType
 from typing import Any, Literal, NamedTuple, TypeAlias
 
-from .errors import UsageError
+from .errors import DefinitionError, UsageError
 
 _second: dict[int, str] = {}  # the current second's "YYYY-MM-DDTHH:MM:SS." (one entry)
 
@@ -131,6 +131,11 @@ Guard: TypeAlias = Callable[[Any, StepContext], "Decision | Verdict"]
 
 StepFunction: TypeAlias = Callable[[StepContext], Any | Awaitable[Any]]
 """A plain Python state: `(context) -> output`, sync or async; the output must be JSON-able."""
+
+Result: TypeAlias = "str | Callable[[Mapping[str, Any]], Any]"
+"""What a run answers (`Machine(result=...)`): a state's name (its latest committed output), or
+`(outputs) -> value` over the latest committed output of each state that ran, as stored (JSON
+data: a model's output as its dict), so it gives the same value live, resumed and read back."""
 
 Source: TypeAlias = Literal["llm", "python", "recorded", "cache", "fallback", "budget", "child"]
 """Where a step's output came from: a model call, a Python state, an answer recorded before a
@@ -404,19 +409,22 @@ class RunResult:
     usage: Usage
     cost_usd: float | None = None
     error: str | None = None
+    output: Any = None  # what the run answers (`run_output`); None while there is no such output
 
     @property
     def steps(self) -> int:
         return len(self.path)
 
     @classmethod
-    def from_log(cls, record: RunRecord, log: list[TransitionRecord]) -> RunResult:
-        """The result of a stored run, read back from its log."""
+    def from_log(cls, record: RunRecord, log: list[TransitionRecord], *, result: Result | None = None) -> RunResult:
+        """The result of a stored run, read back from its log; `result` is its machine's
+        declaration (`Machine.result`), which only the machine knows."""
         committed = [row for row in log if row.committed]
-        return cls(run_id=record.run_id, machine=record.machine, status=record.status,
-                   path=[row.from_state for row in committed],
-                   outputs={row.from_state: row.output for row in committed}, usage=total_usage(log),
-                   cost_usd=total_cost(log), error=record.error)
+        path = [row.from_state for row in committed]
+        outputs = {row.from_state: row.output for row in committed}
+        return cls(run_id=record.run_id, machine=record.machine, status=record.status, path=path,
+                   outputs=outputs, usage=total_usage(log), cost_usd=total_cost(log), error=record.error,
+                   output=run_output(result, outputs, path))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -426,7 +434,27 @@ class RunResult:
             "cache_read_tokens": self.usage.cache_read_tokens,
             "cache_write_tokens": self.usage.cache_write_tokens, "cost_usd": self.cost_usd,
             "outputs": {k: output_json(v) for k, v in self.outputs.items()},
+            "result": output_json(self.output),
         }
+
+
+def run_output(result: Result | None, outputs: Mapping[str, Any], path: Sequence[str]) -> Any:
+    """What a run answers: the latest output of the `result` state, or `result(outputs)` (a
+    KeyError, an output it reads that does not exist yet, gives None; anything else it raises
+    is a DefinitionError); without a declared result, the output of the state committed last.
+    None while there is no such output."""
+    if result is None:
+        return outputs.get(path[-1]) if path else None
+    if isinstance(result, str):
+        return outputs.get(result)
+    try:
+        return result(MappingProxyType({name: output_json(value) for name, value in outputs.items()}))
+    except KeyError:
+        return None
+    except Exception as exc:
+        raised = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise DefinitionError([f"the result function {getattr(result, '__name__', result)} raised {raised}; fix: "
+                               "make it answer for these outputs (each state's latest, as JSON data)"]) from exc
 
 
 def output_json(value: Any) -> Any:

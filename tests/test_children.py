@@ -261,8 +261,9 @@ def test_map_and_machine_states_are_validated() -> None:
         return [p.split(": ", 1)[1] for p in raised.value.problems]
 
     assert problems(MapState("m", items=lambda ctx: [], each=LLMState("w", prompt="{nothing}"), concurrency=0)) == [
-        "state 'm': its each= state 'w': prompt uses {nothing}, which no input field or needed state provides; "
-        "fix: add the field to input_model or input_vars, or fix the spelling",
+        "state 'm': its each= state 'w': prompt uses {nothing}, which no input field, needed state or vars= entry "
+        "provides; fix: add the field to input_model or input_vars, compute it with vars={'nothing': lambda ctx: "
+        "...}, or fix the spelling",
         "state 'm': concurrency=0 is not a positive integer; fix: set concurrency=4 (items run at once)",
     ]
     assert problems(MapState("m", items=lambda: [], each="worker")) == [  # type: ignore[arg-type]

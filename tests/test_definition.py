@@ -133,8 +133,9 @@ def test_every_state_problem_is_reported_in_one_error() -> None:
                    "set max_tokens to the answer's budget, e.g. 500"),
         state_line("a", "prompt template uses '{x.__class__}'; only plain {name} placeholders are "
                    "allowed (no attribute access, indexing or positions)", "edit the template"),
-        state_line("a", "prompt uses {missing}, which no input field or needed state provides",
-                   "add the field to input_model or input_vars, or fix the spelling"),
+        state_line("a", "prompt uses {missing}, which no input field, needed state or vars= entry provides",
+                   "add the field to input_model or input_vars, compute it with "
+                   "vars={'missing': lambda ctx: ...}, or fix the spelling"),
         state_line("b", "output is not a pydantic model class", "pass a BaseModel subclass"),
         state_line("b", "needs unknown state 'ghost'", "use one of ['a', 'b', 'c']"),
         state_line("c", "guard is not callable", "pass a function (output, ctx) -> FlowDecision"),
@@ -522,21 +523,23 @@ def test_python_state_run_must_be_callable() -> None:
 def test_placeholder_not_provided_by_any_input() -> None:
     problems = problems_of(ask("a", prompt="Summarise {txt}, then {txt} again"), input_model=Ticket)
     assert problems == [  # reported once, however often it is used
-        state_line("a", "prompt uses {txt}, which no input field or needed state provides",
-                   "add the field to input_model or input_vars, or fix the spelling")]
+        state_line("a", "prompt uses {txt}, which no input field, needed state or vars= entry provides",
+                   "add the field to input_model or input_vars, compute it with "
+                   "vars={'txt': lambda ctx: ...}, or fix the spelling")]
 
 
 def test_placeholder_naming_a_state_missing_from_needs() -> None:
     problems = problems_of(ask("a"), ask("b", prompt="Improve: {a}"))
     assert problems == [
-        state_line("b", "prompt uses {a}, which no input field or needed state provides",
+        state_line("b", "prompt uses {a}, which no input field, needed state or vars= entry provides",
                    "add 'a' to needs=[...] (it must run before this state)")]
 
 
 def test_system_template_is_checked_too() -> None:
     assert problems_of(ask("a", system="You answer about {topic}.")) == [
-        state_line("a", "system uses {topic}, which no input field or needed state provides",
-                   "add the field to input_model or input_vars, or fix the spelling")]
+        state_line("a", "system uses {topic}, which no input field, needed state or vars= entry provides",
+                   "add the field to input_model or input_vars, compute it with "
+                   "vars={'topic': lambda ctx: ...}, or fix the spelling")]
 
 
 def test_placeholders_from_input_model_input_vars_and_needs_are_accepted() -> None:

@@ -58,8 +58,9 @@ def bad_machine_problems(where: str) -> list[str]:
     return [
         (f"{where}: state 'a': max_tokens=0 is not a positive integer; "
          "fix: set max_tokens to the answer's budget, e.g. 500"),
-        (f"{where}: state 'a': prompt uses {{missing}}, which no input field or needed state provides; "
-         "fix: add the field to input_model or input_vars, or fix the spelling"),
+        (f"{where}: state 'a': prompt uses {{missing}}, which no input field, needed state or vars= entry "
+         "provides; fix: add the field to input_model or input_vars, compute it with "
+         "vars={'missing': lambda ctx: ...}, or fix the spelling"),
     ]
 
 

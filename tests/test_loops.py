@@ -199,8 +199,8 @@ def test_definitions_of_loop_memory_are_checked() -> None:
         "'a', or drop it from needs_if_ran"]
     # a template name that neither needs nor needs_if_ran provides is still caught
     assert problems(LLMState("a", prompt="x"), LLMState("b", prompt="{a} {c}", needs_if_ran=["a"])) == [
-        "state 'b': prompt uses {c}, which no input field or needed state provides; fix: add the field to "
-        "input_model or input_vars, or fix the spelling"]
+        "state 'b': prompt uses {c}, which no input field, needed state or vars= entry provides; fix: add the "
+        "field to input_model or input_vars, compute it with vars={'c': lambda ctx: ...}, or fix the spelling"]
 
 
 def test_on_exhausted_must_have_a_transition_out_of_the_loop() -> None:

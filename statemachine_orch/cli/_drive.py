@@ -29,7 +29,7 @@ from ..hooks import Hook
 from ..llm._client import ModelClient
 from ..store._contract import Store
 from ..trace._tracer import Tracer, stream_logger
-from ..types import Budget, RunRecord, RunResult, RunStatus, TransitionRecord, check_amount
+from ..types import Budget, Result, RunRecord, RunResult, RunStatus, TransitionRecord, check_amount
 from ._faults import KillPoints
 from ._options import Interrupted, cli_store, with_store
 from ._render import mermaid, one_line, print_table, usd
@@ -134,10 +134,10 @@ def _model_for(offline: str | None, machine: Machine, run: tuple[RunRecord, Sequ
     return fake.model(), {"offline": script_path}, banner
 
 
-def _drive(args: argparse.Namespace, run_id: str, banner: str | None, *, create: bool,
+def _drive(args: argparse.Namespace, run_id: str, banner: str | None, *, create: bool, result: Result | None,
            open_run: Callable[[Store, KillPoints | None], Awaitable[Run]]) -> RunResult:
     """Open the store and the run, label it if offline, drive it to its end; on Ctrl-C report
-    what is stored."""
+    what is stored (`result`: the machine's declared result)."""
     kill = KillPoints.from_env()
 
     async def go() -> RunResult:
@@ -167,7 +167,7 @@ def _drive(args: argparse.Namespace, run_id: str, banner: str | None, *, create:
         except OrchError:
             raise Interrupted("interrupted before the run was stored; nothing to resume") from None
         if record.status.finished:
-            return RunResult.from_log(record, log)
+            return RunResult.from_log(record, log, result=result)
         raise Interrupted(f"interrupted; run {run_id} is saved: resume it with "
                           f"`orch resume {run_id}`") from None
 
@@ -210,9 +210,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     validate_input(loaded.machine, data)  # bad input: refused before a database is even created
     model, options, banner = _model_for(args.offline, loaded.machine)
     run_id = args.run_id or new_run_id()
-    result = _drive(args, run_id, banner, create=True, open_run=lambda store, kill: _engine(
-        args, store, model, kill).start(loaded.machine, data, run_id=run_id, machine_ref=loaded.ref,
-                                        options=options, budget=budget))
+    result = _drive(args, run_id, banner, create=True, result=loaded.machine.result,
+                    open_run=lambda store, kill: _engine(args, store, model, kill).start(
+                        loaded.machine, data, run_id=run_id, machine_ref=loaded.ref, options=options, budget=budget))
     return _report_result(result, args)
 
 
@@ -227,7 +227,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     loaded = load_machine(args.machine or record.machine_ref)
     model, options, banner = _model_for(args.offline or record.options.get("offline"), loaded.machine,
                                         (record, log))
-    result = _drive(args, args.run_id, banner, create=False, open_run=lambda store, kill: _engine(
+    result = _drive(args, args.run_id, banner, create=False, result=loaded.machine.result,
+                    open_run=lambda store, kill: _engine(
         args, store, model, kill).attach(args.run_id, loaded.machine, budget=budget,
                                          allow_changed=args.allow_changed, take_over=args.take_over,
                                          options=options if args.offline else None))

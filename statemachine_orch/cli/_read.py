@@ -1,17 +1,20 @@
 """The `orch` commands that only read the store: log, runs, show, audit.
 
-They load neither machines nor the engine, so they start fast.
+They load neither machines nor the engine, so they start fast (`show` loads a run's machine
+only when the machine declares its result by a function: nothing else can compute it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
+from typing import Any
 
-from ..errors import AuditKeyError
+from ..errors import AuditKeyError, OrchError
 from ..store._contract import MachineTotals, RunSummary, Store
-from ..types import RunStatus, TransitionRecord
+from ..types import RunRecord, RunResult, RunStatus, TransitionRecord
 from ._options import with_store
 from ._render import (
     as_block,
@@ -104,12 +107,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     record, rows = with_store(args, lambda store: store.load_run(args.run_id, verified=True))
     outputs = {r.from_state: r.output for r in rows if r.committed}
     snapshot = snapshot_view(record, rows)
+    result = _result(record, rows)
     if args.json:
         print(json.dumps({
             "run_id": record.run_id, "machine": record.machine, "machine_ref": record.machine_ref,
             "machine_hash": record.machine_hash, "created_at": record.created_at,
             "updated_at": record.updated_at, "options": record.options, "input": record.input,
-            "outputs": outputs, "snapshot": snapshot, "totals": totals(rows),
+            "outputs": outputs, "result": result, "snapshot": snapshot, "totals": totals(rows),
             "takeovers": [asdict(t) for t in record.takeovers]}, ensure_ascii=False))
         return 0
     print(f"run {record.run_id}  machine {record.machine}  status {status_text(record.status, record.stale)}")
@@ -123,6 +127,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     for state, output in outputs.items():
         print(f"  {state}:")
         print(indent(as_block(output), 4))
+    print("result:")
+    print(indent(as_block(result)))
     print(totals_line(rows))
     print("snapshot:")
     for key, value in snapshot.items():
@@ -134,6 +140,21 @@ def cmd_show(args: argparse.Namespace) -> int:
     for t in record.takeovers:
         print(f"taken over at {t.at} by {t.by} from {t.previous} ({t.why})")
     return 0
+
+
+def _result(record: RunRecord, rows: list[TransitionRecord]) -> Any:
+    """What the run answers (`RunResult.output`), by the declaration stored when it started. A
+    function of the machine's is computed by loading the machine; if that fails, None, said."""
+    declared = record.options.get("result")
+    try:
+        if isinstance(declared, dict):
+            from ..definition._loader import load_machine
+
+            declared = load_machine(record.machine_ref).machine.result
+        return RunResult.from_log(record, rows, result=declared).output
+    except OrchError as exc:
+        print(f"orch: warning: result not computed: {one_line(str(exc), 300)}", file=sys.stderr)
+        return None
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

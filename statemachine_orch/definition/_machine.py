@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from ..errors import DefinitionError
-from ..types import Budget, RetryPolicy
+from ..types import Budget, Result, RetryPolicy
 from ._source import code_hash
 from ._states import LLMState, State
 from ._table import TransitionTable, build_table
@@ -62,6 +62,7 @@ class Machine:
         budget: Budget | None = None,
         context_tokens: int = DEFAULT_CONTEXT_TOKENS,
         source_file: str | None = None,
+        result: Result | None = None,
     ) -> None:
         self.name = name
         self.context_tokens = context_tokens
@@ -73,6 +74,7 @@ class Machine:
         self.input_vars: dict[str, Callable[[Any], Any]] = dict(input_vars or {})
         self.max_branch_depth = max_branch_depth
         self.description = description
+        self.result = result
         self.module, caller_file = _caller_module()
         self.source_file = source_file or caller_file
         self._ref: str | None = None

@@ -84,6 +84,11 @@ class LLMState(State):
     `repairs` times with the validation error; a still-invalid, refused or truncated answer
     fails the step, or with `on_invalid="guard"` reaches the guard as `InvalidOutput`.
     `fallback` (a model name or a function of the context) answers when retries run out.
+    Text answers: `parse` (a function of the text, e.g. `xml_tags(...)`) makes the output;
+    what it raises makes the answer invalid, re-asked as above.
+    Prompt values: `vars` maps a placeholder to a function of the step's `StepContext`, so
+    templates stay plain `{name}` (a var is computed again on resume and replay: keep it a
+    function of the context alone).
     Cost: `cache=True` serves an identical earlier request from the database for free;
     `prompt_cache=True` marks the system prompt for Anthropic prompt caching; `on_budget`
     is the decision taken, without calling, when the run's budget cannot cover the call.
@@ -99,6 +104,8 @@ class LLMState(State):
     repairs: int = 1
     on_invalid: Literal["fail", "guard"] = "fail"
     fallback: str | Callable[[StepContext], Any] | None = None
+    parse: Callable[[str], Any] | None = None
+    vars: Mapping[str, Callable[[StepContext], Any]] = field(default_factory=dict)
     cache: bool = False
     prompt_cache: bool = False
     on_budget: Decision | None = None

@@ -68,6 +68,7 @@ class _Validator:
             return self.problems  # later checks need unique, valid names
         for state in m.states:
             self._state(state)
+        self._result()
         if not self.table.complete:
             return self.problems  # graph checks need a whole transition table
         self._reachability()
@@ -198,13 +199,24 @@ class _Validator:
             pass  # no signature to inspect (some builtins): trust it
 
     def _guard_signature(self, state: str, fn: Callable[..., Any]) -> None:
-        try:
-            inspect.signature(fn).bind(None, None)
-        except TypeError:
+        if not _takes(fn, 2):
             self.add(state, "guard does not take (output, context)",
                      "define it as def my_guard(output, ctx) -> FlowDecision")
-        except ValueError:
-            pass  # no signature to inspect (some builtins): trust it
+
+    def _result(self) -> None:
+        result = self.m.result
+        if result is None:
+            return
+        if isinstance(result, str):
+            if result not in self.m.by_name:
+                self.add(None, f"result names unknown state {result!r}",
+                         f"use one of {[s.name for s in self.m.states]}")
+        elif not callable(result):
+            self.add(None, "result is neither a state name nor a function",
+                     "pass result='state_name' or result=lambda outputs: ...")
+        elif not _takes(result, 1):
+            self.add(None, "result function does not take (outputs)",
+                     "define it as def result(outputs) -> value")
 
     def _llm_state(self, state: LLMState) -> None:
         m = self.m
@@ -230,14 +242,17 @@ class _Validator:
         if fb is not None and not ((isinstance(fb, str) and fb) or callable(fb)):
             self.add(state.name, "fallback is neither a model name nor a function",
                      "pass fallback='claude-haiku-4-5' or fallback=lambda ctx: ...")
-        elif callable(fb) and not isinstance(fb, str):
-            try:
-                inspect.signature(fb).bind(None)
-            except TypeError:
-                self.add(state.name, "fallback function does not take (ctx)",
-                         "define it as def my_fallback(ctx) -> output")
-            except ValueError:
-                pass
+        elif callable(fb) and not isinstance(fb, str) and not _takes(fb, 1):
+            self.add(state.name, "fallback function does not take (ctx)",
+                     "define it as def my_fallback(ctx) -> output")
+        if state.parse is not None:
+            if state.output is not None:
+                self.add(state.name, "sets both output= and parse=",
+                         "keep output= for a structured answer (a tool call) or parse= for a text answer")
+            elif not callable(state.parse) or not _takes(state.parse, 1):
+                self.add(state.name, "parse is not a function of one argument (the answer's text)",
+                         "pass parse=xml_tags('response') or def my_parse(text) -> value")
+        own = self._vars(state)
         parsed = self.table.templates.get(state.name)
         if parsed is None:
             return  # not strings: reported when the table was built
@@ -248,6 +263,7 @@ class _Validator:
                      "set max_tokens to the answer's budget, e.g. 500")
         prompt, system = parsed
         available = m.input_names | set(state.needs) | set(state.needs_if_ran)
+        available |= own
         for label, tpl in (("prompt", prompt), ("system", system)):
             if tpl is None:
                 continue
@@ -259,8 +275,34 @@ class _Validator:
                 if name in m.by_name:
                     fix = f"add {name!r} to needs=[...] (it must run before this state)"
                 else:
-                    fix = "add the field to input_model or input_vars, or fix the spelling"
-                self.add(state.name, f"{label} uses {{{name}}}, which no input field or needed state provides", fix)
+                    fix = ("add the field to input_model or input_vars, compute it with "
+                           f"vars={{{name!r}: lambda ctx: ...}}, or fix the spelling")
+                self.add(state.name, f"{label} uses {{{name}}}, which no input field, needed state or "
+                         "vars= entry provides", fix)
+        used = set(prompt.names) | set(system.names if system is not None else ())
+        for name in sorted(own - used):
+            self.add(state.name, f"vars key {name!r} is used by neither prompt nor system",
+                     f"use {{{name}}} in a template or remove the entry")
+
+    def _vars(self, state: LLMState) -> set[str]:
+        """The names `state.vars` provides to its templates (its sound entries)."""
+        m = self.m
+        if not isinstance(state.vars, Mapping):
+            self.add(state.name, "vars is not a mapping", "pass vars={'name': lambda ctx: ...}")
+            return set()
+        names = set()
+        for name, fn in state.vars.items():
+            if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+                self.add(state.name, f"vars key {name!r} is not an identifier", "use letters, digits and _")
+                continue
+            if name in m.input_names or name in m.by_name:
+                what = "state" if name in m.by_name else "input field"
+                self.add(state.name, f"vars key {name!r} shadows the {what} of that name", "rename it")
+            elif not callable(fn) or not _takes(fn, 1):
+                self.add(state.name, f"vars[{name!r}] is not a function of one argument (the step's context)",
+                         f"pass vars={{{name!r}: lambda ctx: ...}}")
+            names.add(name)
+        return names
 
     # ------------------------------------------------------------------ graph checks
 
@@ -339,6 +381,18 @@ class _Validator:
                      f"(path {' -> '.join(deepest[1])})",
                      "flatten the branches, declare the decisions each guard really returns "
                      "with @guard(...), or raise Machine(max_branch_depth=...)")
+
+
+def _takes(fn: Callable[..., Any], count: int) -> bool:
+    """Whether `fn` can be called with `count` positional arguments (True when it has no
+    signature to inspect, as some builtins: trust it)."""
+    try:
+        inspect.signature(fn).bind(*[None] * count)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
 
 
 def _strongly_connected(m: Machine, table: TransitionTable) -> list[set[str]]:

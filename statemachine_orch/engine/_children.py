@@ -20,13 +20,12 @@ from ..types import (
     Budget,
     Parent,
     RunRecord,
+    RunResult,
     RunStatus,
     TransitionRecord,
     Usage,
     now_iso,
     output_json,
-    total_cost,
-    total_usage,
 )
 from ._ids import check_run_id
 from ._inputs import validate_input
@@ -40,7 +39,7 @@ class ChildResult:
 
     run_id: str
     status: RunStatus
-    output: Any  # its result, as stored: the output of the last state it committed
+    output: Any  # its result (`Machine.result`), as stored
     usage: Usage
     cost_usd: float | None
     error: str | None
@@ -60,11 +59,12 @@ def child_id(parent: Run, state: State, slot: int, item: int) -> str:
 
 def result_of(machine: Machine, record: RunRecord, log: list[TransitionRecord]) -> ChildResult:
     """A stored child run's result, read from its log."""
-    committed = [row for row in log if row.committed]
-    last = committed[-1] if committed else None
-    return ChildResult(run_id=record.run_id, status=record.status, output=last and last.output,
-                       usage=total_usage(log),
-                       cost_usd=total_cost(log), error=record.error)
+    return _child_result(RunResult.from_log(record, log, result=machine.result))
+
+
+def _child_result(result: RunResult) -> ChildResult:
+    return ChildResult(run_id=result.run_id, status=result.status, output=output_json(result.output),
+                       usage=result.usage, cost_usd=result.cost_usd, error=result.error)
 
 
 async def drive_child(parent: Run, state: State, slot: int, item: int, input: Any) -> ChildResult:
@@ -104,7 +104,4 @@ async def drive_child(parent: Run, state: State, slot: int, item: int, input: An
         resumed = True
     for hook in parent.ports.hooks.run_started:
         hook(record, resumed=resumed, machine_hash=machine.source_hash)
-    result = await run.run_to_end()
-    return ChildResult(run_id=run_id, status=result.status,
-                       output=output_json(result.outputs.get(result.path[-1])) if result.path else None,
-                       usage=result.usage, cost_usd=result.cost_usd, error=result.error)
+    return _child_result(await run.run_to_end())

@@ -93,6 +93,9 @@ class Engine:
         options = dict(options or {})
         if effective != Budget():
             options["budget"] = effective.to_json()
+        if machine.result is not None:  # what `orch show` reads without loading the machine
+            options["result"] = (machine.result if isinstance(machine.result, str)
+                                 else {"function": getattr(machine.result, "__qualname__", repr(machine.result))})
         now = now_iso()
         record = RunRecord(
             run_id=run_id or new_run_id(), machine=machine.name,

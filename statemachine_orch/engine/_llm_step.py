@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ..definition._states import LLMState, PythonState
-from ..errors import BudgetExceededError, LLMError, OrchError, UsageError
+from ..definition._templates import as_text
+from ..errors import BudgetExceededError, LLMError, OrchError, StepError, UsageError
 from ..llm._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response
 from ..store._owner import Owner
 from ..types import Attempt, Budget, InvalidOutput, OutputProblem, StepContext, TransitionRecord, Usage, now_iso
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 CHARS_PER_TOKEN_ESTIMATE = 3  # conservative: English averages nearer 4 characters per token
 IN_DOUBT = ("in flight when its process stopped, so it may have been paid; counted at its worst case "
             "(the estimated input and max_tokens)")
+
+Values = Callable[[tuple[str, ...]], dict[str, Any]]
+"""The template values of the given names (the run's input values and the outputs of needs)."""
 
 PythonOverride = Callable[[PythonState | LLMState, StepContext], Any]
 """Replaces running Python code of a state (a Python state, or an LLM state's fallback
@@ -114,10 +118,9 @@ class LLMStep:
         self.code = code
         self.left = left  # a step a stopped process left with a call in flight
 
-    def body(self, state: LLMState, values: Callable[[tuple[str, ...]], dict[str, Any]],
-             tool: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
-        """The request body. Without placeholders it is the same on every call: built once per
-        machine and shared by every step's request and record (nothing modifies a body)."""
+    def body(self, state: LLMState, values: Values, tool: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
+        """The request body. Without placeholders (so without vars) it is the same on every call:
+        built once per machine and shared by every step's request and record (nothing modifies a body)."""
         shared = self.bodies.get(state.name)
         if shared is not None:
             return shared
@@ -140,11 +143,13 @@ class LLMStep:
             self.bodies[state.name] = body
         return body
 
-    async def execute(self, state: LLMState, rec: TransitionRecord, ctx: StepContext,
-                      values: Callable[[tuple[str, ...]], dict[str, Any]], spent: Spent) -> Any:
+    async def execute(self, state: LLMState, rec: TransitionRecord, ctx: StepContext, values: Values,
+                      spent: Spent) -> Any:
         """The state's output (validated), an InvalidOutput to route, or a BudgetRoute."""
         tool = self.tools.get(state.name)
         tool_name = tool[0] if tool is not None else None
+        if state.vars:  # a body with vars is never shared: validation has each var in a template
+            values = await self._with_vars(state, ctx, values)
         body = self.body(state, values, tool)
         rec.request = body
         picked_up, reask, repairs = self._pick_up(state, rec, tool_name)
@@ -156,11 +161,78 @@ class LLMStep:
                 rec.response, rec.request_id = hit.response, hit.request_id
                 rec.reason = f"cache hit: same request as run {hit.run_id} seq {hit.seq}"
                 completion = completion_from_response(hit.response, tool_name, hit.request_id)
-                output, problem = _check(state, completion, tool_name)
+                output, problem = self._check(state, completion, tool_name)
                 if problem is None:
                     return output
                 rec.source, rec.response, rec.request_id, rec.reason = "llm", None, None, None
         return await self._ask(state, rec, ctx, spent, body, tool_name, repairs, None, reask)
+
+    async def _with_vars(self, state: LLMState, ctx: StepContext, values: Values) -> Values:
+        """`values` and the state's `vars`, each computed from the step's context as user code
+        (a timeout or a stop reaches it) and turned into prompt text at once."""
+        computed: dict[str, str] = {}
+        for name, fn in state.vars.items():
+            var = f"vars[{name!r}] of state '{state.name}'"
+            try:
+                computed[name] = as_text(await self.code.call(fn, ctx, timeout=state.timeout))
+            except CodeError as err:
+                if isinstance(err.cause, OrchError):
+                    raise err.cause from None
+                raise StepError(err.message(f"{var} raised ", var), fix="fix the function and resume",
+                                run_id=self.run_id, state=state.name) from err.cause
+            except (TypeError, ValueError) as exc:
+                raise StepError(f"{var} returned a value that cannot be put in a prompt: {exc}",
+                                fix="return text or JSON data", run_id=self.run_id, state=state.name) from None
+
+        def with_vars(names: tuple[str, ...]) -> dict[str, Any]:
+            found = values(tuple(n for n in names if n not in computed))
+            found.update((n, computed[n]) for n in names if n in computed)
+            return found
+
+        return with_vars
+
+    def _check(self, state: LLMState, completion: Completion, tool_name: str | None
+               ) -> tuple[Any, tuple[OutputProblem, str] | None]:
+        """(output, None) for a usable answer, else (None, (kind, error))."""
+        if completion.stop_reason == "refusal":
+            return None, ("refusal", "the model refused to answer (stop_reason=refusal)")
+        if completion.stop_reason == "max_tokens":
+            return None, ("truncated", f"the answer was cut off at max_tokens={state.max_tokens}; raise "
+                                       f"max_tokens for state '{state.name}' and resume")
+        if state.output is None:
+            if not completion.text.strip():
+                return None, ("empty", "the model returned an empty answer")
+            return (completion.text, None) if state.parse is None else self._parsed(state, completion.text)
+        if completion.data is None:
+            return None, ("invalid_output", f"the model did not call the {tool_name} tool")
+        try:
+            return state.output.model_validate(completion.data), None
+        except ValidationError as exc:
+            return None, ("invalid_output", f"answer does not match {state.output.__name__}: "
+                                            f"{first_error(exc)}")
+
+    def _parsed(self, state: LLMState, text: str) -> tuple[Any, tuple[OutputProblem, str] | None]:
+        """A text answer through the state's `parse` (user code, like a guard): what it raises
+        makes the answer invalid; a value that cannot be stored is a bug of the parser."""
+        assert state.parse is not None
+        try:
+            value = self.code.run(state.parse, text, timeout=state.timeout)
+        except CodeError as err:
+            return None, ("invalid_output", err.message("parse failed: ", "parse"))
+        try:
+            return restore_output(state, value), None
+        except (TypeError, ValueError) as exc:
+            raise StepError(f"parse of state '{state.name}' returned a value that cannot be stored: {exc}",
+                            fix="return JSON data (a dict, list, str, number) or a pydantic model",
+                            run_id=self.run_id, state=state.name) from None
+
+    def parse_again(self, state: LLMState, rec: TransitionRecord) -> Any:
+        """The output of `rec`'s recorded text answer by the state's `parse` as it is now (a
+        resume judging a paid answer again); one it rejects now is unusable, never re-asked."""
+        assert rec.response is not None
+        completion = completion_from_response(rec.response, None, rec.request_id)
+        output, problem = self._check(state, completion, None)
+        return output if problem is None else self._unusable(state, rec, completion, *problem)
 
     def _pick_up(self, state: LLMState, rec: TransitionRecord, tool_name: str | None
                  ) -> tuple[bool, dict[str, Any] | None, int]:
@@ -254,7 +326,7 @@ class LLMStep:
             rec.usage.add(usage)
             cost = self.prices.cost(body["model"], usage)
             rec.cost_usd = _plus(rec.cost_usd, cost)
-            output, problem = _check(state, completion, tool_name)
+            output, problem = self._check(state, completion, tool_name)
             if problem is None:
                 rec.response = completion.response
                 rec.request_id = completion.request_id
@@ -362,32 +434,12 @@ def _plus(cost: float | None, more: float | None) -> float | None:
     return None if cost is None or more is None else cost + more
 
 
-def _check(state: LLMState, completion: Completion, tool_name: str | None
-           ) -> tuple[Any, tuple[OutputProblem, str] | None]:
-    """(output, None) for a usable answer, else (None, (kind, error))."""
-    if completion.stop_reason == "refusal":
-        return None, ("refusal", "the model refused to answer (stop_reason=refusal)")
-    if completion.stop_reason == "max_tokens":
-        return None, ("truncated", f"the answer was cut off at max_tokens={state.max_tokens}; raise "
-                                   f"max_tokens for state '{state.name}' and resume")
-    if state.output is None:
-        if not completion.text.strip():
-            return None, ("empty", "the model returned an empty answer")
-        return completion.text, None
-    if completion.data is None:
-        return None, ("invalid_output", f"the model did not call the {tool_name} tool")
-    try:
-        return state.output.model_validate(completion.data), None
-    except ValidationError as exc:
-        return None, ("invalid_output", f"answer does not match {state.output.__name__}: "
-                                        f"{first_error(exc)}")
-
-
 def _reask(body: dict[str, Any], completion: Completion, error: str, tool_name: str | None) -> dict[str, Any]:
     """The same request, continued with the invalid answer and what was wrong with it."""
     content = completion.response.get("content") or []
-    note = (f"That answer was not valid: {error}. Call {tool_name} again with input that matches "
-            "its schema exactly.")
+    again = (f"Call {tool_name} again with input that matches its schema exactly." if tool_name is not None
+             else "Answer again, in the format the instructions ask for.")
+    note = f"That answer was not valid: {error}. {again}"
     tool_use = next((b for b in content if isinstance(b, dict) and b.get("type") == "tool_use"), None)
     reply: Any = note
     if tool_use is not None:

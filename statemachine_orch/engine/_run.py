@@ -50,6 +50,7 @@ from ..types import (
     Verdict,
     now_iso,
     output_json,
+    run_output,
 )
 from ._context import History, context
 from ._fsm import Compiled, Plan
@@ -138,7 +139,8 @@ class Run:
     def result(self) -> RunResult:
         return RunResult(run_id=self.run_id, machine=self.machine.name, status=self.status,
                          path=list(self.path), outputs=dict(self.outputs), usage=self.usage,
-                         cost_usd=self.cost_usd if self.cost_known else None, error=self.error)
+                         cost_usd=self.cost_usd if self.cost_known else None, error=self.error,
+                         output=run_output(self.machine.result, self.outputs, self.path))
 
     # ------------------------------------------------------------------ one step
 
@@ -307,7 +309,8 @@ class Run:
     def _reuse_pending(self, state: State, step: TransitionRecord) -> Any:
         """An answer already paid for: judged again, not asked again. One its guard failed on
         is logged as `recorded`; this step's own answer, kept before its process stopped, is
-        logged as it arrived (usage, cost and attempts included: they were never committed)."""
+        logged as it arrived (usage, cost and attempts included: they were never committed).
+        A text answer is parsed again by the state's `parse` as it stands now."""
         pending = self._pending
         assert pending is not None
         self._pending = None
@@ -319,6 +322,8 @@ class Run:
             step.request = pending.request
             step.response = pending.response
             step.request_id = pending.request_id
+        if isinstance(state, LLMState) and state.parse is not None and step.response is not None:
+            return self._llm.parse_again(state, step)
         return restore_output(state, pending.output)
 
     def _values(self, names: tuple[str, ...]) -> dict[str, Any]:
