@@ -9,6 +9,7 @@ from .definition._parsing import xml_tags as xml_tags
 from .definition._states import LLMState as LLMState
 from .definition._states import MachineState as MachineState
 from .definition._states import MapState as MapState
+from .definition._states import ParallelState as ParallelState
 from .definition._states import PythonState as PythonState
 from .definition._states import State as State
 from .definition._states import guard as guard

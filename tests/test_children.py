@@ -22,6 +22,7 @@ from statemachine_orch import (
     Machine,
     MachineState,
     MapState,
+    ParallelState,
     PythonState,
     RunStatus,
     StepContext,
@@ -96,7 +97,7 @@ def test_a_map_state_runs_one_child_per_item_and_joins_them_in_item_order(
     kids = children(db_path)
     assert [(k["run_id"], k["status"], k["parent_run_id"], k["parent_state"], k["item"]) for k in kids] == [
         (f"{result.run_id}.1.1.{i}", "completed", result.run_id, "work", i) for i in range(3)]
-    assert {k["machine"] for k in kids} == {"workers__work"}
+    assert {k["machine"] for k in kids} == {"workers__worker"}
     work = log_of(db_path, result.run_id)[1]
     assert work.source == "child"
     # the step carries its children's usage and cost, and so does the run's total
@@ -277,4 +278,75 @@ def test_map_and_machine_states_are_validated() -> None:
         "for ItemError in the outputs",
         "state 'm': its each= state 'w' has needs, but an item reads only its item; fix: put what each item "
         "needs into the items (items=lambda ctx: [...])",
+    ]
+
+
+def report(**options: Any) -> Machine:
+    """The seed's report with its two analyses of the validated data run at once."""
+    return Machine("report", input_vars={"raw_data": lambda data: str(data)}, states=[
+        LLMState("data_validation", prompt="Validate: {raw_data}"),
+        ParallelState("analyses", needs=["data_validation"], branches=[
+            LLMState("trend_analysis", prompt="Trends in {raw_data} given {data_validation}",
+                     needs=["data_validation"]),
+            LLMState("anomaly_scan", prompt="Anomalies in {raw_data}"),
+        ], **options),
+        LLMState("executive_summary", prompt="Summary of {trend_analysis} and {anomaly_scan}",
+                 needs=["trend_analysis", "anomaly_scan"]),
+    ])
+
+
+def test_a_parallel_state_runs_its_branches_at_once_and_later_states_read_each_by_name(
+        engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
+    answer_by_prompt(fake)
+    result = engine.run(report(), {"sales": [1, 2]})
+    assert result.status is RunStatus.COMPLETED
+    assert result.path == ["data_validation", "analyses", "executive_summary"]
+    trends = "done: Trends in {'sales': [1, 2]} given done: Validate: {'sales': [1, 2]}"
+    anomalies = "done: Anomalies in {'sales': [1, 2]}"
+    assert result.outputs["analyses"] == {"trend_analysis": trends, "anomaly_scan": anomalies}
+    assert fake.requests[-1].body["messages"][0]["content"] == f"Summary of {trends} and {anomalies}"
+    assert [(k["machine"], k["item"]) for k in children(db_path)] == [
+        ("report__trend_analysis", 0), ("report__anomaly_scan", 1)]
+
+
+def test_a_failed_branch_is_the_only_one_run_again(engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
+    answer_by_prompt(fake, fail=frozenset({"Anomalies in {'sales': [1, 2]}"}))
+    failed = engine.run(report(), {"sales": [1, 2]})
+    assert failed.status is RunStatus.FAILED
+    answer_by_prompt(fake)
+    fake.requests.clear()
+    with Engine(open_store(db_path), model=fake.model()) as again:
+        result = again.resume(failed.run_id, report())
+    assert result.status is RunStatus.COMPLETED
+    assert [r.body["messages"][0]["content"][:9] for r in fake.requests] == ["Anomalies", "Summary o"]
+
+    async def replay() -> Any:
+        store = open_store(db_path)
+        try:
+            return await replay_run(store, result.run_id, report())
+        finally:
+            await store.close()
+
+    fake.requests.clear()
+    assert asyncio.run(replay()).matches and fake.requests == []
+
+
+def test_parallel_branches_are_validated() -> None:
+    with pytest.raises(DefinitionError) as raised:
+        Machine("m", [
+            PythonState("a", run=lambda ctx: 1),
+            ParallelState("p", branches=[LLMState("a", prompt="x"), LLMState("b", prompt="{a}", needs=["a"])]),
+        ])
+    assert [p.split(": ", 1)[1] for p in raised.value.problems] == [
+        "state 'p': branch name 'a' is taken (by a state or another branch); fix: give each branch a name no "
+        "state or branch has",
+    ]
+    with pytest.raises(DefinitionError) as raised:
+        Machine("m", [
+            PythonState("a", run=lambda ctx: 1),
+            ParallelState("p", branches=[LLMState("b", prompt="{a}", needs=["a"])]),
+        ])
+    assert [p.split(": ", 1)[1] for p in raised.value.problems] == [
+        "state 'p': its branch 'b' needs ['a'], which the state does not; fix: add ['a'] to needs=[...] of "
+        "state 'p' too",
     ]

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from ..errors import DefinitionError
 from ..types import Budget, Result, RetryPolicy
 from ._source import code_hash
-from ._states import LLMState, State
+from ._states import LLMState, ParallelState, State
 from ._table import TransitionTable, build_table
 from ._templates import Template
 from ._validation import validate
@@ -80,6 +80,9 @@ class Machine:
         self._ref: str | None = None
         self.by_name: dict[str, State] = {
             s.name: s for s in self.states if isinstance(s, State) and isinstance(s.name, str)}
+        self.branch_of: dict[str, str] = {  # a parallel state's branch -> that state: outputs read by name
+            b.name: s.name for s in self.states if isinstance(s, ParallelState)
+            and isinstance(s.branches, (list, tuple)) for b in s.branches if isinstance(b, State)}
         table, table_problems = build_table(self)
         self.transitions: TransitionTable = table
         problems = validate(self, table, table_problems)
@@ -127,8 +130,9 @@ class Machine:
     def family(self) -> Iterator[Machine]:
         """This machine and every machine its child runs run (machine and map states), nested."""
         yield self
-        for child in self.transitions.children.values():
-            yield from child.family()
+        for children in self.transitions.children.values():
+            for child in children:
+                yield from child.family()
 
     @property
     def calls_a_model(self) -> bool:

@@ -30,11 +30,11 @@ class Problems(list[str]):
         self.append(f"{self.where}: {subject}: {problem}; fix: {fix}")
         self.states.append(state)
 
-    def adopt(self, lines: list[str], inner: str, state: str) -> None:
-        """The problems of the machine a state builds for its items (`inner`: that machine's
-        one state), said of `state`."""
+    def adopt(self, lines: list[str], inner: str, state: str, role: str) -> None:
+        """The problems of a machine a state builds for its child runs (`inner`: that machine's
+        one state, the state's `role`: "each= state", "branch"), said of `state`."""
         for line in lines:
-            what = line.split(": ", 1)[1].replace(f"state '{inner}'", f"its each= state '{inner}'", 1)
+            what = line.split(": ", 1)[1].replace(f"state '{inner}'", f"its {role} '{inner}'", 1)
             self.append(f"{self.where}: state '{state}': {what}")
             self.states.append(state)
 

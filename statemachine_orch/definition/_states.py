@@ -1,7 +1,8 @@
 """The states a machine is made of, and the `guard` decorator that declares what a guard returns.
 
 `LLMState` wraps one Messages API call, `PythonState` one Python function, `MachineState` a
-child run of another machine, `MapState` one child run per item of a list; all share the
+child run of another machine, `MapState` one child run per item of a list, `ParallelState` one
+child run per branch; all share the
 guard, the `on=` overrides of the transition table, the loop bounds (and `on_exhausted`, the
 decision taken when one stops a loop), what the state reads of earlier states (`needs`,
 `needs_if_ran`) and the `timeout` of `State`.
@@ -150,3 +151,17 @@ class MapState(State):
     concurrency: int = 4
     on_item_error: Literal["fail", "guard"] = "fail"
     reduce: Callable[[list[Any]], Any] | None = None
+
+
+@dataclass(frozen=True)
+class ParallelState(State):
+    """A state that runs its `branches` (LLM or Python states that do not depend on each
+    other) at once, each a child run, and joins them: its output is `{branch name: output}`,
+    and each branch's output can also be read by its own name (in `needs` and templates of
+    later states). A branch reads the run's input and the outputs it `needs`, which the
+    parallel state must need too.
+
+    Each branch is durable on its own: a crash re-runs only the unfinished ones."""
+
+    _: KW_ONLY
+    branches: Sequence[LLMState | PythonState]

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from ..types import END, Budget, FlowDecision, RetryPolicy
 from ._problems import Problems
-from ._states import DeclaredGuard, LLMState, MachineState, MapState, PythonState, State
+from ._states import DeclaredGuard, LLMState, MachineState, MapState, ParallelState, PythonState, State
 from ._table import TransitionTable, decision_value, fallback_decisions
 
 if TYPE_CHECKING:
@@ -92,6 +92,13 @@ class _Validator:
             elif name in seen:
                 self.add(name, "is declared twice", "give each state a unique name")
             seen.add(name)
+        for branch, owner in self.m.branch_of.items():
+            if not isinstance(branch, str) or not branch.isidentifier() or keyword.iskeyword(branch):
+                self.add(owner, f"branch name {branch!r} is not a Python identifier", "use letters, digits and _")
+            elif branch in seen or branch in RESERVED_NAMES:
+                self.add(owner, f"branch name '{branch}' is taken (by a state or another branch)",
+                         "give each branch a name no state or branch has")
+            seen.add(branch)
 
     def _state(self, state: State) -> None:
         m = self.m
@@ -134,7 +141,7 @@ class _Validator:
             if need == state.name:
                 self.add(state.name, "needs itself",
                          "remove it from needs (needs_if_ran=[...] reads its output of an earlier visit)")
-            elif need not in m.by_name:
+            elif need not in m.by_name and need not in m.branch_of:
                 self.add(state.name, f"needs unknown state {need!r}", f"use one of {names}")
         for need in state.needs_if_ran:
             if need not in m.by_name:
@@ -149,10 +156,10 @@ class _Validator:
             self._llm_state(state)
         elif isinstance(state, PythonState) and not callable(state.run):
             self.add(state.name, "run= is not callable", "pass a function (ctx) -> output")
-        elif isinstance(state, (MachineState, MapState)):
+        elif isinstance(state, (MachineState, MapState, ParallelState)):
             self._child_state(state)
 
-    def _child_state(self, state: MachineState | MapState) -> None:
+    def _child_state(self, state: MachineState | MapState | ParallelState) -> None:
         """A state whose work is child runs: a machine state's child, a map state's items."""
         from ._machine import Machine
 
@@ -163,6 +170,13 @@ class _Validator:
             if not isinstance(state.machine, Machine):
                 self.add(state.name, f"machine={state.machine!r} is not a Machine", "pass the child Machine")
             self._one_argument(state.name, "input", state.input, "def child_input(ctx) -> dict")
+            return
+        if isinstance(state, ParallelState):
+            for branch in state.branches if isinstance(state.branches, (list, tuple)) else ():
+                missing = [n for n in getattr(branch, "needs", ()) if n not in state.needs]
+                if missing:
+                    self.add(state.name, f"its branch '{branch.name}' needs {missing}, which the state does not",
+                             f"add {missing} to needs=[...] of state '{state.name}' too")
             return
         self._one_argument(state.name, "items", state.items, "def items(ctx) -> list")
         self._one_argument(state.name, "reduce", state.reduce, "def reduce(outputs: list) -> value")
@@ -326,9 +340,10 @@ class _Validator:
     def _needs_dominate(self) -> None:
         for state in self.m.states:
             for need in state.needs:
-                if need == self.m.initial or need not in self.m.by_name or need == state.name:
+                maker = self.m.branch_of.get(need, need)  # a branch's output is made by its parallel state
+                if maker == self.m.initial or maker not in self.m.by_name or maker == state.name:
                     continue
-                if state.name in self._reachable(self.m.initial, blocked=need) or state.name == self.m.initial:
+                if state.name in self._reachable(self.m.initial, blocked=maker) or state.name == self.m.initial:
                     self.add(state.name, f"can run before {need!r}, whose output it needs",
                              f"make every path to it pass through {need!r}, or drop it from needs")
 

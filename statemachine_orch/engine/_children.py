@@ -27,6 +27,7 @@ from ..types import (
     now_iso,
     output_json,
 )
+from ._fsm import Compiled
 from ._ids import check_run_id
 from ._inputs import validate_input
 from ._run import Run
@@ -57,6 +58,12 @@ def child_id(parent: Run, state: State, slot: int, item: int) -> str:
     return run_id
 
 
+def child_compiled(parent: Run, state: State, item: int) -> Compiled:
+    """The machine of child `item` of `state`: a parallel state's branch, else the one machine."""
+    machines = parent.compiled.children[state.name]
+    return machines[item] if len(machines) > 1 else machines[0]
+
+
 def result_of(machine: Machine, record: RunRecord, log: list[TransitionRecord]) -> ChildResult:
     """A stored child run's result, read from its log."""
     return _child_result(RunResult.from_log(record, log, result=machine.result))
@@ -70,7 +77,7 @@ def _child_result(result: RunResult) -> ChildResult:
 async def drive_child(parent: Run, state: State, slot: int, item: int, input: Any) -> ChildResult:
     """Run child `item` of `state` to its end: read back if it finished, continued if it
     started, else started; a failed child is tried again from its failed step."""
-    compiled = parent.compiled.children[state.name]
+    compiled = child_compiled(parent, state, item)
     machine = compiled.machine
     run_id = child_id(parent, state, slot, item)
     store = parent.ports.store

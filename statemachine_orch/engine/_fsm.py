@@ -19,7 +19,7 @@ from transitions import EventData
 from transitions import Machine as FSM
 
 from ..definition._machine import Machine
-from ..definition._states import DeclaredGuard, LLMState, MachineState, MapState, State
+from ..definition._states import DeclaredGuard, LLMState, MachineState, MapState, ParallelState, State
 from ..types import END, Decision, Guard, Source, decision_from_value
 from ._position import Position
 
@@ -45,7 +45,7 @@ class Compiled:
     plans: dict[str, Plan] = field(default_factory=dict)
     tools: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
-    children: dict[str, Compiled] = field(default_factory=dict)  # machine or map state -> its child runs' machine
+    children: dict[str, tuple[Compiled, ...]] = field(default_factory=dict)  # as `TransitionTable.children`
 
     def fire(self, position: Position, decision: str, *, replay: bool = False) -> bool:
         """Fire the trigger named after `decision` on `position`; False when a loop bound
@@ -81,13 +81,13 @@ def compile_machine(machine: Machine) -> Compiled:
     fsm = FSM(model=None, states=[s.name for s in machine.states] + [END], transitions=transitions,
               initial=machine.initial, auto_transitions=False, send_event=True,
               ignore_invalid_triggers=False, after_state_change=[_moved])
-    compiled = Compiled(machine, fsm, children={name: compile_machine(child)
-                                                for name, child in machine.transitions.children.items()})
+    compiled = Compiled(machine, fsm, children={name: tuple(compile_machine(child) for child in children)
+                                                for name, children in machine.transitions.children.items()})
     for state in machine.states:
         guard = state.guard
         compiled.plans[state.name] = Plan(
             state=state, source="llm" if isinstance(state, LLMState) else
-            "child" if isinstance(state, (MachineState, MapState)) else "python",
+            "child" if isinstance(state, (MachineState, MapState, ParallelState)) else "python",
             guard=guard.fn if isinstance(guard, DeclaredGuard) else guard,
             guard_name=getattr(guard, "__name__", type(guard).__name__),
             allowed={decision_from_value(value): value for value in machine.decisions[state.name]})

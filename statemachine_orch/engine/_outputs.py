@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ..definition._states import MapState, State
+from ..definition._states import MapState, ParallelState, State
 from ..types import INVALID_MARKER, ITEM_ERROR_MARKER, InvalidOutput, ItemError
 
 
@@ -24,6 +25,8 @@ def restore_output(state: State, value: Any) -> Any:
         return value
     if isinstance(state, MapState) and isinstance(state.each, State) and state.reduce is None and type(value) is list:
         return [restore_output(state.each, item) for item in value]
+    if isinstance(state, ParallelState) and type(value) is dict:
+        return {b.name: restore_output(b, value.get(b.name)) for b in state.branches}
     if state.output is not None:
         if isinstance(value, state.output):
             return value
@@ -36,6 +39,15 @@ def restore_output(state: State, value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     return json.loads(json.dumps(value, allow_nan=False))
+
+
+def named_outputs(state: State, output: Any) -> Iterator[tuple[str, Any]]:
+    """The outputs a committed step makes readable by name: the state's own, and each branch's
+    of a parallel state."""
+    yield state.name, output
+    if isinstance(state, ParallelState) and isinstance(output, dict):
+        for branch in state.branches:
+            yield branch.name, output.get(branch.name)
 
 
 def first_error(exc: ValidationError, whole: str = "value") -> str:

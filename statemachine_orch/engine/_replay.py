@@ -26,7 +26,7 @@ from ..llm._prices import PriceTable
 from ..store._contract import NullStore, Store
 from ..store._owner import Owner
 from ..types import Attempt, Budget, RunStatus, StepContext, TransitionRecord
-from ._children import ChildResult, child_id, result_of
+from ._children import ChildResult, child_compiled, child_id, result_of
 from ._fsm import Compiled, compile_machine
 from ._inputs import validate_input
 from ._run import Ports, Run
@@ -229,7 +229,7 @@ async def replay_run(store: Store, run_id: str, machine: Machine, *, prices: Pri
         the parent's, at the step that started it."""
         seq = cursor.current(state.name).seq
         run_id = child_id(parent, state, slot, item)
-        compiled_child = parent.compiled.children[state.name]
+        compiled_child = child_compiled(parent, state, item)
         child = compiled_child.machine
         try:
             child_record, child_log = await store.load_run(run_id, verified=True)

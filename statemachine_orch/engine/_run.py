@@ -19,7 +19,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ..definition._machine import Machine
-from ..definition._states import LLMState, MachineState, MapState, PythonState, State
+from ..definition._states import LLMState, MachineState, MapState, ParallelState, PythonState, State
 from ..errors import (
     BudgetExceededError,
     GuardError,
@@ -55,7 +55,7 @@ from ..types import (
 from ._context import History, context
 from ._fsm import Compiled, Plan
 from ._llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
-from ._outputs import restore_output
+from ._outputs import named_outputs, restore_output
 from ._snapshot import Snapshot
 from ._user_code import CodeError, UserCode
 
@@ -202,7 +202,7 @@ class Run:
     async def _run_state(self, state: State, step: TransitionRecord, ctx: StepContext) -> Any:
         if isinstance(state, LLMState):
             return await self._llm.execute(state, step, ctx, self._values, self.spent)
-        if isinstance(state, (MachineState, MapState)):
+        if isinstance(state, (MachineState, MapState, ParallelState)):
             return await self._children(state, step, ctx)
         assert isinstance(state, PythonState)
         override = self.ports.python_override
@@ -220,9 +220,11 @@ class Run:
             raise StepError(f"returned a value that cannot be stored: {exc}", run_id=self.run_id,
                             state=state.name) from None
 
-    async def _children(self, state: MachineState | MapState, step: TransitionRecord, ctx: StepContext) -> Any:
-        """The output of a machine or map state: its child runs, `concurrency` at a time, each
-        driven to its end (`_children`); the items' outputs in item order. The step's usage and
+    async def _children(self, state: MachineState | MapState | ParallelState, step: TransitionRecord,
+                        ctx: StepContext) -> Any:
+        """The output of a machine, map or parallel state: its child runs, `concurrency` at a
+        time, each driven to its end (`_children`); the items' outputs in item order (a parallel
+        state's by branch name). The step's usage and
         cost are the children's, in all, once they join: a failed step carries none (its
         children keep theirs, and a resume continues them)."""
         drive = self.ports.children
@@ -231,6 +233,9 @@ class Run:
         slot = len(self.history.get(state.name, ())) + 1  # the slot's children: same after a failure
         if isinstance(state, MachineState):
             inputs = [None if state.input is None else await self._user(state, "input", state.input, ctx)]
+        elif isinstance(state, ParallelState):
+            given = {name: output_json(value) for name, value in self._input_values.items()}
+            inputs = [{**given, **{n: output_json(self.outputs[n]) for n in branch.needs}} for branch in state.branches]
         else:
             items = await self._user(state, "items", state.items, ctx)
             try:
@@ -240,7 +245,7 @@ class Run:
                                 run_id=self.run_id, state=state.name) from None
             wrap = state.item_model is None and not isinstance(state.each, Machine)
             inputs = [{"item": output_json(item)} if wrap else item for item in items]
-        gate = asyncio.Semaphore(state.concurrency if isinstance(state, MapState) else 1)
+        gate = asyncio.Semaphore(state.concurrency if isinstance(state, MapState) else len(inputs))
 
         async def one(item: int, child_input: Any) -> ChildResult:
             async with gate:
@@ -259,7 +264,7 @@ class Run:
         if over is not None:
             raise BudgetExceededError(f"child run {over.run_id} stopped: {over.error}", run_id=self.run_id,
                                       state=state.name)
-        if failed and (isinstance(state, MachineState) or state.on_item_error == "fail"):
+        if failed and (not isinstance(state, MapState) or state.on_item_error == "fail"):
             i, first = failed[0]
             raise StepError(f"{len(failed)} of {len(results)} child run(s) did not finish; the first, item {i} "
                             f"(run {first.run_id}), is {first.status.value}: {first.error}",
@@ -270,6 +275,8 @@ class Run:
             step.cost_usd = None if step.cost_usd is None or r.cost_usd is None else step.cost_usd + r.cost_usd
         if isinstance(state, MachineState):
             return restore_output(state, results[0].output)
+        if isinstance(state, ParallelState):
+            return restore_output(state, {b.name: r.output for b, r in zip(state.branches, results, strict=True)})
         outputs = restore_output(state, [
             ItemError(item=i, run_id=r.run_id, status=r.status.value, error=r.error or "").to_json()
             if (i, r) in failed else r.output for i, r in enumerate(results)])
@@ -431,9 +438,9 @@ class Run:
         if not self.is_child:  # a child's time is its parent's step's
             self.spent.seconds += step.latency_ms / 1000.0
         if step.committed:
-            value = None if type(output) is BudgetRoute else output
-            self.outputs[state.name] = value
-            self.history.setdefault(state.name, []).append(value)
+            for name, value in named_outputs(state, None if type(output) is BudgetRoute else output):
+                self.outputs[name] = value
+                self.history.setdefault(name, []).append(value)
             self.path.append(state.name)
         elif output is not _NO_OUTPUT and type(output) is not BudgetRoute:
             self._pending = step  # a paid answer the guard failed on: a resume judges it again

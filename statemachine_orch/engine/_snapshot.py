@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import UsageError
 from ..types import END, RunRecord, TransitionRecord, Usage, total_cost, total_usage
 from ._fsm import Compiled
-from ._outputs import restore_output
+from ._outputs import named_outputs, restore_output
 from ._position import Position
 from ._progress import Unfinished, unfinished
 
@@ -77,8 +77,9 @@ def snapshot(compiled: Compiled, record: RunRecord, log: list[TransitionRecord])
             raise UsageError(f"run {rid}: the stored output of '{row.from_state}' (seq {row.seq}) "
                              f"{exc}; restore the output model to resume it") from None
         if row.committed:
-            outputs[row.from_state] = output
-            history.setdefault(row.from_state, []).append(output)
+            for name, value in named_outputs(machine.by_name[row.from_state], output):
+                outputs[name] = value
+                history.setdefault(name, []).append(value)
             path.append(row.from_state)
     if position.state == END:
         raise UsageError(f"run {rid} already reached its end; nothing to resume")
