@@ -42,6 +42,14 @@ machine = Machine("ledger", model={MODEL!r}, input_vars={{"text": lambda data: d
 '''
 RUN_FIELDS = ("run_id", "machine", "machine_ref", "machine_hash", "input", "created_at", "chain_version",
               "chain_key")
+PARENT_FIELDS = ("parent_run_id", "parent_state", "item")  # a child run's anchor covers them too
+FAN_OUT = """
+from statemachine_orch import Machine, MapState, PythonState
+
+machine = Machine("fan_out", states=[
+    MapState("pieces", items=lambda ctx: ["x", "y"], each=PythonState("piece", run=lambda ctx: ctx.input["item"])),
+])
+"""
 ROW_COLUMNS = ("run_id", "seq", "from_state", "to_state", "decision", "reason", "attempt", "started_at",
                "latency_ms", "source", "input_tokens", "output_tokens", "cache_read_tokens",
                "cache_write_tokens", "cost_usd", "error", "output", "request", "response", "request_id",
@@ -84,6 +92,10 @@ class DocumentedChain:
             return hashlib.sha256(message.encode()).hexdigest()
         return hmac.new(self.key, message.encode(), hashlib.sha256).hexdigest()
 
+    @staticmethod
+    def identity(run: sqlite3.Row) -> tuple[str, ...]:
+        return RUN_FIELDS + PARENT_FIELDS if run["parent_run_id"] is not None else RUN_FIELDS
+
     def key_id(self) -> str:
         return self.h("statemachine_orch audit key id")[:16]
 
@@ -95,7 +107,7 @@ class DocumentedChain:
             for run in conn.execute("SELECT * FROM runs").fetchall():
                 assert run["chain_version"] == 2
                 assert run["chain_key"] == (self.key_id() if self.key else None)
-                link = self.h(canonical({name: run[name] for name in RUN_FIELDS}))
+                link = self.h(canonical({name: run[name] for name in self.identity(run)}))
                 assert link == run["chain_anchor"], run["run_id"]
                 rows = conn.execute("SELECT * FROM transitions WHERE run_id = ? ORDER BY seq",
                                     (run["run_id"],)).fetchall()
@@ -114,7 +126,7 @@ class DocumentedChain:
         with closing(sqlite3.connect(self.db)) as conn, conn:
             conn.row_factory = sqlite3.Row
             run = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            link = self.h(canonical({name: run[name] for name in RUN_FIELDS}))
+            link = self.h(canonical({name: run[name] for name in self.identity(run)}))
             conn.execute("UPDATE runs SET chain_anchor = ? WHERE run_id = ?", (link, run_id))
             for r in conn.execute("SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", (run_id,)).fetchall():
                 attempts = conn.execute("SELECT * FROM attempts WHERE run_id = ? AND seq = ? ORDER BY attempt",
@@ -149,8 +161,9 @@ def test_a_verifier_written_from_the_docs_verifies_every_run(
         orch: EnvOrch, fake: FakeMessagesAPI, tmp_path: Path, key: str | None) -> None:
     cli = orch.with_env(ORCH_AUDIT_KEY=key) if key else orch
     record(cli, fake, tmp_path, "a", "b")
-    assert DocumentedChain(orch.db, key).check() == {"a": 3, "b": 3}
-    assert cli.ok("audit", "verify").stdout.splitlines()[-1] == "2 run(s) checked, 0 with a broken log"
+    cli.ok("run", write(tmp_path / "fan_out.py", FAN_OUT), "--run-id", "c")  # with two child runs
+    assert DocumentedChain(orch.db, key).check() == {"a": 3, "b": 3, "c": 1, "c.0.1.0": 1, "c.0.1.1": 1}
+    assert cli.ok("audit", "verify").stdout.splitlines()[-1] == "5 run(s) checked, 0 with a broken log"
     assert all(KEY.encode() not in path.read_bytes() for path in orch.db.parent.glob("orch.db*"))
 
 

@@ -7,16 +7,19 @@ A machine is declared once at module level::
         LLMState("trend_analysis", prompt="... {data_validation}", needs=["data_validation"]),
     ], input_vars={"raw_data": as_json})
 
-Construction builds the transition table (`_table.py`), validates the whole definition
-(`_validation.py`) and raises one
-`DefinitionError` listing every problem, each naming the module, the state and the fix.
+Construction builds the transition table (`_table.py`) and the machines of the states that
+run child runs (a machine of one state for a map state's `each=` state or a parallel branch),
+validates the whole definition (`_validation.py`) and raises one `DefinitionError` listing
+every problem, each naming the module, the state and the fix.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from functools import cached_property
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,9 @@ from pydantic import BaseModel
 
 from ..errors import DefinitionError
 from ..types import Budget, Result, RetryPolicy
+from ._problems import Problems
 from ._source import code_hash
-from ._states import LLMState, ParallelState, State
+from ._states import LLMState, MachineState, MapState, ParallelState, PythonState, State
 from ._table import TransitionTable, build_table
 from ._templates import Template
 from ._validation import validate
@@ -43,6 +47,61 @@ def _caller_module() -> tuple[str | None, str | None]:
     if frame is None:
         return None, None
     return frame.f_globals.get("__name__"), frame.f_globals.get("__file__")
+
+
+def _child_machines(machine: Machine, state: State, problems: Problems) -> tuple[Machine, ...]:
+    """The machines whose runs a state starts: a machine state's child, a map state's `each`
+    (for an LLM or Python state, a machine of that one state, whose input is the item:
+    `{item}`, or the fields of `item_model`), a machine of one state per parallel branch
+    (whose input is the run's input values and the outputs the branch needs)."""
+    if isinstance(state, MachineState):
+        if not isinstance(state.machine, Machine):
+            problems.add(state.name, f"machine={state.machine!r} is not a Machine", "pass the child Machine")
+            return ()
+        return (state.machine,)
+    if isinstance(state, ParallelState):
+        names = tuple(machine.input_names)
+        built = [_one_state(machine, state, branch, {n: itemgetter(n) for n in (*branch.needs, *names)}, None,
+                            problems) for branch in _branches(state, problems)]
+        return tuple(m for m in built if m is not None) if all(built) else ()
+    if not isinstance(state, MapState):
+        return ()
+    each = state.each
+    if isinstance(each, Machine):
+        return (each,)
+    if not isinstance(each, (LLMState, PythonState)):
+        problems.add(state.name, f"each={each!r} is not an LLMState, a PythonState or a Machine", "pass one of them")
+        return ()
+    if each.needs or each.needs_if_ran:
+        return ()  # an item reads only its item: reported by validation
+    child = _one_state(machine, state, each, None if state.item_model else {"item": itemgetter("item")},
+                       state.item_model, problems)
+    return () if child is None else (child,)
+
+
+def _branches(state: ParallelState, problems: Problems) -> list[LLMState | PythonState]:
+    branches = list(state.branches) if isinstance(state.branches, (list, tuple)) else []
+    if not branches or not all(isinstance(b, (LLMState, PythonState)) for b in branches):
+        problems.add(state.name, "branches= is not a list of LLMState and PythonState",
+                     "pass branches=[LLMState(...), LLMState(...)]")
+        return []
+    return branches
+
+
+def _one_state(machine: Machine, state: State, inner: LLMState | PythonState, input_vars: dict[str, Any] | None,
+               input_model: Any, problems: Problems) -> Machine | None:
+    """A machine of `inner` alone (its needs come in as input), for `state`'s child runs; its
+    problems are said of `state`."""
+    try:
+        child = Machine(f"{machine.name}__{inner.name}", [replace(inner, needs=())], model=machine.model,
+                        input_model=input_model, input_vars=input_vars, retry_policy=machine.retry_policy,
+                        context_tokens=machine.context_tokens, source_file=machine.source_file)
+    except DefinitionError as exc:
+        problems.adopt(exc.problems, inner.name, state.name,
+                       "branch" if isinstance(state, ParallelState) else "each= state")
+        return None
+    child.module = machine.module
+    return child
 
 
 class Machine:
@@ -85,6 +144,11 @@ class Machine:
             and isinstance(s.branches, (list, tuple)) for b in s.branches if isinstance(b, State)}
         table, table_problems = build_table(self)
         self.transitions: TransitionTable = table
+        self.children: dict[str, tuple[Machine, ...]] = {}  # state -> the machines of its child runs
+        for state in self.by_name.values():
+            machines = _child_machines(self, state, table_problems)
+            if machines:
+                self.children[state.name] = machines
         problems = validate(self, table, table_problems)
         if problems:
             raise DefinitionError(problems)
@@ -130,7 +194,7 @@ class Machine:
     def family(self) -> Iterator[Machine]:
         """This machine and every machine its child runs run (machine and map states), nested."""
         yield self
-        for children in self.transitions.children.values():
+        for children in self.children.values():
             for child in children:
                 yield from child.family()
 

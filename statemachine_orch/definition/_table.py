@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..errors import DefinitionError
 from ..types import END, Branch, FlowDecision
 from ._problems import Problems
-from ._states import DeclaredGuard, LLMState, MachineState, MapState, ParallelState, PythonState, State
+from ._states import DeclaredGuard, LLMState, State
 from ._templates import Template
 
 if TYPE_CHECKING:
@@ -32,7 +30,6 @@ class TransitionTable:
     targets: Mapping[str, Mapping[str, str]]  # state -> decision value -> target (defaults included)
     decisions: Mapping[str, frozenset[str]]  # state -> the decisions it may take
     templates: Mapping[str, tuple[Template, Template | None]]  # LLM state -> (prompt, system)
-    children: Mapping[str, tuple[Machine, ...]]  # machine, map state -> its child runs' machine; parallel: one a branch
     complete: bool
 
     def edges(self, state: str) -> dict[str, str]:
@@ -54,7 +51,6 @@ def build_table(machine: Machine) -> tuple[TransitionTable, Problems]:
     targets: dict[str, dict[str, str]] = {}
     decisions: dict[str, frozenset[str]] = {}
     templates: dict[str, tuple[Template, Template | None]] = {}
-    children: dict[str, tuple[Machine, ...]] = {}
     states = [s for s in machine.states if isinstance(s, State) and isinstance(s.name, str)]
     names = [s.name for s in states]
     for index, state in enumerate(states):
@@ -64,11 +60,7 @@ def build_table(machine: Machine) -> tuple[TransitionTable, Problems]:
             parsed = _templates(state, problems)
             if parsed is not None:
                 templates[state.name] = parsed
-        machines = _child_machines(machine, state, problems)
-        if machines:
-            children[state.name] = machines
-    table = TransitionTable(targets=targets, decisions=decisions, templates=templates, children=children,
-                            complete=not problems)
+    table = TransitionTable(targets=targets, decisions=decisions, templates=templates, complete=not problems)
     return table, problems
 
 
@@ -134,64 +126,6 @@ def fallback_decisions(state: State) -> dict[str, FlowDecision | Branch]:
     if state.on_exhausted is not None:
         taken["on_exhausted"] = state.on_exhausted
     return taken
-
-
-def _child_machines(machine: Machine, state: State, problems: Problems) -> tuple[Machine, ...]:
-    """The machines whose runs a state starts: a machine state's child, a map state's `each`
-    (for an LLM or Python state, a machine of that one state, whose input is the item:
-    `{item}`, or the fields of `item_model`), a machine of one state per parallel branch
-    (whose input is the run's input values and the outputs the branch needs)."""
-    from ._machine import Machine  # a machine is made of states; these are made here
-
-    if isinstance(state, MachineState):
-        return (state.machine,)
-    if isinstance(state, ParallelState):
-        names = tuple(machine.input_names)
-        built = [_one_state(machine, state, branch, {n: itemgetter(n) for n in (*branch.needs, *names)}, None,
-                            problems) for branch in _branches(state, problems)]
-        return tuple(m for m in built if m is not None) if all(built) else ()
-    if not isinstance(state, MapState):
-        return ()
-    each = state.each
-    if isinstance(each, Machine):
-        return (each,)
-    if not isinstance(each, (LLMState, PythonState)):
-        problems.add(state.name, f"each={each!r} is not an LLMState, a PythonState or a Machine", "pass one of them")
-        return ()
-    if each.needs or each.needs_if_ran:
-        return ()  # an item reads only its item: reported by validation
-    child = _one_state(machine, state, each, None if state.item_model else {"item": itemgetter("item")},
-                       state.item_model, problems)
-    return () if child is None else (child,)
-
-
-def _branches(state: ParallelState, problems: Problems) -> list[LLMState | PythonState]:
-    branches = list(state.branches) if isinstance(state.branches, (list, tuple)) else []
-    if not branches or not all(isinstance(b, (LLMState, PythonState)) for b in branches):
-        problems.add(state.name, "branches= is not a list of LLMState and PythonState",
-                     "pass branches=[LLMState(...), LLMState(...)]")
-        return []
-    return branches
-
-
-def _one_state(machine: Machine, state: State, inner: LLMState | PythonState, input_vars: dict[str, Any] | None,
-               input_model: Any, problems: Problems) -> Machine | None:
-    """A machine of `inner` alone (its needs come in as input), for `state`'s child runs; its
-    problems are said of `state`."""
-    from dataclasses import replace
-
-    from ._machine import Machine
-
-    try:
-        child = Machine(f"{machine.name}__{inner.name}", [replace(inner, needs=())], model=machine.model,
-                        input_model=input_model, input_vars=input_vars, retry_policy=machine.retry_policy,
-                        context_tokens=machine.context_tokens, source_file=machine.source_file)
-    except DefinitionError as exc:
-        problems.adopt(exc.problems, inner.name, state.name,
-                       "branch" if isinstance(state, ParallelState) else "each= state")
-        return None
-    child.module = machine.module
-    return child
 
 
 def _templates(state: LLMState, problems: Problems) -> tuple[Template, Template | None] | None:

@@ -161,14 +161,10 @@ class _Validator:
 
     def _child_state(self, state: MachineState | MapState | ParallelState) -> None:
         """A state whose work is child runs: a machine state's child, a map state's items."""
-        from ._machine import Machine
-
         if state.output is not None:
             self.add(state.name, "output= checks an answer, and this state's output is its child runs' results",
                      "set output= on the child machine's states (or the each= state)")
         if isinstance(state, MachineState):
-            if not isinstance(state.machine, Machine):
-                self.add(state.name, f"machine={state.machine!r} is not a Machine", "pass the child Machine")
             self._one_argument(state.name, "input", state.input, "def child_input(ctx) -> dict")
             return
         if isinstance(state, ParallelState):

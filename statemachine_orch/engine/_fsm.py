@@ -82,7 +82,7 @@ def compile_machine(machine: Machine) -> Compiled:
               initial=machine.initial, auto_transitions=False, send_event=True,
               ignore_invalid_triggers=False, after_state_change=[_moved])
     compiled = Compiled(machine, fsm, children={name: tuple(compile_machine(child) for child in children)
-                                                for name, children in machine.transitions.children.items()})
+                                                for name, children in machine.children.items()})
     for state in machine.states:
         guard = state.guard
         compiled.plans[state.name] = Plan(
