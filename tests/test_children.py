@@ -350,3 +350,36 @@ def test_parallel_branches_are_validated() -> None:
         "state 'p': its branch 'b' needs ['a'], which the state does not; fix: add ['a'] to needs=[...] of "
         "state 'p' too",
     ]
+
+
+def test_a_stop_reaches_the_children_and_leaves_unstarted_items_for_the_resume(
+        engine: Engine, db_path: Path) -> None:
+    """SIGTERM's `request_stop` while items run: the running item finishes its step, no new
+    item starts, the run is left interrupted, and a resume runs only the items left."""
+    ran: list[int] = []
+    parent: list[Any] = []
+
+    def work(ctx: StepContext) -> int:
+        ran.append(ctx.input["item"])
+        if ctx.input["item"] == 2 and len(parent) == 1:
+            parent.pop().request_stop(grace_s=5.0)
+        return int(ctx.input["item"]) * 10
+
+    machine = Machine("stoppable", [
+        MapState("work", items=lambda ctx: range(6), concurrency=1, each=PythonState("one", run=work)),
+    ])
+
+    async def start_and_stop() -> Any:
+        run = await engine.start(machine)
+        parent.append(run)
+        return await run.run_to_end()
+
+    stopped = asyncio.run(start_and_stop())
+    assert stopped.status is RunStatus.INTERRUPTED
+    assert ran == [0, 1, 2]
+    assert [k["status"] for k in children(db_path)] == ["completed"] * 3  # 3, 4, 5 never started
+    with Engine(open_store(db_path)) as again:
+        result = again.resume(stopped.run_id, machine)
+    assert result.status is RunStatus.COMPLETED
+    assert result.outputs["work"] == [0, 10, 20, 30, 40, 50]
+    assert ran == [0, 1, 2, 3, 4, 5]

@@ -111,4 +111,8 @@ async def drive_child(parent: Run, state: State, slot: int, item: int, input: An
         resumed = True
     for hook in parent.ports.hooks.run_started:
         hook(record, resumed=resumed, machine_hash=machine.source_hash)
-    return _child_result(await run.run_to_end())
+    parent.children_running.add(run)
+    try:
+        return _child_result(await run.run_to_end())
+    finally:
+        parent.children_running.discard(run)

@@ -122,6 +122,7 @@ class Run:
         self._llm = LLMStep(run_id=record.run_id, compiled=compiled, ports=ports, budget=self.budget,
                             owner=owner, code=self._code, left=left if left is not None and not left.answered
                             else None)
+        self.children_running: set[Run] = set()  # this run's child runs being driven now: a stop reaches them
         self._broken: BaseException | None = None
         self._stop: str | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -247,18 +248,22 @@ class Run:
             inputs = [{"item": output_json(item)} if wrap else item for item in items]
         gate = asyncio.Semaphore(state.concurrency if isinstance(state, MapState) else len(inputs))
 
-        async def one(item: int, child_input: Any) -> ChildResult:
+        async def one(item: int, child_input: Any) -> ChildResult | None:
             async with gate:
+                if self._stop is not None:
+                    return None  # stopping: items not started yet stay so
                 return await drive(self, state, slot, item, child_input)
 
-        tasks: list[asyncio.Task[ChildResult]] = []
+        tasks: list[asyncio.Task[ChildResult | None]] = []
         try:
             async with asyncio.TaskGroup() as group:  # what a child raises stops the others
                 tasks += [group.create_task(one(i, child_input)) for i, child_input in enumerate(inputs)]
         except BaseExceptionGroup as raised:  # the lowest item's, as one error (a store error, a divergence)
             lowest = next((t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
             raise (lowest or raised.exceptions[0]) from None
-        results = [task.result() for task in tasks]
+        if self._stop is not None:  # the children stopped with the run: a resume continues them
+            raise asyncio.CancelledError()
+        results = [result for result in (task.result() for task in tasks) if result is not None]
         failed = [(i, r) for i, r in enumerate(results) if r.status not in (RunStatus.COMPLETED, RunStatus.TERMINATED)]
         over = next((r for _, r in failed if r.status is RunStatus.BUDGET_EXCEEDED), None)
         if over is not None:
@@ -462,6 +467,8 @@ class Run:
             return
         self._stop = "stopped on request; resume to continue"
         self._code.stop_after(grace_s)  # user code holding the event loop: no loop timer reaches it
+        for child in list(self.children_running):
+            child.request_stop(grace_s)
         task = self._task
         if task is not None and not task.done():
             task.get_loop().call_soon_threadsafe(self._arm_grace, grace_s)
@@ -470,7 +477,7 @@ class Run:
         """Ctrl-C: raise KeyboardInterrupt into the run's synchronous user code (a guard or a
         Python state holding the event loop), if it is running now; False when none is, and the
         caller stops the run its usual way (cancelling its task). For a SIGINT handler."""
-        return self._code.interrupt()
+        return self._code.interrupt() or any(child.interrupt() for child in list(self.children_running))
 
     def _arm_grace(self, grace_s: float) -> None:
         task = self._task
