@@ -387,6 +387,19 @@ class Parent:
     item: int
 
 
+def child_run_id(parent: str, index: int, slot: int, item: int) -> str:
+    """A child run's id, `PARENT.S.N.I`: its parent's S-th state (from 0), the N-th output that
+    state commits (from 1; a state run again in a loop starts new children), item I. A parent
+    resumed after a crash finds each child again by it."""
+    return f"{parent}.{index}.{slot}.{item}"
+
+
+def child_place(run_id: str) -> tuple[int, int, int]:
+    """(S, N, I) of a child run's id (`child_run_id`): where it belongs in its parent."""
+    index, slot, item = run_id.rsplit(".", 3)[1:]
+    return int(index), int(slot), int(item)
+
+
 @dataclass(slots=True, kw_only=True)
 class Takeover:
     """A run claimed from an owner that had not released it (it died, or was declared gone)."""

@@ -30,7 +30,7 @@ from statemachine_orch import (
     Store,
     open_store,
 )
-from statemachine_orch.types import Attempt, Usage, now_iso
+from statemachine_orch.types import Attempt, Parent, Usage, now_iso
 
 from .helpers import dead_owner, me, new_run, row
 
@@ -527,6 +527,33 @@ def test_list_runs_pages_cover_every_run_once(on_store: Callable[[Scenario], Non
         paged = [run_id for page in await pages(2, machine="paged") for run_id in page]
         assert paged == [r for r in newest_first if r != "r05"]
         assert await store.list_runs(before=newest_first[-1]) == []
+
+    on_store(scenario)
+
+
+def test_list_runs_of_a_parent_lists_its_children_in_the_order_it_started_them(
+        on_store: Callable[[Scenario], None]) -> None:
+    """Only a run's children, each with its `Parent`, ordered by state, output and item (as
+    their ids `PARENT.S.N.I` place them: a map state run twice in a loop, item 10 after item 2),
+    whatever order they were created in; other listings leave children out."""
+    async def scenario(store: Store) -> None:
+        owner = me()
+        await store.create_run(new_run("p", created_at=at(1)), owner)
+        await store.create_run(new_run("q", created_at=at(1, 1)), owner)
+        places = [(1, 2, 0), (1, 1, 10), (0, 1, 0), (1, 1, 2), (1, 1, 0)]
+        for second, (index, slot, item) in enumerate(places):
+            state = "items" if index else "first"
+            await store.create_run(new_run(f"p.{index}.{slot}.{item}", created_at=at(2, second),
+                                           parent=Parent("p", state, item)), owner)
+        await store.create_run(new_run("q.0.1.0", parent=Parent("q", "first", 0)), owner)
+        children = await store.list_runs(parent="p")
+        assert [c.run_id for c in children] == ["p.0.1.0", "p.1.1.0", "p.1.1.2", "p.1.1.10", "p.1.2.0"]
+        assert [c.parent for c in children] == [Parent("p", "first", 0), Parent("p", "items", 0),
+                                                Parent("p", "items", 2), Parent("p", "items", 10),
+                                                Parent("p", "items", 0)]
+        assert await store.list_runs(parent="p.0.1.0") == []
+        assert [r.run_id for r in await store.list_runs()] == ["q", "p"]
+        assert all(r.parent is None for r in await store.list_runs())
 
     on_store(scenario)
 

@@ -19,7 +19,9 @@ from typing import Any
 
 from ..definition._loader import load_machine
 from ..definition._machine import Machine
+from ..engine._children import child_compiled, refuse_child
 from ..engine._engine import Engine
+from ..engine._fsm import Compiled, compile_machine
 from ..engine._ids import check_run_id, new_run_id
 from ..engine._inputs import validate_input
 from ..engine._replay import ReplayReport, replay_run
@@ -224,6 +226,7 @@ def _verified_run(store: Store, run_id: str) -> Awaitable[tuple[RunRecord, list[
 def cmd_resume(args: argparse.Namespace) -> int:
     budget = _budget(args)
     record, log = with_store(args, lambda store: _verified_run(store, args.run_id))
+    refuse_child(record)  # before its machine is loaded: a map item's has no module of its own
     loaded = load_machine(args.machine or record.machine_ref)
     model, options, banner = _model_for(args.offline or record.options.get("offline"), loaded.machine,
                                         (record, log))
@@ -251,10 +254,28 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     print(f"orch: error: cannot replay run {rid}: {one_line(str(exc), 10_000)}", file=sys.stderr)
             return _print_replay_summary(outcomes, loaded.machine.name, args)
         record, _ = await _verified_run(store, args.run_id)
-        loaded = load_machine(args.machine or record.machine_ref)
-        return _print_replay(await replay_run(store, args.run_id, loaded.machine, prices=args.price_table), args)
+        compiled = await _compiled_for(store, record, args.machine)
+        return _print_replay(await replay_run(store, args.run_id, compiled.machine, prices=args.price_table,
+                                              compiled=compiled), args)
 
     return with_store(args, replay)
+
+
+async def _compiled_for(store: Store, record: RunRecord, given: str | None) -> Compiled:
+    """The machine a run is replayed on: a top-level run's from `given`, else from where it is
+    stored; a child run's is found in its parent's, down the state that started it (a map
+    item's machine is made from its map state, and has no module of its own)."""
+    if record.parent is None:
+        return compile_machine(load_machine(given or record.machine_ref).machine)
+    place = record.parent
+    parent, _ = await _verified_run(store, place.run_id)
+    machine = await _compiled_for(store, parent, given)
+    try:
+        return child_compiled(machine, place.state, place.item)
+    except (KeyError, IndexError):
+        raise UsageError(f"machine '{machine.machine.name}' no longer runs run {record.run_id} "
+                         f"(state {place.state}, item {place.item})",
+                         fix=f"replay run {place.run_id}, or pass --machine") from None
 
 
 def _print_replay(report: ReplayReport, args: argparse.Namespace) -> int:

@@ -9,21 +9,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
 from ..errors import AuditKeyError, OrchError
 from ..store._contract import MachineTotals, RunSummary, Store
-from ..types import RunRecord, RunResult, RunStatus, TransitionRecord
+from ..types import RunRecord, RunResult, RunStatus, TransitionRecord, child_place
 from ._options import with_store
 from ._render import (
+    aligned,
     as_block,
     attempt_row,
     calls_of,
+    child_row,
     cost_text,
     indent,
     log_row,
     one_line,
+    placed,
     print_table,
     snapshot_view,
     status_text,
@@ -34,26 +38,62 @@ from ._render import (
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    _, rows = with_store(args, lambda store: store.load_run(args.run_id))
+    _, rows, children = with_store(args, lambda store: _with_children(store, args.run_id))
     if args.attempts:
         return _print_attempts(rows, args)
+    started = _started(rows, children)
     if args.json:
         for row in rows:
-            print(json.dumps(log_row(row)))  # ASCII: no line separator can split a JSON line
+            view = log_row(row)
+            if row.seq in started:
+                view["children"] = [child_row(c) for c in started[row.seq]]
+            print(json.dumps(view))  # ASCII: no line separator can split a JSON line
         return 0
-    print_table(
-        [(r.seq, r.from_state, r.to_state or "-", r.decision or "-", r.attempt,
-          f"{r.latency_ms:.1f}", r.usage.input_tokens, r.usage.output_tokens, usd(r.cost_usd),
-          calls_of(r), r.source + ("!" if r.in_doubt else ""), one_line(r.error or r.reason))
-         for r in rows],
-        ["seq", "from_state", "to_state", "decision", "attempt", "latency_ms", "in", "out", "cost",
-         "calls", "source", "reason / error"],
-    )
+    header, *lines = aligned(
+        [["seq", "from_state", "to_state", "decision", "attempt", "latency_ms", "in", "out", "cost",
+          "calls", "source", "reason / error"]]
+        + [(r.seq, r.from_state, r.to_state or "-", r.decision or "-", r.attempt,
+            f"{r.latency_ms:.1f}", r.usage.input_tokens, r.usage.output_tokens, usd(r.cost_usd),
+            calls_of(r), r.source + ("!" if r.in_doubt else ""), one_line(r.error or r.reason))
+           for r in rows])
+    print(header)
+    under = " " * header.index("from_state")
+    for row, line in zip(rows, lines, strict=True):
+        print(line)
+        for item in _item_lines(started.get(row.seq, [])):
+            print(under + item)
     print(totals_line(rows))
     if any(r.in_doubt for r in rows):
         print("! in doubt: the step re-sent a call that was in flight when an earlier process died; "
               "that call may have been paid twice")
     return 0
+
+
+async def _with_children(store: Store, run_id: str, *, verified: bool = False
+                         ) -> tuple[RunRecord, list[TransitionRecord], list[RunSummary]]:
+    record, rows = await store.load_run(run_id, verified=verified)
+    return record, rows, await store.list_runs(parent=run_id)
+
+
+def _started(rows: list[TransitionRecord], children: list[RunSummary]) -> dict[int, list[RunSummary]]:
+    """seq -> the child runs its step started: those of its state and of the output it was to
+    commit (the N of their ids). A failed step and the one that retried it share them."""
+    started: dict[int, list[RunSummary]] = {}
+    committed: Counter[str] = Counter()
+    for row in rows:
+        if row.source == "child":
+            slot = committed[row.from_state] + 1
+            started[row.seq] = [c for c in children
+                                if placed(c).state == row.from_state and child_place(c.run_id)[1] == slot]
+        committed[row.from_state] += row.committed
+    return started
+
+
+def _item_lines(children: list[RunSummary]) -> list[str]:
+    """A log row's child runs, one line each: item, run id, status, cost and error."""
+    return aligned([(f"item {placed(c).item}", c.run_id, status_text(c.status, c.stale),
+                     cost_text(c.cost_usd, c.in_doubt_calls, c.in_doubt_usd), one_line(c.error, 60))
+                    for c in children])
 
 
 def _print_attempts(rows: list[TransitionRecord], args: argparse.Namespace) -> int:
@@ -104,7 +144,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    record, rows = with_store(args, lambda store: store.load_run(args.run_id, verified=True))
+    record, rows, children = with_store(args, lambda store: _with_children(store, args.run_id, verified=True))
     outputs = {r.from_state: r.output for r in rows if r.committed}
     snapshot = snapshot_view(record, rows)
     result = _result(record, rows)
@@ -114,9 +154,14 @@ def cmd_show(args: argparse.Namespace) -> int:
             "machine_hash": record.machine_hash, "created_at": record.created_at,
             "updated_at": record.updated_at, "options": record.options, "input": record.input,
             "outputs": outputs, "result": result, "snapshot": snapshot, "totals": totals(rows),
-            "takeovers": [asdict(t) for t in record.takeovers]}, ensure_ascii=False))
+            "takeovers": [asdict(t) for t in record.takeovers],
+            "parent": asdict(record.parent) if record.parent else None,
+            "children": [child_row(c) for c in children]}, ensure_ascii=False))
         return 0
     print(f"run {record.run_id}  machine {record.machine}  status {status_text(record.status, record.stale)}")
+    if record.parent is not None:
+        p = record.parent
+        print(f"  child of run {p.run_id} (state {p.state}, item {p.item})")
     print(f"  created {record.created_at}  updated {record.updated_at}")
     print(f"  machine {record.machine_ref}  (source sha256 {record.machine_hash[:12]})")
     if record.options.get("offline"):
@@ -137,6 +182,14 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(indent(as_block(value), 4))
         elif key != "pending_answer":
             print(f"  {key}: {'-' if value is None else value}")
+    if children:
+        print("child runs:")
+        print(indent("\n".join(aligned(
+            [["run_id", "state", "item", "status", "steps", "tokens", "cost", "error"]]
+            + [(c.run_id, placed(c).state, placed(c).item,
+                status_text(c.status, c.stale), c.steps, c.input_tokens + c.output_tokens,
+                cost_text(c.cost_usd, c.in_doubt_calls, c.in_doubt_usd, of_it=""), one_line(c.error, 60))
+               for c in children]))))
     for t in record.takeovers:
         print(f"taken over at {t.at} by {t.by} from {t.previous} ({t.why})")
     return 0

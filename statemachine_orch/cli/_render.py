@@ -8,17 +8,23 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..engine._position import Position
-from ..types import END, Attempt, RunRecord, RunStatus, TransitionRecord, total_cost, total_usage
+from ..store._contract import RunSummary
+from ..types import END, Attempt, Parent, RunRecord, RunStatus, TransitionRecord, total_cost, total_usage
 
 if TYPE_CHECKING:
     from ..definition._machine import Machine
+    from ..definition._states import State
 
 
 def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print("\n".join(aligned([headers, *rows])))
+
+
+def aligned(rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Rows as lines of left-aligned columns, two spaces apart (None an empty cell)."""
+    cells = [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
 
 
 def one_line(text: str | None, limit: int = 80) -> str:
@@ -53,6 +59,20 @@ def log_row(row: TransitionRecord) -> dict[str, Any]:
         "cost_usd": row.cost_usd, "calls": calls_of(row), "source": row.source,
         "request_id": row.request_id, "in_doubt": row.in_doubt, "error": row.error,
     }
+
+
+def child_row(child: RunSummary) -> dict[str, Any]:
+    """A child run as `orch show` and `orch log` list it: where it belongs, how it ended."""
+    return {"run_id": child.run_id, "machine": child.machine, "state": placed(child).state,
+            "item": placed(child).item, "status": child.status.value, "stale": child.stale, "steps": child.steps,
+            "input_tokens": child.input_tokens, "output_tokens": child.output_tokens, "cost_usd": child.cost_usd,
+            "in_doubt_calls": child.in_doubt_calls, "in_doubt_usd": child.in_doubt_usd, "error": child.error}
+
+
+def placed(child: RunSummary) -> Parent:
+    """Where a listed child run belongs (`Store.list_runs(parent=...)` says it for each)."""
+    assert child.parent is not None
+    return child.parent
 
 
 def calls_of(row: TransitionRecord) -> int:
@@ -111,8 +131,26 @@ def indent(text: str, width: int = 2) -> str:
 
 
 def mermaid(machine: Machine) -> str:
+    """A `stateDiagram-v2`: an edge per decision; a state that starts child runs is labelled
+    with what it runs (state diagrams have no subroutine shape) and drawn with a thick border."""
     lines = ["stateDiagram-v2", f"    [*] --> {machine.initial}"]
     for state in machine.states:
         for decision, target in sorted(machine.edges(state.name).items()):
             lines.append(f"    {state.name} --> {'[*]' if target == END else target}: {decision}")
+    fanning = {name: _fans_out(machine.by_name[name]) for name in machine.transitions.children}
+    lines += [f'    state "{name} ({label})" as {name}' for name, label in fanning.items()]
+    if fanning:
+        lines += ["    classDef children stroke-width:3px", f"    class {','.join(fanning)} children"]
     return "\n".join(lines)
+
+
+def _fans_out(state: State) -> str:
+    """What a machine, map or parallel state runs, as its label says it."""
+    from ..definition._states import MachineState, MapState, ParallelState  # here: `show` and `log` load no definitions
+
+    if isinstance(state, MapState):
+        return f"map: each={state.each.name}, concurrency {state.concurrency}"
+    if isinstance(state, ParallelState):
+        return f"parallel: {', '.join(b.name for b in state.branches)}"
+    assert isinstance(state, MachineState)
+    return f"machine: {state.machine.name}"

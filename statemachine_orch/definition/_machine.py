@@ -204,6 +204,16 @@ class Machine:
         return any(isinstance(s, LLMState) for m in self.family() for s in m.states)
 
     @property
+    def result_option(self) -> dict[str, Any]:
+        """The run option that says what a run answers, for readers that do not load the machine
+        (`orch show`): `{"result": state}` or `{"result": {"function": name}}`; `{}` when none
+        is declared."""
+        if self.result is None:
+            return {}
+        return {"result": self.result if isinstance(self.result, str)
+                else {"function": getattr(self.result, "__qualname__", repr(self.result))}}
+
+    @property
     def table(self) -> Mapping[str, Mapping[str, str]]:
         """state -> decision value -> target, the defaults included."""
         return self.transitions.targets

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..definition._machine import Machine
 from ..definition._states import State
-from ..errors import RunNotFoundError, StepError
+from ..errors import RunNotFoundError, StepError, UsageError
 from ..types import (
     Budget,
     Parent,
@@ -24,6 +24,7 @@ from ..types import (
     RunStatus,
     TransitionRecord,
     Usage,
+    child_run_id,
     now_iso,
     output_json,
 )
@@ -48,8 +49,7 @@ class ChildResult:
 
 def child_id(parent: Run, state: State, slot: int, item: int) -> str:
     """The id of a child run: where it belongs in its parent (see the module docstring)."""
-    index = list(parent.machine.by_name).index(state.name)
-    run_id = f"{parent.run_id}.{index}.{slot}.{item}"
+    run_id = child_run_id(parent.run_id, list(parent.machine.by_name).index(state.name), slot, item)
     try:
         check_run_id(run_id)
     except Exception:
@@ -58,10 +58,18 @@ def child_id(parent: Run, state: State, slot: int, item: int) -> str:
     return run_id
 
 
-def child_compiled(parent: Run, state: State, item: int) -> Compiled:
+def child_compiled(parent: Compiled, state: str, item: int) -> Compiled:
     """The machine of child `item` of `state`: a parallel state's branch, else the one machine."""
-    machines = parent.compiled.children[state.name]
+    machines = parent.children[state]
     return machines[item] if len(machines) > 1 else machines[0]
+
+
+def refuse_child(record: RunRecord) -> None:
+    """A child run is driven by its parent only (as its owner, within its budget): refuse it."""
+    if record.parent is not None:
+        p = record.parent
+        raise UsageError(f"run {record.run_id} is a child of run {p.run_id} (state {p.state}, item {p.item})",
+                         fix=f"resume {p.run_id}, which continues it")
 
 
 def result_of(machine: Machine, record: RunRecord, log: list[TransitionRecord]) -> ChildResult:
@@ -77,7 +85,7 @@ def _child_result(result: RunResult) -> ChildResult:
 async def drive_child(parent: Run, state: State, slot: int, item: int, input: Any) -> ChildResult:
     """Run child `item` of `state` to its end: read back if it finished, continued if it
     started, else started; a failed child is tried again from its failed step."""
-    compiled = child_compiled(parent, state, item)
+    compiled = child_compiled(parent.compiled, state.name, item)
     machine = compiled.machine
     run_id = child_id(parent, state, slot, item)
     store = parent.ports.store
@@ -89,7 +97,8 @@ async def drive_child(parent: Run, state: State, slot: int, item: int, input: An
         now = now_iso()
         record = RunRecord(run_id=run_id, machine=machine.name, machine_ref=machine.ref,
                            machine_hash=machine.source_hash, input=stored, status=RunStatus.RUNNING,
-                           created_at=now, updated_at=now, options={"budget": budget.to_json()},
+                           created_at=now, updated_at=now,
+                           options={"budget": budget.to_json(), **machine.result_option},
                            parent=Parent(parent.run_id, state.name, item))
         await store.create_run(record, parent.owner)
         run = Run(compiled, record, parent.owner, parent.ports, input=context_input, input_values=values,

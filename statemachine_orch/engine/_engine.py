@@ -21,7 +21,7 @@ from ..llm._prices import PriceTable
 from ..store._contract import NullStore, Store
 from ..store._owner import Owner
 from ..types import Budget, RunRecord, RunResult, RunStatus, now_iso
-from ._children import drive_child
+from ._children import drive_child, refuse_child
 from ._fsm import Compiled, compile_machine
 from ._ids import check_run_id, new_run_id
 from ._inputs import validate_input
@@ -93,9 +93,7 @@ class Engine:
         options = dict(options or {})
         if effective != Budget():
             options["budget"] = effective.to_json()
-        if machine.result is not None:  # what `orch show` reads without loading the machine
-            options["result"] = (machine.result if isinstance(machine.result, str)
-                                 else {"function": getattr(machine.result, "__qualname__", repr(machine.result))})
+        options.update(machine.result_option)  # what `orch show` reads without loading the machine
         now = now_iso()
         record = RunRecord(
             run_id=run_id or new_run_id(), machine=machine.name,
@@ -122,10 +120,12 @@ class Engine:
         `options` (over the stored ones: say, offline answers from here on). If the
         machine's source changed since the run started, its recorded steps are replayed on
         the new code first; a divergence refuses the resume unless `allow_changed`. A run
-        whose rows fail its audit chain is refused (`TamperedRunError`).
+        whose rows fail its audit chain is refused (`TamperedRunError`), and so is a child run
+        (`UsageError`): its parent's resume continues it, within the parent's budget.
         """
         compiled = self.compiled(machine)
         record, log = await self.store.load_run(run_id, verified=True)
+        refuse_child(record)
         snapshot(compiled, record, log)  # refuse an incompatible run before claiming it
         if record.machine_hash != machine.source_hash and not allow_changed:
             report = await replay_run(self.store, run_id, machine, prices=self.prices, compiled=compiled)

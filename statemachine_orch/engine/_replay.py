@@ -229,7 +229,7 @@ async def replay_run(store: Store, run_id: str, machine: Machine, *, prices: Pri
         the parent's, at the step that started it."""
         seq = cursor.current(state.name).seq
         run_id = child_id(parent, state, slot, item)
-        compiled_child = child_compiled(parent, state, item)
+        compiled_child = child_compiled(parent.compiled, state.name, item)
         child = compiled_child.machine
         try:
             child_record, child_log = await store.load_run(run_id, verified=True)

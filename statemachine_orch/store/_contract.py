@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import RunNotFoundError
-from ..types import Attempt, RunRecord, RunStatus, TransitionRecord
+from ..types import Attempt, Parent, RunRecord, RunStatus, TransitionRecord
 from ._owner import Owner
 
 
@@ -39,6 +39,7 @@ class RunSummary:
     stale: bool = False  # marked running, but its owning process is gone: resume it
     in_doubt_calls: int = 0  # calls in flight when a process died: they may have been paid
     in_doubt_usd: float | None = 0.0  # their worst case, part of cost_usd
+    parent: Parent | None = None  # a child run's: the run, state and item that started it
 
 
 @dataclass(slots=True, kw_only=True)
@@ -114,9 +115,10 @@ class Store(Protocol):
         """An earlier committed step whose model call had exactly this request (the step cache)."""
 
     async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
-                        limit: int = 50, before: str | None = None) -> list[RunSummary]:
-        """Runs newest first, optionally of one machine or status; `before` (a run id) pages on
-        to the runs created before that one."""
+                        limit: int = 50, before: str | None = None, parent: str | None = None) -> list[RunSummary]:
+        """Top-level runs newest first, optionally of one machine or status; `before` (a run id)
+        pages on to the runs created before that one. `parent` (a run id): that run's child runs
+        instead, each with its `parent`, in the order their ids place them (`child_place`)."""
 
     async def machine_totals(self, machines: list[str]) -> list[MachineTotals]:
         """Runs, committed steps, paid tokens, cost and cache hits of each named machine."""
@@ -175,7 +177,7 @@ class NullStore:
         return None
 
     async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
-                        limit: int = 50, before: str | None = None) -> list[RunSummary]:
+                        limit: int = 50, before: str | None = None, parent: str | None = None) -> list[RunSummary]:
         return []
 
     async def machine_totals(self, machines: list[str]) -> list[MachineTotals]:

@@ -39,7 +39,7 @@ from ...errors import (
     StoreError,
     UsageError,
 )
-from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, TransitionRecord, now_iso
+from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, TransitionRecord, child_place, now_iso
 from .._contract import MachineTotals, RunSummary
 from .._owner import Owner, owner_from_json, who_am_i
 from ._chain import CANONICAL, AuditKey, last_link, require_intact, verify
@@ -357,8 +357,9 @@ class SQLiteStore:
     def _children_of(self, conn: sqlite3.Connection, parent: str) -> list[RunSummary]:
         if not self._children:
             return []
-        return self._summaries(conn, f"SELECT {_SUMMARY} FROM runs WHERE parent_run_id = ? "
-                                     "ORDER BY parent_state, item, created_at", [parent])
+        children = self._summaries(conn, f"SELECT {_SUMMARY}, parent_run_id, parent_state, item FROM runs "
+                                         "WHERE parent_run_id = ?", [parent])
+        return sorted(children, key=lambda child: child_place(child.run_id))
 
     def _list_runs(self, conn: sqlite3.Connection, machine: str | None, status: RunStatus | None,
                    limit: int, before: str | None) -> list[RunSummary]:
@@ -384,6 +385,8 @@ class SQLiteStore:
         for row in self._query(conn, sql, params):
             gone = stale(self._owners, row["status"], row.pop("owner_info"))
             row["status"] = RunStatus(row["status"])
+            if "parent_run_id" in row:
+                row["parent"] = Parent(row.pop("parent_run_id"), row.pop("parent_state"), row.pop("item"))
             summaries.append(RunSummary(**row, stale=gone))
         return summaries
 
