@@ -137,7 +137,7 @@ def mermaid(machine: Machine) -> str:
     for state in machine.states:
         for decision, target in sorted(machine.edges(state.name).items()):
             lines.append(f"    {state.name} --> {'[*]' if target == END else target}: {decision}")
-    fanning = {name: _fans_out(machine.by_name[name]) for name in machine.transitions.children}
+    fanning = {name: _fans_out(machine.by_name[name]) for name in machine.children}
     lines += [f'    state "{name} ({label})" as {name}' for name, label in fanning.items()]
     if fanning:
         lines += ["    classDef children stroke-width:3px", f"    class {','.join(fanning)} children"]

@@ -9,7 +9,9 @@
 
 Answers are scripted per state (the engine tags each request with `x-orch-state`), or per
 "state@model" to answer one model differently (a fallback); a list is served in order and
-its last answer repeats. Unscripted states get `default`: "auto"
+its last answer repeats, except that the items of a map state (child runs `PARENT.S.N.I`,
+whose requests may arrive in any order) take them in item order: item I's first call gets
+the I-th answer after those the state had given when the map began. Unscripted states get `default`: "auto"
 writes a labelled placeholder (or a schema-shaped object for structured output), None
 answers 400 so a test notices. Every request is captured without its auth headers.
 `_answer_files.load_script` reads the same answers from a JSON file, for `orch --offline`.
@@ -110,6 +112,8 @@ class FakeMessagesAPI:
     ) -> None:
         self._script: dict[str, list[Reply]] = {}
         self._served: dict[str, int] = {}
+        self._bases: dict[tuple[str, str], int] = {}  # (key, a map step's children) -> answers given before
+        self._run_calls: dict[tuple[str, str], int] = {}  # (key, child run) -> its calls so far
         self.default = default
         self.requests: list[CapturedRequest] = []
         self.slept: list[float] = []  # backoff delays an AnthropicModel from model() asked for
@@ -225,8 +229,16 @@ class FakeMessagesAPI:
         queue = self._script.get(key)
         if queue:
             served = self._served.get(key, 0)
-            self._served[key] = served + 1
-            return queue[min(served, len(queue) - 1)]
+            position = served
+            child = _child_item(request.run_id)
+            if child is not None:  # a map item: its answer by item number, not by arrival
+                slot, item = child
+                base = self._bases.setdefault((key, slot), served)
+                calls = self._run_calls.get((key, slot + f".{item}"), 0)
+                self._run_calls[key, slot + f".{item}"] = calls + 1
+                position = base + item + calls
+            self._served[key] = max(served, position + 1)
+            return queue[min(position, len(queue) - 1)]
         if callable(self.default):
             return _as_reply(self.default(request))
         if self.default == "auto":
@@ -334,6 +346,14 @@ class _LoopbackServer(ThreadingHTTPServer):
         if isinstance(sys.exc_info()[1], ConnectionError):
             return  # the client is gone (killed mid-answer): nobody is left to tell
         super().handle_error(request, client_address)
+
+
+def _child_item(run_id: str | None) -> tuple[str, int] | None:
+    """(the map step's children, item number) of a child run's id `PARENT.S.N.I`, else None."""
+    parts = (run_id or "").rsplit(".", 3)
+    if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+        return ".".join(parts[:3]), int(parts[3])
+    return None
 
 
 def _as_reply(entry: ScriptEntry) -> Reply:
