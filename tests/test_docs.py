@@ -24,7 +24,7 @@ from .helpers import (
 
 DOCS = ROOT / "docs"
 CLI_DOC = DOCS / "cli.md"
-PAGES = ["concepts.md", "tutorial.md", "cli.md", "storage.md", "testing.md"]
+PAGES = ["concepts.md", "tutorial.md", "patterns.md", "cli.md", "storage.md", "testing.md"]
 GLOBAL_SECTION = "Global options"
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.DOTALL | re.MULTILINE)

@@ -21,7 +21,7 @@ from typing import Any
 import anthropic
 import pytest
 
-from statemachine_orch import AnthropicModel, Engine, LLMState, Machine, RunStatus, open_store
+from statemachine_orch import AnthropicModel, Engine, LLMState, Machine, MapState, RunStatus, open_store
 from statemachine_orch.llm._offline import loopback_server
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, disconnect, error, load_script, timeout
 
@@ -298,3 +298,47 @@ def test_resume_offline_finishes_a_live_run_without_a_key(tmp_path: Path, monkey
     (stored,) = query(tmp_path / "orch.db", "SELECT options FROM runs")
     assert json.loads(stored["options"]) == {"offline": str(answers)}  # later resumes stay offline
     assert fake.calls() == 1
+
+
+# --------------------------------------------------------------------------- answer files and map states
+
+MAPPED = '''
+from statemachine_orch import LLMState, Machine, MapState
+
+machine = Machine("mapped", states=[
+    MapState("each", items=lambda ctx: ["a", "b", "c", "d", "e", "f"], concurrency=CONCURRENCY,
+             each=LLMState("w", prompt="Do {item}", max_tokens=50)),
+])
+'''
+
+
+def mapped(tmp_path: Path, concurrency: int) -> Path:
+    return write(tmp_path / "mapped.py", MAPPED.replace("CONCURRENCY", str(concurrency)))
+
+
+@pytest.mark.xfail(strict=False, reason="defect reported with #12.9: a map state's items take the each= state's "
+                                        "answers in the order their requests arrive, not in item order")
+def test_the_items_of_a_map_state_take_the_answers_of_the_list_in_item_order(tmp_path: Path) -> None:
+    """Items running at once should get the answers of a list (a file's, as `orch --offline`
+    builds the fake from it) in item order, as they do one at a time: otherwise an answer file
+    cannot script per-item answers (machines/parallel.offline.json). Which request arrives first
+    is a race, so the run is repeated: each time about half of them come out of order."""
+    machine = Machine("mapped", states=[MapState("each", items=lambda ctx: list("abcdef"), concurrency=3,
+                                                 each=LLMState("w", prompt="Do {item}", max_tokens=50))])
+    script = load_script(str(answers_file(tmp_path, {"w": [f"did {item}" for item in "abcdef"]})))
+    for attempt in range(10):
+        with Engine(open_store(tmp_path / f"{attempt}.db"), model=FakeMessagesAPI(script).model()) as engine:
+            assert engine.run(machine).output == [f"did {item}" for item in "abcdef"]
+
+
+@pytest.mark.xfail(strict=True, reason="defect reported with #12.9: a resumed offline run counts the calls of its own "
+                                       "log only, so a map state's items start its each= state's list again")
+def test_a_resumed_map_state_goes_on_down_the_answer_list(tmp_path: Path) -> None:
+    """One item at a time: item 2 fails on its 400 and the step fails; the resume should give it
+    the next answer of the list ("did c"), as it does for a state of the run itself."""
+    answers = answers_file(tmp_path, {"w": ["did a", "did b", {"error": 400}, "did d", "did e", "did f", "did c"]})
+    cli = Orch(tmp_path / "orch.db")
+    failed = cli("run", mapped(tmp_path, 1), "--offline", answers, "--run-id", "m1", "--json")
+    assert failed.code == 1 and "item 2" in json.loads(failed.stdout)["error"]
+    resumed = cli.json("resume", "m1")
+    assert resumed["result"] == [f"did {item}" for item in "abcdef"]
