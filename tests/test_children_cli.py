@@ -160,7 +160,7 @@ def test_the_engine_refuses_to_resume_a_child_run(db_path: Path) -> None:
     machine = Machine("squares", [MapState("square", items=lambda ctx: range(3), each=each)])
     with Engine(open_store(db_path)) as engine:
         failed = engine.run(machine)
-        child = machine.transitions.children["square"][0]
+        child = machine.children["square"][0]
         with pytest.raises(UsageError, match=rf"run {failed.run_id}\.0\.1\.1 is a child of run {failed.run_id} "
                                              rf"\(state square, item 1\); resume {failed.run_id}, which continues it"):
             engine.resume(f"{failed.run_id}.0.1.1", child)

@@ -316,8 +316,6 @@ def mapped(tmp_path: Path, concurrency: int) -> Path:
     return write(tmp_path / "mapped.py", MAPPED.replace("CONCURRENCY", str(concurrency)))
 
 
-@pytest.mark.xfail(strict=False, reason="defect reported with #12.9: a map state's items take the each= state's "
-                                        "answers in the order their requests arrive, not in item order")
 def test_the_items_of_a_map_state_take_the_answers_of_the_list_in_item_order(tmp_path: Path) -> None:
     """Items running at once should get the answers of a list (a file's, as `orch --offline`
     builds the fake from it) in item order, as they do one at a time: otherwise an answer file
@@ -331,8 +329,6 @@ def test_the_items_of_a_map_state_take_the_answers_of_the_list_in_item_order(tmp
             assert engine.run(machine).output == [f"did {item}" for item in "abcdef"]
 
 
-@pytest.mark.xfail(strict=True, reason="defect reported with #12.9: a resumed offline run counts the calls of its own "
-                                       "log only, so a map state's items start its each= state's list again")
 def test_a_resumed_map_state_goes_on_down_the_answer_list(tmp_path: Path) -> None:
     """One item at a time: item 2 fails on its 400 and the step fails; the resume should give it
     the next answer of the list ("did c"), as it does for a state of the run itself."""

@@ -95,15 +95,16 @@ def _read_file(path: str) -> bytes:
         return handle.read(MAX_INPUT_BYTES + 1)
 
 
-def _model_for(offline: str | None, machine: Machine, run: tuple[RunRecord, Sequence[TransitionRecord]] | None = None
+def _model_for(offline: str | None, machine: Machine,
+               runs: Sequence[tuple[RunRecord, Sequence[TransitionRecord]]] = ()
                ) -> tuple[ModelClient | None, dict[str, Any], str | None]:
     """The model client for a run, the run options that let a resume pick the same one, and
     the banner that labels an offline run.
 
     Offline, a real SDK client talks to the fake Messages API in process; its answers come
     from SCRIPT, else MACHINE.offline.json beside the module, else labelled placeholders.
-    The calls a resumed `run` already made took their answers: each state goes on down its
-    list from there.
+    The calls a resumed run and its child runs (`runs`) already made took their answers: each
+    state goes on down its list from there.
     """
     if not machine.calls_a_model:
         return None, {}, None
@@ -129,8 +130,7 @@ def _model_for(offline: str | None, machine: Machine, run: tuple[RunRecord, Sequ
         except ValueError as exc:
             raise UsageError(f"cannot use offline answers {exc}") from None
         fake = FakeMessagesAPI(script, default="auto")
-        if run is not None:
-            fake.already_served(run[1], in_flight=run[0].in_flight)
+        fake.already_served(runs)
         script_path = str(Path(script_path).resolve())
     banner = OFFLINE_BANNER.format(source=script_path if script_path != "auto" else "placeholders")
     return fake.model(), {"offline": script_path}, banner
@@ -223,13 +223,22 @@ def _verified_run(store: Store, run_id: str) -> Awaitable[tuple[RunRecord, list[
     return store.load_run(run_id, verified=True)
 
 
+async def _family(store: Store, run_id: str) -> list[tuple[RunRecord, list[TransitionRecord]]]:
+    """The run (refused unless it passes its audit chain) and its child runs, nested, each
+    with its log: what a resume continues."""
+    runs = [await store.load_run(run_id, verified=True)]
+    for child in await store.list_runs(parent=run_id):
+        runs += await _family(store, child.run_id)
+    return runs
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     budget = _budget(args)
-    record, log = with_store(args, lambda store: _verified_run(store, args.run_id))
+    family = with_store(args, lambda store: _family(store, args.run_id))
+    record = family[0][0]
     refuse_child(record)  # before its machine is loaded: a map item's has no module of its own
     loaded = load_machine(args.machine or record.machine_ref)
-    model, options, banner = _model_for(args.offline or record.options.get("offline"), loaded.machine,
-                                        (record, log))
+    model, options, banner = _model_for(args.offline or record.options.get("offline"), loaded.machine, family)
     result = _drive(args, args.run_id, banner, create=False, result=loaded.machine.result,
                     open_run=lambda store, kill: _engine(
         args, store, model, kill).attach(args.run_id, loaded.machine, budget=budget,

@@ -35,7 +35,7 @@ from typing import Any
 import anthropic
 import httpx2
 
-from ..types import TransitionRecord
+from ..types import RunRecord, TransitionRecord
 from ._anthropic import AnthropicModel
 
 _SECRET_HEADERS = frozenset({"x-api-key", "authorization"})
@@ -194,23 +194,34 @@ class FakeMessagesAPI:
         hdrs["request-id"] = f"req_fake_{number:06d}"
         return status, hdrs, data, reply
 
-    def already_served(self, log: Sequence[TransitionRecord], in_flight: Mapping[str, Any] | None = None
-                       ) -> FakeMessagesAPI:
-        """Count the calls a stored run made as served, so that resuming it goes on down each
-        state's answers where it left them: its failed attempts, the calls that answered, and
-        the calls its `in_flight` mark says the unfinished step made when its process stopped
-        (ahead of the log): the attempts kept in it, and the call that answered or was in flight."""
-        calls = [(row.from_state, (body or {}).get("model")) for row in log for body in row.call_requests()]
-        mark = in_flight or {}
-        if isinstance(mark.get("seq"), int) and mark["seq"] > (log[-1].seq if log else 0):
-            kept = mark.get("step")
-            attempts = kept.get("attempts") if isinstance(kept, dict) else None
-            calls.extend([(str(mark.get("state")), None)] * (len(attempts or []) + 1))
+    def already_served(self, runs: Sequence[tuple[RunRecord, Sequence[TransitionRecord]]]) -> FakeMessagesAPI:
+        """Count the calls stored runs made as served (a run, then its child runs), so that
+        resuming it goes on down each state's answers where it left them: its failed attempts,
+        the calls that answered, and the calls its in-flight mark says the unfinished step made
+        when its process stopped (ahead of the log): the attempts kept in it, and the call that
+        answered or was in flight."""
         with self._lock:
-            for state, model in calls:
-                key = self._key(state, model)
-                self._served[key] = self._served.get(key, 0) + 1
+            for record, log in runs:
+                for state, model in _calls_of(log, record.in_flight or {}):
+                    self._position(self._key(state, model), record.run_id)
         return self
+
+    def _position(self, key: str, run_id: str | None) -> int:
+        """Which of `key`'s answers the next call of `run_id` takes (and count it served): the
+        next one; for a map item's first call, the one at its item number (see the module
+        docstring); its later calls (retries, re-asks) take the next one after all given."""
+        served = self._served.get(key, 0)
+        position = served
+        child = _child_item(run_id)
+        if child is not None:
+            slot, item = child
+            base = self._bases.setdefault((key, slot), served)
+            calls = self._run_calls.get((key, str(run_id)), 0)
+            self._run_calls[key, str(run_id)] = calls + 1
+            if calls == 0:
+                position = base + item
+        self._served[key] = max(served, position + 1)
+        return position
 
     def _key(self, state: str, model: Any) -> str:
         """Whose answers a request gets: "state@model" when scripted (a fallback model's), else "state"."""
@@ -228,17 +239,7 @@ class FakeMessagesAPI:
         key = self._key(request.state or "", request.body.get("model"))
         queue = self._script.get(key)
         if queue:
-            served = self._served.get(key, 0)
-            position = served
-            child = _child_item(request.run_id)
-            if child is not None:  # a map item: its answer by item number, not by arrival
-                slot, item = child
-                base = self._bases.setdefault((key, slot), served)
-                calls = self._run_calls.get((key, slot + f".{item}"), 0)
-                self._run_calls[key, slot + f".{item}"] = calls + 1
-                position = base + item + calls
-            self._served[key] = max(served, position + 1)
-            return queue[min(position, len(queue) - 1)]
+            return queue[min(self._position(key, request.run_id), len(queue) - 1)]
         if callable(self.default):
             return _as_reply(self.default(request))
         if self.default == "auto":
@@ -346,6 +347,16 @@ class _LoopbackServer(ThreadingHTTPServer):
         if isinstance(sys.exc_info()[1], ConnectionError):
             return  # the client is gone (killed mid-answer): nobody is left to tell
         super().handle_error(request, client_address)
+
+
+def _calls_of(log: Sequence[TransitionRecord], mark: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(state, model) of each call a stored run made, those of its in-flight mark included."""
+    calls = [(row.from_state, (body or {}).get("model")) for row in log for body in row.call_requests()]
+    if isinstance(mark.get("seq"), int) and mark["seq"] > (log[-1].seq if log else 0):
+        kept = mark.get("step")
+        attempts = kept.get("attempts") if isinstance(kept, dict) else None
+        calls.extend([(str(mark.get("state")), None)] * (len(attempts or []) + 1))
+    return calls
 
 
 def _child_item(run_id: str | None) -> tuple[str, int] | None:
