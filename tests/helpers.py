@@ -1872,6 +1872,18 @@ ID_COMMANDS = (("show",), ("log",), ("resume",), ("replay",), ("audit", "verify"
 BAD_NEW_IDS = ("x' OR 1=1--", "a" * 65, "run\nforged")
 
 
+def stored_rows(db: Path, run_id: str) -> list[TransitionRecord]:
+    """A run's log as the store reads it back."""
+    async def read() -> list[TransitionRecord]:
+        store = SQLiteStore(db, create=False)
+        try:
+            return await store.transitions(run_id)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
 def database_fingerprint(db: Path) -> list[tuple[Any, ...]]:
     return [tuple(row) for table in ("runs", "transitions", "attempts")
             for row in query(db, f"SELECT * FROM {table} ORDER BY 1, 2")]

@@ -26,13 +26,12 @@ from statemachine_orch import (
     PythonState,
     RunStatus,
     StepContext,
-    TransitionRecord,
     open_store,
     replay_run,
 )
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply, error
 
-from .helpers import query
+from .helpers import query, stored_rows
 
 
 class Subtask(BaseModel):
@@ -76,17 +75,6 @@ def children(db_path: Path) -> list[dict[str, Any]]:
                           "FROM runs WHERE parent_run_id IS NOT NULL ORDER BY item")
 
 
-def log_of(db_path: Path, run_id: str) -> list[TransitionRecord]:
-    async def read() -> list[TransitionRecord]:
-        store = open_store(db_path)
-        try:
-            return await store.transitions(run_id)
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
-
-
 def test_a_map_state_runs_one_child_per_item_and_joins_them_in_item_order(
         engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
     answer_by_prompt(fake)
@@ -98,10 +86,10 @@ def test_a_map_state_runs_one_child_per_item_and_joins_them_in_item_order(
     assert [(k["run_id"], k["status"], k["parent_run_id"], k["parent_state"], k["item"]) for k in kids] == [
         (f"{result.run_id}.1.1.{i}", "completed", result.run_id, "work", i) for i in range(3)]
     assert {k["machine"] for k in kids} == {"workers__worker"}
-    work = log_of(db_path, result.run_id)[1]
+    work = stored_rows(db_path, result.run_id)[1]
     assert work.source == "child"
     # the step carries its children's usage and cost, and so does the run's total
-    kid_rows = [row for k in kids for row in log_of(db_path, k["run_id"])]
+    kid_rows = [row for k in kids for row in stored_rows(db_path, k["run_id"])]
     assert work.usage.input_tokens == sum(r.usage.input_tokens for r in kid_rows) > 0
     assert work.cost_usd == pytest.approx(sum(r.cost_usd or 0.0 for r in kid_rows))
     assert result.cost_usd == pytest.approx(work.cost_usd)
@@ -116,7 +104,7 @@ def test_a_failed_item_fails_the_step_and_a_resume_pays_only_for_the_unfinished_
     assert failed.status is RunStatus.FAILED
     assert "1 of 3 child run(s) did not finish; the first, item 1" in (failed.error or "")
     assert [k["status"] for k in children(db_path)] == ["completed", "failed", "completed"]
-    failed_row = log_of(db_path, failed.run_id)[-1]
+    failed_row = stored_rows(db_path, failed.run_id)[-1]
     assert (failed_row.from_state, failed_row.to_state, failed_row.cost_usd) == ("work", None, 0.0)
     paid = query(db_path, "SELECT sum(cost_usd) AS c FROM runs WHERE parent_run_id IS NOT NULL")[0]["c"]
 
@@ -128,7 +116,7 @@ def test_a_failed_item_fails_the_step_and_a_resume_pays_only_for_the_unfinished_
     assert [r.body["messages"][0]["content"] for r in fake.requests] == ["Style casual: write it casual"]
     assert [k["status"] for k in children(db_path)] == ["completed"] * 3
     # every item's cost is counted once: the joined step carries all three children's
-    work = log_of(db_path, result.run_id)[-2]
+    work = stored_rows(db_path, result.run_id)[-2]
     assert work.cost_usd == pytest.approx(sum(k["cost_usd"] for k in children(db_path)))
     assert work.cost_usd > paid
 
@@ -189,9 +177,9 @@ def test_a_machine_state_runs_a_sub_machine_as_a_child_run(
     assert result.outputs["write"] == "done: Polish: done: Draft about owls"
     (kid,) = children(db_path)
     assert (kid["run_id"], kid["machine"], kid["parent_state"]) == (f"{result.run_id}.1.1.0", "writer", "write")
-    assert [r.from_state for r in log_of(db_path, kid["run_id"])] == ["draft", "polish"]
-    assert log_of(db_path, result.run_id)[1].usage.input_tokens == sum(
-        r.usage.input_tokens for r in log_of(db_path, kid["run_id"]))
+    assert [r.from_state for r in stored_rows(db_path, kid["run_id"])] == ["draft", "polish"]
+    assert stored_rows(db_path, result.run_id)[1].usage.input_tokens == sum(
+        r.usage.input_tokens for r in stored_rows(db_path, kid["run_id"]))
 
 
 def test_a_run_with_children_replays_item_by_item_with_zero_calls(
@@ -223,16 +211,20 @@ def test_a_run_with_children_replays_item_by_item_with_zero_calls(
     assert fake.requests == []
 
 
+def eight_at_once() -> Machine:
+    return Machine("many", [
+        MapState("work", items=lambda ctx: range(8), concurrency=8,
+                 each=LLMState("worker", prompt="Item {item}", max_tokens=900)),
+    ])
+
+
 def test_concurrent_items_cannot_overspend_the_budget_together(
         engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
     """Eight items at once, each call able to cost about 1,000 tokens, under a 3,500-token
     budget: the calls in flight reserve their worst case, so three go out, and once they
     have spent 3,000 tokens no fourth fits. Without reservations all eight would be sent."""
     fake.default = lambda request: Reply(text="long answer", input_tokens=100, output_tokens=900)
-    machine = Machine("many", [
-        MapState("work", items=lambda ctx: range(8), concurrency=8,
-                 each=LLMState("worker", prompt="Item {item}", max_tokens=900)),
-    ])
+    machine = eight_at_once()
     result = engine.run(machine, budget=Budget(max_tokens=3_500))
     assert result.status is RunStatus.BUDGET_EXCEEDED
     assert len(fake.requests) == 3
@@ -246,10 +238,7 @@ def test_calls_in_flight_wait_for_each_other_rather_than_fail_when_they_may_fit(
         engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
     """The same budget with answers far below their worst case: every item gets its call."""
     fake.default = lambda request: Reply(text="short", input_tokens=10, output_tokens=5)
-    machine = Machine("many", [
-        MapState("work", items=lambda ctx: range(8), concurrency=8,
-                 each=LLMState("worker", prompt="Item {item}", max_tokens=900)),
-    ])
+    machine = eight_at_once()
     result = engine.run(machine, budget=Budget(max_tokens=3_500))
     assert result.status is RunStatus.COMPLETED
     assert len(fake.requests) == 8
@@ -269,7 +258,7 @@ def test_map_and_machine_states_are_validated() -> None:
     ]
     assert problems(MapState("m", items=lambda: [], each="worker")) == [  # type: ignore[arg-type]
         "state 'm': each='worker' is not an LLMState, a PythonState or a Machine; fix: pass one of them",
-        "state 'm': items= does not take one argument; fix: define it as def items(ctx) -> list",
+        "state 'm': items= is not a function of one argument; fix: define it as def items(ctx) -> list",
     ]
     assert problems(PythonState("a", run=lambda ctx: 1),
                     MapState("m", needs=["a"], items=lambda ctx: [], on_item_error="guard",

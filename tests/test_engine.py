@@ -27,7 +27,6 @@ from statemachine_orch import (
     RunStatus,
     SQLiteStore,
     StepContext,
-    TransitionRecord,
     UsageError,
     guard,
     open_store,
@@ -37,6 +36,7 @@ from statemachine_orch.testing import FakeMessagesAPI, Reply, capture_trace, err
 
 from .helpers import (
     MACHINES,
+    stored_rows,
 )
 
 
@@ -83,17 +83,6 @@ def log_of(engine: Engine, run_id: str) -> list[Any]:
     store = engine.store
     assert isinstance(store, SQLiteStore)
     return asyncio.run(store.transitions(run_id))
-
-
-def stored_rows(db_path: Path, run_id: str) -> list[TransitionRecord]:
-    async def read() -> list[TransitionRecord]:
-        store = open_store(db_path)
-        try:
-            return await store.transitions(run_id)
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
 
 
 # --------------------------------------------------------------------------- decisions

@@ -21,12 +21,13 @@ from statemachine_orch import (
     PythonState,
     RunStatus,
     StepContext,
-    TransitionRecord,
     guard,
     open_store,
     replay_run,
 )
 from statemachine_orch.testing import FakeMessagesAPI
+
+from .helpers import stored_rows
 
 IMPROVE = Branch("improve")
 seen: list[tuple[int, list[Any], Any]] = []  # (visit, history of generate, ctx.outputs.get("evaluate"))
@@ -61,17 +62,6 @@ def engine(db_path: Path, fake: FakeMessagesAPI) -> Iterator[Engine]:
     broken["at_visit"] = None
     with Engine(open_store(db_path), model=fake.model()) as eng:
         yield eng
-
-
-def rows(db_path: Path, run_id: str) -> list[TransitionRecord]:
-    async def read() -> list[TransitionRecord]:
-        store = open_store(db_path)
-        try:
-            return await store.transitions(run_id)
-        finally:
-            await store.close()
-
-    return asyncio.run(read())
 
 
 def prompts(fake: FakeMessagesAPI, state: str) -> list[str]:
@@ -142,7 +132,7 @@ def test_max_visits_reached_takes_on_exhausted_and_the_log_says_why(
     result = engine.run(optimizer(on_exhausted=FlowDecision.CONTINUE, max_visits=2), {"task": "t"})
     assert result.status is RunStatus.COMPLETED
     assert result.path == ["generate", "evaluate", "generate", "evaluate"]
-    last = rows(db_path, result.run_id)[-1]
+    last = stored_rows(db_path, result.run_id)[-1]
     assert (last.decision, last.to_state) == ("continue", END)
     assert last.reason is not None and last.reason.startswith(
         "branch:improve blocked ('generate' reached max_visits=2): on_exhausted -> continue; ")
@@ -172,7 +162,7 @@ def test_retry_limit_reached_takes_on_exhausted(engine: Engine, db_path: Path) -
     assert result.status is RunStatus.COMPLETED
     assert tries == [1, 2, 3]
     assert result.path == ["poll", "poll", "poll", "report"]
-    third = rows(db_path, result.run_id)[2]
+    third = stored_rows(db_path, result.run_id)[2]
     assert third.decision == "branch:give_up"
     assert third.reason is not None and "retry blocked (retry_limit=3 reached): on_exhausted -> branch:give_up" in (
         third.reason)

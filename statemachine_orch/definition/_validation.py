@@ -179,12 +179,8 @@ class _Validator:
         if not isinstance(state.concurrency, int) or isinstance(state.concurrency, bool) or state.concurrency < 1:
             self.add(state.name, f"concurrency={state.concurrency!r} is not a positive integer",
                      "set concurrency=4 (items run at once)")
-        if state.on_item_error not in ("fail", "guard"):
-            self.add(state.name, f"on_item_error={state.on_item_error!r} is not 'fail' or 'guard'",
-                     "use on_item_error='guard' to judge failed items, or leave the default")
-        elif state.on_item_error == "guard" and state.guard is None:
-            self.add(state.name, "on_item_error='guard' needs a guard to judge the failed items",
-                     "add guard= that checks for ItemError in the outputs")
+        self._fail_or_guard(state, "on_item_error", state.on_item_error, "judge the failed items",
+                            "add guard= that checks for ItemError in the outputs")
         if state.item_model is not None and not (
             isinstance(state.item_model, type) and issubclass(state.item_model, BaseModel)
         ):
@@ -196,17 +192,16 @@ class _Validator:
 
     def _one_argument(self, state: str, field: str, fn: Any, shape: str) -> None:
         """`fn` is None or a function of one argument."""
-        if fn is None:
-            return
-        if not callable(fn):
-            self.add(state, f"{field}= is not callable", f"pass a function: {shape}")
-            return
-        try:
-            inspect.signature(fn).bind(None)
-        except TypeError:
-            self.add(state, f"{field}= does not take one argument", f"define it as {shape}")
-        except ValueError:
-            pass  # no signature to inspect (some builtins): trust it
+        if fn is not None and not (callable(fn) and _takes(fn, 1)):
+            self.add(state, f"{field}= is not a function of one argument", f"define it as {shape}")
+
+    def _fail_or_guard(self, state: State, field: str, value: Any, judged: str, fix: str) -> None:
+        """A `field` that is "fail" or "guard", and a guard to judge `judged` with "guard"."""
+        if value not in ("fail", "guard"):
+            self.add(state.name, f"{field}={value!r} is not 'fail' or 'guard'",
+                     f"use {field}='guard' to {judged}, or leave the default")
+        elif value == "guard" and state.guard is None:
+            self.add(state.name, f"{field}='guard' needs a guard to {judged}", fix)
 
     def _guard_signature(self, state: str, fn: Callable[..., Any]) -> None:
         if not _takes(fn, 2):
@@ -230,12 +225,8 @@ class _Validator:
 
     def _llm_state(self, state: LLMState) -> None:
         m = self.m
-        if state.on_invalid not in ("fail", "guard"):
-            self.add(state.name, f"on_invalid={state.on_invalid!r} is not 'fail' or 'guard'",
-                     "use on_invalid='guard' to route invalid answers, or leave the default")
-        elif state.on_invalid == "guard" and state.guard is None:
-            self.add(state.name, "on_invalid='guard' needs a guard to route InvalidOutput",
-                     "add guard= that checks isinstance(output, InvalidOutput)")
+        self._fail_or_guard(state, "on_invalid", state.on_invalid, "route InvalidOutput",
+                            "add guard= that checks isinstance(output, InvalidOutput)")
         if not isinstance(state.repairs, int) or state.repairs < 0:
             self.add(state.name, f"repairs={state.repairs!r} is not a count", "use 0 or more re-asks")
         if state.retry_policy is not None and not isinstance(state.retry_policy, RetryPolicy):
