@@ -116,6 +116,19 @@ class StepContext(NamedTuple):
     outputs: Mapping[str, Any]
     visit: int = 1
     past: Mapping[str, Sequence[Any]] = MappingProxyType({})
+    starter: Callable[..., Awaitable[Any]] | None = None  # a Python state's: what `run_child` calls
+
+    async def run_child(self, machine: Any, input: Any = None) -> Any:
+        """Run `machine` to its end as a child run of this step (from an async Python state)
+        and return its result (`Machine(result=...)`, as stored: JSON data). The n-th child a
+        step starts is its item n: a resume that runs the state again reads a finished child
+        back and continues an unfinished one, so no committed step of it is paid twice. Its
+        tokens and cost count in this step; a child that does not finish fails the step
+        (`StepError`)."""
+        if self.starter is None:
+            raise UsageError("only a Python state's step can start child runs",
+                             fix="call ctx.run_child(...) from an async PythonState, or use MachineState")
+        return await self.starter(machine, input)
 
     def history(self, state: str) -> list[Any]:
         """The outputs `state` committed so far in this run, oldest first (the one being
@@ -195,11 +208,12 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
 
-    def add(self, other: Usage) -> None:
-        self.input_tokens += other.input_tokens
-        self.output_tokens += other.output_tokens
-        self.cache_read_tokens += other.cache_read_tokens
-        self.cache_write_tokens += other.cache_write_tokens
+    def add(self, other: Usage, sign: int = 1) -> None:
+        """Add `other` (subtract it with sign -1)."""
+        self.input_tokens += sign * other.input_tokens
+        self.output_tokens += sign * other.output_tokens
+        self.cache_read_tokens += sign * other.cache_read_tokens
+        self.cache_write_tokens += sign * other.cache_write_tokens
 
     @property
     def paid_tokens(self) -> int:

@@ -26,6 +26,7 @@ from statemachine_orch import (
     PythonState,
     RunStatus,
     StepContext,
+    UsageError,
     open_store,
     replay_run,
 )
@@ -372,3 +373,35 @@ def test_a_stop_reaches_the_children_and_leaves_unstarted_items_for_the_resume(
     assert result.status is RunStatus.COMPLETED
     assert result.outputs["work"] == [0, 10, 20, 30, 40, 50]
     assert ran == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_python_state_starts_child_runs_through_its_context(
+        engine: Engine, fake: FakeMessagesAPI, db_path: Path) -> None:
+    """No global engine: `await ctx.run_child(machine, input)`. A resume runs the state again;
+    the child it had finished is read back, not paid again."""
+    answer_by_prompt(fake, fail=frozenset({"Draft about bats"}))
+    writer = Machine("writer", [LLMState("draft", prompt="Draft about {topic}")], input_model=Draft)
+
+    async def both(ctx: StepContext) -> list[Any]:
+        return [await ctx.run_child(writer, {"topic": topic}) for topic in ("owls", "bats")]
+
+    machine = Machine("tool_user", [PythonState("write_both", run=both)])
+    failed = engine.run(machine)
+    assert failed.status is RunStatus.FAILED
+    assert f"child run {failed.run_id}.0.1.1 is failed" in (failed.error or "")
+    answer_by_prompt(fake)
+    fake.requests.clear()
+    with Engine(open_store(db_path), model=fake.model()) as again:
+        result = again.resume(failed.run_id, machine)
+    assert result.status is RunStatus.COMPLETED
+    assert result.outputs["write_both"] == ["done: Draft about owls", "done: Draft about bats"]
+    assert [r.prompt for r in fake.requests] == ["Draft about bats"]  # owls was read back
+    kids = children(db_path)
+    step = stored_rows(db_path, result.run_id)[-1]
+    assert step.source == "python" and step.cost_usd == pytest.approx(sum(k["cost_usd"] for k in kids))
+    assert result.cost_usd == pytest.approx(step.cost_usd)
+
+
+def test_run_child_outside_a_python_state_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="only a Python state's step can start child runs"):
+        asyncio.run(StepContext("r", "s", 1, {}, {}).run_child(Machine("m", [PythonState("a", run=lambda c: 1)])))

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..definition._loader import load_machine
 from ..definition._machine import Machine
-from ..engine._children import child_compiled, refuse_child
+from ..engine._children import refuse_child
 from ..engine._engine import Engine
 from ..engine._fsm import Compiled, compile_machine
 from ..engine._ids import check_run_id, new_run_id
@@ -280,7 +280,7 @@ async def _compiled_for(store: Store, record: RunRecord, given: str | None) -> C
     parent, _ = await _verified_run(store, place.run_id)
     machine = await _compiled_for(store, parent, given)
     try:
-        return child_compiled(machine, place.state, place.item)
+        return machine.child_of(place.state, place.item)
     except (KeyError, IndexError):
         raise UsageError(f"machine '{machine.machine.name}' no longer runs run {record.run_id} "
                          f"(state {place.state}, item {place.item})",

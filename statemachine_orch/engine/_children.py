@@ -58,12 +58,6 @@ def child_id(parent: Run, state: State, slot: int, item: int) -> str:
     return run_id
 
 
-def child_compiled(parent: Compiled, state: str, item: int) -> Compiled:
-    """The machine of child `item` of `state`: a parallel state's branch, else the one machine."""
-    machines = parent.children[state]
-    return machines[item] if len(machines) > 1 else machines[0]
-
-
 def refuse_child(record: RunRecord) -> None:
     """A child run is driven by its parent only (as its owner, within its budget): refuse it."""
     if record.parent is not None:
@@ -82,10 +76,10 @@ def _child_result(result: RunResult) -> ChildResult:
                        usage=result.usage, cost_usd=result.cost_usd, error=result.error)
 
 
-async def drive_child(parent: Run, state: State, slot: int, item: int, input: Any) -> ChildResult:
+async def drive_child(parent: Run, state: State, slot: int, item: int, compiled: Compiled, input: Any
+                      ) -> ChildResult:
     """Run child `item` of `state` to its end: read back if it finished, continued if it
     started, else started; a failed child is tried again from its failed step."""
-    compiled = child_compiled(parent.compiled, state.name, item)
     machine = compiled.machine
     run_id = child_id(parent, state, slot, item)
     store = parent.ports.store
@@ -107,14 +101,14 @@ async def drive_child(parent: Run, state: State, slot: int, item: int, input: An
     else:
         if record.status.finished:
             done = result_of(machine, record, log)
-            parent.spent.add(done.usage, done.cost_usd)  # paid before this step: not in the ledger yet
+            parent.spent.add(done.usage.paid_tokens, done.cost_usd)  # paid before this step: not in the ledger yet
             return done
         snapshot(compiled, record, log)  # refuse an incompatible run before claiming it
         record, log = await store.claim_run(run_id, parent.owner, options={**record.options,
                                                                             "budget": budget.to_json()})
         context_input, _, values = validate_input(machine, record.input)
         snap = snapshot(compiled, record, log)
-        parent.spent.add(snap.usage, snap.cost_usd)  # paid in an earlier process: not in the ledger yet
+        parent.spent.add(snap.usage.paid_tokens, snap.cost_usd)  # paid in an earlier process: not in the ledger yet
         run = Run(compiled, record, parent.owner, parent.ports, input=context_input, input_values=values,
                   snap=snap, seq=log[-1].seq if log else 0, budget=budget, ledger=parent.spent)
         resumed = True

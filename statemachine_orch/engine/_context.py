@@ -3,7 +3,7 @@ and what the run's states produced on earlier visits."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..definition._states import State
@@ -56,8 +56,8 @@ class History(Mapping[str, Sequence[Any]]):
 
 
 def context(run_id: str, state: State, attempt: int, input: Any, outputs: Mapping[str, Any], visit: int,
-            history: History) -> StepContext:
+            history: History, run_child: Callable[..., Awaitable[Any]] | None) -> StepContext:
     """The context of one step of `state`, with the outputs it reads taken from `outputs`."""
     reads = {n: outputs[n] for n in (*state.needs, *state.needs_if_ran) if n in outputs}
     return StepContext(run_id, state.name, attempt, input, Needs(reads, run_id=run_id, state=state), visit,
-                       history)
+                       history, run_child)

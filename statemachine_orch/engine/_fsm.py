@@ -45,7 +45,20 @@ class Compiled:
     plans: dict[str, Plan] = field(default_factory=dict)
     tools: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
-    children: dict[str, tuple[Compiled, ...]] = field(default_factory=dict)  # as `TransitionTable.children`
+    children: dict[str, tuple[Compiled, ...]] = field(default_factory=dict)  # as `Machine.children`
+    started: dict[int, Compiled] = field(default_factory=dict)  # machines Python states run as children
+
+    def child_of(self, state: str, item: int) -> Compiled:
+        """The machine of child `item` of `state`: a parallel state's branch, else the one machine."""
+        machines = self.children[state]
+        return machines[item] if len(machines) > 1 else machines[0]
+
+    def child(self, machine: Machine) -> Compiled:
+        """`machine` compiled, for the child runs a Python state starts (`ctx.run_child`)."""
+        found = self.started.get(id(machine))
+        if found is None or found.machine is not machine:
+            found = self.started[id(machine)] = compile_machine(machine)
+        return found
 
     def fire(self, position: Position, decision: str, *, replay: bool = False) -> bool:
         """Fire the trigger named after `decision` on `position`; False when a loop bound

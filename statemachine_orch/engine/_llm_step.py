@@ -67,8 +67,8 @@ class Spent:
     in_flight: int = 0  # calls holding a reservation
     _released: asyncio.Event | None = None  # set when a reservation is given back
 
-    def add(self, usage: Usage, cost_usd: float | None) -> None:
-        self.tokens += usage.paid_tokens
+    def add(self, tokens: int, cost_usd: float | None) -> None:
+        self.tokens += tokens
         self.cost_usd += cost_usd or 0.0
 
     def reserve(self, tokens: int, cost_usd: float | None, sign: int = 1) -> None:

@@ -26,7 +26,7 @@ from ..llm._prices import PriceTable
 from ..store._contract import NullStore, Store
 from ..store._owner import Owner
 from ..types import Attempt, Budget, RunStatus, StepContext, TransitionRecord
-from ._children import ChildResult, child_compiled, child_id, result_of
+from ._children import ChildResult, child_id, result_of
 from ._fsm import Compiled, compile_machine
 from ._inputs import validate_input
 from ._run import Ports, Run
@@ -224,12 +224,12 @@ async def replay_run(store: Store, run_id: str, machine: Machine, *, prices: Pri
 
     if record.machine != machine.name:
         return report(Divergence(0, "-", "machine", record.machine, machine.name))
-    async def recorded_child(parent: Run, state: State, slot: int, item: int, input: Any) -> ChildResult:
+    async def recorded_child(parent: Run, state: State, slot: int, item: int, compiled_child: Compiled,
+                             input: Any) -> ChildResult:
         """A child run as recorded, replayed on its machine as it is now: a divergence in it is
         the parent's, at the step that started it."""
         seq = cursor.current(state.name).seq
         run_id = child_id(parent, state, slot, item)
-        compiled_child = child_compiled(parent.compiled, state.name, item)
         child = compiled_child.machine
         try:
             child_record, child_log = await store.load_run(run_id, verified=True)

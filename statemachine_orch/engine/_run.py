@@ -47,6 +47,7 @@ from ..types import (
     RunStatus,
     StepContext,
     TransitionRecord,
+    Usage,
     Verdict,
     now_iso,
     output_json,
@@ -80,9 +81,9 @@ class Ports:
     children: ChildDriver | None = None  # runs a machine or map state's child runs (None: it cannot)
 
 
-ChildDriver = Callable[["Run", State, int, int, Any], Awaitable["ChildResult"]]
-"""`(parent, state, slot, item, input) -> ChildResult`: drives one child run to its end
-(`_children.drive_child`; replay reads the recorded child instead)."""
+ChildDriver = Callable[["Run", State, int, int, Compiled, Any], Awaitable["ChildResult"]]
+"""`(parent, state, slot, item, machine, input) -> ChildResult`: drives one child run of
+`machine` to its end (`_children.drive_child`; replay reads the recorded child instead)."""
 
 
 class Run:
@@ -123,6 +124,7 @@ class Run:
                             owner=owner, code=self._code, left=left if left is not None and not left.answered
                             else None)
         self.children_running: set[Run] = set()  # this run's child runs being driven now: a stop reaches them
+        self._joined, self._joined_usd = Usage(), 0.0  # of the children joined into the step in progress
         self._broken: BaseException | None = None
         self._stop: str | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -156,7 +158,8 @@ class Run:
             hook(self.record, step)
         position = self.position
         ctx = context(self.run_id, plan.state, step.attempt, self.input, self.outputs,
-                      position.visits.get(position.state, 1), self._past)
+                      position.visits.get(position.state, 1), self._past,
+                      self._start_children(plan.state, step) if isinstance(plan.state, PythonState) else None)
         output: Any = _NO_OUTPUT
         status: RunStatus | None = None
         try:
@@ -167,6 +170,7 @@ class Run:
         except RunError as failure:
             status = RunStatus.BUDGET_EXCEEDED if isinstance(failure, BudgetExceededError) else RunStatus.FAILED
             step.error = f"{type(failure).__name__}: {' '.join(str(failure).split())}"  # always one line
+            self._unjoin(step)
         step.latency_ms = (perf_counter() - started) * 1000.0
         if step.to_state == END:
             status = RunStatus.TERMINATED if step.decision == FlowDecision.TERMINATE.value else RunStatus.COMPLETED
@@ -252,7 +256,7 @@ class Run:
             async with gate:
                 if self._stop is not None:
                     return None  # stopping: items not started yet stay so
-                return await drive(self, state, slot, item, child_input)
+                return await drive(self, state, slot, item, self.compiled.child_of(state.name, item), child_input)
 
         tasks: list[asyncio.Task[ChildResult | None]] = []
         try:
@@ -276,8 +280,7 @@ class Run:
                             fix="resume the run: finished items are kept, the others continue",
                             run_id=self.run_id, state=state.name)
         for r in results:
-            step.usage.add(r.usage)
-            step.cost_usd = None if step.cost_usd is None or r.cost_usd is None else step.cost_usd + r.cost_usd
+            self._join(step, r)
         if isinstance(state, MachineState):
             return restore_output(state, results[0].output)
         if isinstance(state, ParallelState):
@@ -288,6 +291,44 @@ class Run:
         if state.reduce is None or failed:
             return outputs
         return restore_output(state, await self._user(state, "reduce", state.reduce, outputs))
+
+    def _join(self, step: TransitionRecord, child: ChildResult) -> None:
+        """A child's tokens and cost into the step that started it (they are in the budget
+        ledger already: the child added each of its steps as it committed)."""
+        step.usage.add(child.usage)
+        step.cost_usd = None if step.cost_usd is None or child.cost_usd is None else step.cost_usd + child.cost_usd
+        self._joined.add(child.usage)
+        self._joined_usd += child.cost_usd or 0.0
+
+    def _unjoin(self, step: TransitionRecord) -> None:
+        """A failed step carries none of its children's tokens and cost: they keep them, and
+        the step that joins them once they all finish carries them (each counted once)."""
+        step.usage.add(self._joined, sign=-1)
+        if step.cost_usd is not None:
+            step.cost_usd = max(step.cost_usd - self._joined_usd, 0.0)
+        self._joined, self._joined_usd = Usage(), 0.0
+
+    def _start_children(self, state: State, step: TransitionRecord) -> Callable[[Any, Any], Awaitable[Any]]:
+        """`ctx.run_child` for a Python state's step: the n-th child it starts is item n of the
+        step's slot, so a resume that runs the state again finds each child again."""
+        drive = self.ports.children
+        slot = len(self.history.get(state.name, ())) + 1
+        started = 0
+
+        async def run_child(machine: Machine, input: Any = None) -> Any:
+            nonlocal started
+            item, started = started, started + 1
+            if drive is None:
+                raise StepError("this engine cannot run child runs", run_id=self.run_id, state=state.name)
+            result = await drive(self, state, slot, item, self.compiled.child(machine), input)
+            self._join(step, result)
+            if result.status not in (RunStatus.COMPLETED, RunStatus.TERMINATED):
+                raise StepError(f"child run {result.run_id} is {result.status.value}: {result.error}",
+                                fix="resume the run: the child continues where it stopped", run_id=self.run_id,
+                                state=state.name)
+            return result.output
+
+        return run_child
 
     async def _user(self, state: State, what: str, fn: Callable[[Any], Any], arg: Any) -> Any:
         """`fn(arg)`, user code of `state` other than its main function (a map state's `items`,
@@ -438,8 +479,9 @@ class Run:
         if step.cost_usd is None:
             self.cost_known = False
         self.cost_usd += step.cost_usd or 0.0
-        if step.source != "child":  # children added their steps to the ledger as they committed
-            self.spent.add(step.usage, step.cost_usd)
+        # children added their steps to the ledger as they committed
+        self.spent.add(step.usage.paid_tokens - self._joined.paid_tokens, (step.cost_usd or 0.0) - self._joined_usd)
+        self._joined, self._joined_usd = Usage(), 0.0
         if not self.is_child:  # a child's time is its parent's step's
             self.spent.seconds += step.latency_ms / 1000.0
         if step.committed:
