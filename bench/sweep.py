@@ -6,7 +6,8 @@
    the same machine: the built-in peer rows plus ours through --extra. run_all.py passes no
    per-row environment, so the FULL and traced variants are tiny generated wrappers that set
    it and then run bench/bench_orch.py; each measures only the mode its setting changes.
-2. Runs bench/store_scale.py (100,000 runs; 2,000 with --quick).
+2. Runs bench/store_scale.py (100,000 runs; 2,000 with --quick) and bench/map_fanout.py (a
+   map state of 100 items against its ideal).
 3. Writes the page (machine, results, ratios against the issue's targets, store scale, how to
    reproduce) and the raw JSON. The block between `<!-- notes -->` and `<!-- /notes -->` is
    written by hand and kept when the page is rewritten.
@@ -116,6 +117,26 @@ def run_store_scale(runs: int) -> dict[str, Any]:
         return {"error": f"store_scale.py exited {proc.returncode}"}
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
+
+
+def run_map_fanout(quick: bool) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(BENCH / "map_fanout.py"), "--json", "--repeat", "1" if quick else "5"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": f"map_fanout.py exited {proc.returncode}"}
+    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+def fanout_section(f: dict[str, Any]) -> list[str]:
+    if "error" in f:
+        return [f"map_fanout.py failed: {f['error']}"]
+    return [f"A map state of {f['items']} LLM items, `concurrency={f['concurrency']}`, each answered after "
+            f"{f['delay_ms']:g} ms, every item a durable child run in a SQLite file (synchronous=FULL): median "
+            f"{f['median_s']:.3f} s over {f['runs']} runs, **{f['ratio_to_ideal']:.2f}x the ideal** "
+            f"({f['ideal_s']:.2f} s: {f['items'] // f['concurrency']} waves); target <= 1.2x "
+            f"{met(f['ratio_to_ideal'] <= 1.2)}. Memory allocated per item at peak: "
+            f"{f['peak_bytes_per_item'] / 1024:.1f} KiB."]
 
 
 def machine_info() -> dict[str, Any]:
@@ -280,8 +301,8 @@ def store_section(s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str, Any], *, quick: bool,
-           notes: str, command: str, raw: str) -> tuple[str, dict[str, Any]]:
+def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str, Any], fanout: dict[str, Any], *,
+           quick: bool, notes: str, command: str, raw: str) -> tuple[str, dict[str, Any]]:
     """The page (with `notes` kept verbatim) and the ratios it shows."""
     target_lines, ratios = targets(results)
     anchors_py = next((r["python"] for r in results if r["key"] == "floor" and "python" in r), "?")
@@ -311,7 +332,9 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str,
         "## Targets", "",
         *target_lines, "",
         "## Store scale", "",
-        *store_section(store),
+        *store_section(store), "",
+        "## Map state fan-out", "",
+        *fanout_section(fanout), "",
         NOTES_OPEN, notes.strip("\n"), NOTES_CLOSE, "",
         "## Reproduce", "",
         "```bash", command, "```", "",
@@ -355,18 +378,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="orch_sweep_") as tmp:
         results, code = run_peers(anchors, venvs, Path(tmp), args.quick)
     store = run_store_scale(args.store_runs or (2_000 if args.quick else 100_000))
+    fanout = run_map_fanout(args.quick)
 
     command = reproduce_command(sys.argv[1:] if argv is None else argv)
     shown_raw = str(raw.resolve().relative_to(ROOT)) if raw.resolve().is_relative_to(ROOT) else str(raw)
-    page, ratios = render(info, results, store, quick=args.quick, notes=kept_notes(out), command=command,
+    page, ratios = render(info, results, store, fanout, quick=args.quick, notes=kept_notes(out), command=command,
                           raw=shown_raw)
     for path in (out, raw):
         path.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     raw.write_text(json.dumps({"machine": info, "quick": args.quick, "command": command, "ratios": ratios,
-                               "results": results, "store_scale": store}, indent=1) + "\n")
+                               "results": results, "store_scale": store, "map_fanout": fanout}, indent=1) + "\n")
     print(f"wrote {out} and {raw}")
-    return 1 if code != 0 or "error" in store or not results else 0
+    return 1 if code != 0 or "error" in store or "error" in fanout or not results else 0
 
 
 if __name__ == "__main__":

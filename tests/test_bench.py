@@ -1,4 +1,5 @@
-"""The benchmark scripts keep working: bench_orch.py in every mode, store_scale.py, sweep.py's page.
+"""The benchmark scripts keep working: bench_orch.py in every mode, store_scale.py, map_fanout.py,
+sweep.py's page.
 
 bench_orch.py imports `common` from the peers' bench anchors (../shared/bench-anchors), which a
 fresh checkout may not have. So it always runs here against a minimal stand-in `common` (the
@@ -148,6 +149,16 @@ def test_bench_orch_runs_every_step(case: str, common_dir: Path, tmp_path: Path)
         assert events.count("transition") >= 10 and events.count("transition") % 10 == 0
 
 
+def test_map_fanout_reports_its_ratio_to_the_ideal_and_memory_per_item() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "map_fanout.py"), "--items", "6", "--concurrency", "3", "--delay-ms", "1",
+         "--repeat", "1", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (result["items"], result["concurrency"], result["ideal_s"]) == (6, 3, 0.002)
+    assert result["median_s"] > 0 and result["ratio_to_ideal"] > 0 and result["peak_bytes_per_item"] > 0
+
+
 def test_store_scale_reports_sizes_and_every_command(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH / "store_scale.py"), "--runs", "20", "--reps", "1", "--db", str(tmp_path / "s.db")],
@@ -195,12 +206,15 @@ RESULTS = [
     _row("orch_traced", "A", us_per_step=11.0, ratio_to_floor=22.0, trace_bytes=2**20),
 ]
 STORE = {"error": "store_scale.py exited 1"}
+FANOUT = {"items": 100, "concurrency": 10, "delay_ms": 50.0, "ideal_s": 0.5, "median_s": 0.7, "ratio_to_ideal": 1.4,
+          "runs": 5, "peak_bytes_per_item": 5120}
 INFO = {"cpu": "cpu", "cores": 2, "python": "3.11.7", "sqlite": "3.40.1", "os": "Linux", "date": "2026-01-01 00:00 UTC",
         "load_average": [1.0, 1.0, 1.0], "commit": "abc1234"}
 
 
 def test_the_page_judges_every_target(sweep: ModuleType) -> None:
-    page, ratios = sweep.render(INFO, RESULTS, STORE, quick=False, notes=sweep.NOTES_DEFAULT, command="cmd", raw="r")
+    page, ratios = sweep.render(INFO, RESULTS, STORE, FANOUT, quick=False, notes=sweep.NOTES_DEFAULT,
+                                command="cmd", raw="r")
 
     assert "| A: orch / transitions | 0.50x | <= 0.75x | met |" in page
     assert "| A: orch / every peer (the slowest ratio) | 0.50x (vs transitions) | < 1.00x each | met |" in page
@@ -211,14 +225,18 @@ def test_the_page_judges_every_target(sweep: ModuleType) -> None:
     assert "| burr [B: WAL+sync=NORMAL] | 130 | 0.46x | 3.85x |" in page
     assert "ERROR: boom" in page and "n/a same as the orch row" in page and "store_scale.py failed" in page
     assert ratios["B_full_vs_floor"] == pytest.approx(12.5)
+    assert "**1.40x the ideal** (0.50 s: 10 waves); target <= 1.2x **NOT met**" in page
+    assert "Memory allocated per item at peak: 5.0 KiB." in page
 
 
 def test_the_notes_block_survives_a_rewrite(sweep: ModuleType, tmp_path: Path) -> None:
     page = tmp_path / "performance.md"
-    first, _ = sweep.render(INFO, RESULTS, STORE, quick=True, notes=sweep.kept_notes(page), command="c", raw="r")
+    first, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, quick=True, notes=sweep.kept_notes(page),
+                             command="c", raw="r")
     page.write_text(first.replace("_Written by hand", "The engine spends its time in X.\n\n_Written by hand"))
 
-    second, _ = sweep.render(INFO, RESULTS, STORE, quick=True, notes=sweep.kept_notes(page), command="c", raw="r")
+    second, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, quick=True, notes=sweep.kept_notes(page),
+                             command="c", raw="r")
     assert second.count("The engine spends its time in X.") == 1
     assert second.count(sweep.NOTES_OPEN) == 1 and "QUICK run" in second
 
