@@ -159,7 +159,7 @@ class Run:
         position = self.position
         ctx = context(self.run_id, plan.state, step.attempt, self.input, self.outputs,
                       position.visits.get(position.state, 1), self._past,
-                      self._start_children(plan.state, step) if isinstance(plan.state, PythonState) else None)
+                      self._start_children(plan.state, step) if plan.source == "python" else None)
         output: Any = _NO_OUTPUT
         status: RunStatus | None = None
         try:
@@ -479,15 +479,22 @@ class Run:
         if step.cost_usd is None:
             self.cost_known = False
         self.cost_usd += step.cost_usd or 0.0
-        # children added their steps to the ledger as they committed
-        self.spent.add(step.usage.paid_tokens - self._joined.paid_tokens, (step.cost_usd or 0.0) - self._joined_usd)
-        self._joined, self._joined_usd = Usage(), 0.0
+        joined = self._joined  # children added their steps to the ledger as they committed
+        self.spent.add(step.usage.paid_tokens - joined.paid_tokens, (step.cost_usd or 0.0) - self._joined_usd)
+        if self._joined_usd or joined.paid_tokens:
+            self._joined, self._joined_usd = Usage(), 0.0
         if not self.is_child:  # a child's time is its parent's step's
             self.spent.seconds += step.latency_ms / 1000.0
         if step.committed:
-            for name, value in named_outputs(state, None if type(output) is BudgetRoute else output):
-                self.outputs[name] = value
-                self.history.setdefault(name, []).append(value)
+            value = None if type(output) is BudgetRoute else output
+            history = self.history
+            if type(state) is ParallelState:
+                for name, each in named_outputs(state, value):
+                    self.outputs[name] = each
+                    history.setdefault(name, []).append(each)
+            else:
+                self.outputs[state.name] = value
+                history.setdefault(state.name, []).append(value)
             self.path.append(state.name)
         elif output is not _NO_OUTPUT and type(output) is not BudgetRoute:
             self._pending = step  # a paid answer the guard failed on: a resume judges it again
