@@ -124,7 +124,7 @@ class Run:
                             owner=owner, code=self._code, left=left if left is not None and not left.answered
                             else None)
         self.children_running: set[Run] = set()  # this run's child runs being driven now: a stop reaches them
-        self._joined, self._joined_usd = Usage(), 0.0  # of the children joined into the step in progress
+        self._joined: tuple[Usage, float] | None = None  # the children joined into the step in progress
         self._broken: BaseException | None = None
         self._stop: str | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -297,16 +297,19 @@ class Run:
         ledger already: the child added each of its steps as it committed)."""
         step.usage.add(child.usage)
         step.cost_usd = None if step.cost_usd is None or child.cost_usd is None else step.cost_usd + child.cost_usd
-        self._joined.add(child.usage)
-        self._joined_usd += child.cost_usd or 0.0
+        usage, usd = self._joined or (Usage(), 0.0)
+        usage.add(child.usage)
+        self._joined = usage, usd + (child.cost_usd or 0.0)
 
     def _unjoin(self, step: TransitionRecord) -> None:
         """A failed step carries none of its children's tokens and cost: they keep them, and
         the step that joins them once they all finish carries them (each counted once)."""
-        step.usage.add(self._joined, sign=-1)
-        if step.cost_usd is not None:
-            step.cost_usd = max(step.cost_usd - self._joined_usd, 0.0)
-        self._joined, self._joined_usd = Usage(), 0.0
+        if self._joined is not None:
+            usage, usd = self._joined
+            step.usage.add(usage, sign=-1)
+            if step.cost_usd is not None:
+                step.cost_usd = max(step.cost_usd - usd, 0.0)
+            self._joined = None
 
     def _start_children(self, state: State, step: TransitionRecord) -> Callable[[Any, Any], Awaitable[Any]]:
         """`ctx.run_child` for a Python state's step: the n-th child it starts is item n of the
@@ -479,10 +482,11 @@ class Run:
         if step.cost_usd is None:
             self.cost_known = False
         self.cost_usd += step.cost_usd or 0.0
-        joined = self._joined  # children added their steps to the ledger as they committed
-        self.spent.add(step.usage.paid_tokens - joined.paid_tokens, (step.cost_usd or 0.0) - self._joined_usd)
-        if self._joined_usd or joined.paid_tokens:
-            self._joined, self._joined_usd = Usage(), 0.0
+        tokens, usd = step.usage.paid_tokens, step.cost_usd or 0.0
+        if self._joined is not None:  # children added their steps to the ledger as they committed
+            tokens, usd = tokens - self._joined[0].paid_tokens, usd - self._joined[1]
+            self._joined = None
+        self.spent.add(tokens, usd)
         if not self.is_child:  # a child's time is its parent's step's
             self.spent.seconds += step.latency_ms / 1000.0
         if step.committed:
