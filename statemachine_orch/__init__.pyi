@@ -45,6 +45,9 @@ from .errors import TamperedRunError as TamperedRunError
 from .errors import UsageError as UsageError
 from .errors import VisitLimitError as VisitLimitError
 from .hooks import Hook as Hook
+from .limits import Budget as Budget
+from .limits import RetryPolicy as RetryPolicy
+from .limits import Usage as Usage
 from .llm._anthropic import AnthropicModel as AnthropicModel
 from .llm._client import Completion as Completion
 from .llm._client import LLMRequest as LLMRequest
@@ -62,19 +65,16 @@ from .trace._tracer import Tracer as Tracer
 from .types import END as END
 from .types import Attempt as Attempt
 from .types import Branch as Branch
-from .types import Budget as Budget
 from .types import Decision as Decision
 from .types import FlowDecision as FlowDecision
 from .types import InvalidOutput as InvalidOutput
 from .types import ItemError as ItemError
 from .types import Parent as Parent
-from .types import RetryPolicy as RetryPolicy
 from .types import RunRecord as RunRecord
 from .types import RunResult as RunResult
 from .types import RunStatus as RunStatus
 from .types import StepContext as StepContext
 from .types import TransitionRecord as TransitionRecord
-from .types import Usage as Usage
 from .types import Verdict as Verdict
 
 __version__: str

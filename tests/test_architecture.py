@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "statemachine_orch"
 
 # layer -> the modules in it (a name covers the module and everything under it)
 LAYERS: dict[str, tuple[str, ...]] = {
-    "vocabulary": ("types", "errors", "hooks", "_redact"),
+    "vocabulary": ("types", "limits", "errors", "hooks", "_redact"),
     "definition": ("definition",),
     "ports": ("store._contract", "store._owner", "llm._client", "llm._retry", "llm._prices"),
     "engine": ("engine",),

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from ..definition._machine import Machine
 from ..definition._states import LLMState, MachineState, MapState, ParallelState, PythonState, State
 from ..errors import (
     BudgetExceededError,
@@ -41,19 +40,18 @@ from ..types import (
     Branch,
     Budget,
     FlowDecision,
-    ItemError,
     RunRecord,
     RunResult,
     RunStatus,
     StepContext,
     TransitionRecord,
-    Usage,
     Verdict,
     now_iso,
     output_json,
     run_output,
 )
 from ._context import History, context
+from ._fan_out import FanOut
 from ._fsm import Compiled, Plan
 from ._llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
 from ._outputs import named_outputs, restore_output
@@ -115,7 +113,7 @@ class Run:
         self.compiled = compiled
         self.ports = ports
         self._hooks = ports.hooks
-        self._input_values = input_values
+        self.input_values = input_values
         self._code = UserCode()
         self._past = History(self.history, self.machine.by_name, record.run_id)
         left = snap.unfinished
@@ -124,7 +122,7 @@ class Run:
                             owner=owner, code=self._code, left=left if left is not None and not left.answered
                             else None)
         self.children_running: set[Run] = set()  # this run's child runs being driven now: a stop reaches them
-        self._joined: tuple[Usage, float] | None = None  # the children joined into the step in progress
+        self._fan_out = FanOut(self)
         self._broken: BaseException | None = None
         self._stop: str | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -134,6 +132,11 @@ class Run:
     def state(self) -> str:
         """The state that runs next (END once the run is over)."""
         return self.position.state
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was requested: no new step (or child run) starts."""
+        return self._stop is not None
 
     @property
     def done(self) -> bool:
@@ -159,7 +162,7 @@ class Run:
         position = self.position
         ctx = context(self.run_id, plan.state, step.attempt, self.input, self.outputs,
                       position.visits.get(position.state, 1), self._past,
-                      self._start_children(plan.state, step) if plan.source == "python" else None)
+                      self._fan_out.starter(plan.state, step) if plan.source == "python" else None)
         output: Any = _NO_OUTPUT
         status: RunStatus | None = None
         try:
@@ -170,7 +173,7 @@ class Run:
         except RunError as failure:
             status = RunStatus.BUDGET_EXCEEDED if isinstance(failure, BudgetExceededError) else RunStatus.FAILED
             step.error = f"{type(failure).__name__}: {' '.join(str(failure).split())}"  # always one line
-            self._unjoin(step)
+            self._fan_out.unjoin(step)
         step.latency_ms = (perf_counter() - started) * 1000.0
         if step.to_state == END:
             status = RunStatus.TERMINATED if step.decision == FlowDecision.TERMINATE.value else RunStatus.COMPLETED
@@ -208,7 +211,7 @@ class Run:
         if isinstance(state, LLMState):
             return await self._llm.execute(state, step, ctx, self._values, self.spent)
         if isinstance(state, (MachineState, MapState, ParallelState)):
-            return await self._children(state, step, ctx)
+            return await self._fan_out.output(state, step, ctx)
         assert isinstance(state, PythonState)
         override = self.ports.python_override
         try:
@@ -225,115 +228,7 @@ class Run:
             raise StepError(f"returned a value that cannot be stored: {exc}", run_id=self.run_id,
                             state=state.name) from None
 
-    async def _children(self, state: MachineState | MapState | ParallelState, step: TransitionRecord,
-                        ctx: StepContext) -> Any:
-        """The output of a machine, map or parallel state: its child runs, `concurrency` at a
-        time, each driven to its end (`_children`); the items' outputs in item order (a parallel
-        state's by branch name). The step's usage and
-        cost are the children's, in all, once they join: a failed step carries none (its
-        children keep theirs, and a resume continues them)."""
-        drive = self.ports.children
-        if drive is None:
-            raise StepError("this engine cannot run child runs", run_id=self.run_id, state=state.name)
-        slot = len(self.history.get(state.name, ())) + 1  # the slot's children: same after a failure
-        if isinstance(state, MachineState):
-            inputs = [None if state.input is None else await self._user(state, "input", state.input, ctx)]
-        elif isinstance(state, ParallelState):
-            given = {name: output_json(value) for name, value in self._input_values.items()}
-            inputs = [{**given, **{n: output_json(self.outputs[n]) for n in branch.needs}} for branch in state.branches]
-        else:
-            items = await self._user(state, "items", state.items, ctx)
-            try:
-                items = list(items)
-            except TypeError:
-                raise StepError(f"items() returned {type(items).__name__}, not a list", fix="return a list of items",
-                                run_id=self.run_id, state=state.name) from None
-            wrap = state.item_model is None and not isinstance(state.each, Machine)
-            inputs = [{"item": output_json(item)} if wrap else item for item in items]
-        gate = asyncio.Semaphore(state.concurrency if isinstance(state, MapState) else len(inputs))
-
-        async def one(item: int, child_input: Any) -> ChildResult | None:
-            async with gate:
-                if self._stop is not None:
-                    return None  # stopping: items not started yet stay so
-                return await drive(self, state, slot, item, self.compiled.child_of(state.name, item), child_input)
-
-        tasks: list[asyncio.Task[ChildResult | None]] = []
-        try:
-            async with asyncio.TaskGroup() as group:  # what a child raises stops the others
-                tasks += [group.create_task(one(i, child_input)) for i, child_input in enumerate(inputs)]
-        except BaseExceptionGroup as raised:  # the lowest item's, as one error (a store error, a divergence)
-            lowest = next((t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
-            raise (lowest or raised.exceptions[0]) from None
-        if self._stop is not None:  # the children stopped with the run: a resume continues them
-            raise asyncio.CancelledError()
-        results = [result for result in (task.result() for task in tasks) if result is not None]
-        failed = [(i, r) for i, r in enumerate(results) if r.status not in (RunStatus.COMPLETED, RunStatus.TERMINATED)]
-        over = next((r for _, r in failed if r.status is RunStatus.BUDGET_EXCEEDED), None)
-        if over is not None:
-            raise BudgetExceededError(f"child run {over.run_id} stopped: {over.error}", run_id=self.run_id,
-                                      state=state.name)
-        if failed and (not isinstance(state, MapState) or state.on_item_error == "fail"):
-            i, first = failed[0]
-            raise StepError(f"{len(failed)} of {len(results)} child run(s) did not finish; the first, item {i} "
-                            f"(run {first.run_id}), is {first.status.value}: {first.error}",
-                            fix="resume the run: finished items are kept, the others continue",
-                            run_id=self.run_id, state=state.name)
-        for r in results:
-            self._join(step, r)
-        if isinstance(state, MachineState):
-            return restore_output(state, results[0].output)
-        if isinstance(state, ParallelState):
-            return restore_output(state, {b.name: r.output for b, r in zip(state.branches, results, strict=True)})
-        outputs = restore_output(state, [
-            ItemError(item=i, run_id=r.run_id, status=r.status.value, error=r.error or "").to_json()
-            if (i, r) in failed else r.output for i, r in enumerate(results)])
-        if state.reduce is None or failed:
-            return outputs
-        return restore_output(state, await self._user(state, "reduce", state.reduce, outputs))
-
-    def _join(self, step: TransitionRecord, child: ChildResult) -> None:
-        """A child's tokens and cost into the step that started it (they are in the budget
-        ledger already: the child added each of its steps as it committed)."""
-        step.usage.add(child.usage)
-        step.cost_usd = None if step.cost_usd is None or child.cost_usd is None else step.cost_usd + child.cost_usd
-        usage, usd = self._joined or (Usage(), 0.0)
-        usage.add(child.usage)
-        self._joined = usage, usd + (child.cost_usd or 0.0)
-
-    def _unjoin(self, step: TransitionRecord) -> None:
-        """A failed step carries none of its children's tokens and cost: they keep them, and
-        the step that joins them once they all finish carries them (each counted once)."""
-        if self._joined is not None:
-            usage, usd = self._joined
-            step.usage.add(usage, sign=-1)
-            if step.cost_usd is not None:
-                step.cost_usd = max(step.cost_usd - usd, 0.0)
-            self._joined = None
-
-    def _start_children(self, state: State, step: TransitionRecord) -> Callable[[Any, Any], Awaitable[Any]]:
-        """`ctx.run_child` for a Python state's step: the n-th child it starts is item n of the
-        step's slot, so a resume that runs the state again finds each child again."""
-        drive = self.ports.children
-        slot = len(self.history.get(state.name, ())) + 1
-        started = 0
-
-        async def run_child(machine: Machine, input: Any = None) -> Any:
-            nonlocal started
-            item, started = started, started + 1
-            if drive is None:
-                raise StepError("this engine cannot run child runs", run_id=self.run_id, state=state.name)
-            result = await drive(self, state, slot, item, self.compiled.child(machine), input)
-            self._join(step, result)
-            if result.status not in (RunStatus.COMPLETED, RunStatus.TERMINATED):
-                raise StepError(f"child run {result.run_id} is {result.status.value}: {result.error}",
-                                fix="resume the run: the child continues where it stopped", run_id=self.run_id,
-                                state=state.name)
-            return result.output
-
-        return run_child
-
-    async def _user(self, state: State, what: str, fn: Callable[[Any], Any], arg: Any) -> Any:
+    async def call_user(self, state: State, what: str, fn: Callable[[Any], Any], arg: Any) -> Any:
         """`fn(arg)`, user code of `state` other than its main function (a map state's `items`,
         a machine state's `input`): what it raises fails the step, naming it."""
         try:
@@ -386,7 +281,7 @@ class Run:
         """A template's values: outputs, else input values; a `needs_if_ran` state that has
         not run renders as empty text (validation lets no other name be missing)."""
         outputs = self.outputs
-        values = self._input_values
+        values = self.input_values
         return {n: outputs[n] if n in outputs else values.get(n, "") for n in names}
 
     def _judge(self, plan: Plan, step: TransitionRecord, output: Any, ctx: StepContext) -> str:
@@ -483,9 +378,8 @@ class Run:
             self.cost_known = False
         self.cost_usd += step.cost_usd or 0.0
         tokens, usd = step.usage.paid_tokens, step.cost_usd or 0.0
-        if self._joined is not None:  # children added their steps to the ledger as they committed
-            tokens, usd = tokens - self._joined[0].paid_tokens, usd - self._joined[1]
-            self._joined = None
+        joined_tokens, joined_usd = self._fan_out.settle()  # children added theirs to the ledger as they committed
+        tokens, usd = tokens - joined_tokens, usd - joined_usd
         self.spent.add(tokens, usd)
         if not self.is_child:  # a child's time is its parent's step's
             self.spent.seconds += step.latency_ms / 1000.0

@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any
 
 from ...errors import CorruptRunError
-from ...types import Attempt, RunRecord, TransitionRecord, Usage
+from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, TransitionRecord, Usage
 
 INT64_MAX = 2**63 - 1
 
@@ -63,6 +63,18 @@ def run_identity(run: RunRecord, chain_version: int, chain_key: str | None) -> d
             "chain_version": chain_version, "chain_key": chain_key,
             "parent_run_id": parent and parent.run_id, "parent_state": parent and parent.state,
             "item": parent and parent.item}
+
+
+def run_of(row: dict[str, Any], *, stale: bool, takeovers: list[Takeover]) -> RunRecord:
+    """The run a `runs` row holds (its columns by name: a file of an older version lacks some)."""
+    run_id = row["run_id"]
+    return RunRecord(
+        run_id=run_id, machine=row["machine"], machine_ref=row["machine_ref"], machine_hash=row["machine_hash"],
+        input=load(row["input"], "run", run_id, "input"), status=RunStatus(row["status"]),
+        created_at=row["created_at"], updated_at=row["updated_at"], error=row["error"],
+        options=load(row["options"], "run", run_id, "options") or {}, owner=row["owner"],
+        in_flight=load(row["in_flight"], "run", run_id, "in-flight mark"), stale=stale, takeovers=takeovers,
+        parent=Parent(row["parent_run_id"], row["parent_state"], row["item"]) if row.get("parent_run_id") else None)
 
 
 def transition_row(r: TransitionRecord, request: str | None) -> dict[str, Any]:

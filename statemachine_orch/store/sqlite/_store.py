@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -44,10 +43,10 @@ from .._contract import MachineTotals, RunSummary
 from .._owner import Owner, owner_from_json, who_am_i
 from ._chain import CANONICAL, AuditKey, last_link, require_intact, verify
 from ._liveness import hold, liveness, owners_file, stale
-from ._rows import attempt_rows, dump, load, run_identity, text, transition_of, transition_row, usage_of
+from ._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
 from ._schema import create_private, migrate
 from ._statements import ADVANCE, APPEND, APPEND_ATTEMPT, IN_DOUBT_BY_MACHINE, IN_DOUBT_OF_RUN, SET_STATUS, STEP
-from ._transaction import Busy, Transaction, busy_as, is_busy, to_the_end
+from ._transaction import Busy, Transaction, busy_as, to_the_end, while_busy
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -99,7 +98,8 @@ class SQLiteStore:
         self._immutable = not os.access(self.path.parent, os.W_OK) and not Path(f"{self.path}-wal").exists()
         conn = self.conn = self._connect(wait=False)
         try:
-            self._while_busy(lambda: migrate(conn, self.where, lambda: Transaction(self, conn, waited=True)))
+            while_busy(lambda: migrate(conn, self.where, lambda: Transaction(self, conn, waited=True)),
+                       self.busy_timeout_s)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{self.where} is not a usable SQLite database: {exc}", where=self.where) from exc
@@ -271,18 +271,8 @@ class SQLiteStore:
         if not rows:
             raise RunNotFoundError(run_id, where=self.where)
         row = rows[0]
-        return RunRecord(
-            run_id=row["run_id"], machine=row["machine"], machine_ref=row["machine_ref"],
-            machine_hash=row["machine_hash"], input=load(row["input"], "run", run_id, "input"),
-            status=RunStatus(row["status"]), created_at=row["created_at"],
-            updated_at=row["updated_at"], error=row["error"],
-            options=load(row["options"], "run", run_id, "options") or {},
-            owner=row["owner"], in_flight=load(row["in_flight"], "run", run_id, "in-flight mark"),
-            stale=stale(self._owners, row["status"], row["owner_info"]),
-            takeovers=self._takeovers(conn, run_id),
-            parent=Parent(row["parent_run_id"], row["parent_state"], row["item"]) if row.get("parent_run_id")
-            else None,
-        )
+        return run_of(row, stale=stale(self._owners, row["status"], row["owner_info"]),
+                      takeovers=self._takeovers(conn, run_id))
 
     def _takeovers(self, conn: sqlite3.Connection, run_id: str) -> list[Takeover]:
         try:
@@ -496,23 +486,9 @@ class SQLiteStore:
             raise StoreError(f"cannot open database {self.where}: {exc}", where=self.where) from exc
         try:
             if not self._immutable:
-                self._while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+                while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"), self.busy_timeout_s)
             conn.execute(f"PRAGMA synchronous={'OFF' if marks else self.synchronous}")
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{self.where} is not a usable SQLite database: {exc}", where=self.where) from exc
         return conn
-
-    def _while_busy(self, action: Callable[[], object]) -> None:
-        """Run `action` (opening work: switching to WAL, creating or upgrading the schema),
-        retrying while another opener holds the file, up to the busy timeout."""
-        deadline, delay = time.monotonic() + self.busy_timeout_s, 0.001
-        while True:
-            try:
-                action()
-                return
-            except (sqlite3.OperationalError, StoreError) as exc:
-                if not is_busy(exc) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -92,3 +93,18 @@ def busy_as(work: Callable[..., T], conn: sqlite3.Connection, *args: Any) -> T:
 
 def is_busy(exc: Exception) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
+
+
+def while_busy(action: Callable[[], object], timeout_s: float) -> None:
+    """Run `action` (opening work: switching to WAL, creating or upgrading the schema),
+    retrying while another opener holds the file, up to `timeout_s`."""
+    deadline, delay = time.monotonic() + timeout_s, 0.001
+    while True:
+        try:
+            action()
+            return
+        except (sqlite3.OperationalError, StoreError) as exc:
+            if not is_busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
