@@ -279,20 +279,21 @@ class LLMStep:
         started = rec.started_at if primary is None else now_iso()  # the step's first call starts with it
         while True:
             held: tuple[int, float | None] | None = None
+            worst = self._worst_case(state, body) if self._budgeted or self.bills else None
             if self._budgeted:
-                short = self._over_budget(state, rec, spent, body)
+                assert worst is not None
+                short = self._over_budget(state, rec, spent, body, worst)
                 while short is not None and spent.in_flight:
                     await spent.settled()  # a sibling's call in flight may cost less than its worst case
-                    short = self._over_budget(state, rec, spent, body)
+                    short = self._over_budget(state, rec, spent, body, worst)
                 if short is not None:
                     return self._budget_route(state, rec, body, short)
-                _, worst_usage, worst_usd = self._worst_case(state, body)
-                held = (worst_usage.paid_tokens, worst_usd)
+                held = (worst[1].paid_tokens, worst[2])
                 spent.reserve(*held)
             if self.bills:
-                _, worst, price = self._worst_case(state, body)
+                assert worst is not None
                 call = Attempt(number=len(rec.attempts) + 1, started_at=started, kind="in_doubt",
-                               error=IN_DOUBT, usage=worst, cost_usd=price)
+                               error=IN_DOUBT, usage=worst[1], cost_usd=worst[2])
                 await self.store.mark_in_flight(rec.run_id, self.owner, seq=rec.seq, state=state.name,
                                                 progress=sending(rec, call))
             request = LLMRequest(run_id=rec.run_id, state=state.name, body=body, tool_name=tool_name,
@@ -396,11 +397,12 @@ class LLMStep:
                  else Usage(input_tokens=estimate, output_tokens=state.max_tokens))
         return estimate, usage, self.prices.cost(body["model"], usage)
 
-    def _over_budget(self, state: LLMState, rec: TransitionRecord, spent: Spent, body: dict[str, Any]) -> str | None:
-        """Why the budget cannot cover this call's worst case on top of what is spent and
-        reserved, or None when it can."""
+    def _over_budget(self, state: LLMState, rec: TransitionRecord, spent: Spent, body: dict[str, Any],
+                     worst_case: tuple[int, Usage, float | None]) -> str | None:
+        """Why the budget cannot cover this call's worst case (`_worst_case`) on top of what is
+        spent and reserved, or None when it can."""
         budget = self.budget
-        estimate, worst_usage, worst = self._worst_case(state, body)
+        estimate, worst_usage, worst = worst_case
         worst_tokens = worst_usage.paid_tokens
         so_far_tokens = spent.tokens + spent.reserved_tokens + rec.usage.paid_tokens
         problem = None

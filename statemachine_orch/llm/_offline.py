@@ -35,7 +35,7 @@ from typing import Any
 import anthropic
 import httpx2
 
-from ..types import RunRecord, TransitionRecord
+from ..types import RunRecord, TransitionRecord, child_place
 from ._anthropic import AnthropicModel
 
 _SECRET_HEADERS = frozenset({"x-api-key", "authorization"})
@@ -360,11 +360,12 @@ def _calls_of(log: Sequence[TransitionRecord], mark: Mapping[str, Any]) -> list[
 
 
 def _child_item(run_id: str | None) -> tuple[str, int] | None:
-    """(the map step's children, item number) of a child run's id `PARENT.S.N.I`, else None."""
-    parts = (run_id or "").rsplit(".", 3)
-    if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
-        return ".".join(parts[:3]), int(parts[3])
-    return None
+    """(the map step's children, item number) of a child run's id (`child_run_id`), else None."""
+    try:
+        _, _, item = child_place(run_id or "")
+    except ValueError:  # not a child run's id
+        return None
+    return (run_id or "").rsplit(".", 1)[0], item
 
 
 def _as_reply(entry: ScriptEntry) -> Reply:
