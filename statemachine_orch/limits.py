@@ -52,12 +52,17 @@ class Usage:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
 
-    def add(self, other: Usage, sign: int = 1) -> None:
-        """Add `other` (subtract it with sign -1)."""
-        self.input_tokens += sign * other.input_tokens
-        self.output_tokens += sign * other.output_tokens
-        self.cache_read_tokens += sign * other.cache_read_tokens
-        self.cache_write_tokens += sign * other.cache_write_tokens
+    def add(self, other: Usage) -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cache_read_tokens += other.cache_read_tokens
+        self.cache_write_tokens += other.cache_write_tokens
+
+    def subtract(self, other: Usage) -> None:
+        self.input_tokens -= other.input_tokens
+        self.output_tokens -= other.output_tokens
+        self.cache_read_tokens -= other.cache_read_tokens
+        self.cache_write_tokens -= other.cache_write_tokens
 
     @property
     def paid_tokens(self) -> int:

@@ -112,7 +112,7 @@ class FanOut:
         the step that joins them once they all finish carries them (each counted once)."""
         if self.joined is not None:
             usage, usd = self.joined
-            step.usage.add(usage, sign=-1)
+            step.usage.subtract(usage)
             if step.cost_usd is not None:
                 step.cost_usd = max(step.cost_usd - usd, 0.0)
             self.joined = None

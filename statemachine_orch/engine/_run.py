@@ -378,8 +378,9 @@ class Run:
             self.cost_known = False
         self.cost_usd += step.cost_usd or 0.0
         tokens, usd = step.usage.paid_tokens, step.cost_usd or 0.0
-        joined_tokens, joined_usd = self._fan_out.settle()  # children added theirs to the ledger as they committed
-        tokens, usd = tokens - joined_tokens, usd - joined_usd
+        if self._fan_out.joined is not None:  # children added theirs to the ledger as they committed
+            joined_tokens, joined_usd = self._fan_out.settle()
+            tokens, usd = tokens - joined_tokens, usd - joined_usd
         self.spent.add(tokens, usd)
         if not self.is_child:  # a child's time is its parent's step's
             self.spent.seconds += step.latency_ms / 1000.0
