@@ -117,6 +117,13 @@ class LLMStep:
         self.owner = owner
         self.code = code
         self.left = left  # a step a stopped process left with a call in flight
+        # what this step's answers added to the ledger as they arrived (`take_ledgered`)
+        self.ledgered: tuple[int, float] = (0, 0.0)
+
+    def take_ledgered(self) -> tuple[int, float]:
+        """(tokens, USD) this step's answers added to the ledger as they arrived; reset for the next step."""
+        taken, self.ledgered = self.ledgered, (0, 0.0)
+        return taken
 
     def body(self, state: LLMState, values: Values, tool: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
         """The request body. Without placeholders (so without vars) it is the same on every call:
@@ -327,6 +334,10 @@ class LLMStep:
             rec.usage.add(usage)
             cost = self.prices.cost(body["model"], usage)
             rec.cost_usd = _plus(rec.cost_usd, cost)
+            # into the ledger now, as the reservation is given back: not at the commit, which
+            # may wait (a group commit, a locked file) while siblings check the budget
+            spent.add(usage.paid_tokens, cost)
+            self.ledgered = (self.ledgered[0] + usage.paid_tokens, self.ledgered[1] + (cost or 0.0))
             output, problem = self._check(state, completion, tool_name)
             if problem is None:
                 rec.response = completion.response
@@ -404,13 +415,14 @@ class LLMStep:
         budget = self.budget
         estimate, worst_usage, worst = worst_case
         worst_tokens = worst_usage.paid_tokens
-        so_far_tokens = spent.tokens + spent.reserved_tokens + rec.usage.paid_tokens
+        own_tokens, own_usd = self.ledgered  # this step's answers, in the ledger and in `rec` both
+        so_far_tokens = spent.tokens + spent.reserved_tokens + rec.usage.paid_tokens - own_tokens
         problem = None
         if budget.max_tokens is not None and so_far_tokens + worst_tokens > budget.max_tokens:
             problem = (f"tokens: spent {so_far_tokens} + worst case {worst_tokens} (about {estimate} in, "
                        f"{state.max_tokens} out) > max_tokens {budget.max_tokens}")
         if problem is None and budget.max_cost_usd is not None:
-            so_far = spent.cost_usd + spent.reserved_usd + (rec.cost_usd or 0.0)
+            so_far = spent.cost_usd + spent.reserved_usd + (rec.cost_usd or 0.0) - own_usd
             if worst is None:
                 problem = (f"cost: no price known for model {body['model']!r}, so max_cost_usd cannot "
                            "be checked")

@@ -377,7 +377,8 @@ class Run:
         if step.cost_usd is None:
             self.cost_known = False
         self.cost_usd += step.cost_usd or 0.0
-        tokens, usd = step.usage.paid_tokens, step.cost_usd or 0.0
+        ledgered_tokens, ledgered_usd = self._llm.take_ledgered()  # its answers are in the ledger already
+        tokens, usd = step.usage.paid_tokens - ledgered_tokens, (step.cost_usd or 0.0) - ledgered_usd
         if self._fan_out.joined is not None:  # children added theirs to the ledger as they committed
             joined_tokens, joined_usd = self._fan_out.settle()
             tokens, usd = tokens - joined_tokens, usd - joined_usd

@@ -11,10 +11,12 @@ Statements are plain SQL on `sqlite3`: the per-step write is a few prepared stat
 one IMMEDIATE transaction, and reading commands start without importing sqlite-utils (which
 serves the schema upgrades and `store.db`). A write never spans a network call.
 
-Waiting never blocks the event loop. The store's own connection never waits for a lock: when
-the database is free (the common case) a call runs at once; when another connection holds
-the write lock, the call waits in a worker thread on a connection of its own, up to the busy
-timeout, while the event loop and the other runs on it go on.
+Writes are group-committed (`_group`): the steps of many runs that finish close together share
+one transaction and one fsync, and each step's await returns once its own row is durable.
+Waiting never blocks the event loop. The store's own connection never waits for a lock: a
+read (or a lone write) runs at once when the database is free (the common case); when another
+connection holds the write lock, it waits in a worker thread on a connection of its own, up to
+the busy timeout, while the event loop and the other runs on it go on.
 """
 
 from __future__ import annotations
@@ -42,11 +44,12 @@ from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, Transition
 from .._contract import MachineTotals, RunSummary
 from .._owner import Owner, owner_from_json, who_am_i
 from ._chain import CANONICAL, AuditKey, last_link, require_intact, verify
+from ._group import GroupCommit
 from ._liveness import hold, liveness, owners_file, stale
 from ._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
 from ._schema import create_private, migrate
 from ._statements import ADVANCE, APPEND, APPEND_ATTEMPT, IN_DOUBT_BY_MACHINE, IN_DOUBT_OF_RUN, SET_STATUS, STEP
-from ._transaction import Busy, Transaction, busy_as, to_the_end, while_busy
+from ._transaction import Busy, Transaction, busy_as, while_busy
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -93,6 +96,8 @@ class SQLiteStore:
         self._audit = AuditKey(os.environ.get("ORCH_AUDIT_KEY") if audit_key is None else audit_key)
         self._chains: dict[str, tuple[int, str, int]] = {}  # run -> (seq, chain, version) of its last row here
         self._marks: sqlite3.Connection | None = None
+        self._writes = GroupCommit(self, lambda: self.conn, lambda: self._connect(wait=True))
+        self._mark_writes = GroupCommit(self, self._marks_connection, lambda: self._connect(wait=True, marks=True))
         # A closed WAL database in a directory we cannot write: SQLite could not create the
         # -shm file it needs even to read, so open it immutable (reads work, writes say read-only).
         self._immutable = not os.access(self.path.parent, os.W_OK) and not Path(f"{self.path}-wal").exists()
@@ -115,6 +120,12 @@ class SQLiteStore:
         import sqlite_utils
 
         return sqlite_utils.Database(self.conn, execute_plugins=False, recursive_triggers=False)
+
+    @property
+    def commit_stats(self) -> tuple[int, int]:
+        """(transactions committed, writes they held) by this store's durable writes: how well
+        group commit grouped them."""
+        return self._writes.commits, self._writes.writes
 
     # ------------------------------------------------------------------ the engine's writes
 
@@ -414,6 +425,9 @@ class SQLiteStore:
         return await self._read(verify, run_id, self._audit)
 
     async def close(self) -> None:
+        for writes in (self._writes, self._mark_writes):
+            await writes.drain()
+            writes.close()
         if self._marks is not None:
             self._marks.close()
         self.conn.close()
@@ -437,34 +451,26 @@ class SQLiteStore:
             yield dict(zip(names, row, strict=True))
 
     async def _write(self, work: Callable[..., T], *args: Any, marks: bool = False) -> T:
-        """`work(conn, *args)` in one IMMEDIATE transaction: here and now when the database is free,
-        else in a worker thread that waits for it (see the module docstring)."""
-        conn = self._marks_connection() if marks else self.conn
-        try:
-            with Transaction(self, conn):
-                return work(conn, *args)
-        except Busy:
-            return await to_the_end(self._waiting, work, args, marks, True)
+        """`work(conn, *args)` committed, in one transaction with the other writes queued at the
+        same time (`_group`); `marks` on the in-flight marks' connection."""
+        written: T = await (self._mark_writes if marks else self._writes).write(work, *args)
+        return written
 
     async def _read(self, work: Callable[..., T], *args: Any) -> T:
         """`work(conn, *args)`: here and now, or in a worker thread while the file is locked."""
         try:
             return busy_as(work, self.conn, *args)
         except Busy:
-            return await asyncio.to_thread(self._waiting, work, args, False, False)
+            return await asyncio.to_thread(self._waiting, work, args)
 
-    def _waiting(self, work: Callable[..., T], args: tuple[Any, ...], marks: bool, write: bool) -> T:
+    def _waiting(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
         """`work` on a connection of its own that waits for the lock up to the busy timeout."""
-        conn = self._connect(wait=True, marks=marks)
+        conn = self._connect(wait=True)
         try:
-            if not write:
-                try:
-                    return busy_as(work, conn, *args)
-                except Busy as busy:
-                    raise StoreError(f"cannot read {self.where}: {busy.__cause__}", where=self.where,
-                                     fix="retry when the database is free") from busy.__cause__
-            with Transaction(self, conn, waited=True):
-                return work(conn, *args)
+            return busy_as(work, conn, *args)
+        except Busy as busy:
+            raise StoreError(f"cannot read {self.where}: {busy.__cause__}", where=self.where,
+                             fix="retry when the database is free") from busy.__cause__
         finally:
             conn.close()
 

@@ -1,9 +1,8 @@
 """Transactions that never wait on the event loop: a lock held elsewhere is `Busy` (nothing
-was done) and the store retries the work in a worker thread, awaited to its end."""
+was done) and the store retries the work in a worker thread (`_group` for writes)."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections.abc import Callable
@@ -19,25 +18,6 @@ T = TypeVar("T")
 
 class Busy(Exception):
     """Another connection holds the lock this call needs."""
-
-
-async def to_the_end(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a worker thread, awaited to its end even when the caller is cancelled
-    meanwhile (the cancellation is raised after): a write in a thread cannot be called back,
-    and whoever wrote it must not believe it undone while it may still commit."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.cancelled():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
 
 
 class Transaction:

@@ -1,0 +1,161 @@
+"""Group commit: the writes of many runs that arrive close together share one transaction, so
+one fsync makes them all durable, and each writer's await returns only once its own write is.
+
+A write joins the queue; the first one into an empty queue schedules a flush for the event
+loop's next turn, by which time every run that was ready has queued its own. A flush of one
+write commits it there and then on the store's connection (a lone run pays no thread hop). A
+flush of several, or of one that finds the file locked by another process, commits them in a
+worker thread on a connection that waits for the lock: the event loop goes on running the
+other runs while the disk syncs, and what they write meanwhile is the next group.
+
+Each write runs inside a SAVEPOINT, so one that fails (a fenced write whose run was taken
+over) is undone alone and raises to its own writer while the others commit. A COMMIT that
+fails fails every write of its group. Only one flush runs at a time, so a run's writes (each
+awaited before the next) land in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ...errors import StoreError
+from ._transaction import Busy, Transaction
+
+if TYPE_CHECKING:
+    from ._store import SQLiteStore
+
+Work = Callable[..., Any]
+Write = tuple[Work, tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+class GroupCommit:
+    """The queue of one connection's writes (see the module docstring). `here()` is the
+    connection a lone write uses on the event loop's thread (it never waits for a lock);
+    `connect()` opens the worker thread's own, which does."""
+
+    def __init__(self, store: SQLiteStore, here: Callable[[], sqlite3.Connection],
+                 connect: Callable[[], sqlite3.Connection]) -> None:
+        self._store = store
+        self._here = here
+        self._connect = connect
+        self._worker: sqlite3.Connection | None = None
+        self._queue: list[Write] = []
+        self._flushing: asyncio.Event | None = None  # set while a flush is scheduled or running
+        self.commits = 0  # transactions committed, and the writes they held: the grouping, measured
+        self.writes = 0
+
+    async def write(self, work: Work, *args: Any) -> Any:
+        """`work(conn, *args)` committed (with whatever else is queued); its return value."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((work, args, future))
+        if self._flushing is None:
+            self._flushing = asyncio.Event()
+            loop.call_soon(self._flush)
+        return await until_done(future)
+
+    async def drain(self) -> None:
+        """Wait until every queued write is committed (or failed)."""
+        while self._flushing is not None:
+            await self._flushing.wait()
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def _flush(self) -> None:
+        group, self._queue = self._queue, []
+        if len(group) == 1 and self._alone(group[0]):
+            self._next()
+            return
+        done = asyncio.get_running_loop().run_in_executor(None, self._commit, group)
+        done.add_done_callback(lambda finished: self._deliver(group, finished))
+
+    def _alone(self, write: Write) -> bool:
+        """Commit one write here on the event loop's thread; False (nothing done) when the file
+        is locked and it has to wait in the worker thread instead."""
+        work, args, future = write
+        conn = self._here()
+        try:
+            with Transaction(self._store, conn):
+                value = work(conn, *args)
+        except Busy:
+            return False
+        except BaseException as exc:
+            future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            future.set_result(value)
+        self._count(1)
+        return True
+
+    def _commit(self, group: list[Write]) -> list[tuple[bool, Any]]:
+        """The worker thread's part: every write of the group in one transaction, each inside
+        its own savepoint. (ok, value or exception) per write."""
+        if self._worker is None:
+            self._worker = self._connect()
+        conn = self._worker
+        outcomes: list[tuple[bool, Any]] = []
+        with Transaction(self._store, conn, waited=True):
+            for work, args, _ in group:
+                conn.execute("SAVEPOINT write")
+                try:
+                    outcomes.append((True, work(conn, *args)))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO write")
+                    outcomes.append((False, self._as_store_error(exc)))
+                conn.execute("RELEASE write")
+        return outcomes
+
+    def _as_store_error(self, exc: Exception) -> Exception:
+        if isinstance(exc, sqlite3.Error):
+            where = self._store.where
+            return StoreError(f"cannot write to {where}: {exc}", where=where)
+        return exc
+
+    def _deliver(self, group: list[Write], finished: asyncio.Future[list[tuple[bool, Any]]]) -> None:
+        try:
+            outcomes = finished.result()
+        except BaseException as exc:  # BEGIN or COMMIT failed: none of the group is written
+            outcomes = [(False, exc)] * len(group)
+        for (_, _, future), (ok, value) in zip(group, outcomes, strict=True):
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        self._count(len(group))
+        self._next()
+
+    def _count(self, writes: int) -> None:
+        self.commits += 1
+        self.writes += writes
+
+    def _next(self) -> None:
+        if self._queue:
+            asyncio.get_running_loop().call_soon(self._flush)
+        elif self._flushing is not None:
+            self._flushing.set()
+            self._flushing = None
+
+
+async def until_done(future: asyncio.Future[Any]) -> Any:
+    """The future's result, awaited to its end even when the caller is cancelled meanwhile (the
+    cancellation is raised after): a queued write cannot be called back, and whoever wrote it
+    must not believe it undone while it may still commit."""
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(future)
+            break
+        except asyncio.CancelledError:
+            if future.cancelled():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
