@@ -59,16 +59,44 @@ def pkg_version(dist):
     return version(dist)
 
 
-def main(name, version, *, make_A=None, make_B=None, make_C=None, notes=None):
+_D_INFO = {}
+
+
+def report_D(**facts):
+    _D_INFO.update(facts)
+
+
+async def _maybe_await(x):
+    return await x if inspect.isawaitable(x) else x
+
+
+async def durable(make_D, runs, db_path):
+    """Mode D as the harness runs it: built, run concurrently and closed inside one event loop."""
+    run_once, close = await _maybe_await(make_D(db_path))
+    outputs = await asyncio.gather(*(run_once(i) for i in range(runs)))
+    await _maybe_await(close())
+    return list(outputs)
+
+
+def main(name, version, *, make_A=None, make_B=None, make_C=None, make_D=None, verify_D=None, notes=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", required=True)
     ap.add_argument("--runs", type=int, default=3)
     args, _ = ap.parse_known_args()
+    db_path = os.path.join(os.environ["BENCH_DB_DIR"], "bench.sqlite")
+    result = {"lib": name, "version": version, "mode": args.mode, "note": (notes or {}).get(args.mode)}
+    if args.mode == "D":  # with the real harness's keys for what verify_D reads back
+        result["outputs"] = asyncio.run(durable(make_D, args.runs, db_path))
+        counts = verify_D(db_path, range(args.runs))
+        result.update(steps_verified=sum(min(n, STEPS_C) for n in counts.values()),
+                      steps_expected=args.runs * STEPS_C, d_info=_D_INFO)
+        json.dump(result, sys.stdout)
+        return
     close = None
     if args.mode == "A":
         run_once = make_A()
     elif args.mode == "B":
-        run_once, close = make_B(os.path.join(os.environ["BENCH_DB_DIR"], "bench.sqlite"))
+        run_once, close = make_B(db_path)
     else:
         run_once = make_C()
 
@@ -80,11 +108,10 @@ def main(name, version, *, make_A=None, make_B=None, make_C=None, notes=None):
             return list(await asyncio.gather(*(one(i) for i in range(args.runs))))
         return [await one(i) for i in range(args.runs)]
 
-    outputs = asyncio.run(drive())
+    result["outputs"] = asyncio.run(drive())
     if close is not None:
         close()
-    json.dump({"lib": name, "version": version, "mode": args.mode, "outputs": outputs,
-               "note": (notes or {}).get(args.mode)}, sys.stdout)
+    json.dump(result, sys.stdout)
 '''
 
 CASES = {  # id -> (mode, environment)
@@ -93,6 +120,7 @@ CASES = {  # id -> (mode, environment)
     "B-normal": ("B", {}),
     "B-full": ("B", {"ORCH_BENCH_SYNC": "FULL"}),
     "C": ("C", {}),
+    "D": ("D", {}),
 }
 
 
@@ -132,18 +160,24 @@ def test_bench_orch_runs_every_step(case: str, common_dir: Path, tmp_path: Path)
     assert result["mode"] == mode
     assert "error" not in result and "skipped" not in result
     if common_dir == ANCHORS:  # the real harness checked every run's outputs itself
-        if mode == "C":
+        if mode in "CD":
             assert result["wall_s"] > 0 and result["peak_rss_mb"] > 0
         else:
             assert result["us_per_step"] > 0 and all(s > 0 for s in result["samples_us_per_step"])
+        if mode == "D":  # and read every step back, also while the runs went on (the probe)
+            assert result["d_flags"] == [] and result["durable_before_next_step"]
     else:
-        steps = 5 if mode == "C" else 10
+        steps = 5 if mode in "CD" else 10
         assert result["outputs"] == [{f"out{k}": f"reply-{k}" for k in range(steps)}] * RUNS
         if mode == "B":
             with sqlite3.connect(tmp_path / "bench.sqlite") as conn:
                 assert conn.execute("SELECT count(*) FROM transitions").fetchone()[0] == RUNS * steps
     if mode == "B":
         assert f"synchronous={env.get('ORCH_BENCH_SYNC', 'NORMAL')}" in result["note"]
+    if mode == "D":
+        assert result["steps_verified"] == result["steps_expected"] == RUNS * 5
+        assert result["d_info"]["synchronous"].startswith("FULL (2,") and result["d_info"]["journal_mode"] == "wal"
+        assert "commits_per_runs" in result["d_info"]
     if "ORCH_BENCH_TRACE" in env:
         events = [json.loads(line)["event"] for line in trace.read_text().splitlines()]
         assert events.count("transition") >= 10 and events.count("transition") % 10 == 0
