@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/sweep.py [--quick] [--out docs/performance.md]
 
-1. Runs the anchors' run_all.py once, so every ratio compares numbers taken minutes apart on
-   the same machine: the built-in peer rows plus ours through --extra. run_all.py passes no
-   per-row environment, so the FULL and traced variants are tiny generated wrappers that set
-   it and then run bench/bench_orch.py; each measures only the mode its setting changes.
+1. Runs the anchors' run_all.py, so every ratio compares numbers taken minutes apart on the
+   same machine: the built-in peer rows plus ours through --extra, in modes A B C; then again
+   in mode D (durable under concurrency) with the rows that persist: both floors, LangGraph,
+   Burr, pydantic-graph 1.x, DBOS and ours. run_all.py passes no per-row environment, so the
+   FULL and traced variants are tiny generated wrappers that set it and then run
+   bench/bench_orch.py; each measures only the mode its setting changes (not D).
 2. Runs bench/store_scale.py (100,000 runs; 2,000 with --quick) and bench/map_fanout.py (a
    map state of 100 items against its ideal).
 3. Writes the page (machine, results, ratios against the issue's targets, store scale, how to
@@ -14,8 +16,8 @@
 
 Anchors folder: --anchors, else env BENCH_ANCHORS, else ../shared/bench-anchors next to this
 repository. Their venvs: env BENCH_VENV_DIR, else the anchors folder (see its setup.sh).
---quick numbers are a smoke test (runs / 10, mode C with 100 instead of 1000 runs); they go to
-bench/results/ instead of docs/ unless --out says otherwise.
+--quick numbers are a smoke test (runs / 10, modes C and D with 100 instead of 1000 runs); they go
+to bench/results/ instead of docs/ unless --out says otherwise.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 BENCH_ORCH = BENCH / "bench_orch.py"
 IDEAL_C_S = 0.25
+D_ROWS = ("floor", "langgraph", "burr", "pydantic-graph-v1", "dbos")  # the built-in rows that persist in mode D
 NOTES_OPEN, NOTES_CLOSE = "<!-- notes -->", "<!-- /notes -->"
 NOTES_DEFAULT = ("## Profile and what stands in the way\n\n"
                  "_Written by hand: `bench/sweep.py` keeps everything between the notes markers._\n")
@@ -87,8 +90,18 @@ def locate(args: argparse.Namespace) -> tuple[Path, Path]:
     return anchors, venvs
 
 
+def run_harness(anchors: Path, venvs: Path, tmp: Path, name: str, args: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """run_all.py with `args`; its results and its exit code (1 when a run failed)."""
+    out = tmp / f"results-{name}.json"
+    cmd = [str(venvs / ".venv-anchors" / "bin" / "python"), str(anchors / "run_all.py"), "--out", str(out), *args]
+    env = {**os.environ, "BENCH_VENV_DIR": str(venvs)}
+    env.setdefault("BENCH_DB_DIR", str(tmp / "db"))  # the anchors folder may be read-only
+    code = subprocess.run(cmd, env=env).returncode
+    return (json.loads(out.read_text()) if out.exists() else []), code
+
+
 def run_peers(anchors: Path, venvs: Path, tmp: Path, quick: bool) -> tuple[list[dict[str, Any]], int]:
-    """run_all.py with our three rows; its results and its exit code (1 when a run failed)."""
+    """Modes A B C with our three rows, then mode D with ours; the results of both and the worse exit code."""
     extras = [f"orch={sys.executable}:{BENCH_ORCH}"]
     trace_file = tmp / "trace.jsonl"
     for key, (settings, modes, why) in VARIANTS.items():
@@ -97,17 +110,14 @@ def run_peers(anchors: Path, venvs: Path, tmp: Path, quick: bool) -> tuple[list[
         wrapper = tmp / f"bench_{key}.py"
         wrapper.write_text(WRAPPER.format(key=key, env=settings, modes=modes, why=why, script=str(BENCH_ORCH)))
         extras.append(f"{key}={sys.executable}:{wrapper}")
-    out = tmp / "results.json"
-    cmd = [str(venvs / ".venv-anchors" / "bin" / "python"), str(anchors / "run_all.py"), "--out", str(out)]
-    cmd += (["--quick"] if quick else []) + [arg for extra in extras for arg in ("--extra", extra)]
-    env = {**os.environ, "BENCH_VENV_DIR": str(venvs)}
-    env.setdefault("BENCH_DB_DIR", str(tmp / "db"))  # the anchors folder may be read-only
-    code = subprocess.run(cmd, env=env).returncode
-    results = json.loads(out.read_text()) if out.exists() else []
+    scale = ["--quick"] if quick else []
+    results, code = run_harness(anchors, venvs, tmp, "abc", scale + [a for e in extras for a in ("--extra", e)])
+    durable, code_d = run_harness(anchors, venvs, tmp, "d",
+                                  [*scale, "--modes", "D", "--only", *D_ROWS, "--extra", extras[0]])
     for r in results:
         if r["key"] == "orch_traced" and r["mode"] == "A" and "us_per_step" in r:
             r["trace_bytes"] = trace_file.stat().st_size if trace_file.exists() else 0
-    return results, code
+    return results + durable, max(code, code_d)
 
 
 def run_store_scale(runs: int) -> dict[str, Any]:
@@ -180,9 +190,9 @@ def fmt_cell(r: dict[str, Any]) -> str:
 
 
 def results_table(results: list[dict[str, Any]]) -> list[str]:
-    """One line per row (key), every mode; a row with several B variants lists them all."""
+    """One line per row (key), modes A B C; a row with several B variants lists them all."""
     rows: dict[str, dict[str, Any]] = {}
-    for r in results:
+    for r in (r for r in results if r["mode"] != "D"):
         row = rows.setdefault(r["key"], {"version": r.get("version", "?"), "A": [], "B": [], "C": [], "RSS": []})
         row[r["mode"]].append(fmt_cell(r))
         if "peak_rss_mb" in r:
@@ -195,10 +205,10 @@ def results_table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def verdict(value: float | None, limit: float, *, strict: bool = False) -> str:
+def verdict(value: float | None, limit: float, *, strict: bool = False, at_least: bool = False) -> str:
     if value is None:
         return "n/a (no result)"
-    return met(value < limit if strict else value <= limit)
+    return met(value >= limit if at_least else value < limit if strict else value <= limit)
 
 
 def met(ok: bool) -> str:
@@ -262,6 +272,70 @@ def targets(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     return lines, ratios
 
 
+def probe(r: dict[str, Any]) -> str:
+    """Mode D's probe: checks passed / checks made (each step after the first, of every probed run)."""
+    return f"{r['probe']['ok']}/{r['probe']['runs'] * (r['steps_per_run'] - 1)}" if "probe" in r else "not probed"
+
+
+def durable_section(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """Mode D's table, its targets and ours against each peer row, as markdown; and the ratios for the JSON."""
+    rows = [r for r in results if r["mode"] == "D"]
+    d = measured(results, "D")
+    ours = d.get("orch", {})
+    naive = next((r for r in d.values() if r["key"] == "floor" and r["label"] != "floor"), None)
+    peers = {r["label"]: r for r in rows if r["key"] not in ("floor", *OURS)}  # failed ones too: judged n/a
+    verified = None if "steps_verified" not in ours else (
+        ours["steps_verified"] == ours["steps_expected"] and bool(ours.get("durable_before_next_step"))
+        and not ours["d_flags"])
+    ratios: dict[str, Any] = {
+        "D_vs_floor": ours.get("ratio_to_floor_wall"),
+        "D_vs_naive_floor": ratio(ours, naive, "wall_s"),
+        "D_vs_ideal": ours.get("ratio_to_ideal"),
+        "D_peers_over_orch": {label: ratio(r, ours, "ratio_to_floor_wall") for label, r in peers.items()},
+        "D_peak_rss_mb": ours.get("peak_rss_mb"),
+        "D_all_steps_verified": verified,
+    }
+    shape = next((r for r in rows if "runs" in r), {"runs": "?", "reps": "?"})
+    lines = [f"{shape['runs']} concurrent runs x 5 steps, each step awaiting 50 ms and then committed to a SQLite file "
+             f"(WAL + synchronous=FULL) before the next starts; median of {shape['reps']} reps, fresh DB each. x floor "
+             "is against the "
+             "group-commit floor (`floor`); the naive floor pays one fsync per step. Steps verified: read back "
+             "from the DB after each rep (the fewest of the reps), and the probe's checks that each step was "
+             "committed before the next one started.", "",
+             "| row | version | wall s (x ideal 0.25 s) | x floor (group commit) | peak RSS MB (before D) "
+             "| steps verified (probe) | flags |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "wall_s" not in r:
+            lines.append(f"| {r['label']} | {r.get('version', '?')} | {fmt_cell(r)} | | | | |")
+            continue
+        steps = f"{r['steps_verified']}/{r['steps_expected']}" if "steps_verified" in r else "not verified"
+        lines.append(f"| {r['label']} | {r.get('version', '?')} | {fmt_cell(r)} | {x(r.get('ratio_to_floor_wall'))} "
+                     f"| {r['peak_rss_mb']:.0f} ({r['rss_before_d_mb']:.0f}) | {steps} ({probe(r)}) "
+                     f"| {'<br>'.join(r['d_flags']) or 'none'} |")
+    known = [(v, k) for k, v in ratios["D_peers_over_orch"].items() if v is not None]
+    closest = min(known, default=None)
+    rss = ratios["D_peak_rss_mb"]
+    table = [
+        ("D: orch wall / group-commit floor", x(ratios["D_vs_floor"]), "<= 1.10x", verdict(ratios["D_vs_floor"], 1.1)),
+        ("D: every peer / orch, x floor (the closest)", "-" if closest is None else
+         f"{x(closest[0])} (vs {closest[1]})", ">= 4.00x each",
+         verdict(None if closest is None else closest[0], 4.0, at_least=True)),
+        ("D: orch peak RSS", "-" if rss is None else f"{rss:.0f} MB", "<= 80 MB", verdict(rss, 80.0)),
+        ("D: orch steps verified", "-" if verified is None else
+         f"{ours['steps_verified']}/{ours['steps_expected']}, probe {probe(ours)}, {len(ours['d_flags'])} flag(s)",
+         "all, no flag", "n/a (no result)" if verified is None else met(verified)),
+        ("D: orch wall / naive floor (one fsync per step)", x(ratios["D_vs_naive_floor"]), "-", ""),
+    ]
+    lines += ["", "| what | measured | target | |", "|---|---|---|---|", *("| " + " | ".join(t) + " |" for t in table)]
+    lines += ["", "Against each peer row (peer x floor / orch x floor; the target is at least 4.00x; rows with "
+              "another number of runs have no x floor):", "",
+              "| peer row | peer x floor | peer / orch | |", "|---|---|---|---|"]
+    for label, r in peers.items():
+        vs = ratios["D_peers_over_orch"][label]
+        lines.append(f"| {label} | {x(r.get('ratio_to_floor_wall'))} | {x(vs)} | {verdict(vs, 4.0, at_least=True)} |")
+    return lines, ratios
+
+
 def store_section(s: dict[str, Any]) -> list[str]:
     if "error" in s:
         return [f"store_scale.py failed: {s['error']}"]
@@ -305,6 +379,7 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str,
            quick: bool, notes: str, command: str, raw: str) -> tuple[str, dict[str, Any]]:
     """The page (with `notes` kept verbatim) and the ratios it shows."""
     target_lines, ratios = targets(results)
+    durable_lines, durable_ratios = durable_section(results)
     anchors_py = next((r["python"] for r in results if r["key"] == "floor" and "python" in r), "?")
     trace = next((r["trace_bytes"] for r in results if "trace_bytes" in r), None)
     lines = [
@@ -313,7 +388,7 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str,
         "by the next sweep. How each row is measured: `bench/README.md`.", "",
     ]
     if quick:
-        lines += ["> **QUICK run** (`--quick`): runs / 10, mode C with 100 instead of 1000 concurrent runs, a "
+        lines += ["> **QUICK run** (`--quick`): runs / 10, modes C and D with 100 instead of 1000 concurrent runs, a "
                   "small store. Smoke-test numbers: not comparable with a full sweep.", ""]
     lines += [
         "## Machine", "",
@@ -331,6 +406,8 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str,
         *results_table(results), "",
         "## Targets", "",
         *target_lines, "",
+        "## Mode D: durable under concurrency", "",
+        *durable_lines, "",
         "## Store scale", "",
         *store_section(store), "",
         "## Map state fan-out", "",
@@ -340,7 +417,7 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str,
         "```bash", command, "```", "",
         f"Raw results (every sample, the store-scale queries and plans): `{raw}`.", "",
     ]
-    return "\n".join(lines), ratios
+    return "\n".join(lines), {**ratios, **durable_ratios}
 
 
 def kept_notes(page: Path) -> str:

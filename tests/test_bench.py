@@ -59,16 +59,44 @@ def pkg_version(dist):
     return version(dist)
 
 
-def main(name, version, *, make_A=None, make_B=None, make_C=None, notes=None):
+_D_INFO = {}
+
+
+def report_D(**facts):
+    _D_INFO.update(facts)
+
+
+async def _maybe_await(x):
+    return await x if inspect.isawaitable(x) else x
+
+
+async def durable(make_D, runs, db_path):
+    """Mode D as the harness runs it: built, run concurrently and closed inside one event loop."""
+    run_once, close = await _maybe_await(make_D(db_path))
+    outputs = await asyncio.gather(*(run_once(i) for i in range(runs)))
+    await _maybe_await(close())
+    return list(outputs)
+
+
+def main(name, version, *, make_A=None, make_B=None, make_C=None, make_D=None, verify_D=None, notes=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", required=True)
     ap.add_argument("--runs", type=int, default=3)
     args, _ = ap.parse_known_args()
+    db_path = os.path.join(os.environ["BENCH_DB_DIR"], "bench.sqlite")
+    result = {"lib": name, "version": version, "mode": args.mode, "note": (notes or {}).get(args.mode)}
+    if args.mode == "D":  # with the real harness's keys for what verify_D reads back
+        result["outputs"] = asyncio.run(durable(make_D, args.runs, db_path))
+        counts = verify_D(db_path, range(args.runs))
+        result.update(steps_verified=sum(min(n, STEPS_C) for n in counts.values()),
+                      steps_expected=args.runs * STEPS_C, d_info=_D_INFO)
+        json.dump(result, sys.stdout)
+        return
     close = None
     if args.mode == "A":
         run_once = make_A()
     elif args.mode == "B":
-        run_once, close = make_B(os.path.join(os.environ["BENCH_DB_DIR"], "bench.sqlite"))
+        run_once, close = make_B(db_path)
     else:
         run_once = make_C()
 
@@ -80,11 +108,10 @@ def main(name, version, *, make_A=None, make_B=None, make_C=None, notes=None):
             return list(await asyncio.gather(*(one(i) for i in range(args.runs))))
         return [await one(i) for i in range(args.runs)]
 
-    outputs = asyncio.run(drive())
+    result["outputs"] = asyncio.run(drive())
     if close is not None:
         close()
-    json.dump({"lib": name, "version": version, "mode": args.mode, "outputs": outputs,
-               "note": (notes or {}).get(args.mode)}, sys.stdout)
+    json.dump(result, sys.stdout)
 '''
 
 CASES = {  # id -> (mode, environment)
@@ -93,6 +120,7 @@ CASES = {  # id -> (mode, environment)
     "B-normal": ("B", {}),
     "B-full": ("B", {"ORCH_BENCH_SYNC": "FULL"}),
     "C": ("C", {}),
+    "D": ("D", {}),
 }
 
 
@@ -132,18 +160,24 @@ def test_bench_orch_runs_every_step(case: str, common_dir: Path, tmp_path: Path)
     assert result["mode"] == mode
     assert "error" not in result and "skipped" not in result
     if common_dir == ANCHORS:  # the real harness checked every run's outputs itself
-        if mode == "C":
+        if mode in "CD":
             assert result["wall_s"] > 0 and result["peak_rss_mb"] > 0
         else:
             assert result["us_per_step"] > 0 and all(s > 0 for s in result["samples_us_per_step"])
+        if mode == "D":  # and read every step back, also while the runs went on (the probe)
+            assert result["d_flags"] == [] and result["durable_before_next_step"]
     else:
-        steps = 5 if mode == "C" else 10
+        steps = 5 if mode in "CD" else 10
         assert result["outputs"] == [{f"out{k}": f"reply-{k}" for k in range(steps)}] * RUNS
         if mode == "B":
             with sqlite3.connect(tmp_path / "bench.sqlite") as conn:
                 assert conn.execute("SELECT count(*) FROM transitions").fetchone()[0] == RUNS * steps
     if mode == "B":
         assert f"synchronous={env.get('ORCH_BENCH_SYNC', 'NORMAL')}" in result["note"]
+    if mode == "D":
+        assert result["steps_verified"] == result["steps_expected"] == RUNS * 5
+        assert result["d_info"]["synchronous"].startswith("FULL (2,") and result["d_info"]["journal_mode"] == "wal"
+        assert "commits_per_runs" in result["d_info"]
     if "ORCH_BENCH_TRACE" in env:
         events = [json.loads(line)["event"] for line in trace.read_text().splitlines()]
         assert events.count("transition") >= 10 and events.count("transition") % 10 == 0
@@ -205,6 +239,19 @@ RESULTS = [
     _row("orch_full", "B", us_per_step=500.0, ratio_to_floor=12.5),
     _row("orch_traced", "A", us_per_step=11.0, ratio_to_floor=22.0, trace_bytes=2**20),
 ]
+DURABLE = {"ratio_to_ideal": 1.0, "peak_rss_mb": 60.0, "rss_before_d_mb": 40.0, "runs": 1000, "reps": 3,
+           "steps_per_run": 5, "steps_verified": 5000, "steps_expected": 5000, "probe": {"ok": 200, "runs": 50},
+           "durable_before_next_step": True, "d_flags": []}
+RESULTS_D = [
+    _row("floor", "D", **{**DURABLE, "wall_s": 0.35, "ratio_to_floor_wall": 1.0}),
+    _row("floor", "D", "floor [D: naive, 1 commit per step]", **{**DURABLE, "wall_s": 1.4, "ratio_to_floor_wall": 4.0}),
+    _row("burr", "D", **{**DURABLE, "wall_s": 1.505, "ratio_to_floor_wall": 4.3}),
+    _row("pydantic-graph-v1", "D", **{**DURABLE, "wall_s": 9.0, "ratio_to_floor_wall": 25.7, "steps_verified": 1000,
+                                      "d_flags": ["MISSING STEPS in 3 of 3 reps"]}),
+    _row("pydantic-graph-v1", "D", "pydantic-graph-v1 [D: 100 runs only]", **{**DURABLE, "wall_s": 2.6, "runs": 100}),
+    _row("dbos", "D", error="boom in D"),
+    _row("orch", "D", **{**DURABLE, "wall_s": 0.3675, "ratio_to_floor_wall": 1.05}),
+]
 STORE = {"error": "store_scale.py exited 1"}
 FANOUT = {"items": 100, "concurrency": 10, "delay_ms": 50.0, "ideal_s": 0.5, "median_s": 0.7, "ratio_to_ideal": 1.4,
           "runs": 5, "peak_bytes_per_item": 5120}
@@ -227,6 +274,62 @@ def test_the_page_judges_every_target(sweep: ModuleType) -> None:
     assert ratios["B_full_vs_floor"] == pytest.approx(12.5)
     assert "**1.40x the ideal** (0.50 s: 10 waves); target <= 1.2x **NOT met**" in page
     assert "Memory allocated per item at peak: 5.0 KiB." in page
+
+
+def test_the_page_judges_mode_d_apart_from_a_b_c(sweep: ModuleType) -> None:
+    page, ratios = sweep.render(INFO, RESULTS + RESULTS_D, STORE, FANOUT, quick=False, notes=sweep.NOTES_DEFAULT,
+                                command="cmd", raw="r")
+    results_table = page[page.index("## Results"):page.index("## Targets")]
+    durable = page[page.index("## Mode D"):page.index("## Store scale")]
+
+    assert "0.35 s" not in results_table and "1.40 s" not in results_table  # the D floors
+    expected = [
+        "| floor | 1 | 0.35 s (1.00x) | 1.00x | 60 (40) | 5000/5000 (200/200) | none |",
+        "| pydantic-graph-v1 | 1 | 9.00 s (1.00x) | 25.70x | 60 (40) | 1000/5000 (200/200) | MISSING",
+        "| dbos | 1 | ERROR: boom in D | | | | |",
+        "| D: orch wall / group-commit floor | 1.05x | <= 1.10x | met |",
+        "| D: every peer / orch, x floor (the closest) | 4.10x (vs burr) | >= 4.00x each | met |",
+        "| D: orch peak RSS | 60 MB | <= 80 MB | met |",
+        "| D: orch steps verified | 5000/5000, probe 200/200, 0 flag(s) | all, no flag | met |",
+        "| D: orch wall / naive floor (one fsync per step) | 0.26x | - |  |",
+        "| pydantic-graph-v1 [D: 100 runs only] | - | - | n/a (no result) |",
+        "| dbos | - | - | n/a (no result) |",
+    ]
+    assert [line for line in expected if line not in durable] == []
+    assert ratios["D_peers_over_orch"]["pydantic-graph-v1"] == pytest.approx(25.7 / 1.05)
+    assert ratios["D_all_steps_verified"] is True and ratios["B_full_vs_floor"] == pytest.approx(12.5)
+
+
+def test_mode_d_fails_on_a_missing_step_or_a_close_peer(sweep: ModuleType) -> None:
+    slower = [_row("orch", "D", **{**DURABLE, "wall_s": 0.42, "ratio_to_floor_wall": 1.2, "steps_verified": 4999,
+                                   "d_flags": ["MISSING STEPS in 1 of 3 reps"]}) if r["key"] == "orch" else r
+              for r in RESULTS_D]
+    page, ratios = sweep.render(INFO, RESULTS + slower, STORE, FANOUT, quick=False, notes="", command="c", raw="r")
+
+    assert "| D: orch wall / group-commit floor | 1.20x | <= 1.10x | **NOT met** |" in page
+    assert "| D: every peer / orch, x floor (the closest) | 3.58x (vs burr) | >= 4.00x each | **NOT met** |" in page
+    assert "| D: orch steps verified | 4999/5000, probe 200/200, 1 flag(s) | all, no flag | **NOT met** |" in page
+    assert ratios["D_all_steps_verified"] is False
+
+
+def test_the_sweep_runs_the_harness_again_in_mode_d_with_the_persisting_rows(sweep: ModuleType, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def run_all(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        mode = "D" if "--modes" in cmd else "A"
+        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps([_row("orch", mode, wall_s=1.0)]))
+        return subprocess.CompletedProcess(cmd, 1 if mode == "D" else 0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", run_all)
+    results, code = sweep.run_peers(tmp_path, tmp_path, tmp_path, quick=True)
+
+    assert [r["mode"] for r in results] == ["A", "D"] and code == 1
+    abc, durable = calls
+    assert "--modes" not in abc and "--quick" in abc and abc.count("--extra") == 1 + len(sweep.VARIANTS)
+    assert durable[4:] == ["--quick", "--modes", "D", "--only", *sweep.D_ROWS,
+                           "--extra", f"orch={sys.executable}:{sweep.BENCH_ORCH}"]
 
 
 def test_the_notes_block_survives_a_rewrite(sweep: ModuleType, tmp_path: Path) -> None:
