@@ -13,6 +13,9 @@ from .definition._states import ParallelState as ParallelState
 from .definition._states import PythonState as PythonState
 from .definition._states import State as State
 from .definition._states import guard as guard
+from .engine._batch import Batch as Batch
+from .engine._batch import BatchProgress as BatchProgress
+from .engine._batch import BatchResult as BatchResult
 from .engine._engine import Engine as Engine
 from .engine._replay import Divergence as Divergence
 from .engine._replay import ReplayReport as ReplayReport

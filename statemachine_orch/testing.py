@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from structlog.testing import LogCapture
 
-from .llm._answer_files import load_script
+from .llm._answer_files import answering_fake, load_script
 from .llm._offline import (
     CapturedRequest,
     FakeMessagesAPI,
@@ -28,8 +28,8 @@ from .llm._offline import (
 )
 from .trace._tracer import Tracer
 
-__all__ = ["CapturedRequest", "FakeMessagesAPI", "Reply", "ScriptEntry", "capture_trace", "disconnect",
-           "error", "load_script", "timeout"]
+__all__ = ["CapturedRequest", "FakeMessagesAPI", "Reply", "ScriptEntry", "answering_fake", "capture_trace",
+           "disconnect", "error", "load_script", "timeout"]
 
 
 @contextmanager

@@ -290,6 +290,7 @@ class RunRecord:
     stale: bool = False  # marked running, but its owning process is gone: resume it
     takeovers: list[Takeover] = field(default_factory=list)
     parent: Parent | None = None  # set on a child run: the run whose state started it
+    batch: str | None = None  # set on a run of a batch (`Engine.run_many`, `orch batch`)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..definition._loader import load_machine
 from ..definition._machine import Machine
@@ -35,6 +35,9 @@ from ..types import Budget, Result, RunRecord, RunResult, RunStatus, TransitionR
 from ._faults import KillPoints
 from ._options import Interrupted, cli_store, with_store
 from ._render import mermaid, one_line, print_table, usd
+
+if TYPE_CHECKING:
+    from ..llm._offline import FakeMessagesAPI
 
 OFFLINE_BANNER = ("OFFLINE: answers come from {source} through the anthropic SDK and a local fake "
                   "Messages API; no API call is made")
@@ -72,7 +75,7 @@ def _read_input(source: str | None) -> Any:
     except UnicodeDecodeError as exc:
         raise InputError(f"input {where} is not UTF-8 (byte {exc.start}); re-encode it as UTF-8") from None
     try:
-        data = json.loads(text, parse_constant=_not_json)
+        data = json.loads(text, parse_constant=not_json)
     except json.JSONDecodeError as exc:
         raise InputError(f"input {where} is not valid JSON: {exc.msg} at line {exc.lineno} "
                          f"column {exc.colno}") from None
@@ -86,7 +89,7 @@ def _read_input(source: str | None) -> Any:
     return data
 
 
-def _not_json(constant: str) -> Any:
+def not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON number")
 
 
@@ -95,25 +98,25 @@ def _read_file(path: str) -> bytes:
         return handle.read(MAX_INPUT_BYTES + 1)
 
 
-def _model_for(offline: str | None, machine: Machine,
-               runs: Sequence[tuple[RunRecord, Sequence[TransitionRecord]]] = ()
-               ) -> tuple[ModelClient | None, dict[str, Any], str | None]:
-    """The model client for a run, the run options that let a resume pick the same one, and
-    the banner that labels an offline run.
+def model_for(offline: str | None, machine: Machine,
+               runs: Sequence[tuple[RunRecord, Sequence[TransitionRecord]]] = (), *, per_run: bool = False
+               ) -> tuple[ModelClient | None, dict[str, Any], str | None, FakeMessagesAPI | None]:
+    """The model client for a run, the run options that let a resume pick the same one, the
+    banner that labels an offline run, and the offline fake (None when online).
 
     Offline, a real SDK client talks to the fake Messages API in process; its answers come
     from SCRIPT, else MACHINE.offline.json beside the module, else labelled placeholders.
     The calls a resumed run and its child runs (`runs`) already made took their answers: each
-    state goes on down its list from there.
+    state goes on down its list from there. `per_run`: each run down its own lists (a batch).
     """
     if not machine.calls_a_model:
-        return None, {}, None
+        return None, {}, None, None
     if not offline:
         from ..llm._anthropic import AnthropicModel
 
         AnthropicModel.check_credentials()
-        return AnthropicModel(), {}, None
-    from ..llm._answer_files import load_script
+        return AnthropicModel(), {}, None, None
+    from ..llm._answer_files import answering_fake
     from ..llm._offline import FakeMessagesAPI
 
     script_path = offline
@@ -121,19 +124,19 @@ def _model_for(offline: str | None, machine: Machine,
         beside = Path(machine.source_file or "machine").with_suffix(".offline.json")
         script_path = str(beside) if beside.is_file() else "auto"
     if script_path == "auto":
-        fake = FakeMessagesAPI(default="auto")
+        fake = FakeMessagesAPI(default="auto", per_run=per_run)
     else:
         try:
-            script = load_script(script_path, states=[s.name for m in machine.family() for s in m.states])
+            fake = answering_fake(script_path, states=[s.name for m in machine.family() for s in m.states],
+                                  per_run=per_run)
         except OSError as exc:
             raise UsageError(f"cannot use offline answers {script_path}: {exc.strerror or exc}") from None
         except ValueError as exc:
             raise UsageError(f"cannot use offline answers {exc}") from None
-        fake = FakeMessagesAPI(script, default="auto")
         fake.already_served(runs)
         script_path = str(Path(script_path).resolve())
     banner = OFFLINE_BANNER.format(source=script_path if script_path != "auto" else "placeholders")
-    return fake.model(), {"offline": script_path}, banner
+    return fake.model(), {"offline": script_path}, banner, fake
 
 
 def _drive(args: argparse.Namespace, run_id: str, banner: str | None, *, create: bool, result: Result | None,
@@ -194,7 +197,7 @@ def _report_result(result: RunResult, args: argparse.Namespace) -> int:
     return 0 if result.status.finished else 1
 
 
-def _budget(args: argparse.Namespace) -> Budget | None:
+def budget_of(args: argparse.Namespace) -> Budget | None:
     """The budget the flags give (None: none), each limit checked under its flag's name."""
     limits = {"--max-cost": args.max_cost, "--max-tokens": args.max_tokens, "--max-seconds": args.max_seconds}
     for flag, value in limits.items():
@@ -204,14 +207,16 @@ def _budget(args: argparse.Namespace) -> Budget | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    budget = _budget(args)
+    budget = budget_of(args)
     if args.run_id is not None:
         check_run_id(args.run_id)
     loaded = load_machine(args.machine)
     data = _read_input(args.input)
     validate_input(loaded.machine, data)  # bad input: refused before a database is even created
-    model, options, banner = _model_for(args.offline, loaded.machine)
+    model, options, banner, fake = model_for(args.offline, loaded.machine)
     run_id = args.run_id or new_run_id()
+    if fake is not None:
+        fake.inputs[run_id] = data  # for answers by input
     result = _drive(args, run_id, banner, create=True, result=loaded.machine.result,
                     open_run=lambda store, kill: _engine(args, store, model, kill).start(
                         loaded.machine, data, run_id=run_id, machine_ref=loaded.ref, options=options, budget=budget))
@@ -223,22 +228,24 @@ def _verified_run(store: Store, run_id: str) -> Awaitable[tuple[RunRecord, list[
     return store.load_run(run_id, verified=True)
 
 
-async def _family(store: Store, run_id: str) -> list[tuple[RunRecord, list[TransitionRecord]]]:
+async def run_family(store: Store, run_id: str) -> list[tuple[RunRecord, list[TransitionRecord]]]:
     """The run (refused unless it passes its audit chain) and its child runs, nested, each
     with its log: what a resume continues."""
     runs = [await store.load_run(run_id, verified=True)]
     for child in await store.list_runs(parent=run_id):
-        runs += await _family(store, child.run_id)
+        runs += await run_family(store, child.run_id)
     return runs
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    budget = _budget(args)
-    family = with_store(args, lambda store: _family(store, args.run_id))
+    budget = budget_of(args)
+    family = with_store(args, lambda store: run_family(store, args.run_id))
     record = family[0][0]
     refuse_child(record)  # before its machine is loaded: a map item's has no module of its own
     loaded = load_machine(args.machine or record.machine_ref)
-    model, options, banner = _model_for(args.offline or record.options.get("offline"), loaded.machine, family)
+    model, options, banner, fake = model_for(args.offline or record.options.get("offline"), loaded.machine, family)
+    if fake is not None:
+        fake.inputs[args.run_id] = record.input  # for answers by input
     result = _drive(args, args.run_id, banner, create=False, result=loaded.machine.result,
                     open_run=lambda store, kill: _engine(
         args, store, model, kill).attach(args.run_id, loaded.machine, budget=budget,

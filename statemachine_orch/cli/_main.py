@@ -39,13 +39,16 @@ from ._render import one_line
 
 
 def _driving(name: str) -> Callable[[argparse.Namespace], int]:
-    """Commands that load machines and drive runs live in `_drive`, so that the reading
-    commands (`runs`, `log`, `show`, `audit`) start without the engine, pydantic or structlog."""
+    """Commands that load machines and drive runs live in `_drive` (or, named "_module.cmd", in
+    that module), so that the reading commands (`runs`, `log`, `show`, `audit`) start without
+    the engine, pydantic or structlog."""
 
     def call(args: argparse.Namespace) -> int:
-        from . import _drive
+        import importlib
 
-        command: Callable[[argparse.Namespace], int] = getattr(_drive, name)
+        module, _, function = name.rpartition(".")
+        command: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(f".{module or '_drive'}", __package__), function)
         return command(args)
 
     return call
@@ -131,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use this run id (letters, digits, . _ -; at most 64) instead of a generated one")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
+    p = command("batch", "_batch.cmd_batch", "run a machine over every input of a JSON-lines file, N runs at a time; "
+                                      "`orch batch status ID` reports a batch")
+    p.add_argument("machine", metavar="MACHINE", help="path/to/file.py or dotted.module (or `status`)")
+    p.add_argument("batch_id_or_nothing", metavar="ID", nargs="?", help="with `status`: the batch id")
+    p.add_argument("--inputs", metavar="FILE", help="JSON lines, one input object per line (- for stdin)")
+    p.add_argument("--concurrency", type=int, default=8, metavar="N", help="runs at a time (default 8)")
+    p.add_argument("--batch-id", metavar="ID",
+                   help="name the batch (runs are ID-LINE); the same id again resumes the batch")
+    p.add_argument("--out", metavar="FILE", help="write one JSON result line per input, in input order")
+    p.add_argument("--strict", action="store_true", help="refuse the whole file if any line is bad")
+    _offline_option(p)
+    _budget_options(p)
+    p.add_argument("--json", action="store_true", help="no progress; print the summary as one JSON object")
+
     p = command("resume", "cmd_resume", "continue a failed, interrupted or crashed run")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--machine", metavar="MACHINE", help="load the machine from here instead of its stored path")
@@ -160,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", choices=[s.value for s in RunStatus], help="only runs with this status")
     p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
     p.add_argument("--before", metavar="RUN_ID", help="the page after this run: runs created before it")
+    p.add_argument("--batch", metavar="ID", help="only the runs of this batch (`orch batch`)")
     p.add_argument("--json", action="store_true", help="print a JSON array")
 
     p = command("show", cmd_show, "print a run's input, outputs and snapshot")

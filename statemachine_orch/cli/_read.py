@@ -116,7 +116,8 @@ def _print_attempts(rows: list[TransitionRecord], args: argparse.Namespace) -> i
 def cmd_runs(args: argparse.Namespace) -> int:
     async def read(store: Store) -> tuple[list[RunSummary], list[MachineTotals]]:
         status = RunStatus(args.status) if args.status else None
-        runs = await store.list_runs(machine=args.machine, status=status, limit=args.limit, before=args.before)
+        runs = await store.list_runs(machine=args.machine, status=status, limit=args.limit, before=args.before,
+                                     batch=args.batch)
         return runs, await store.machine_totals(sorted({r.machine for r in runs}))
 
     runs, totals = with_store(args, read)

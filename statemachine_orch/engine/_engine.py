@@ -21,6 +21,7 @@ from ..llm._prices import PriceTable
 from ..store._contract import NullStore, Store
 from ..store._owner import Owner
 from ..types import Budget, RunRecord, RunResult, RunStatus, now_iso
+from ._batch import Batch, BatchResult, Input, numbered
 from ._children import drive_child, refuse_child
 from ._fsm import Compiled, compile_machine
 from ._ids import check_run_id, new_run_id
@@ -78,9 +79,10 @@ class Engine:
         machine_ref: str | None = None,
         options: dict[str, Any] | None = None,
         budget: Budget | None = None,
+        batch: str | None = None,
     ) -> Run:
         """Validate the input (a dict, or an instance of the machine's `input_model`), persist a
-        new run (owned by this process) and return it unstarted.
+        new run (owned by this process, of `batch` if given) and return it unstarted.
 
         `budget` overrides the machine's `Budget` limit by limit; the result is stored with
         the run, so a resume keeps it unless given a new one.
@@ -98,7 +100,7 @@ class Engine:
         record = RunRecord(
             run_id=run_id or new_run_id(), machine=machine.name,
             machine_ref=machine_ref or machine.ref, machine_hash=machine.source_hash,
-            input=stored, status=RunStatus.RUNNING, created_at=now, updated_at=now, options=options,
+            input=stored, status=RunStatus.RUNNING, created_at=now, updated_at=now, options=options, batch=batch,
         )
         owner = Owner.for_this_process()
         await self.store.create_run(record, owner)
@@ -159,6 +161,24 @@ class Engine:
         """Continue a stored run from its last committed step."""
         run = await self.attach(run_id, machine, budget=budget, allow_changed=allow_changed, take_over=take_over)
         return await run.run_to_end()
+
+    def batch(self, machine: Machine, inputs: Iterable[Input] | Mapping[int, Input], *, batch_id: str | None = None,
+              concurrency: int = 8, **options: Any) -> Batch:
+        """A batch of runs of `machine`, one per input (numbered 1, 2, ... or by the mapping's
+        keys), `concurrency` at a time; `await batch.run()` drives it. Running the same
+        `batch_id` again resumes it (`_batch`). `options`: machine_ref, options, budget,
+        on_progress."""
+        return Batch(self, machine, numbered(inputs), batch_id=batch_id, concurrency=concurrency, **options)
+
+    async def arun_many(self, machine: Machine, inputs: Iterable[Input] | Mapping[int, Input], *,
+                        batch_id: str | None = None, concurrency: int = 8, **options: Any) -> BatchResult:
+        """Run (or resume) a batch to its end: see `batch`."""
+        return await self.batch(machine, inputs, batch_id=batch_id, concurrency=concurrency, **options).run()
+
+    def run_many(self, machine: Machine, inputs: Iterable[Input] | Mapping[int, Input], *,
+                 batch_id: str | None = None, concurrency: int = 8, **options: Any) -> BatchResult:
+        """Synchronous `arun_many`."""
+        return self._sync(self.arun_many(machine, inputs, batch_id=batch_id, concurrency=concurrency, **options))
 
     def run(self, machine: Machine, input: Mapping[str, Any] | BaseModel | None = None,
             **options: Any) -> RunResult:

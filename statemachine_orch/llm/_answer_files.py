@@ -11,7 +11,19 @@ from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
-from ._offline import Reply, ScriptEntry, disconnect, error, timeout
+from ._offline import FakeMessagesAPI, Reply, ScriptEntry, disconnect, error, timeout
+
+Rule = tuple[dict[str, Any], dict[str, ScriptEntry]]  # (input fields to match, answers)
+
+
+def answering_fake(path: str, *, states: Collection[str] | None = None, per_run: bool = False) -> FakeMessagesAPI:
+    """The fake Messages API a JSON answer file describes (`load_script`), its "by_input" rules
+    included."""
+    script, rules = _read(path, states)
+    fake = FakeMessagesAPI(script, default="auto", per_run=per_run)
+    for when, answers in rules:
+        fake.on_input(when, answers)
+    return fake
 
 
 def load_script(path: str, *, states: Collection[str] | None = None) -> dict[str, ScriptEntry]:
@@ -23,7 +35,15 @@ def load_script(path: str, *, states: Collection[str] | None = None) -> dict[str
     alone is the placeholder answer, late. Given the machine's `states`, any other name is
     refused: a misspelt one would leave its state on placeholders. A problem is a
     ValueError naming the file.
+
+    The key "by_input" holds a list of rules, {"when": {input field: value}, "answers": {...}}:
+    a run whose input has those field values takes its answers from the first rule that
+    has one for the state (`answering_fake` reads them; this returns the general answers).
     """
+    return _read(path, states)[0]
+
+
+def _read(path: str, states: Collection[str] | None) -> tuple[dict[str, ScriptEntry], list[Rule]]:
     with open(path, encoding="utf-8") as handle:
         try:
             raw = json.load(handle)
@@ -31,6 +51,23 @@ def load_script(path: str, *, states: Collection[str] | None = None) -> dict[str
             raise ValueError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: an answer file is a JSON object of state -> answer(s)")
+    rules = [_rule(path, number, rule, states) for number, rule in enumerate(raw.pop("by_input", []) or [], 1)]
+    return _answers(path, raw, states), rules
+
+
+def _rule(path: str, number: int, rule: Any, states: Collection[str] | None) -> Rule:
+    where = f"{path}: by_input rule {number}"
+    if not isinstance(rule, dict) or set(rule) != {"when", "answers"}:
+        raise ValueError(f'{where} must be an object with "when" and "answers"')
+    when, answers = rule["when"], rule["answers"]
+    if not isinstance(when, dict) or not when:
+        raise ValueError(f'{where}: "when" must be an object of input fields and the values to match')
+    if not isinstance(answers, dict):
+        raise ValueError(f'{where}: "answers" must be an object of state -> answer(s)')
+    return when, _answers(where, answers, states)
+
+
+def _answers(path: str, raw: dict[str, Any], states: Collection[str] | None) -> dict[str, ScriptEntry]:
     script: dict[str, ScriptEntry] = {}
     for key, entry in raw.items():
         state = key.split("@", 1)[0]

@@ -11,7 +11,10 @@ Answers are scripted per state (the engine tags each request with `x-orch-state`
 "state@model" to answer one model differently (a fallback); a list is served in order and
 its last answer repeats, except that the items of a map state (child runs `PARENT.S.N.I`,
 whose requests may arrive in any order) take them in item order: item I's first call gets
-the I-th answer after those the state had given when the map began. Unscripted states get `default`: "auto"
+the I-th answer after those the state had given when the map began. With `per_run=True` (a
+batch) each top-level run goes down the lists on its own, so concurrent runs cannot take each
+other's answers. `on_input(when, answers)` answers the runs whose input (`inputs[run_id]`)
+has the fields `when` names with those answers first. Unscripted states get `default`: "auto"
 writes a labelled placeholder (or a schema-shaped object for structured output), None
 answers 400 so a test notices. Every request is captured without its auth headers.
 `_answer_files.load_script` reads the same answers from a JSON file, for `orch --offline`.
@@ -109,9 +112,13 @@ class FakeMessagesAPI:
         script: Mapping[str, ScriptEntry] | None = None,
         *,
         default: str | Callable[[CapturedRequest], ScriptEntry] | None = "auto",
+        per_run: bool = False,
     ) -> None:
         self._script: dict[str, list[Reply]] = {}
-        self._served: dict[str, int] = {}
+        self.per_run = per_run
+        self.inputs: dict[str, Mapping[str, Any]] = {}  # run id -> its input, for the `on_input` rules
+        self._rules: list[tuple[dict[str, Any], frozenset[str]]] = []  # (when, the keys it answers)
+        self._served: dict[Any, int] = {}  # per answer key, or (key, top-level run) with per_run
         self._bases: dict[tuple[str, str], int] = {}  # (key, a map step's children) -> answers given before
         self._run_calls: dict[tuple[str, str], int] = {}  # (key, child run) -> its calls so far
         self.default = default
@@ -127,6 +134,16 @@ class FakeMessagesAPI:
     def on(self, state: str, *answers: ScriptEntry) -> FakeMessagesAPI:
         """Queue answers for a state: str (text), dict (tool input), or Reply."""
         self._script.setdefault(state, []).extend(_as_reply(a) for a in answers)
+        return self
+
+    def on_input(self, when: Mapping[str, Any], answers: Mapping[str, ScriptEntry]) -> FakeMessagesAPI:
+        """Answer the runs whose input has every field of `when` (equal values) from `answers`
+        ({"state" or "state@model": answer(s)}) before the general script; the first rule
+        that matches and answers a state wins."""
+        rule = len(self._rules)
+        for key, entry in answers.items():
+            self.on(f"{key}#{rule}", *(entry if isinstance(entry, list) else [entry]))
+        self._rules.append((dict(when), frozenset(answers)))
         return self
 
     def calls(self, state: str | None = None) -> int:
@@ -203,14 +220,15 @@ class FakeMessagesAPI:
         with self._lock:
             for record, log in runs:
                 for state, model in _calls_of(log, record.in_flight or {}):
-                    self._position(self._key(state, model), record.run_id)
+                    self._position(self._key(state, model, record.run_id), record.run_id)
         return self
 
     def _position(self, key: str, run_id: str | None) -> int:
         """Which of `key`'s answers the next call of `run_id` takes (and count it served): the
         next one; for a map item's first call, the one at its item number (see the module
         docstring); its later calls (retries, re-asks) take the next one after all given."""
-        served = self._served.get(key, 0)
+        counter = (key, _top_level(run_id)) if self.per_run else key
+        served = self._served.get(counter, 0)
         position = served
         child = _child_item(run_id)
         if child is not None:
@@ -220,11 +238,19 @@ class FakeMessagesAPI:
             self._run_calls[key, str(run_id)] = calls + 1
             if calls == 0:
                 position = base + item
-        self._served[key] = max(served, position + 1)
+        self._served[counter] = max(served, position + 1)
         return position
 
-    def _key(self, state: str, model: Any) -> str:
-        """Whose answers a request gets: "state@model" when scripted (a fallback model's), else "state"."""
+    def _key(self, state: str, model: Any, run_id: str | None) -> str:
+        """Whose answers a request gets: the first `on_input` rule's that matches the run's
+        input and answers it, else the script's; "state@model" when scripted (a fallback
+        model's), else "state"."""
+        given = self.inputs.get(_top_level(run_id), {}) if self._rules else {}
+        for rule, (when, keys) in enumerate(self._rules):
+            if all(k in given and given[k] == v for k, v in when.items()):
+                for key in (f"{state}@{model}", state):
+                    if key in keys:
+                        return f"{key}#{rule}"
         key = f"{state}@{model}"
         return key if key in self._script else state
 
@@ -236,7 +262,7 @@ class FakeMessagesAPI:
         return reply
 
     def _scripted(self, request: CapturedRequest) -> Reply:
-        key = self._key(request.state or "", request.body.get("model"))
+        key = self._key(request.state or "", request.body.get("model"), request.run_id)
         queue = self._script.get(key)
         if queue:
             return queue[min(self._position(key, request.run_id), len(queue) - 1)]
@@ -366,6 +392,13 @@ def _child_item(run_id: str | None) -> tuple[str, int] | None:
     except ValueError:  # not a child run's id
         return None
     return (run_id or "").rsplit(".", 1)[0], item
+
+
+def _top_level(run_id: str | None) -> str:
+    """The top-level run a (child) run belongs to."""
+    while (child := _child_item(run_id)) is not None:
+        run_id = child[0].rsplit(".", 2)[0]
+    return run_id or ""
 
 
 def _as_reply(entry: ScriptEntry) -> Reply:

@@ -115,10 +115,12 @@ class Store(Protocol):
         """An earlier committed step whose model call had exactly this request (the step cache)."""
 
     async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
-                        limit: int = 50, before: str | None = None, parent: str | None = None) -> list[RunSummary]:
-        """Top-level runs newest first, optionally of one machine or status; `before` (a run id)
-        pages on to the runs created before that one. `parent` (a run id): that run's child runs
-        instead, each with its `parent`, in the order their ids place them (`child_place`)."""
+                        limit: int | None = 50, before: str | None = None, parent: str | None = None,
+                        batch: str | None = None) -> list[RunSummary]:
+        """Top-level runs newest first (at most `limit`; None: all), optionally of one machine,
+        status or batch; `before` (a run id) pages on to the runs created before that one.
+        `parent` (a run id): that run's child runs instead, each with its `parent`, in the order
+        their ids place them (`child_place`)."""
 
     async def machine_totals(self, machines: list[str]) -> list[MachineTotals]:
         """Runs, committed steps, paid tokens, cost and cache hits of each named machine."""
@@ -177,7 +179,8 @@ class NullStore:
         return None
 
     async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
-                        limit: int = 50, before: str | None = None, parent: str | None = None) -> list[RunSummary]:
+                        limit: int | None = 50, before: str | None = None, parent: str | None = None,
+                        batch: str | None = None) -> list[RunSummary]:
         return []
 
     async def machine_totals(self, machines: list[str]) -> list[MachineTotals]:

@@ -20,7 +20,7 @@ from typing import Any
 from ...errors import ForeignDatabaseError, SchemaVersionError, StoreError
 from ._chain import CHAINED_COLUMNS, legacy_first_link, legacy_hash
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 READABLE_FROM = 3
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
 
@@ -35,6 +35,11 @@ CREATE INDEX runs_unfinished ON runs (machine, status) WHERE status NOT IN ('com
 # child runs (a sub-machine's run, a map state's items) by their parent, in item order
 _CHILDREN = """
 CREATE INDEX runs_children ON runs (parent_run_id, parent_state, item) WHERE parent_run_id IS NOT NULL;
+"""
+
+# the runs of a batch (`orch batch`), by run id
+_BATCHES = """
+CREATE INDEX runs_by_batch ON runs (batch_id, run_id) WHERE batch_id IS NOT NULL;
 """
 
 _TAKEOVERS = """
@@ -74,11 +79,12 @@ CREATE TABLE runs (
     chain_anchor  TEXT,
     parent_run_id TEXT,
     parent_state  TEXT,
-    item          INTEGER
+    item          INTEGER,
+    batch_id      TEXT
 );
 CREATE INDEX runs_by_created ON runs (created_at, run_id);
 CREATE INDEX runs_by_machine ON runs (machine, created_at);
-""" + _CHILDREN + """CREATE TABLE transitions (
+""" + _CHILDREN + _BATCHES + """CREATE TABLE transitions (
     run_id             TEXT NOT NULL REFERENCES runs (run_id),
     seq                INTEGER NOT NULL,
     from_state         TEXT NOT NULL,
@@ -217,6 +223,10 @@ ALTER TABLE runs ADD COLUMN parent_run_id TEXT;
 ALTER TABLE runs ADD COLUMN parent_state TEXT;
 ALTER TABLE runs ADD COLUMN item INTEGER;
 """ + _CHILDREN,
+    # batches: the batch each run of `orch batch` belongs to
+    7: """
+ALTER TABLE runs ADD COLUMN batch_id TEXT;
+""" + _BATCHES,
 }
 
 

@@ -49,7 +49,7 @@ from ._liveness import hold, liveness, owners_file, stale
 from ._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
 from ._schema import create_private, migrate
 from ._statements import ADVANCE, APPEND, APPEND_ATTEMPT, IN_DOUBT_BY_MACHINE, IN_DOUBT_OF_RUN, SET_STATUS, STEP
-from ._transaction import Busy, Transaction, busy_as, while_busy
+from ._transaction import Busy, Transaction, busy_as, connect, while_busy
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -111,8 +111,9 @@ class SQLiteStore:
         except BaseException:
             conn.close()
             raise
-        # a file of an older version, opened read-only, has no child runs (nor their columns)
-        self._children = any(row[1] == "parent_run_id" for row in conn.execute("PRAGMA table_info(runs)"))
+        # a file of an older version, opened read-only, has no child runs or batches (nor their columns)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+        self._children, self._batches = "parent_run_id" in columns, "batch_id" in columns
 
     @cached_property
     def db(self) -> sqlite_utils.Database:
@@ -140,9 +141,9 @@ class SQLiteStore:
         anchor = self._audit.anchor(identity)
         try:
             self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, created_at, "
-                            "chain_version, chain_key, parent_run_id, parent_state, item, chain_anchor, options, "
-                            "status, error, updated_at, owner, owner_info) "
-                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            "chain_version, chain_key, parent_run_id, parent_state, item, batch_id, chain_anchor, "
+                            "options, status, error, updated_at, owner, owner_info) "
+                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (*identity.values(), anchor, dump(run.options), run.status.value, text(run.error),
                        run.updated_at, owner.token, owner.info_json()))
         except sqlite3.IntegrityError:
@@ -350,10 +351,13 @@ class SQLiteStore:
         return None
 
     async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
-                        limit: int = 50, before: str | None = None, parent: str | None = None) -> list[RunSummary]:
+                        limit: int | None = 50, before: str | None = None, parent: str | None = None,
+                        batch: str | None = None) -> list[RunSummary]:
         if parent is not None:
             return await self._read(self._children_of, parent)
-        return await self._read(self._list_runs, machine, status, limit, before)
+        if batch is not None and not self._batches:
+            return []
+        return await self._read(self._list_runs, machine, status, limit, before, batch)
 
     def _children_of(self, conn: sqlite3.Connection, parent: str) -> list[RunSummary]:
         if not self._children:
@@ -363,9 +367,12 @@ class SQLiteStore:
         return sorted(children, key=lambda child: child_place(child.run_id))
 
     def _list_runs(self, conn: sqlite3.Connection, machine: str | None, status: RunStatus | None,
-                   limit: int, before: str | None) -> list[RunSummary]:
+                   limit: int | None, before: str | None, batch: str | None) -> list[RunSummary]:
         where: list[str] = ["parent_run_id IS NULL"] if self._children else []
         params: list[Any] = []
+        if batch is not None:
+            where.append("batch_id = ?")
+            params.append(batch)
         if machine:
             where.append("machine = ?")
             params.append(machine)
@@ -378,7 +385,7 @@ class SQLiteStore:
         sql = (f"SELECT {_SUMMARY} FROM runs "
                + ("WHERE " + " AND ".join(where) + " " if where else "")
                + "ORDER BY created_at DESC, run_id DESC LIMIT ?")
-        params.append(limit)
+        params.append(-1 if limit is None else limit)  # SQLite: a negative limit is none
         return self._summaries(conn, sql, params)
 
     def _summaries(self, conn: sqlite3.Connection, sql: str, params: list[Any]) -> list[RunSummary]:
@@ -482,19 +489,5 @@ class SQLiteStore:
     def _connect(self, *, wait: bool, marks: bool = False) -> sqlite3.Connection:
         """A connection that waits for locks up to the busy timeout, or not at all; `marks`: with
         synchronous=OFF, for the in-flight marks."""
-        from urllib.parse import quote  # here: only a read-only directory needs it
-
-        target = f"file:{quote(str(self.path.absolute()))}?immutable=1" if self._immutable else self.path
-        try:
-            conn = sqlite3.connect(target, isolation_level=None, timeout=self.busy_timeout_s if wait else 0,
-                                   check_same_thread=False, uri=self._immutable)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {self.where}: {exc}", where=self.where) from exc
-        try:
-            if not self._immutable:
-                while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"), self.busy_timeout_s)
-            conn.execute(f"PRAGMA synchronous={'OFF' if marks else self.synchronous}")
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise StoreError(f"{self.where} is not a usable SQLite database: {exc}", where=self.where) from exc
-        return conn
+        return connect(self.path, self.where, immutable=self._immutable, busy_timeout_s=self.busy_timeout_s,
+                       wait=wait, synchronous="OFF" if marks else self.synchronous)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ...errors import StoreError
@@ -88,3 +89,25 @@ def while_busy(action: Callable[[], object], timeout_s: float) -> None:
                 raise
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
+
+
+def connect(path: Path, where: str, *, immutable: bool, busy_timeout_s: float, wait: bool,
+            synchronous: str) -> sqlite3.Connection:
+    """A connection in WAL mode that waits for locks up to `busy_timeout_s`, or (`wait` False)
+    not at all; `immutable` opens a file in a directory we cannot write, for reading."""
+    from urllib.parse import quote  # here: only a read-only directory needs it
+
+    target = f"file:{quote(str(path.absolute()))}?immutable=1" if immutable else path
+    try:
+        conn = sqlite3.connect(target, isolation_level=None, timeout=busy_timeout_s if wait else 0,
+                               check_same_thread=False, uri=immutable)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open database {where}: {exc}", where=where) from exc
+    try:
+        if not immutable:
+            while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"), busy_timeout_s)
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StoreError(f"{where} is not a usable SQLite database: {exc}", where=where) from exc
+    return conn
