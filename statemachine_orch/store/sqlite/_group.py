@@ -48,14 +48,23 @@ class GroupCommit:
         self.writes = 0
 
     async def write(self, work: Work, *args: Any) -> Any:
-        """`work(conn, *args)` committed (with whatever else is queued); its return value."""
+        """`work(conn, *args)` committed (with whatever else is queued); its return value.
+
+        A writer cancelled meanwhile still waits for the queue to be written before the
+        cancellation is raised: a queued write cannot be called back, and whoever wrote it
+        must not believe it undone while it may still commit."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((work, args, future))
         if self._flushing is None:
             self._flushing = asyncio.Event()
             loop.call_soon(self._flush)
-        return await until_done(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.cancelled():  # cancelled while its write was queued or being committed
+                await asyncio.shield(self.drain())
+            raise
 
     async def drain(self) -> None:
         """Wait until every queued write is committed (or failed)."""
@@ -86,11 +95,13 @@ class GroupCommit:
         except Busy:
             return False
         except BaseException as exc:
-            future.set_exception(exc)
+            if not future.cancelled():
+                future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
         else:
-            future.set_result(value)
+            if not future.cancelled():  # its writer was cancelled: the write stands all the same
+                future.set_result(value)
         self._count(1)
         return True
 
@@ -124,6 +135,8 @@ class GroupCommit:
         except BaseException as exc:  # BEGIN or COMMIT failed: none of the group is written
             outcomes = [(False, exc)] * len(group)
         for (_, _, future), (ok, value) in zip(group, outcomes, strict=True):
+            if future.cancelled():  # its writer was cancelled: the write stands (or failed) all the same
+                continue
             if ok:
                 future.set_result(value)
             else:
@@ -141,21 +154,3 @@ class GroupCommit:
         elif self._flushing is not None:
             self._flushing.set()
             self._flushing = None
-
-
-async def until_done(future: asyncio.Future[Any]) -> Any:
-    """The future's result, awaited to its end even when the caller is cancelled meanwhile (the
-    cancellation is raised after): a queued write cannot be called back, and whoever wrote it
-    must not believe it undone while it may still commit."""
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(future)
-            break
-        except asyncio.CancelledError:
-            if future.cancelled():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
