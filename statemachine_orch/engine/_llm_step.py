@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ from pydantic import ValidationError
 from ..definition._states import LLMState, PythonState
 from ..definition._templates import as_text
 from ..errors import BudgetExceededError, LLMError, OrchError, StepError, UsageError
-from ..llm._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response
+from ..llm._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response, estimate_input_tokens
 from ..store._owner import Owner
 from ..types import Attempt, Budget, InvalidOutput, OutputProblem, StepContext, TransitionRecord, Usage, now_iso
 from ._fsm import Compiled
@@ -34,7 +33,6 @@ from ._user_code import CodeError, UserCode
 if TYPE_CHECKING:
     from ._run import Ports
 
-CHARS_PER_TOKEN_ESTIMATE = 3  # conservative: English averages nearer 4 characters per token
 IN_DOUBT = ("in flight when its process stopped, so it may have been paid; counted at its worst case "
             "(the estimated input and max_tokens)")
 
@@ -91,10 +89,6 @@ def request_hash(body: dict[str, Any]) -> str:
     """Identity of a request for the step cache: model, system, messages, parameters, schema."""
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def estimate_input_tokens(body: dict[str, Any]) -> int:
-    return math.ceil(len(json.dumps(body, ensure_ascii=False)) / CHARS_PER_TOKEN_ESTIMATE)
 
 
 class LLMStep:

@@ -7,11 +7,14 @@ reads one back, so a stored answer (step cache, replay) is served exactly like a
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..types import Attempt, RetryPolicy, Usage
 
+CHARS_PER_TOKEN_ESTIMATE = 3  # conservative: English averages nearer 4 characters per token
 TRANSIENT_KINDS = frozenset({"transient", "timeout", "connection", "malformed"})
 """Attempt kinds worth retrying, and that may go to a state's fallback once retries run out."""
 
@@ -91,3 +94,9 @@ def token_count(value: Any) -> int:
     elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 100:
         value = int(value)
     return value if type(value) is int and value >= 0 else 0
+
+
+def estimate_input_tokens(body: dict[str, Any]) -> int:
+    """The input tokens a request body may count, before the API says: its JSON at 3 characters a
+    token, on the high side so a budget or a rate limit is not overrun; the call's usage corrects it."""
+    return math.ceil(len(json.dumps(body, ensure_ascii=False)) / CHARS_PER_TOKEN_ESTIMATE)
