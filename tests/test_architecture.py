@@ -17,9 +17,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "statemachine_orch"
 LAYERS: dict[str, tuple[str, ...]] = {
     "vocabulary": ("types", "limits", "errors", "hooks", "_redact"),
     "definition": ("definition",),
-    "ports": ("store._contract", "store._owner", "llm._client", "llm._retry", "llm._prices"),
+    "ports": ("store._contract", "store._owner", "llm._client", "llm._retry", "llm._prices", "llm._limiter"),
     "engine": ("engine",),
-    "adapters": ("store.sqlite", "store._open", "llm._anthropic", "llm._offline", "trace"),
+    "adapters": ("store.sqlite", "store._open", "llm._anthropic", "llm._offline", "llm._offline_limits", "trace"),
     "interface": ("cli", "testing", ""),  # "": the package itself (its lazy public names)
 }
 # layer -> the layers it may import: definition -> engine -> ports <- adapters <- interface

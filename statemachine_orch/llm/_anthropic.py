@@ -11,6 +11,10 @@ A call whose `max_tokens` is above `STREAM_ABOVE_TOKENS` is streamed (`messages.
 the SDK refuses to send unstreamed a call it expects to take more than 10 minutes (an hour
 per 128,000 output tokens, so above 21,333, and above 8,192 for the Opus 4.0 and 4.1 ids).
 The streamed message is recorded exactly as an unstreamed one: same JSON, usage, request id.
+
+With `rate_limits=`, every attempt first waits its turn in a `RateLimiter` shared by all the
+client's calls (`_limiter.py`); a 429 then pauses that line for its retry-after instead of
+sleeping this call alone, so N calls refused at once wait once, together.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from .._redact import longest_first, redact, redact_values, secrets_from_env
 from ..errors import LLMError, NoCredentialsError, UsageError
-from ..types import Attempt, AttemptKind, RetryPolicy, now_iso
-from ._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response
+from ..types import Attempt, AttemptKind, RetryPolicy, Usage, now_iso
+from ._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response, estimate_input_tokens
+from ._limiter import Permit, RateLimiter, RateLimits
 from ._retry import next_delay, should_retry
 
 if TYPE_CHECKING:
@@ -35,6 +40,7 @@ SPEND_LIMIT_CODES = frozenset({"enforced_spend_limit_reached", "contract_spend_l
                                "linked_organization_spend_limit_reached"})
 STREAM_ABOVE_TOKENS = 8_192  # every call the SDK would refuse unstreamed is above this
 Sleep = Callable[[float], Awaitable[None]]
+Answer = tuple["Message", str | None, Mapping[str, str]]  # the message, its request id, the response headers
 _CHARACTERS = {"\r": "a carriage return", "\n": "a line feed", "\t": "a tab", " ": "a space"}
 
 
@@ -49,7 +55,11 @@ class MalformedAnswer(Exception):
 
 
 class AnthropicModel:
-    """`ModelClient` backed by `anthropic.AsyncAnthropic`; `sleep`/`clock` are injectable for tests."""
+    """`ModelClient` backed by `anthropic.AsyncAnthropic`; `sleep`/`clock` are injectable for tests.
+
+    `rate_limits`: None, no limiter; `RateLimits(...)`, a limiter of this client's own (on its
+    `clock` and `sleep`), its limits None read from the API's headers; a `RateLimiter`, shared as given.
+    """
 
     bills = True  # its calls may cost money: the engine marks each one in flight before sending
 
@@ -61,6 +71,7 @@ class AnthropicModel:
         timeout: float | None = None,
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        rate_limits: RateLimits | RateLimiter | None = None,
     ) -> None:
         # The SDK is imported here, not at the first call: it takes seconds under load, which
         # would land in that call's latency and on its run's max_seconds clock.
@@ -79,6 +90,8 @@ class AnthropicModel:
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         self._clock = clock
+        self.limiter = (RateLimiter(rate_limits, clock=clock, sleep=sleep) if isinstance(rate_limits, RateLimits)
+                        else rate_limits)
 
     @staticmethod
     def check_credentials() -> None:
@@ -104,7 +117,9 @@ class AnthropicModel:
         send = self._stream if required["max_tokens"] > STREAM_ABOVE_TOKENS else self._create
         attempts = request.attempts  # shared, so a step stopped mid-retry still logs its tries
         secrets = longest_first([self.client.api_key, self.client.auth_token, *secrets_from_env()])
-        began = self._clock()
+        model, estimate = required["model"], estimate_input_tokens(body) if self.limiter else 0
+        permit = await self._acquire(model, estimate, required["max_tokens"])
+        began = self._clock()  # the policy's time is the retrying's: a wait in line before the first try is not
         number = 0
         while True:
             number += 1
@@ -114,8 +129,9 @@ class AnthropicModel:
             request_id: str | None = None
             kind: AttemptKind
             try:
-                message, request_id = await send(required, extra)
+                message, request_id, headers = await send(required, extra)
             except asyncio.CancelledError:
+                self._end(permit, model, None, None)
                 attempts.append(Attempt(number=number, started_at=started_at, kind="cancelled",
                                         error="abandoned in flight when the step was stopped; it may "
                                         "have been billed", request=body))
@@ -140,7 +156,10 @@ class AnthropicModel:
                 # (completion_from_response) and stored as it came
                 response = redact_values(message.model_dump(mode="json", exclude_none=True, warnings=False),
                                          secrets)
-                return completion_from_response(response, request.tool_name, request_id)
+                completion = completion_from_response(response, request.tool_name, request_id)
+                self._end(permit, model, completion.usage, headers)
+                return completion
+            self._end(permit, model, None, headers)
             delay, why = (next_delay(policy, number, self._clock() - began, headers)
                           if kind in TRANSIENT_KINDS else (None, "not retriable"))
             error = redact(error, secrets)  # a server may quote the credentials it refused
@@ -154,10 +173,30 @@ class AnthropicModel:
                              f"{why})")
                 raise LLMError(error, kind=final, status_code=status,
                                request_id=request_id, run_id=request.run_id, state=request.state)
-            await self._sleep(delay)
+            if self.limiter is not None and status == 429:
+                self.limiter.pause(model, delay)  # every call of the model's class waits it out, once
+            else:
+                await self._sleep(delay)
+            permit = await self._acquire(model, estimate, required["max_tokens"])
 
-    async def _create(self, required: dict[str, Any], extra: dict[str, Any]) -> tuple[Message, str | None]:
-        """The answer to one unstreamed call, and its request id."""
+    async def _acquire(self, model: str, estimate: int, max_tokens: int) -> Permit | None:
+        """The call's turn in the rate limiter's line (None: no limiter)."""
+        return None if self.limiter is None else await self.limiter.acquire(model, estimate, max_tokens)
+
+    def _end(self, permit: Permit | None, model: str, usage: Usage | None,
+             headers: Mapping[str, str] | None) -> None:
+        """Tell the limiter how the call ended: its usage (None: it failed) and the answer's headers."""
+        if permit is None or self.limiter is None:
+            return
+        if usage is None:
+            permit.release()
+        else:
+            permit.settle(usage)
+        if headers is not None:
+            self.limiter.observe(model, headers, sent_at=permit.granted_at)
+
+    async def _create(self, required: dict[str, Any], extra: dict[str, Any]) -> Answer:
+        """The answer to one unstreamed call, its request id and its headers."""
         import anthropic
 
         raw = await self.client.messages.with_raw_response.create(**required, **extra)
@@ -168,10 +207,10 @@ class AnthropicModel:
         if not isinstance(message, anthropic.types.Message):  # e.g. text/html: the SDK hands back text
             raise MalformedAnswer(f"a {raw.headers.get('content-type')} body", status=raw.status_code,
                                   request_id=raw.request_id)
-        return message, raw.request_id
+        return message, raw.request_id, raw.headers
 
-    async def _stream(self, required: dict[str, Any], extra: dict[str, Any]) -> tuple[Message, str | None]:
-        """The answer to one streamed call, as its final message, and its request id."""
+    async def _stream(self, required: dict[str, Any], extra: dict[str, Any]) -> Answer:
+        """The answer to one streamed call, as its final message, its request id and its headers."""
         final: Message | None = None
         async with self.client.messages.stream(**required, **extra) as stream:
             try:
@@ -184,7 +223,7 @@ class AnthropicModel:
         if final is None:
             raise MalformedAnswer("the stream ended before the message did",
                                   status=stream.response.status_code, request_id=stream.request_id)
-        return final, stream.request_id
+        return final, stream.request_id, stream.response.headers
 
 
 def _check_sendable(name: str, credential: str | None) -> None:
