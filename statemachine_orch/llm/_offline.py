@@ -18,6 +18,7 @@ has the fields `when` names with those answers first. Unscripted states get `def
 writes a labelled placeholder (or a schema-shaped object for structured output), None
 answers 400 so a test notices. Every request is captured without its auth headers.
 `_answer_files.load_script` reads the same answers from a JSON file, for `orch --offline`.
+`rate_limits=` enforces the API's rate limits on `clock` (`_offline_limits.py`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import httpx2
 
 from ..types import RunRecord, TransitionRecord, child_place
 from ._anthropic import AnthropicModel
+from ._limiter import RateLimits
+from ._offline_limits import ServerLimits, prompt_tokens
 
 _SECRET_HEADERS = frozenset({"x-api-key", "authorization"})
 LISTEN_BACKLOG = socket.SOMAXCONN  # the served fake's pending-connection queue
@@ -113,6 +116,8 @@ class FakeMessagesAPI:
         *,
         default: str | Callable[[CapturedRequest], ScriptEntry] | None = "auto",
         per_run: bool = False,
+        rate_limits: RateLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._script: dict[str, list[Reply]] = {}
         self.per_run = per_run
@@ -126,6 +131,7 @@ class FakeMessagesAPI:
         self.slept: list[float] = []  # backoff delays an AnthropicModel from model() asked for
         self.errors: list[Exception] = []  # what responders raised, in order
         self._lock = threading.Condition()
+        self.limits = ServerLimits(rate_limits or RateLimits(), clock)  # on `clock`: a test's virtual one
         for state, entry in (script or {}).items():
             self.on(state, *(entry if isinstance(entry, list) else [entry]))
 
@@ -150,6 +156,11 @@ class FakeMessagesAPI:
         """How many requests arrived (for one state, or in all)."""
         with self._lock:
             return sum(1 for r in self.requests if state is None or r.state == state)
+
+    @property
+    def rejected(self) -> int:
+        """How many requests `rate_limits` refused with a 429 (they are not in `requests`)."""
+        return self.limits.rejected
 
     def wait_for(self, state: str, count: int = 1, timeout: float = 10.0) -> bool:
         """Block until `count` requests for `state` arrived (server mode, for kill tests)."""
@@ -187,6 +198,9 @@ class FakeMessagesAPI:
         except ValueError:
             return _json(400, {"type": "error", "error": {"type": "invalid_request_error",
                                                           "message": "body is not JSON"}})
+        refused = self.limits.admit(payload)
+        if refused is not None:
+            return refused
         lower = {k.lower(): v for k, v in headers.items()}
         captured = CapturedRequest(
             state=lower.get("x-orch-state"), run_id=lower.get("x-orch-run"), body=payload,
@@ -202,12 +216,12 @@ class FakeMessagesAPI:
             if reply.error_code:
                 problem["details"] = {"error_code": reply.error_code}
             status, hdrs, data, _ = _json(reply.status, {"type": "error", "error": problem})
-            hdrs.update(reply.headers)
+            hdrs.update(self.limits.answered(payload, None) | reply.headers)
             hdrs["request-id"] = f"req_fake_{number:06d}"
             return status, hdrs, data, reply
         message = _message(payload, reply, number)
         status, hdrs, data, _ = _streamed(message) if payload.get("stream") else _json(200, message)
-        hdrs.update(reply.headers)
+        hdrs.update(self.limits.answered(payload, message["usage"]) | reply.headers)
         hdrs["request-id"] = f"req_fake_{number:06d}"
         return status, hdrs, data, reply
 
@@ -304,9 +318,11 @@ class FakeMessagesAPI:
         """An AnthropicModel on this fake; `options` (retry, sleep, clock...) go to it.
 
         By default backoff does not wait: each delay is appended to `slept` instead, so tests
-        of retry behaviour run instantly and can assert the delays.
+        of retry behaviour run instantly and can assert the delays. Not with `rate_limits=`: a
+        limiter waits for real unless given a `sleep` with the `clock` it moves.
         """
-        options.setdefault("sleep", self._sleep)
+        if "rate_limits" not in options:
+            options.setdefault("sleep", self._sleep)
         return AnthropicModel(self.client(), **options)
 
     async def _sleep(self, seconds: float) -> None:
@@ -450,7 +466,6 @@ def example_for_schema(schema: dict[str, Any], defs: dict[str, Any] | None = Non
 
 
 def _message(request: dict[str, Any], reply: Reply, number: int) -> dict[str, Any]:
-    prompt_chars = len(json.dumps(request.get("messages", []))) + len(str(request.get("system", "")))
     if reply.data is not None:
         tools = request.get("tools") or [{}]
         name = (request.get("tool_choice") or {}).get("name") or tools[0].get("name", "tool")
@@ -468,7 +483,7 @@ def _message(request: dict[str, Any], reply: Reply, number: int) -> dict[str, An
         "model": request.get("model", "unknown"), "content": content, "stop_reason": stop,
         "stop_sequence": None,
         "usage": {"input_tokens": reply.input_tokens if reply.input_tokens is not None
-                  else max(1, prompt_chars // 4),
+                  else prompt_tokens(request),
                   "output_tokens": reply.output_tokens if reply.output_tokens is not None
                   else max(1, out_chars // 4),
                   "cache_read_input_tokens": reply.cache_read_tokens,
