@@ -55,6 +55,8 @@ from .llm._anthropic import AnthropicModel as AnthropicModel
 from .llm._client import Completion as Completion
 from .llm._client import LLMRequest as LLMRequest
 from .llm._client import ModelClient as ModelClient
+from .llm._limiter import RateLimiter as RateLimiter
+from .llm._limiter import RateLimits as RateLimits
 from .llm._prices import Price as Price
 from .llm._prices import PriceTable as PriceTable
 from .store._contract import MachineTotals as MachineTotals

@@ -274,6 +274,22 @@ def cost_of(*replies: Reply, model: str = MODEL, prices: PriceTable = PRICES) ->
 # --------------------------------------------------------------------------- files and databases
 
 
+class VirtualTime:
+    """A clock that moves only when the model (or its rate limiter) sleeps: total-time limits and
+    rate limits without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
 def write(path: Path, content: str | bytes) -> Path:
     if isinstance(content, bytes):
         path.write_bytes(content)

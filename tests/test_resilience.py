@@ -59,7 +59,7 @@ from statemachine_orch.llm._retry import next_delay, retry_after, should_retry
 from statemachine_orch.testing import FakeMessagesAPI, Reply, disconnect, error, timeout
 from statemachine_orch.types import total_cost
 
-from .helpers import MODEL, PRICES, cost_of, reply, usage_of
+from .helpers import MODEL, PRICES, VirtualTime, cost_of, reply, usage_of
 
 FALLBACK = "claude-haiku-4-5"
 
@@ -110,21 +110,6 @@ def route_invalid(output: Any) -> Any:
     if isinstance(output, InvalidOutput):
         return Branch("repair").because(f"{output.kind}: {output.error}")
     return FlowDecision.CONTINUE
-
-
-class VirtualTime:
-    """A clock that moves only when the model sleeps: total-time limits without waiting."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 @dataclass

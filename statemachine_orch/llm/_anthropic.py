@@ -57,8 +57,9 @@ class MalformedAnswer(Exception):
 class AnthropicModel:
     """`ModelClient` backed by `anthropic.AsyncAnthropic`; `sleep`/`clock` are injectable for tests.
 
-    `rate_limits`: None, no limiter; `RateLimits(...)`, a limiter of this client's own (on its
-    `clock` and `sleep`), its limits None read from the API's headers; a `RateLimiter`, shared as given.
+    `rate_limits`: None, no limiter; `RateLimits(...)`, a `RateLimiter` of this client's own,
+    on its `clock` and `sleep` (limits left None are read from the API's headers); a
+    `RateLimiter`, used as given (shared with other clients).
     """
 
     bills = True  # its calls may cost money: the engine marks each one in flight before sending
@@ -131,7 +132,7 @@ class AnthropicModel:
             try:
                 message, request_id, headers = await send(required, extra)
             except asyncio.CancelledError:
-                self._end(permit, model, None, None)
+                self._end(permit, model, None)
                 attempts.append(Attempt(number=number, started_at=started_at, kind="cancelled",
                                         error="abandoned in flight when the step was stopped; it may "
                                         "have been billed", request=body))
@@ -157,9 +158,9 @@ class AnthropicModel:
                 response = redact_values(message.model_dump(mode="json", exclude_none=True, warnings=False),
                                          secrets)
                 completion = completion_from_response(response, request.tool_name, request_id)
-                self._end(permit, model, completion.usage, headers)
+                self._end(permit, model, headers, completion.usage)
                 return completion
-            self._end(permit, model, None, headers)
+            self._end(permit, model, headers, refused=status == 429)
             delay, why = (next_delay(policy, number, self._clock() - began, headers)
                           if kind in TRANSIENT_KINDS else (None, "not retriable"))
             error = redact(error, secrets)  # a server may quote the credentials it refused
@@ -183,13 +184,14 @@ class AnthropicModel:
         """The call's turn in the rate limiter's line (None: no limiter)."""
         return None if self.limiter is None else await self.limiter.acquire(model, estimate, max_tokens)
 
-    def _end(self, permit: Permit | None, model: str, usage: Usage | None,
-             headers: Mapping[str, str] | None) -> None:
-        """Tell the limiter how the call ended: its usage (None: it failed) and the answer's headers."""
+    def _end(self, permit: Permit | None, model: str, headers: Mapping[str, str] | None,
+             usage: Usage | None = None, *, refused: bool = False) -> None:
+        """Tell the limiter how the call ended: the answer's headers, its usage (None: it failed),
+        whether it was refused (a 429)."""
         if permit is None or self.limiter is None:
             return
         if usage is None:
-            permit.release()
+            permit.release(refused=refused)
         else:
             permit.settle(usage)
         if headers is not None:

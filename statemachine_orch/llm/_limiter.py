@@ -11,7 +11,8 @@ of being refused there:
 - the permit's `settle(usage)` gives back what the call did not use (its `max_tokens` less the
   output tokens, the input estimate less the input counted), or takes the rest of an
   underestimate. `release()` ends a call that failed without usage: the request and its input
-  estimate stay spent (the server may have counted them), the output reservation comes back.
+  estimate stay spent (the server may have counted them), the output reservation comes back;
+  a refused call (429) gives everything back.
 - `observe` reads the `anthropic-ratelimit-*` headers of each answer: a `-limit` sets a
   bucket's size unless `RateLimits` gave it (options win); a `-remaining` only ever lowers our
   count, never raises it (calls in flight are ours to count, the server's view is older).
@@ -114,10 +115,11 @@ class Permit:
         as the API counts them), give back the rest."""
         self._end((1.0, float(usage.input_tokens + usage.cache_write_tokens), float(usage.output_tokens)))
 
-    def release(self) -> None:
-        """The call failed without usage: keep the request and the input estimate, give back the
-        output reservation."""
-        self._end((1.0, self.cost[1], 0.0))
+    def release(self, *, refused: bool = False) -> None:
+        """The call failed without usage: keep the request and the input estimate (the server may
+        have counted them), give back the output reservation. `refused` (a 429): the server
+        counted nothing, everything comes back."""
+        self._end((0.0, 0.0, 0.0) if refused else (1.0, self.cost[1], 0.0))
 
     def _end(self, used: Amounts) -> None:
         self._limiter._finish(self, used)
@@ -182,7 +184,7 @@ class RateLimiter:
     def observe(self, model: str, headers: Mapping[str, str], *, sent_at: float | None = None) -> None:
         """Read an answer's `anthropic-ratelimit-*` headers. `sent_at` is when its call was sent (its
         permit's `granted_at`): the server's `remaining` was counted after that, so the bucket may
-        have refilled since by up to that long, and calls granted later may not be in it."""
+        have refilled since by up to that long. Settle or release the call's permit first."""
         lane = self._lane(model)
         lower = {key.lower(): value for key, value in headers.items()}
         now = self.clock()
@@ -192,10 +194,9 @@ class RateLimiter:
             limit = _whole(lower.get(f"anthropic-ratelimit-{name}-limit"))
             remaining = _whole(lower.get(f"anthropic-ratelimit-{name}-remaining"))
             if limit is not None and limit > 0 and not lane.fixed[index] and limit != bucket.capacity:
-                if bucket.capacity is None:  # first seen: the server's count, less the calls it may not have seen
-                    unseen = [p for p in lane.open if sent_at is None or p.granted_at > sent_at]
+                if bucket.capacity is None:  # first seen: the server's count, less every call it may not have seen
                     bucket.level = float(limit if remaining is None else min(limit, remaining))
-                    bucket.level -= sum(p.cost[index] for p in unseen)
+                    bucket.level -= sum(permit.cost[index] for permit in lane.open)
                 bucket.capacity = float(limit)
                 bucket.level = min(bucket.level, bucket.capacity)
             if remaining is not None and bucket.capacity is not None:
