@@ -205,7 +205,7 @@ def test_a_waiter_that_stops_waiting_leaves_the_line_and_takes_nothing() -> None
 
 
 def test_the_served_fake_enforces_its_limits_and_sends_their_headers() -> None:
-    fake = FakeMessagesAPI(rate_limits=RateLimits(requests_per_minute=2))
+    fake = FakeMessagesAPI(rate_limits=RateLimits(requests_per_minute=2), clock=lambda: 0.0)  # time stands still
     body: dict[str, Any] = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 
     async def go(url: str) -> None:
