@@ -19,7 +19,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "definition": ("definition",),
     "ports": ("store._contract", "store._owner", "llm._client", "llm._retry", "llm._prices", "llm._limiter"),
     "engine": ("engine",),
-    "adapters": ("store.sqlite", "store._open", "llm._anthropic", "llm._offline", "llm._offline_limits", "trace"),
+    "adapters": ("store.sqlite", "store._open", "llm._anthropic", "llm._offline", "llm._offline_limits",
+                 "llm._fake_wire", "trace"),
     "interface": ("cli", "testing", ""),  # "": the package itself (its lazy public names)
 }
 # layer -> the layers it may import: definition -> engine -> ports <- adapters <- interface

@@ -26,6 +26,7 @@ from ..engine._ids import new_run_id
 from ..engine._inputs import validate_input
 from ..errors import InputError, UsageError
 from ..hooks import Hook
+from ..llm._limiter import RateLimits
 from ..store._contract import RunSummary, Store
 from ..trace._tracer import Tracer, stream_logger
 from ..types import RunRecord, RunStatus, TransitionRecord
@@ -100,7 +101,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
             earlier = await _unfinished(store, batch_id)
             stored = next((record.options.get("offline") for record, _ in earlier if record.options.get("offline")),
                           None)
-            model, options, banner, fake = model_for(args.offline or stored, loaded.machine, earlier, per_run=True)
+            model, options, banner, fake = model_for(args.offline or stored, loaded.machine, earlier, per_run=True,
+                                                     rate_limits=rate_limits(args, online=not (args.offline or stored)))
             if fake is not None:
                 fake.inputs.update({batch_run_id(batch_id, n): data for n, data in inputs.items()})
             if banner and not quiet:
@@ -127,6 +129,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.out:
         _write_results(args.out, result)
     return _report(result, args, rerun=_rerun_command(args, batch_id))
+
+
+def rate_limits(args: argparse.Namespace, *, online: bool) -> RateLimits | None:
+    """The flags' limits; online, a batch always waits for the API's own (read from its
+    headers), so many runs at once do not meet a wall of 429s."""
+    given = {"--rpm": args.rpm, "--input-tpm": args.input_tpm, "--output-tpm": args.output_tpm}
+    for flag, value in given.items():
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value} is not a limit", fix=f"give {flag} a whole number >= 1, or leave it out")
+    if not online and all(v is None for v in given.values()):
+        return None
+    return RateLimits(requests_per_minute=args.rpm, input_tokens_per_minute=args.input_tpm,
+                      output_tokens_per_minute=args.output_tpm)
 
 
 async def _unfinished(store: Store, batch_id: str) -> list[tuple[RunRecord, list[TransitionRecord]]]:

@@ -29,6 +29,7 @@ from ..engine._run import Run
 from ..errors import InputError, OrchError, UsageError
 from ..hooks import Hook
 from ..llm._client import ModelClient
+from ..llm._limiter import RateLimits
 from ..store._contract import Store
 from ..trace._tracer import Tracer, stream_logger
 from ..types import Budget, Result, RunRecord, RunResult, RunStatus, TransitionRecord, check_amount
@@ -99,8 +100,9 @@ def _read_file(path: str) -> bytes:
 
 
 def model_for(offline: str | None, machine: Machine,
-               runs: Sequence[tuple[RunRecord, Sequence[TransitionRecord]]] = (), *, per_run: bool = False
-               ) -> tuple[ModelClient | None, dict[str, Any], str | None, FakeMessagesAPI | None]:
+              runs: Sequence[tuple[RunRecord, Sequence[TransitionRecord]]] = (), *, per_run: bool = False,
+              rate_limits: RateLimits | None = None
+              ) -> tuple[ModelClient | None, dict[str, Any], str | None, FakeMessagesAPI | None]:
     """The model client for a run, the run options that let a resume pick the same one, the
     banner that labels an offline run, and the offline fake (None when online).
 
@@ -108,6 +110,7 @@ def model_for(offline: str | None, machine: Machine,
     from SCRIPT, else MACHINE.offline.json beside the module, else labelled placeholders.
     The calls a resumed run and its child runs (`runs`) already made took their answers: each
     state goes on down its list from there. `per_run`: each run down its own lists (a batch).
+    `rate_limits`: the client waits for the Messages API's limits (`RateLimiter`).
     """
     if not machine.calls_a_model:
         return None, {}, None, None
@@ -115,7 +118,7 @@ def model_for(offline: str | None, machine: Machine,
         from ..llm._anthropic import AnthropicModel
 
         AnthropicModel.check_credentials()
-        return AnthropicModel(), {}, None, None
+        return AnthropicModel(rate_limits=rate_limits), {}, None, None
     from ..llm._answer_files import answering_fake
     from ..llm._offline import FakeMessagesAPI
 
@@ -136,7 +139,8 @@ def model_for(offline: str | None, machine: Machine,
         fake.already_served(runs)
         script_path = str(Path(script_path).resolve())
     banner = OFFLINE_BANNER.format(source=script_path if script_path != "auto" else "placeholders")
-    return fake.model(), {"offline": script_path}, banner, fake
+    model = fake.model() if rate_limits is None else fake.model(rate_limits=rate_limits)
+    return model, {"offline": script_path}, banner, fake
 
 
 def _drive(args: argparse.Namespace, run_id: str, banner: str | None, *, create: bool, result: Result | None,

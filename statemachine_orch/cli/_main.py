@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name the batch (runs are ID-LINE); the same id again resumes the batch")
     p.add_argument("--out", metavar="FILE", help="write one JSON result line per input, in input order")
     p.add_argument("--strict", action="store_true", help="refuse the whole file if any line is bad")
+    p.add_argument("--rpm", type=int, metavar="N", help="at most N requests per minute (default: the API's limit, "
+                                                        "read from its headers)")
+    p.add_argument("--input-tpm", type=int, metavar="N", help="at most N input tokens per minute (default: the API's)")
+    p.add_argument("--output-tpm", type=int, metavar="N",
+                   help="at most N output tokens per minute (default: the API's)")
     _offline_option(p)
     _budget_options(p)
     p.add_argument("--json", action="store_true", help="no progress; print the summary as one JSON object")

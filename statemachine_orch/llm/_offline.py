@@ -41,8 +41,9 @@ import httpx2
 
 from ..types import RunRecord, TransitionRecord, child_place
 from ._anthropic import AnthropicModel
+from ._fake_wire import example_for_schema, json_body, message_body, streamed_body
 from ._limiter import RateLimits
-from ._offline_limits import ServerLimits, prompt_tokens
+from ._offline_limits import ServerLimits
 
 _SECRET_HEADERS = frozenset({"x-api-key", "authorization"})
 LISTEN_BACKLOG = socket.SOMAXCONN  # the served fake's pending-connection queue
@@ -181,7 +182,7 @@ class FakeMessagesAPI:
             with self._lock:
                 self.errors.append(exc)
             trace = "".join(traceback.format_exception(exc))
-            status, hdrs, data, _ = _json(500, {"type": "error", "error": {
+            status, hdrs, data, _ = json_body(500, {"type": "error", "error": {
                 "type": "api_error",
                 "message": f"the FakeMessagesAPI responder raised {type(exc).__name__}: {exc}\n{trace}"}})
             hdrs["x-should-retry"] = "false"
@@ -191,12 +192,12 @@ class FakeMessagesAPI:
                body: bytes) -> tuple[int, dict[str, str], bytes, Reply | None]:
         """Answer one HTTP request: (status, headers, body, the reply used)."""
         if method != "POST" or not path.split("?")[0].endswith("/v1/messages"):
-            return _json(404, {"type": "error", "error": {"type": "not_found_error",
+            return json_body(404, {"type": "error", "error": {"type": "not_found_error",
                                                           "message": f"{method} {path} not found"}})
         try:
             payload = json.loads(body)
         except ValueError:
-            return _json(400, {"type": "error", "error": {"type": "invalid_request_error",
+            return json_body(400, {"type": "error", "error": {"type": "invalid_request_error",
                                                           "message": "body is not JSON"}})
         refused = self.limits.admit(payload)
         if refused is not None:
@@ -215,13 +216,13 @@ class FakeMessagesAPI:
             problem: dict[str, Any] = {"type": reply.error_type, "message": reply.message}
             if reply.error_code:
                 problem["details"] = {"error_code": reply.error_code}
-            status, hdrs, data, _ = _json(reply.status, {"type": "error", "error": problem})
+            status, hdrs, data, _ = json_body(reply.status, {"type": "error", "error": problem})
             hdrs.update(self.limits.answered(payload, None) | reply.headers)
             hdrs["request-id"] = f"req_fake_{number:06d}"
             return status, hdrs, data, reply
-        message = _message(payload, reply, number)
-        status, hdrs, data, _ = _streamed(message) if payload.get("stream") else _json(200, message)
-        hdrs.update(self.limits.answered(payload, message["usage"]) | reply.headers)
+        answer = message_body(payload, reply, number)
+        status, hdrs, data, _ = streamed_body(answer) if payload.get("stream") else json_body(200, answer)
+        hdrs.update(self.limits.answered(payload, answer["usage"]) | reply.headers)
         hdrs["request-id"] = f"req_fake_{number:06d}"
         return status, hdrs, data, reply
 
@@ -371,7 +372,7 @@ def loopback_server(fake: FakeMessagesAPI, host: str, port: int) -> ThreadingHTT
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, *args: Any) -> None:
+        def logmessage(self, *args: Any) -> None:
             return None
 
     return _LoopbackServer((host, port), Handler)
@@ -432,87 +433,3 @@ def _auto_reply(request: CapturedRequest) -> Reply:
     if tools:
         return Reply(data=example_for_schema(tools[0].get("input_schema") or {}))
     return Reply(text=f"[offline placeholder answer for {request.state or 'this step'}]")
-
-
-def example_for_schema(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> Any:
-    """A small value that satisfies a pydantic-generated JSON schema (for placeholder answers)."""
-    defs = defs if defs is not None else schema.get("$defs", {})
-    if "$ref" in schema:
-        return example_for_schema(defs.get(schema["$ref"].split("/")[-1], {}), defs)
-    for key in ("anyOf", "oneOf", "allOf"):
-        if key in schema:
-            return example_for_schema(schema[key][0], defs)
-    if "enum" in schema:
-        return schema["enum"][0]
-    if "const" in schema:
-        return schema["const"]
-    if "default" in schema:
-        return schema["default"]
-    kind = schema.get("type")
-    if kind == "object" or "properties" in schema:
-        props = schema.get("properties", {})
-        return {name: example_for_schema(props[name], defs) for name in schema.get("required", props)}
-    if kind == "array":
-        return []
-    if kind == "integer":
-        return int(schema.get("minimum", 0))
-    if kind == "number":
-        return float(schema.get("minimum", 0))
-    if kind == "boolean":
-        return False
-    if kind == "null":
-        return None
-    return "example"
-
-
-def _message(request: dict[str, Any], reply: Reply, number: int) -> dict[str, Any]:
-    if reply.data is not None:
-        tools = request.get("tools") or [{}]
-        name = (request.get("tool_choice") or {}).get("name") or tools[0].get("name", "tool")
-        content: list[dict[str, Any]] = [{"type": "tool_use", "id": f"toolu_fake_{number:06d}",
-                                          "name": name, "input": reply.data}]
-        stop = reply.stop_reason or "tool_use"
-        out_chars = len(json.dumps(reply.data))
-    else:
-        text = reply.text or ""
-        content = [{"type": "text", "text": text}]
-        stop = reply.stop_reason or "end_turn"
-        out_chars = len(text)
-    return {
-        "id": f"msg_fake_{number:06d}", "type": "message", "role": "assistant",
-        "model": request.get("model", "unknown"), "content": content, "stop_reason": stop,
-        "stop_sequence": None,
-        "usage": {"input_tokens": reply.input_tokens if reply.input_tokens is not None
-                  else prompt_tokens(request),
-                  "output_tokens": reply.output_tokens if reply.output_tokens is not None
-                  else max(1, out_chars // 4),
-                  "cache_read_input_tokens": reply.cache_read_tokens,
-                  "cache_creation_input_tokens": reply.cache_write_tokens},
-    }
-
-
-def _streamed(message: dict[str, Any]) -> tuple[int, dict[str, str], bytes, None]:
-    """The message as the Messages API streams it (`"stream": true`): server-sent events, its
-    usage in `message_start` but for the output tokens, which `message_delta` brings."""
-    usage = message["usage"]
-    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
-             "usage": {**usage, "output_tokens": 1}}
-    events: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
-    for index, block in enumerate(message["content"]):
-        if block["type"] == "tool_use":
-            empty, delta = {**block, "input": {}}, {"type": "input_json_delta",
-                                                    "partial_json": json.dumps(block["input"])}
-        else:
-            empty, delta = {**block, "text": ""}, {"type": "text_delta", "text": block["text"]}
-        events += [{"type": "content_block_start", "index": index, "content_block": empty},
-                   {"type": "content_block_delta", "index": index, "delta": delta},
-                   {"type": "content_block_stop", "index": index}]
-    events += [{"type": "message_delta", "usage": {"output_tokens": usage["output_tokens"]},
-                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]}},
-               {"type": "message_stop"}]
-    body = "".join(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n" for event in events)
-    return 200, {"content-type": "text/event-stream"}, body.encode(), None
-
-
-def _json(status: int, payload: dict[str, Any]) -> tuple[int, dict[str, str], bytes, None]:
-    return status, {"content-type": "application/json"}, json.dumps(payload).encode(), None
