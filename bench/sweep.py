@@ -8,7 +8,8 @@
    Burr, pydantic-graph 1.x, DBOS and ours. run_all.py passes no per-row environment, so the
    FULL and traced variants are tiny generated wrappers that set it and then run
    bench/bench_orch.py; each measures only the mode its setting changes (not D).
-2. Runs bench/store_scale.py (100,000 runs; 2,000 with --quick) and bench/map_fanout.py (a
+2. Runs bench/store_scale.py (100,000 runs; 2,000 with --quick), bench/batch_throughput.py
+   (`orch batch`, 10,000 inputs at 3,000 requests/minute; 300 at 600 with --quick) and bench/map_fanout.py (a
    map state of 100 items against its ideal).
 3. Writes the page (machine, results, ratios against the issue's targets, store scale, how to
    reproduce) and the raw JSON. The block between `<!-- notes -->` and `<!-- /notes -->` is
@@ -136,6 +137,44 @@ def run_map_fanout(quick: bool) -> dict[str, Any]:
         return {"error": f"map_fanout.py exited {proc.returncode}"}
     result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
     return result
+
+
+def run_batch_throughput(quick: bool) -> dict[str, Any]:
+    size = ["--inputs", "300", "--rpm", "600"] if quick else ["--inputs", "10000", "--rpm", "3000"]
+    proc = subprocess.run([sys.executable, str(BENCH / "batch_throughput.py"), "--json", *size],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": f"batch_throughput.py exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+def batch_section(b: dict[str, Any]) -> list[str]:
+    if "error" in b:
+        return [f"batch_throughput.py failed: {b['error']}"]
+    t, c = b["throughput"], b["crash"]
+    fraction = t["rpm_fraction_of_limit"]
+    table = [
+        ("throughput against the limit", f"{t['rpm_beyond_the_first_minute']:.0f} requests/min "
+         f"({fraction:.1%} of {t['rpm_limit']})", ">= 90 %", verdict(fraction, 0.9, at_least=True)),
+        ("429s the fake sent", str(t["rejected_429"]), "0 once the limiter has read the headers",
+         met(t["rejected_429"] == 0)),
+        ("peak RSS of `orch batch`", f"{t['peak_rss_mb']:.0f} MB", "<= 150 MB", verdict(t["peak_rss_mb"], 150.0)),
+        ("CPU time per step (the whole command, start-up included)", f"{t['cpu_ms_per_step']:.2f} ms", "reported",
+         ""),
+        ("killed at 50 %, rerun: committed steps requested again", str(c["committed_steps_requested_again"]), "0",
+         met(c["committed_steps_requested_again"] == 0)),
+    ]
+    return [f"`orch batch` over {t['inputs']:,} inputs x 3 LLM steps against the loopback fake: every call "
+            f"answered after 50 ms, the fake enforcing {t['rpm_limit']:,} requests per minute with the API's "
+            "`anthropic-ratelimit-*` headers and 429s (its bucket starts full: the first minute's worth goes at "
+            "once, so the rate counts the requests beyond it, over the whole run). The limiter learns the limit from "
+            f"the headers (no `--rpm`). {t['completed']:,} runs completed in {t['wall_s']:.0f} s, "
+            f"{t['requests']:,} requests. Then the same batch without limit or delay, SIGKILLed after "
+            f"{c['killed_after_requests']:,} answered calls ({c['committed_before_kill']:,} steps committed) and run "
+            f"again: {c['completed_after_rerun']:,} runs completed; {c['in_flight_steps_requested_again']} steps in "
+            "flight at the kill were requested again (at-least-once for a call in flight).", "",
+            "| what | measured | target | |", "|---|---|---|---|", *("| " + " | ".join(row) + " |" for row in table)]
 
 
 def fanout_section(f: dict[str, Any]) -> list[str]:
@@ -375,8 +414,8 @@ def store_section(s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str, Any], fanout: dict[str, Any], *,
-           quick: bool, notes: str, command: str, raw: str) -> tuple[str, dict[str, Any]]:
+def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str, Any], fanout: dict[str, Any],
+           batch: dict[str, Any], *, quick: bool, notes: str, command: str, raw: str) -> tuple[str, dict[str, Any]]:
     """The page (with `notes` kept verbatim) and the ratios it shows."""
     target_lines, ratios = targets(results)
     durable_lines, durable_ratios = durable_section(results)
@@ -412,6 +451,8 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str,
         *store_section(store), "",
         "## Map state fan-out", "",
         *fanout_section(fanout), "",
+        "## orch batch against a rate limit", "",
+        *batch_section(batch), "",
         NOTES_OPEN, notes.strip("\n"), NOTES_CLOSE, "",
         "## Reproduce", "",
         "```bash", command, "```", "",
@@ -456,18 +497,20 @@ def main(argv: list[str] | None = None) -> int:
         results, code = run_peers(anchors, venvs, Path(tmp), args.quick)
     store = run_store_scale(args.store_runs or (2_000 if args.quick else 100_000))
     fanout = run_map_fanout(args.quick)
+    batch = run_batch_throughput(args.quick)
 
     command = reproduce_command(sys.argv[1:] if argv is None else argv)
     shown_raw = str(raw.resolve().relative_to(ROOT)) if raw.resolve().is_relative_to(ROOT) else str(raw)
-    page, ratios = render(info, results, store, fanout, quick=args.quick, notes=kept_notes(out), command=command,
+    page, ratios = render(info, results, store, fanout, batch, quick=args.quick, notes=kept_notes(out), command=command,
                           raw=shown_raw)
     for path in (out, raw):
         path.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     raw.write_text(json.dumps({"machine": info, "quick": args.quick, "command": command, "ratios": ratios,
-                               "results": results, "store_scale": store, "map_fanout": fanout}, indent=1) + "\n")
+                               "results": results, "store_scale": store, "map_fanout": fanout,
+                               "batch_throughput": batch}, indent=1) + "\n")
     print(f"wrote {out} and {raw}")
-    return 1 if code != 0 or "error" in store or "error" in fanout or not results else 0
+    return 1 if code != 0 or "error" in store or "error" in fanout or "error" in batch or not results else 0
 
 
 if __name__ == "__main__":

@@ -193,6 +193,32 @@ def test_map_fanout_reports_its_ratio_to_the_ideal_and_memory_per_item() -> None
     assert result["median_s"] > 0 and result["ratio_to_ideal"] > 0 and result["peak_bytes_per_item"] > 0
 
 
+def test_batch_throughput_reports_its_figures_and_no_committed_step_requested_twice() -> None:
+    """`orch batch` against the rate-limited fake, tiny: the figures are there, every run completes,
+    and the batch killed half-way and run again requests no committed step twice."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "batch_throughput.py"), "--inputs", "12", "--rpm", "600", "--concurrency", "4",
+         "--delay-ms", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    throughput, crash = figures["throughput"], figures["crash"]
+    assert (throughput["completed"], throughput["requests"], throughput["rejected_429"]) == (12, 36, 0)
+    assert throughput["peak_rss_mb"] > 0 and throughput["cpu_ms_per_step"] > 0
+    assert crash["completed_after_rerun"] == 12 and crash["committed_before_kill"] > 0
+    assert crash["committed_steps_requested_again"] == 0
+
+
+def test_the_batch_section_judges_the_targets(sweep: ModuleType) -> None:
+    page, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, BATCH, quick=False, notes="", command="c", raw="r")
+    section = page.split("## orch batch against a rate limit")[1].split("\n## ")[0]
+    assert "2950 requests/min (98.3% of 3000)" in section
+    assert section.count("| met |") == 4 and "NOT met" not in section
+    slow = {**BATCH, "throughput": {**BATCH["throughput"], "rpm_fraction_of_limit": 0.5,
+                                    "rpm_beyond_the_first_minute": 1500.0}}
+    page, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, slow, quick=False, notes="", command="c", raw="r")
+    assert "NOT met" in page.split("## orch batch against a rate limit")[1].split("\n## ")[0]
+
+
 def test_store_scale_reports_sizes_and_every_command(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH / "store_scale.py"), "--runs", "20", "--reps", "1", "--db", str(tmp_path / "s.db")],
@@ -255,12 +281,18 @@ RESULTS_D = [
 STORE = {"error": "store_scale.py exited 1"}
 FANOUT = {"items": 100, "concurrency": 10, "delay_ms": 50.0, "ideal_s": 0.5, "median_s": 0.7, "ratio_to_ideal": 1.4,
           "runs": 5, "peak_bytes_per_item": 5120}
+BATCH: dict[str, Any] = {
+    "throughput": {"inputs": 10000, "steps": 30000, "requests": 30000, "completed": 10000, "wall_s": 560.0,
+                   "rpm_limit": 3000, "rpm_beyond_the_first_minute": 2950.0, "rpm_fraction_of_limit": 0.9833,
+                   "rejected_429": 0, "peak_rss_mb": 120.0, "cpu_s": 90.0, "cpu_ms_per_step": 3.0},
+    "crash": {"killed_after_requests": 15000, "committed_before_kill": 14980, "completed_after_rerun": 10000,
+              "committed_steps_requested_again": 0, "in_flight_steps_requested_again": 20}}
 INFO = {"cpu": "cpu", "cores": 2, "python": "3.11.7", "sqlite": "3.40.1", "os": "Linux", "date": "2026-01-01 00:00 UTC",
         "load_average": [1.0, 1.0, 1.0], "commit": "abc1234"}
 
 
 def test_the_page_judges_every_target(sweep: ModuleType) -> None:
-    page, ratios = sweep.render(INFO, RESULTS, STORE, FANOUT, quick=False, notes=sweep.NOTES_DEFAULT,
+    page, ratios = sweep.render(INFO, RESULTS, STORE, FANOUT, BATCH, quick=False, notes=sweep.NOTES_DEFAULT,
                                 command="cmd", raw="r")
 
     assert "| A: orch / transitions | 0.50x | <= 0.75x | met |" in page
@@ -277,7 +309,7 @@ def test_the_page_judges_every_target(sweep: ModuleType) -> None:
 
 
 def test_the_page_judges_mode_d_apart_from_a_b_c(sweep: ModuleType) -> None:
-    page, ratios = sweep.render(INFO, RESULTS + RESULTS_D, STORE, FANOUT, quick=False, notes=sweep.NOTES_DEFAULT,
+    page, ratios = sweep.render(INFO, RESULTS + RESULTS_D, STORE, FANOUT, BATCH, quick=False, notes=sweep.NOTES_DEFAULT,
                                 command="cmd", raw="r")
     results_table = page[page.index("## Results"):page.index("## Targets")]
     durable = page[page.index("## Mode D"):page.index("## Store scale")]
@@ -304,7 +336,8 @@ def test_mode_d_fails_on_a_missing_step_or_a_close_peer(sweep: ModuleType) -> No
     slower = [_row("orch", "D", **{**DURABLE, "wall_s": 0.42, "ratio_to_floor_wall": 1.2, "steps_verified": 4999,
                                    "d_flags": ["MISSING STEPS in 1 of 3 reps"]}) if r["key"] == "orch" else r
               for r in RESULTS_D]
-    page, ratios = sweep.render(INFO, RESULTS + slower, STORE, FANOUT, quick=False, notes="", command="c", raw="r")
+    page, ratios = sweep.render(INFO, RESULTS + slower, STORE, FANOUT, BATCH, quick=False, notes="", command="c",
+                                raw="r")
 
     assert "| D: orch wall / group-commit floor | 1.20x | <= 1.10x | **NOT met** |" in page
     assert "| D: every peer / orch, x floor (the closest) | 3.58x (vs burr) | >= 4.00x each | **NOT met** |" in page
@@ -334,11 +367,11 @@ def test_the_sweep_runs_the_harness_again_in_mode_d_with_the_persisting_rows(swe
 
 def test_the_notes_block_survives_a_rewrite(sweep: ModuleType, tmp_path: Path) -> None:
     page = tmp_path / "performance.md"
-    first, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, quick=True, notes=sweep.kept_notes(page),
+    first, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, BATCH, quick=True, notes=sweep.kept_notes(page),
                              command="c", raw="r")
     page.write_text(first.replace("_Written by hand", "The engine spends its time in X.\n\n_Written by hand"))
 
-    second, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, quick=True, notes=sweep.kept_notes(page),
+    second, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, BATCH, quick=True, notes=sweep.kept_notes(page),
                              command="c", raw="r")
     assert second.count("The engine spends its time in X.") == 1
     assert second.count(sweep.NOTES_OPEN) == 1 and "QUICK run" in second

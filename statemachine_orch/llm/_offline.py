@@ -372,7 +372,7 @@ def loopback_server(fake: FakeMessagesAPI, host: str, port: int) -> ThreadingHTT
             self.end_headers()
             self.wfile.write(data)
 
-        def logmessage(self, *args: Any) -> None:
+        def log_message(self, *args: Any) -> None:
             return None
 
     return _LoopbackServer((host, port), Handler)
