@@ -196,6 +196,45 @@ class Orch:
                 proc.communicate(timeout=30)
 
 
+def tty_stderr(args: Sequence[str | Path], env: Mapping[str, str], *, columns: int = 120,
+               timeout: float = 60) -> tuple[int, str, str]:
+    """(exit code, stdout, what reached the terminal) of `orch ARGS` whose stderr is a terminal
+    (a pseudo-terminal `columns` wide) and whose stdout is a pipe."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    seen: list[bytes] = []
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's last writer has gone
+                return
+            if not chunk:
+                return
+            seen.append(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    try:
+        proc = subprocess.Popen(orch_command() + [str(a) for a in args], env={**os.environ, **env},
+                                stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, text=True)
+        os.close(slave)
+        slave = -1
+        reader.start()
+        stdout, _ = proc.communicate(timeout=timeout)
+        reader.join(timeout=timeout)
+    finally:
+        if slave != -1:
+            os.close(slave)
+        os.close(master)
+    return proc.returncode, stdout, b"".join(seen).decode("utf-8", "replace")
+
+
 @contextmanager
 def offline_environment() -> Iterator[None]:
     """tests/conftest.py's offline environment, for module-scoped fixtures (set up before it applies)."""
@@ -846,6 +885,11 @@ def committed_states(db: Path, run_id: str) -> list[str]:
 
 def requested_states(requests: Sequence[CapturedRequest], run_id: str) -> Counter[str]:
     return Counter(r.state or "" for r in requests if r.run_id == run_id)
+
+
+def step_calls(requests: Sequence[CapturedRequest]) -> Counter[tuple[str, str]]:
+    """Requests per (run id, state): a step asked twice counts 2."""
+    return Counter((r.run_id or "", r.state or "") for r in list(requests))
 
 
 def tally(states: Sequence[str]) -> Counter[str]:
