@@ -250,8 +250,6 @@ def test_request_stop_starts_no_more_runs_and_a_rerun_finishes_without_paying_tw
     assert all(after[step] == 1 for step in before)  # nothing asked before was asked again
 
 
-@pytest.mark.xfail(strict=True, reason="BatchResult.stopped is False when every input had begun before the stop: "
-                                       "_batch.Batch.run counts interrupted runs as finished")
 def test_a_batch_stopped_while_every_input_was_running_says_it_stopped(
         engine: Engine, fake: FakeMessagesAPI) -> None:
     batch = engine.batch(three_steps(), topics("owls"), batch_id="T", concurrency=1)

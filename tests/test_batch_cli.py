@@ -283,8 +283,6 @@ def test_usage_errors_exit_2_with_one_line(router_batch: RouterBatch, tmp_path: 
     assert not (tmp_path / "none.db").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="cli/_batch.py checks --concurrency and --batch-id only once the store is "
-                                       "open (and the offline banner printed): the database file is created")
 @pytest.mark.parametrize("flags", [["--concurrency", "0"], ["--batch-id", "no spaces allowed"]])
 def test_bad_flags_are_refused_before_a_database_is_created(tmp_path: Path, flags: list[str]) -> None:
     result = Orch(tmp_path / "orch.db")("batch", ROUTER, "--inputs", ROUTER_BATCH, "--offline", *flags)
@@ -324,8 +322,6 @@ def test_a_failed_run_is_listed_and_the_summary_says_how_to_resume(tmp_path: Pat
         "F-1": "completed", "F-2": "failed", "F-3": "completed"}
 
 
-@pytest.mark.xfail(strict=True, reason="offline resume ignores by_input rules when counting answers served: "
-                                       "cli/_batch.py fills fake.inputs after model_for() ran already_served()")
 def test_a_rerun_goes_on_down_an_input_rules_answers(tmp_path: Path) -> None:
     machine, inputs = three_steps(tmp_path, 3)
     answers = write(tmp_path / "answers.json", json.dumps(FAILING_ANSWERS))
@@ -337,7 +333,6 @@ def test_a_rerun_goes_on_down_an_input_rules_answers(tmp_path: Path) -> None:
     assert jsonl(tmp_path / "res.jsonl")[1]["outputs"]["draft"] == "a draft at last"
 
 
-@pytest.mark.xfail(strict=True, reason="cli/_batch.py _rerun_command joins the arguments with spaces, unquoted")
 def test_the_resume_hint_quotes_paths_with_spaces(tmp_path: Path) -> None:
     folder = tmp_path / "my batches"
     folder.mkdir()

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from ..definition._loader import load_machine
 from ..definition._machine import Machine
 from ..engine._batch import Batch, BatchResult, batch_run_id
 from ..engine._engine import Engine
-from ..engine._ids import new_run_id
+from ..engine._ids import check_run_id, new_run_id
 from ..engine._inputs import validate_input
 from ..errors import InputError, UsageError
 from ..hooks import Hook
@@ -54,7 +55,7 @@ def read_inputs(path: str, machine: Machine) -> tuple[dict[int, dict[str, Any]],
                 if not line.strip():
                     continue
                 try:
-                    data = json.loads(line, parse_constant=not_json)
+                    data = json.loads(line.strip(), parse_constant=not_json)
                     if not isinstance(data, dict):
                         raise ValueError(f"a line is one JSON object, not {type(data).__name__}")
                     validate_input(machine, data)
@@ -89,7 +90,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"orch: ... and {len(bad) - MAX_SHOWN} more bad line(s)", file=sys.stderr)
     if not inputs:
         raise InputError(f"{where} has no input to run", fix="give one JSON object per line")
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency {args.concurrency} is not a number of runs", fix="give 1 or more")
     batch_id = args.batch_id or new_run_id()
+    try:
+        check_run_id(batch_run_id(batch_id, max(inputs)))
+    except UsageError:
+        raise UsageError(f"--batch-id {batch_id!r} is not valid", fix="use letters, digits, '.', '_' or '-', short "
+                         "enough that ID-LINE is at most 64 characters") from None
     kill = KillPoints.from_env()
     quiet = bool(args.quiet or args.json)
     log_json = bool(args.log_json) or os.environ.get("ORCH_LOG_JSON", "") not in ("", "0")
@@ -189,7 +197,7 @@ def _rerun_command(args: argparse.Namespace, batch_id: str) -> str:
         parts[1:1] = ["--db", args.db]
     if args.offline:
         parts += ["--offline"] + ([] if args.offline == "auto" else [args.offline])
-    return " ".join(parts)
+    return shlex.join(parts)
 
 
 def _write_results(path: str, result: BatchResult) -> None:

@@ -104,7 +104,8 @@ class Batch:
         await asyncio.gather(*(self._work(todo, known) for _ in range(min(self.concurrency, len(self.inputs)))))
         return BatchResult(batch_id=self.batch_id, results=dict(sorted(self.results.items())),
                            errors=dict(sorted(self.errors.items())), progress=self.progress,
-                           stopped=self._stop is not None and self.progress.finished < self.progress.total)
+                           stopped=self._stop is not None and (self.progress.finished < self.progress.total
+                                                               or self.progress.interrupted > 0))
 
     def request_stop(self, grace_s: float = 30.0) -> None:
         """Start no more runs, and stop the ones in flight before their next step (a step in

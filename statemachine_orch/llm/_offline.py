@@ -234,6 +234,8 @@ class FakeMessagesAPI:
         answered or was in flight."""
         with self._lock:
             for record, log in runs:
+                if record.parent is None:  # its input picks its `on_input` answers
+                    self.inputs.setdefault(record.run_id, record.input)
                 for state, model in _calls_of(log, record.in_flight or {}):
                     self._position(self._key(state, model, record.run_id), record.run_id)
         return self
