@@ -1966,7 +1966,8 @@ ALLOWED_SQL_PARTS = {
     "CHAINED_ATTEMPT_COLUMNS": "a constant list of column names",
     "SCHEMA_VERSION": "an int constant",
     "APPLICATION_ID": "an int constant",
-    "'OFF' if marks else self.synchronous": "checked to be 'FULL' or 'NORMAL' before the connection is made",
+    "synchronous": "the store's setting, checked to be 'FULL' or 'NORMAL' before any connection is made, or "
+                   "'OFF' for the in-flight marks' connection",
 }
 
 

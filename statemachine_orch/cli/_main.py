@@ -44,11 +44,10 @@ def _driving(name: str) -> Callable[[argparse.Namespace], int]:
     the engine, pydantic or structlog."""
 
     def call(args: argparse.Namespace) -> int:
-        import importlib
+        from . import _batch, _drive
 
         module, _, function = name.rpartition(".")
-        command: Callable[[argparse.Namespace], int] = getattr(
-            importlib.import_module(f".{module or '_drive'}", __package__), function)
+        command: Callable[[argparse.Namespace], int] = getattr(_batch if module == "_batch" else _drive, function)
         return command(args)
 
     return call
