@@ -236,7 +236,7 @@ def test_bad_lines_are_reported_by_number_and_the_good_ones_run(tmp_path: Path) 
     assert "Traceback" not in result.stderr
     assert result.stdout.startswith("batch M: 2 completed (0 before), 0 failed, 0 interrupted, 3 not started; ")
     assert [line.split(":")[0] for line in result.stdout.splitlines()[1:]] == [
-        "  line 2", "  line 3", "  line 4"]
+        "paths", "  line 2", "  line 3", "  line 4"]
     assert sorted(r["run_id"] for r in query(db, "SELECT run_id FROM runs")) == ["M-1", "M-6"]
     assert [(r["line"], r["run_id"], r["status"]) for r in jsonl(out)] == [
         (1, "M-1", "completed"), (2, None, "not_started"), (3, None, "not_started"), (4, None, "not_started"),

@@ -473,11 +473,19 @@ def test_live_mode_without_an_api_key_exits_2_and_stores_nothing(
 def test_demo_runs_logs_and_replays_offline_from_any_directory(tmp_path: Path) -> None:
     result = run_orch("demo", cwd=tmp_path)  # no machines/ here: the demo ships with the package
     assert result.code == 0, result.stderr
-    (run,) = query(tmp_path / "orch.db", "SELECT run_id, status FROM runs")
+    (run,) = query(tmp_path / "orch.db", "SELECT run_id, status FROM runs WHERE batch_id IS NULL")
     assert run["status"] == "completed"
     assert f"replay {run['run_id']}: matches the recording" in result.stdout
-    steps = query(tmp_path / "orch.db", "SELECT from_state FROM transitions ORDER BY seq")
+    steps = query(tmp_path / "orch.db", "SELECT from_state FROM transitions WHERE run_id = ? ORDER BY seq",
+                  run["run_id"])
     assert [row["from_state"] for row in steps] == list(REPORT_STATES)
+    batch = query(tmp_path / "orch.db", "SELECT r.status, group_concat(t.from_state, ' ') AS path FROM runs r "
+                                        "JOIN transitions t USING (run_id) WHERE r.batch_id IS NOT NULL "
+                                        "GROUP BY r.run_id ORDER BY r.run_id")
+    assert [row["status"] for row in batch] == ["completed"] * 6
+    assert {row["path"].split()[-1] for row in batch} == {"upsell", "support", "standard_reply"}
+    assert "6 completed (0 before)" in result.stdout
+    assert "2 x sentiment_analysis -> upsell" in result.stdout and "2 x sentiment_analysis -> support" in result.stdout
 
 
 # --------------------------------------------------------------------------- replay

@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from ._progress import Progress
 from ._render import one_line, print_table, usd
 
 MAX_SHOWN = 20  # bad lines and failures listed one by one; the rest are counted
+MAX_PATHS = 5  # the most common paths the finished runs took, in the summary
 
 
 def read_inputs(path: str, machine: Machine) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
@@ -226,6 +228,10 @@ def _report(result: BatchResult, args: argparse.Namespace, *, rerun: str) -> int
         print(f"batch {result.batch_id}: {p.completed} completed ({p.already_done} before), {p.failed} failed, "
               f"{p.interrupted} interrupted, {not_started} not started; {p.usage.input_tokens} in / "
               f"{p.usage.output_tokens} out tokens, {usd(p.cost_usd)}")
+        paths = Counter(" -> ".join(r.path) for r in result.results.values() if r.status.finished)
+        if paths:
+            print("paths: " + ", ".join(f"{n} x {path or '(no steps)'}" for path, n in paths.most_common(MAX_PATHS))
+                  + (f", and {len(paths) - MAX_PATHS} more" if len(paths) > MAX_PATHS else ""))
         failures = [(n, r.run_id, r.status.value, r.error) for n, r in result.results.items()
                     if not r.status.finished and r.status is not RunStatus.INTERRUPTED]
         failures += [(n, "-", "not started", e) for n, e in result.errors.items()]

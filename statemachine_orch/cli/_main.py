@@ -54,15 +54,16 @@ def _driving(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the report machine offline, print its log, replay it: each an `orch` command. The
-    machine, its input and its answers ship with the package (`statemachine_orch.examples`,
-    machines/ in a checkout), so the demo runs from any directory."""
+    """Run the report machine offline, print its log, replay it, then a routing batch: each an
+    `orch` command. The machines, their inputs and their answers ship with the package
+    (`statemachine_orch.examples`, machines/ in a checkout), so the demo runs from any directory."""
     examples = importlib.resources.files("statemachine_orch.examples")
-    machine, data = examples / "report.py", examples / "report_input.json"
-    if not (isinstance(machine, Path) and machine.is_file() and isinstance(data, Path)):
-        raise UsageError(f"orch demo cannot find the example machine in {examples}",
+    files = [examples / name for name in ("report.py", "report_input.json", "support_router.py",
+                                          "support_router_batch.jsonl")]
+    if not all(isinstance(f, Path) and f.is_file() for f in files):
+        raise UsageError(f"orch demo cannot find the example machines in {examples}",
                          fix="reinstall statemachine-orch")
-    machine_file, input_file = str(machine), str(data)
+    machine_file, input_file, router_file, tickets_file = map(str, files)
     from ..engine._ids import new_run_id
 
     run_id = "demo-" + new_run_id()
@@ -71,15 +72,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base += [part for option, value in (("--db", args.db), ("--sync", args.sync),
                                         ("--prices", args.prices)) if value
              for part in (option, value)]
+    batch_id = "demo-batch-" + run_id.removeprefix("demo-")
     for step in (["run", machine_file, "--input", input_file, "--offline", "--run-id", run_id],
                  ["log", run_id],
-                 ["replay", run_id]):
+                 ["replay", run_id],
+                 ["batch", router_file, "--inputs", tickets_file, "--offline", "--batch-id", batch_id,
+                  "--concurrency", "3"]):
         print(f"\n$ orch {' '.join(base + step)}", flush=True)
         code = main(base + step)
         sys.stdout.flush()
         if code:
             return code
-    print(f"\nDone. Next: orch show {run_id}   orch runs   orch graph {machine_file}")
+    print(f"\nDone. Next: orch show {run_id}   orch batch status {batch_id}   orch graph {machine_file}")
     return 0
 
 
@@ -198,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("validate", "cmd_validate", "check a machine definition (exit 0 valid, 2 invalid)")
     p.add_argument("machine", metavar="MACHINE")
 
-    command("demo", cmd_demo, "run the report machine offline, then show its log and replay it")
+    command("demo", cmd_demo, "run the report machine offline, show its log and replay it, then a routing batch")
     return parser
 
 
