@@ -20,6 +20,7 @@ from statemachine_orch import (
     BatchProgress,
     BatchResult,
     Engine,
+    Hook,
     LLMState,
     Machine,
     PythonState,
@@ -325,3 +326,32 @@ def test_the_audit_chain_covers_a_runs_batch(engine: Engine, tmp_path: Path) -> 
         problem = asyncio.run(store.verify_chain(run_id))
         assert problem is not None and "runs row does not match its hash" in problem, run_id
     assert asyncio.run(store.verify_chain("A-3")) is None  # the untouched run still verifies
+
+
+class FailsOnce(Hook):
+    """A hook that raises once, after run `run_id` commits its first step (a metrics endpoint down)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id, self.raised = run_id, False
+
+    def after_commit(self, record: Any, step: Any) -> None:
+        if record.run_id == self.run_id and not self.raised:
+            self.raised = True
+            raise RuntimeError("metrics endpoint down")
+
+
+def test_one_runs_exception_stops_that_run_only(tmp_path: Path, fake: FakeMessagesAPI) -> None:
+    """A run that raises (a hook, the store) is stopped alone: the batch goes on, its result says
+    why, and nothing is left running (it once aborted the batch and left the others going)."""
+    with Engine(open_store(tmp_path / "h.db"), model=fake.model(), hooks=[FailsOnce("H-2")]) as engine:
+        result = engine.run_many(three_steps(), topics(), batch_id="H", concurrency=3)
+        statuses = {s.run_id: s.status for s in asyncio.run(engine.store.list_runs(batch="H", limit=None))}
+    assert result.results[2].status is RunStatus.INTERRUPTED
+    assert result.results[2].error == "RuntimeError: metrics endpoint down"
+    assert [result.results[n].status for n in (1, 3, 4, 5)] == [RunStatus.COMPLETED] * 4
+    assert statuses["H-2"] is RunStatus.INTERRUPTED and list(statuses.values()).count(RunStatus.COMPLETED) == 4
+
+
+def test_an_empty_batch_id_is_refused(engine: Engine) -> None:
+    with pytest.raises(UsageError, match="is not valid"):
+        engine.batch(three_steps(), topics(), batch_id="")

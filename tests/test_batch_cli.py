@@ -278,12 +278,15 @@ def test_usage_errors_exit_2_with_one_line(router_batch: RouterBatch, tmp_path: 
     assert no_inputs.code == 2 and "--inputs" in one_error_line(no_inputs)
     no_id = cli("batch", "status")
     assert no_id.code == 2 and "needs a batch id" in one_error_line(no_id)
+    for empty in (("batch", "status", ""), ("runs", "--batch", "")):  # an unset shell variable
+        refused = cli(*empty)
+        assert refused.code == 2 and "the batch id is empty" in one_error_line(refused)
     extra = cli("batch", ROUTER, "B")
     assert extra.code == 2 and "unexpected argument 'B'" in one_error_line(extra)
     assert not (tmp_path / "none.db").exists()
 
 
-@pytest.mark.parametrize("flags", [["--concurrency", "0"], ["--batch-id", "no spaces allowed"]])
+@pytest.mark.parametrize("flags", [["--concurrency", "0"], ["--batch-id", "no spaces allowed"], ["--batch-id", ""]])
 def test_bad_flags_are_refused_before_a_database_is_created(tmp_path: Path, flags: list[str]) -> None:
     result = Orch(tmp_path / "orch.db")("batch", ROUTER, "--inputs", ROUTER_BATCH, "--offline", *flags)
     assert result.code == 2  # holds
@@ -410,3 +413,15 @@ def test_ctrl_c_stops_the_batch_and_the_hinted_command_finishes_it(
     assert finished.stdout.startswith("batch C: 8 completed (0 before), 0 failed, 0 interrupted, 0 not started; ")
     assert step_calls(fake.requests) == Counter({(f"C-{n}", s): 1 for n in range(1, 9) for s in STEPS})
 
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path: Path) -> None:
+    """A file saved with a BOM (as some editors on Windows do) runs every line."""
+    lines = ROUTER_BATCH.read_text(encoding="utf-8")
+    inputs = tmp_path / "bom.jsonl"
+    inputs.write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    with offline_environment():
+        result = Orch(tmp_path / "orch.db")("batch", ROUTER, "--inputs", inputs, "--offline", "--batch-id", "M",
+                                            "--strict", "-q")
+    assert result.code == 0, result.stderr
+    assert len(query(tmp_path / "orch.db", "SELECT run_id FROM runs")) == len(lines.splitlines())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from statemachine_orch import (
     RunRecord,
     SQLiteStore,
     StepContext,
+    StoreError,
     TransitionRecord,
 )
 from statemachine_orch.store._owner import Owner
@@ -120,3 +123,106 @@ def test_a_cancelled_writer_still_waits_for_its_write(tmp_path: Path) -> None:
 
     asyncio.run(go())
     asyncio.run(store.close())
+
+
+def _create_t(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+
+
+def _insert(conn: sqlite3.Connection, x: int, pause_s: float = 0.0) -> None:
+    time.sleep(pause_s)  # a slow disk, or a lock another process holds
+    conn.execute("INSERT INTO t VALUES (?)", (x,))
+
+
+def _rows(db: Path) -> int:
+    with closing(sqlite3.connect(db)) as conn:
+        count: int = conn.execute("SELECT count(*) FROM t").fetchone()[0]
+        return count
+
+
+def test_a_ctrl_c_inside_a_commit_does_not_stop_later_writes_or_close(tmp_path: Path) -> None:
+    """Ctrl-C raised inside a lone commit reaches the event loop, and its writer hears a
+    StoreError; the writes after it still commit and the store still closes (it once left the
+    queue waiting for a flush that never came)."""
+    store = SQLiteStore(tmp_path / "k.db")
+
+    def interrupted(conn: sqlite3.Connection) -> None:
+        _create_t(conn)
+        raise KeyboardInterrupt
+
+    loop = asyncio.new_event_loop()
+    try:
+        first = loop.create_task(store._writes.write(interrupted))
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(first)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert isinstance(first.exception(), StoreError)
+
+        async def later() -> None:
+            await asyncio.wait_for(store._writes.write(_create_t), 5)
+            await asyncio.wait_for(store._writes.write(_insert, 1), 5)
+            await asyncio.wait_for(store.close(), 5)
+
+        loop.run_until_complete(later())
+    finally:
+        loop.close()
+    assert _rows(tmp_path / "k.db") == 1
+
+
+def test_a_writer_cancelled_twice_still_waits_for_its_own_write(tmp_path: Path) -> None:
+    db = tmp_path / "c2.db"
+    store = SQLiteStore(db)
+
+    async def go() -> int:
+        await store._writes.write(_create_t)
+        a = asyncio.ensure_future(store._writes.write(_insert, 1, 0.3))
+        b = asyncio.ensure_future(store._writes.write(_insert, 2, 0.3))  # two at once: a group, in the worker
+        await asyncio.sleep(0.1)
+        a.cancel()
+        await asyncio.sleep(0.05)
+        a.cancel()  # a grace timer, then asyncio.run's clean-up
+        with pytest.raises(asyncio.CancelledError):
+            await a
+        seen = _rows(db)  # when the cancelled writer is told it stopped
+        await b
+        await store.close()
+        return seen
+
+    assert asyncio.run(go()) == 2
+
+
+def test_a_cancelled_writer_waits_for_its_own_write_not_for_everyone_elses(tmp_path: Path) -> None:
+    """Other runs writing on and on do not hold up a cancelled writer: it waits for its own
+    write only (it once waited until the whole queue went quiet)."""
+    store = SQLiteStore(tmp_path / "s.db", synchronous="NORMAL")
+    done = asyncio.Event
+
+    async def go() -> int:
+        stop = done()
+        await store._writes.write(_create_t)
+
+        async def busy() -> None:
+            while not stop.is_set():
+                await store._writes.write(_insert, 0)
+
+        others = [asyncio.ensure_future(busy()) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        victim = asyncio.ensure_future(store._writes.write(_insert, 1))
+        await asyncio.sleep(0)
+        victim.cancel()
+        finished, _ = await asyncio.wait([victim], timeout=5)
+        still_busy = sum(not o.done() for o in others)  # the others had not stopped when it returned
+        stop.set()
+        assert finished and victim.cancelled()
+        await asyncio.gather(*others)
+        await store.close()
+        return still_busy
+
+    assert asyncio.run(go()) == 4
+
+
+def test_a_closed_store_refuses_writes(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "closed.db")
+    asyncio.run(store.close())
+    with pytest.raises(StoreError, match="is closed"):
+        asyncio.run(store.create_run(new_run("late"), me()))

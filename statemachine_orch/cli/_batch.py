@@ -34,7 +34,7 @@ from ..trace._tracer import Tracer, stream_logger
 from ..types import RunRecord, RunStatus, TransitionRecord
 from ._drive import EXIT_STOPPED, budget_of, model_for, not_json, run_family
 from ._faults import KillPoints
-from ._options import cli_store, with_store
+from ._options import Interrupted, cli_store, with_store
 from ._progress import Progress
 from ._render import one_line, print_table, usd
 
@@ -46,7 +46,7 @@ def read_inputs(path: str, machine: Machine) -> tuple[dict[int, dict[str, Any]],
     """(input by line number, problem by line number) of a JSON-lines file: each non-blank line
     one JSON object that the machine's input model accepts."""
     try:
-        handle = sys.stdin if path == "-" else open(path, encoding="utf-8")
+        handle = sys.stdin if path == "-" else open(path, encoding="utf-8-sig")  # a BOM is not part of line 1
     except OSError as exc:
         raise InputError(f"cannot read inputs {path}: {exc.strerror or exc}") from None
     inputs: dict[int, dict[str, Any]] = {}
@@ -129,16 +129,20 @@ def cmd_batch(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
+    rerun = _rerun_command(args, batch_id)
     try:
         result = asyncio.run(go())
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; batch {batch_id} is saved: resume it with `{rerun}`") from None
     finally:
         if show is not None:
             show.close()
     for number in bad:
         result.errors[number] = f"bad line: {bad[number]}"
+    code = _report(result, args, rerun=rerun)
     if args.out:
-        _write_results(args.out, result)
-    return _report(result, args, rerun=_rerun_command(args, batch_id))
+        _write_results(args.out, result, sorted({*inputs, *bad}))
+    return code
 
 
 def rate_limits(args: argparse.Namespace, *, online: bool) -> RateLimits | None:
@@ -187,10 +191,10 @@ class _stopping:
                 signal.default_int_handler(signum, frame)
             return
         self.asked = True
-        if not self.quiet:
-            print(f"\norch: stopping: no new runs; the steps in flight finish (up to {self.grace_s:g}s)"
-                  + ("; Ctrl-C again to abandon them" if signum == signal.SIGINT else ""), file=sys.stderr)
-        self.batch.request_stop(self.grace_s)
+        self.batch.request_stop(self.grace_s)  # first: the notice below may fail
+        if not self.quiet:  # os.write: the signal may have come in the middle of a write to stderr
+            os.write(2, (f"\norch: stopping: no new runs; the steps in flight finish (up to {self.grace_s:g}s)"
+                         + ("; Ctrl-C again to abandon them" if signum == signal.SIGINT else "") + "\n").encode())
 
 
 def _rerun_command(args: argparse.Namespace, batch_id: str) -> str:
@@ -202,9 +206,12 @@ def _rerun_command(args: argparse.Namespace, batch_id: str) -> str:
     return shlex.join(parts)
 
 
-def _write_results(path: str, result: BatchResult) -> None:
-    """One JSON line per input, in input order: its run's result, or why it did not run."""
-    lines = {n: {"line": n, "run_id": r.run_id, **r.to_json()} for n, r in result.results.items()}
+def _write_results(path: str, result: BatchResult, numbers: Sequence[int]) -> None:
+    """One JSON line per input, in input order: its run's result, why it did not run, or (a
+    stopped batch) that it was not reached."""
+    lines: dict[int, dict[str, Any]] = {n: {"line": n, "run_id": None, "status": "not_run", "error": None}
+                                        for n in numbers}
+    lines.update({n: {"line": n, "run_id": r.run_id, **r.to_json()} for n, r in result.results.items()})
     lines.update({n: {"line": n, "run_id": None, "status": "not_started", "error": e}
                   for n, e in result.errors.items()})
     try:

@@ -233,6 +233,8 @@ def _refuse_empty_ids(args: argparse.Namespace) -> None:
     none, `orch audit verify ""` would check every run and `run --run-id ""` pick its own id."""
     if "" in (getattr(args, "run_id", None), getattr(args, "before", None)):
         raise UsageError("the run id is empty", fix="give a run id (`orch runs` lists them)")
+    if "" in (getattr(args, name, None) for name in ("batch_id", "batch", "batch_id_or_nothing")):
+        raise UsageError("the batch id is empty", fix="give a batch id (`orch batch` prints it)")
 
 
 def _print_traceback() -> None:

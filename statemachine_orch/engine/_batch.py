@@ -83,7 +83,7 @@ class Batch:
                  budget: Budget | None = None, on_progress: Callable[[BatchProgress], None] | None = None) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise UsageError(f"concurrency={concurrency!r} is not a whole number of runs >= 1", fix="give 1 or more")
-        self.batch_id = batch_id or new_run_id()
+        self.batch_id = new_run_id() if batch_id is None else batch_id
         check_run_id(batch_run_id(self.batch_id, max(inputs, default=1)))
         engine.compiled(machine)  # a machine the engine cannot run is refused before anything starts
         self.engine, self.machine, self.inputs = engine, machine, inputs
@@ -141,8 +141,8 @@ class Batch:
                     self._finish(number, RunResult.from_log(record, log, result=self.machine.result))
                     return
                 run = await self.engine.attach(run_id, self.machine, budget=self.budget)
-        except OrchError as exc:
-            self.errors[number] = str(exc)
+        except Exception as exc:  # this input's alone: the batch goes on
+            self.errors[number] = _why(exc)
             progress.not_started += 1
             self._report()
             return
@@ -153,10 +153,29 @@ class Batch:
         self._report()
         try:
             result = await run.run_to_end()
+        except Exception as exc:  # the store, a hook: the run stopped (resumable), the batch goes on
+            stopped = await self._stopped_by(run_id, exc)
+            if stopped is None:
+                self.errors[number] = _why(exc)
+                progress.failed += 1
+                self._report()
+                return
+            result = stopped
         finally:
             progress.running -= 1
             del self._running[number]
         self._finish(number, result)
+
+    async def _stopped_by(self, run_id: str, exc: Exception) -> RunResult | None:
+        """The result of a run that raised `exc`, as stored, with `exc` for its error (None when
+        the store cannot tell)."""
+        try:
+            record, log = await self.engine.store.load_run(run_id)
+        except Exception:
+            return None
+        result = RunResult.from_log(record, log, result=self.machine.result)
+        result.error = _why(exc)
+        return result
 
     def _finish(self, number: int, result: RunResult) -> None:
         progress = self.progress
@@ -174,6 +193,10 @@ class Batch:
     def _report(self) -> None:
         if self.on_progress is not None:
             self.on_progress(self.progress)
+
+
+def _why(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, OrchError) else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def numbered(inputs: Iterable[Input] | Mapping[int, Input]) -> dict[int, Input]:

@@ -131,6 +131,11 @@ class AnthropicModel:
             kind: AttemptKind
             try:
                 message, request_id, headers = await send(required, extra)
+                # no serializer warnings: a malformed usage count is read as best it can be
+                # (completion_from_response) and stored as it came
+                response = redact_values(message.model_dump(mode="json", exclude_none=True, warnings=False),
+                                         secrets)
+                completion = completion_from_response(response, request.tool_name, request_id)
             except asyncio.CancelledError:
                 self._end(permit, model, None)
                 attempts.append(Attempt(number=number, started_at=started_at, kind="cancelled",
@@ -152,12 +157,10 @@ class AnthropicModel:
                 status, request_id = exc.status, exc.request_id
                 kind, error = "malformed", (f"the Messages API answered {status} with a body that is not a "
                                             f"message: {' '.join(str(exc).split())[:300]}")
+            except Exception:  # not the API's answer: a bug here or in the SDK, raised as it is
+                self._end(permit, model, headers)
+                raise
             else:
-                # no serializer warnings: a malformed usage count is read as best it can be
-                # (completion_from_response) and stored as it came
-                response = redact_values(message.model_dump(mode="json", exclude_none=True, warnings=False),
-                                         secrets)
-                completion = completion_from_response(response, request.tool_name, request_id)
                 self._end(permit, model, headers, completion.usage)
                 return completion
             self._end(permit, model, headers, refused=status == 429)

@@ -17,7 +17,7 @@ other's answers. `on_input(when, answers)` answers the runs whose input (`inputs
 has the fields `when` names with those answers first. Unscripted states get `default`: "auto"
 writes a labelled placeholder (or a schema-shaped object for structured output), None
 answers 400 so a test notices. Every request is captured without its auth headers.
-`_answer_files.load_script` reads the same answers from a JSON file, for `orch --offline`.
+`_answer_files.answering_fake` builds one from a JSON answer file (its `by_input` rules too), for `orch --offline`.
 `rate_limits=` enforces the API's rate limits on `clock` (`_offline_limits.py`).
 """
 

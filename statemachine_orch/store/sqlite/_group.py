@@ -44,27 +44,36 @@ class GroupCommit:
         self._worker: sqlite3.Connection | None = None
         self._queue: list[Write] = []
         self._flushing: asyncio.Event | None = None  # set while a flush is scheduled or running
+        self._closed = False
         self.commits = 0  # transactions committed, and the writes they held: the grouping, measured
         self.writes = 0
 
     async def write(self, work: Work, *args: Any) -> Any:
         """`work(conn, *args)` committed (with whatever else is queued); its return value.
 
-        A writer cancelled meanwhile still waits for the queue to be written before the
-        cancellation is raised: a queued write cannot be called back, and whoever wrote it
-        must not believe it undone while it may still commit."""
+        A writer cancelled meanwhile still waits for its write to end before the cancellation
+        is raised: a queued write cannot be called back, and whoever wrote it must not believe
+        it undone while it may still commit."""
+        if self._closed:
+            raise StoreError(f"{self._store.where} is closed", where=self._store.where)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((work, args, future))
         if self._flushing is None:
             self._flushing = asyncio.Event()
             loop.call_soon(self._flush)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if future.cancelled():  # cancelled while its write was queued or being committed
-                await asyncio.shield(self.drain())
-            raise
+        cancelled = False
+        while True:
+            try:
+                result = await asyncio.shield(future)
+                break
+            except asyncio.CancelledError:
+                if future.cancelled():
+                    raise
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
 
     async def drain(self) -> None:
         """Wait until every queued write is committed (or failed)."""
@@ -72,36 +81,45 @@ class GroupCommit:
             await self._flushing.wait()
 
     def close(self) -> None:
+        """No more writes (call after `drain`)."""
+        self._closed = True
         if self._worker is not None:
             self._worker.close()
             self._worker = None
 
     def _flush(self) -> None:
+        """Commit the queue: alone here, or as a group in the worker thread. Whatever happens,
+        every write of it is answered and the next flush scheduled: a write never waits on a
+        flush that will not come."""
         group, self._queue = self._queue, []
-        if len(group) == 1 and self._alone(group[0]):
+        try:
+            if len(group) == 1 and self._alone(group[0]):
+                self._next()
+                return
+            done = asyncio.get_running_loop().run_in_executor(None, self._commit, group)
+        except BaseException as exc:  # Ctrl-C in a lone commit, a worker that cannot start
+            where = self._store.where
+            answer = exc if isinstance(exc, Exception) else StoreError(
+                f"interrupted while writing to {where}; the write may have been committed", where=where)
+            self._answer(group, [(False, answer)] * len(group))
             self._next()
-            return
-        done = asyncio.get_running_loop().run_in_executor(None, self._commit, group)
+            raise
         done.add_done_callback(lambda finished: self._deliver(group, finished))
 
     def _alone(self, write: Write) -> bool:
         """Commit one write here on the event loop's thread; False (nothing done) when the file
         is locked and it has to wait in the worker thread instead."""
         work, args, future = write
-        conn = self._here()
         try:
+            conn = self._here()
             with Transaction(self._store, conn):
                 value = work(conn, *args)
         except Busy:
             return False
-        except BaseException as exc:
-            if not future.cancelled():
-                future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            if not future.cancelled():  # its writer was cancelled: the write stands all the same
-                future.set_result(value)
+        except Exception as exc:
+            future.set_exception(exc)
+            return True
+        future.set_result(value)
         self._count(1)
         return True
 
@@ -110,17 +128,17 @@ class GroupCommit:
         its own savepoint. (ok, value or exception) per write."""
         if self._worker is None:
             self._worker = self._connect()
-        conn = self._worker
+        conn, sql = self._worker, self._store._sql
         outcomes: list[tuple[bool, Any]] = []
         with Transaction(self._store, conn, waited=True):
             for work, args, _ in group:
-                conn.execute("SAVEPOINT write")
+                sql(conn, "SAVEPOINT write")
                 try:
                     outcomes.append((True, work(conn, *args)))
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO write")
+                    sql(conn, "ROLLBACK TO write")
                     outcomes.append((False, self._as_store_error(exc)))
-                conn.execute("RELEASE write")
+                sql(conn, "RELEASE write")
         return outcomes
 
     def _as_store_error(self, exc: Exception) -> Exception:
@@ -134,15 +152,22 @@ class GroupCommit:
             outcomes = finished.result()
         except BaseException as exc:  # BEGIN or COMMIT failed: none of the group is written
             outcomes = [(False, exc)] * len(group)
+        else:
+            self._count(len(group))
+        try:
+            self._answer(group, outcomes)
+        finally:
+            self._next()
+
+    @staticmethod
+    def _answer(group: list[Write], outcomes: list[tuple[bool, Any]]) -> None:
         for (_, _, future), (ok, value) in zip(group, outcomes, strict=True):
-            if future.cancelled():  # its writer was cancelled: the write stands (or failed) all the same
+            if future.done():
                 continue
             if ok:
                 future.set_result(value)
             else:
                 future.set_exception(value)
-        self._count(len(group))
-        self._next()
 
     def _count(self, writes: int) -> None:
         self.commits += 1
