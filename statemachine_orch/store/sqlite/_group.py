@@ -31,6 +31,16 @@ Work = Callable[..., Any]
 Write = tuple[Work, tuple[Any, ...], "asyncio.Future[Any]"]
 
 
+class Written(asyncio.Future[Any]):
+    """A write's outcome, which cancelling its writer does not cancel: a queued write cannot be
+    called back, so a cancelled writer hears of its cancellation once its write has ended (the
+    task sees the refusal and raises CancelledError when this future is done), and never
+    believes undone a write that may still commit."""
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        return False
+
+
 class GroupCommit:
     """The queue of one connection's writes (see the module docstring). `here()` is the
     connection a lone write uses on the event loop's thread (it never waits for a lock);
@@ -43,7 +53,8 @@ class GroupCommit:
         self._connect = connect
         self._worker: sqlite3.Connection | None = None
         self._queue: list[Write] = []
-        self._flushing: asyncio.Event | None = None  # set while a flush is scheduled or running
+        self._flushing = False  # a flush is scheduled or running
+        self._drained: asyncio.Future[None] | None = None  # what `drain` waits for, made when it does
         self._closed = False
         self.commits = 0  # transactions committed, and the writes they held: the grouping, measured
         self.writes = 0
@@ -52,33 +63,23 @@ class GroupCommit:
         """`work(conn, *args)` committed (with whatever else is queued); its return value.
 
         A writer cancelled meanwhile still waits for its write to end before the cancellation
-        is raised: a queued write cannot be called back, and whoever wrote it must not believe
-        it undone while it may still commit."""
+        is raised (`Written`)."""
         if self._closed:
             raise StoreError(f"{self._store.where} is closed", where=self._store.where)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future = Written(loop=loop)
         self._queue.append((work, args, future))
-        if self._flushing is None:
-            self._flushing = asyncio.Event()
+        if not self._flushing:
+            self._flushing = True
             loop.call_soon(self._flush)
-        cancelled = False
-        while True:
-            try:
-                result = await asyncio.shield(future)
-                break
-            except asyncio.CancelledError:
-                if future.cancelled():
-                    raise
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
+        return await future
 
     async def drain(self) -> None:
         """Wait until every queued write is committed (or failed)."""
-        while self._flushing is not None:
-            await self._flushing.wait()
+        while self._flushing:
+            if self._drained is None:
+                self._drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drained)
 
     def close(self) -> None:
         """No more writes (call after `drain`)."""
@@ -176,6 +177,8 @@ class GroupCommit:
     def _next(self) -> None:
         if self._queue:
             asyncio.get_running_loop().call_soon(self._flush)
-        elif self._flushing is not None:
-            self._flushing.set()
-            self._flushing = None
+            return
+        self._flushing = False
+        if self._drained is not None:
+            self._drained.set_result(None)
+            self._drained = None
