@@ -8,11 +8,12 @@ one timer moves it, so a minute of rate limiting takes no time and every wait is
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import threading
 from typing import Any
 
 import anthropic
 import pytest
+from anthropic._base_client import get_platform
 
 from statemachine_orch import AnthropicModel, Completion, LLMRequest, RateLimiter, RateLimits, RetryPolicy, UsageError
 from statemachine_orch.llm._client import estimate_input_tokens
@@ -33,20 +34,16 @@ def call_all(model: AnthropicModel, requests: list[LLMRequest]) -> list[Completi
     return asyncio.run(go())
 
 
-def on_time(time: VirtualTime, arrivals: list[tuple[str | None, float]]) -> Callable[[CapturedRequest], ScriptEntry]:
-    """A fake's default answer that notes which run's request was admitted when."""
-    def respond(captured: CapturedRequest) -> ScriptEntry:
-        arrivals.append((captured.run_id, time.now))
-        return "fine"
-    return respond
-
-
 def limited(time: VirtualTime, server: RateLimits, ours: RateLimits | None = None,
             **fake_options: Any) -> tuple[FakeMessagesAPI, AnthropicModel, RateLimiter]:
     """A fake enforcing `server`, and a model limited by `ours` (None set: read from the headers)."""
     fake = FakeMessagesAPI(rate_limits=server, clock=time.clock, **fake_options)
     model = fake.model(rate_limits=ours or RateLimits(), sleep=time.sleep, clock=time.clock)
     assert model.limiter is not None
+    # The SDK looks up its platform in a worker thread at a client's first request. On a clock
+    # that only moves when someone sleeps, that thread's real time would decide the order of the
+    # first calls (a flaky test under load), so it is looked up here, before any call.
+    model.client._platform = get_platform()
     return fake, model, model.limiter
 
 
@@ -69,7 +66,16 @@ def test_429s_with_retry_after_pause_every_waiter_once_until_the_deadline() -> N
     (retry-after 20 s: one request refills in 20 s) and waits in line, which the pause holds
     until its deadline, then serves one call per refill."""
     time, arrivals = VirtualTime(), list[tuple[str | None, float]]()
-    fake, model, limiter = limited(time, RateLimits(requests_per_minute=3), default=on_time(time, arrivals))
+    fake, model, limiter = limited(time, RateLimits(requests_per_minute=3))
+    first_sent = threading.Event()  # every call's first request has arrived: the first answers may go
+
+    def answer(captured: CapturedRequest) -> ScriptEntry:
+        arrivals.append((captured.run_id, time.now))
+        if fake.calls() + fake.rejected >= 10:
+            first_sent.set()
+        return Reply(text="fine", gate=first_sent)
+
+    fake.default = answer
     requests = [request(i) for i in range(10)]
     call_all(model, requests)
 
