@@ -7,6 +7,7 @@ runs them, `-m ""` runs everything."""
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +23,16 @@ DEFAULT_SELECTION = "not slow and not reliability"  # the -m of pyproject.toml's
 def pytest_configure(config: pytest.Config) -> None:
     """ORCH_RELIABILITY=full asks for the reliability suites at their full counts, and the
     command for the figures (docs/reliability.md: `ORCH_RELIABILITY=full ... pytest -q
-    tests/reliability`) gives no -m: lift the default deselection for it. A -m of its own wins."""
+    tests/reliability`) gives no -m: lift the default deselection for it. A -m of its own wins.
+
+    A suite launched in the background (`cmd &`, nohup) inherits SIGINT ignored, and so would
+    every `orch` it starts (an ignored signal stays ignored across exec, and `orch` rightly
+    keeps it so): the tests that send Ctrl-C would wait for a stop that never comes. Handled
+    here, SIGINT reaches the children at its default again."""
     if FULL and config.option.markexpr == DEFAULT_SELECTION:
         config.option.markexpr = ""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

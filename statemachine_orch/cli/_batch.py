@@ -178,11 +178,13 @@ class _stopping:
 
     def __enter__(self) -> None:
         self.previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGINT, self._on_signal)
+        if callable(self.previous[0]):  # SIGINT ignored by whoever started us (nohup, `&`) stays so
+            signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self.previous[0])
+        if callable(self.previous[0]):
+            signal.signal(signal.SIGINT, self.previous[0])
         signal.signal(signal.SIGTERM, self.previous[1])
 
     def _on_signal(self, signum: int, frame: Any) -> None:
