@@ -100,6 +100,7 @@ class Batch:
         known = {summary.run_id: summary.status
                  for summary in await self.engine.store.list_runs(batch=self.batch_id, limit=None)}
         todo = iter(sorted(self.inputs.items()))
+        self.progress.started = time.monotonic()  # the rate counts from here, not from building the batch
         self._report()
         await asyncio.gather(*(self._work(todo, known) for _ in range(min(self.concurrency, len(self.inputs)))))
         return BatchResult(batch_id=self.batch_id, results=dict(sorted(self.results.items())),
