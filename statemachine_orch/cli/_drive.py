@@ -29,7 +29,6 @@ from ..engine._run import Run
 from ..errors import InputError, OrchError, UsageError
 from ..hooks import Hook
 from ..llm._client import ModelClient
-from ..llm._limiter import RateLimits
 from ..store._contract import Store
 from ..trace._tracer import Tracer, stream_logger
 from ..types import Budget, Result, RunRecord, RunResult, RunStatus, TransitionRecord, check_amount
@@ -38,6 +37,7 @@ from ._options import Interrupted, cli_store, with_store
 from ._render import mermaid, one_line, print_table, usd
 
 if TYPE_CHECKING:
+    from ..llm._limiter import RateLimits
     from ..llm._offline import FakeMessagesAPI
 
 OFFLINE_BANNER = ("OFFLINE: answers come from {source} through the anthropic SDK and a local fake "
@@ -247,9 +247,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     record = family[0][0]
     refuse_child(record)  # before its machine is loaded: a map item's has no module of its own
     loaded = load_machine(args.machine or record.machine_ref)
-    model, options, banner, fake = model_for(args.offline or record.options.get("offline"), loaded.machine, family)
-    if fake is not None:
-        fake.inputs[args.run_id] = record.input  # for answers by input
+    model, options, banner, _ = model_for(args.offline or record.options.get("offline"), loaded.machine, family)
     result = _drive(args, args.run_id, banner, create=False, result=loaded.machine.result,
                     open_run=lambda store, kill: _engine(
         args, store, model, kill).attach(args.run_id, loaded.machine, budget=budget,

@@ -44,10 +44,12 @@ def _driving(name: str) -> Callable[[argparse.Namespace], int]:
     the engine, pydantic or structlog."""
 
     def call(args: argparse.Namespace) -> int:
-        from . import _batch, _drive
-
         module, _, function = name.rpartition(".")
-        command: Callable[[argparse.Namespace], int] = getattr(_batch if module == "_batch" else _drive, function)
+        if module == "_batch":
+            from . import _batch as where
+        else:
+            from . import _drive as where  # type: ignore[no-redef]
+        command: Callable[[argparse.Namespace], int] = getattr(where, function)
         return command(args)
 
     return call

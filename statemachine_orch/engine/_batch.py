@@ -133,7 +133,9 @@ class Batch:
                 run = await self.engine.start(self.machine, data, run_id=run_id, batch=self.batch_id,
                                               machine_ref=self.machine_ref, options=self.options, budget=self.budget)
             else:
-                record, log = await self.engine.store.load_run(run_id)
+                # a finished run is read back with its log; an unfinished one's log is read by attach
+                record, log = (await self.engine.store.load_run(run_id) if status.finished
+                               else (await self.engine.store.get_run(run_id), []))
                 if validate_input(self.machine, data)[1] != record.input:
                     raise UsageError(f"input {number} is not the input run {run_id} was started with",
                                      fix="the inputs changed since the batch began: use a new batch id")

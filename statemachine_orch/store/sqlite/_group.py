@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ...errors import StoreError
-from ._transaction import Busy, Transaction
+from ._transaction import Busy, Transaction, write_error
 
 if TYPE_CHECKING:
     from ._store import SQLiteStore
@@ -143,10 +143,7 @@ class GroupCommit:
         return outcomes
 
     def _as_store_error(self, exc: Exception) -> Exception:
-        if isinstance(exc, sqlite3.Error):
-            where = self._store.where
-            return StoreError(f"cannot write to {where}: {exc}", where=where)
-        return exc
+        return write_error(self._store.where, exc) if isinstance(exc, sqlite3.Error) else exc
 
     def _deliver(self, group: list[Write], finished: asyncio.Future[list[tuple[bool, Any]]]) -> None:
         try:

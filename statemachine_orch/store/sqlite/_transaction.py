@@ -55,9 +55,13 @@ class Transaction:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         if isinstance(exc, sqlite3.Error):
-            raise StoreError(f"cannot write to {self.store.where}: {exc}", where=self.store.where) from exc
+            raise write_error(self.store.where, exc) from exc
         if kind is None:
             raise exc  # COMMIT itself failed with something other than a sqlite3 error
+
+
+def write_error(where: str, exc: sqlite3.Error) -> StoreError:
+    return StoreError(f"cannot write to {where}: {exc}", where=where)
 
 
 def busy_as(work: Callable[..., T], conn: sqlite3.Connection, *args: Any) -> T:
