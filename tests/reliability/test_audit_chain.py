@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from statemachine_orch.store.sqlite._chain import (
+from statemachine_orch.store._chain import (
     ATTEMPT_COLUMNS,
     CANONICAL,
     CHAINED_ATTEMPT_COLUMNS,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ForeignDatabaseError, SchemaVersionError, StoreError
-from ._chain import CHAINED_COLUMNS, legacy_first_link, legacy_hash
+from .._chain import CHAINED_COLUMNS, legacy_first_link, legacy_hash
 
 SCHEMA_VERSION = 8
 READABLE_FROM = 3

@@ -5,7 +5,7 @@ The per-step writes are the store's hot path: a few prepared statements, written
 
 from __future__ import annotations
 
-from ._chain import CHAINED_COLUMNS
+from .._chain import CHAINED_COLUMNS
 
 # The fence: the run's totals (and its status, when it changes) are updated only while we
 # own it and the row is the run's next step; no row changed means another process took the

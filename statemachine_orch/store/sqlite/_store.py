@@ -41,12 +41,13 @@ from ...errors import (
     UsageError,
 )
 from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, TransitionRecord, child_place, now_iso
+from .._chain import CANONICAL, AuditKey
 from .._contract import MachineTotals, RunSummary
 from .._owner import Owner, owner_from_json, who_am_i
-from ._chain import CANONICAL, AuditKey, last_link, require_intact, verify
+from .._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
+from ._chain import last_link, require_intact, verify
 from ._group import GroupCommit
 from ._liveness import hold, liveness, owners_file, stale
-from ._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
 from ._schema import create_private, migrate
 from ._statements import ADVANCE, APPEND, APPEND_ATTEMPT, IN_DOUBT_BY_MACHINE, IN_DOUBT_OF_RUN, SET_STATUS, STEP
 from ._transaction import Busy, Transaction, busy_as, connect, while_busy

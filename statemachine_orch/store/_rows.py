@@ -1,11 +1,11 @@
-"""Stored values and rows: records in as rows SQLite holds exactly, JSON text out as records
-(anything but JSON is refused).
+"""Stored values and rows, for every backend: records in as rows a database holds exactly,
+JSON text out as records (anything but JSON is refused).
 
 A paid answer must be stored whatever it holds: text with a lone surrogate (which UTF-8, so
-SQLite's TEXT, cannot hold) is stored with it escaped, and counts beyond SQLite's 64-bit
-integers saturate in their columns (the response's JSON keeps them exact). A row is built as
-SQLite will give it back, so the audit chain hashes the same values when it is written and
-when it is verified.
+a TEXT column, cannot hold) is stored with it escaped, and counts beyond 64-bit integers
+saturate in their columns (the response's JSON keeps them exact). A row is built as the
+database will give it back (TEXT, 64-bit INTEGER, double REAL, in SQLite and PostgreSQL alike),
+so the audit chain hashes the same values when it is written and when it is verified.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-from ...errors import CorruptRunError
-from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, TransitionRecord, Usage
+from ..errors import CorruptRunError
+from ..types import Attempt, Parent, RunRecord, RunStatus, Takeover, TransitionRecord, Usage
 
 INT64_MAX = 2**63 - 1
 
@@ -37,8 +37,13 @@ def dump(value: Any) -> str | None:
 
 
 def text(value: str | None) -> str | None:
-    """Plain text as SQLite can hold it: a lone surrogate is written as its escape (`\\ud800`)."""
-    if value is None or value.isascii():
+    """Plain text as every backend can hold it: a lone surrogate is written as its escape
+    (`\\ud800`), and NUL (which PostgreSQL's TEXT refuses) as `\\x00`."""
+    if value is None:
+        return value
+    if "\x00" in value:
+        value = value.replace("\x00", "\\x00")
+    if value.isascii():
         return value
     return value.encode("utf-8", "backslashreplace").decode()
 
