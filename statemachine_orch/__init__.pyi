@@ -29,6 +29,7 @@ from .errors import DefinitionError as DefinitionError
 from .errors import ForeignDatabaseError as ForeignDatabaseError
 from .errors import GuardError as GuardError
 from .errors import InputError as InputError
+from .errors import LeaseLostError as LeaseLostError
 from .errors import LLMError as LLMError
 from .errors import MachineChangedError as MachineChangedError
 from .errors import MachineNotFoundError as MachineNotFoundError

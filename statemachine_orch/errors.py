@@ -245,3 +245,9 @@ class OwnershipLostError(StoreError):
     """This process no longer owns the run (another process claimed it); nothing was written."""
 
     exit_code = 3
+
+
+class LeaseLostError(OwnershipLostError):
+    """This process's lease on the run expired (it was paused or cut off past its TTL), so it
+    may no longer write to the run, which another worker may have taken over; nothing was
+    written."""

@@ -94,6 +94,7 @@ class RunStatus(str, Enum):  # noqa: UP042 (str mixin: statuses compare equal to
     """Lifecycle of a run. Only `running` can be advanced; failed/interrupted can be resumed."""
 
     RUNNING = "running"
+    PENDING = "pending"  # queued for a worker (`orch enqueue`), or handed back by one
     COMPLETED = "completed"
     TERMINATED = "terminated"
     FAILED = "failed"

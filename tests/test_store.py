@@ -11,6 +11,7 @@ import asyncio
 import sqlite3
 import stat
 import threading
+from dataclasses import replace
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from statemachine_orch import (
+    RunBusyError,
     RunStatus,
     SchemaVersionError,
     SQLiteStore,
@@ -377,3 +379,25 @@ def test_load_run_reads_the_row_and_the_log_as_of_one_moment(tmp_path: Path) -> 
     finally:
         close(reader)
         close(writer)
+
+
+def test_take_over_claims_only_an_owner_that_cannot_be_judged(tmp_path: Path) -> None:
+    """SQLite's own: an owner recorded by an older version on another host cannot be judged (a
+    lease would judge it), so only --take-over claims it."""
+    async def scenario() -> None:
+        store = SQLiteStore(tmp_path / "orch.db")
+        try:
+            foreign = replace(dead_owner(), host="another-host")  # no lock key, another host: unknown
+            await store.create_run(new_run(), foreign)
+            with pytest.raises(RunBusyError, match="--take-over"):
+                await store.claim_run("run-1", me())
+            claimed, _ = await store.claim_run("run-1", me(), take_over=True)
+            assert [t.why for t in claimed.takeovers] == ["declared gone with --take-over"]
+            await store.create_run(new_run("run-2"), me())
+            with pytest.raises(RunBusyError):
+                await store.claim_run("run-2", me(), take_over=True)  # a live owner: never
+            assert (await store.get_run("run-2")).takeovers == []
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

@@ -1,8 +1,9 @@
 """The store contract: what the engine and the CLI may rely on from any backend.
 
-Every test runs against every backend in `BACKENDS` (name -> factory(tmp_path) returning an
-opened store; a second call on the same tmp_path opens the same database, as a second process
-would). The store port is async: each test is a plain function whose `async def scenario(store)`
+Every test runs against every backend in `BACKENDS` (name -> a function of the pytest request
+giving a factory(tmp_path) that returns an opened store; a second call on the same tmp_path
+opens the same database, as a second process would). PostgreSQL runs on a real server
+(`pg_server`, tests/postgres.py). The store port is async: each test is a plain function whose `async def scenario(store)`
 runs on one event loop (`on_store(scenario)`), the store opened and closed inside it.
 SQLite-only guarantees are in tests/test_store.py.
 """
@@ -10,6 +11,7 @@ SQLite-only guarantees are in tests/test_store.py.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -30,14 +32,27 @@ from statemachine_orch import (
     Store,
     open_store,
 )
-from statemachine_orch.types import Attempt, Parent, Usage, now_iso
+from statemachine_orch.store._owner import Owner
+from statemachine_orch.store.postgres._store import PostgresStore
+from statemachine_orch.store.sqlite._store import SQLiteStore
+from statemachine_orch.types import Attempt, Parent, RunRecord, Usage, now_iso
 
 from .helpers import dead_owner, me, new_run, row
 
 StoreFactory = Callable[[Path], Store]
-BACKENDS: dict[str, StoreFactory] = {
-    "sqlite": lambda tmp: open_store(tmp / "contract.db"),
-}
+
+
+def _sqlite(request: pytest.FixtureRequest) -> StoreFactory:
+    return lambda tmp: open_store(tmp / "contract.db")
+
+
+def _postgres(request: pytest.FixtureRequest) -> StoreFactory:
+    """One schema per test directory, in the session's database on a real server (`pg_server`)."""
+    server: str = request.getfixturevalue("pg_server")
+    return lambda tmp: open_store(server, schema="t" + hashlib.sha1(str(tmp).encode()).hexdigest()[:16])
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], StoreFactory]] = {"sqlite": _sqlite, "postgres": _postgres}
 
 Scenario = Callable[[Store], Awaitable[None]]
 
@@ -51,10 +66,34 @@ async def opened(factory: StoreFactory, where: Path, scenario: Scenario) -> None
         await store.close()
 
 
+async def abandoned(factory: StoreFactory, where: Path, run: RunRecord) -> tuple[Owner, str]:
+    """Create `run` as another process would, which then dies holding it: (its owner, the
+    start of the reason a takeover records)."""
+    other = factory(where)
+    if isinstance(other, SQLiteStore):  # an owner whose process has exited, judged by its pid
+        gone = dead_owner()
+        await other.create_run(run, gone)
+        await other.close()
+        return gone, "its process is gone"
+    assert isinstance(other, PostgresStore)
+    owner = me()
+    await other.create_run(run, owner)
+    await crash(other)
+    return owner, "its lease expired at "
+
+
+async def crash(store: PostgresStore) -> None:
+    """What a killed process leaves: its lease runs out unrenewed (here, at once)."""
+    async with store._conn() as conn:
+        await conn.execute("UPDATE workers SET expires_at = clock_timestamp() - interval '1 second' "
+                           "WHERE key = %s", (store.lease.key,))
+    store.lease.key = None  # so that closing does not end the lease (a dead process ends nothing)
+    await store.close()
+
+
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> StoreFactory:
-    factory: StoreFactory = BACKENDS[request.param]
-    return factory
+    return BACKENDS[request.param](request)
 
 
 @pytest.fixture
@@ -150,7 +189,8 @@ json_values = st.recursive(
 @settings(max_examples=60, deadline=None)
 @given(output=json_values, reason=st.text(st.characters(exclude_characters="\x00"), max_size=60), attempt=st.integers(1, 10),
        tokens=st.tuples(*[st.integers(0, 10**7)] * 4), data=json_values)
-def test_rows_round_trip_unchanged(name: str, tmp_path_factory: pytest.TempPathFactory, output: Any,
+def test_rows_round_trip_unchanged(name: str, request: pytest.FixtureRequest,
+                                   tmp_path_factory: pytest.TempPathFactory, output: Any,
                                    reason: str, attempt: int, tokens: tuple[int, int, int, int],
                                    data: Any) -> None:
     async def scenario(store: Store) -> None:
@@ -163,7 +203,7 @@ def test_rows_round_trip_unchanged(name: str, tmp_path_factory: pytest.TempPathF
         run, log = await store.load_run("run-1")
         assert log == [written] and run.input == {"data": data}
 
-    asyncio.run(opened(BACKENDS[name], tmp_path_factory.mktemp("example"), scenario))
+    asyncio.run(opened(BACKENDS[name](request), tmp_path_factory.mktemp("example"), scenario))
 
 
 def test_nul_in_text_columns_is_stored_escaped_and_the_chain_holds(on_store: Callable[[Scenario], None]) -> None:
@@ -307,37 +347,20 @@ def test_claim_requires_the_owner_to_be_gone(on_store: Callable[[Scenario], None
     on_store(scenario)
 
 
-def test_a_takeover_from_a_gone_owner_is_recorded(on_store: Callable[[Scenario], None]) -> None:
+def test_a_takeover_from_a_gone_owner_is_recorded(backend: StoreFactory, tmp_path: Path) -> None:
     async def scenario(store: Store) -> None:
-        gone = dead_owner()
-        await store.create_run(new_run(), gone)
+        gone, why = await abandoned(backend, tmp_path, new_run())
         assert (await store.get_run("run-1")).stale
         owner = me()
         claimed, _ = await store.claim_run("run-1", owner)
         (takeover,) = claimed.takeovers
-        assert gone.describe() == takeover.previous and takeover.why == "its process is gone"
+        assert gone.describe() in takeover.previous and takeover.why.startswith(why)
         assert f"pid {os.getpid()}" in takeover.by
         await store.release("run-1", owner, RunStatus.INTERRUPTED, None)
         claimed, _ = await store.claim_run("run-1", me())  # from a released run: no takeover
         assert len(claimed.takeovers) == 1 and not claimed.stale
 
-    on_store(scenario)
-
-
-def test_take_over_claims_only_an_owner_that_cannot_be_judged(on_store: Callable[[Scenario], None]) -> None:
-    async def scenario(store: Store) -> None:
-        foreign = replace(dead_owner(), host="another-host")  # no lock key, another host: unknown
-        await store.create_run(new_run(), foreign)
-        with pytest.raises(RunBusyError, match="--take-over"):
-            await store.claim_run("run-1", me())
-        claimed, _ = await store.claim_run("run-1", me(), take_over=True)
-        assert [t.why for t in claimed.takeovers] == ["declared gone with --take-over"]
-        await store.create_run(new_run("run-2"), me())
-        with pytest.raises(RunBusyError):
-            await store.claim_run("run-2", me(), take_over=True)  # a live owner: never
-        assert (await store.get_run("run-2")).takeovers == []
-
-    on_store(scenario)
+    asyncio.run(opened(backend, tmp_path, scenario))
 
 
 def test_claim_replaces_the_options_when_given(on_store: Callable[[Scenario], None]) -> None:
@@ -633,7 +656,14 @@ def test_close_keeps_every_write_for_the_next_opener(backend: StoreFactory, tmp_
         assert (run.owner, log) == (owner.token, [written])
         assert run.in_flight is not None and run.in_flight["seq"] == 2
         assert await store.verify_chain("run-1") is None
-        await store.append(row(2, to_state="__end__"), owner, status=RunStatus.COMPLETED)  # still its owner
+        # SQLite: the owner is this process, still alive, so its token still writes. PostgreSQL:
+        # ownership is the closed store's lease, which closing ended, so the run is claimed anew.
+        writer = owner
+        if isinstance(store, PostgresStore):
+            writer = me()
+            claimed, _ = await store.claim_run("run-1", writer)
+            assert [t.why for t in claimed.takeovers] == ["its lease was ended"]
+        await store.append(row(2, to_state="__end__"), writer, status=RunStatus.COMPLETED)
         assert (await store.get_run("run-1")).status is RunStatus.COMPLETED
 
     asyncio.run(opened(backend, tmp_path, write))
