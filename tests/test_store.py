@@ -11,9 +11,9 @@ import asyncio
 import sqlite3
 import stat
 import threading
-from dataclasses import replace
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

@@ -3,8 +3,8 @@
 Every test runs against every backend in `BACKENDS` (name -> a function of the pytest request
 giving a factory(tmp_path) that returns an opened store; a second call on the same tmp_path
 opens the same database, as a second process would). PostgreSQL runs on a real server
-(`pg_server`, tests/postgres.py). The store port is async: each test is a plain function whose `async def scenario(store)`
-runs on one event loop (`on_store(scenario)`), the store opened and closed inside it.
+(`pg_server`, tests/postgres.py). The store port is async: each test is a plain function
+whose `async def scenario(store)` runs on one event loop (`on_store(scenario)`), the store opened and closed inside it.
 SQLite-only guarantees are in tests/test_store.py.
 """
 
@@ -187,8 +187,8 @@ json_values = st.recursive(
 
 @pytest.mark.parametrize("name", sorted(BACKENDS))
 @settings(max_examples=60, deadline=None)
-@given(output=json_values, reason=st.text(st.characters(exclude_characters="\x00"), max_size=60), attempt=st.integers(1, 10),
-       tokens=st.tuples(*[st.integers(0, 10**7)] * 4), data=json_values)
+@given(output=json_values, reason=st.text(st.characters(exclude_characters="\x00"), max_size=60),
+       attempt=st.integers(1, 10), tokens=st.tuples(*[st.integers(0, 10**7)] * 4), data=json_values)
 def test_rows_round_trip_unchanged(name: str, request: pytest.FixtureRequest,
                                    tmp_path_factory: pytest.TempPathFactory, output: Any,
                                    reason: str, attempt: int, tokens: tuple[int, int, int, int],
