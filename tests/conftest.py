@@ -86,12 +86,3 @@ def machines_dir(tmp_path: Path) -> Iterator[Path]:
     shutil.copytree(MACHINES, target)
     yield target
 
-
-@pytest.fixture(scope="session")
-def pg_server() -> str:  # TEMP until tests/postgres.py lands
-    import os
-
-    dsn = os.environ.get("ORCH_TEST_PG_DSN")
-    if not dsn:
-        pytest.skip("no PostgreSQL server: set ORCH_TEST_PG_DSN")
-    return dsn

@@ -18,11 +18,11 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ..definition._loader import load_machine
 from ..definition._machine import Machine
-from ..engine._batch import Batch, BatchResult, batch_run_id
+from ..engine._batch import BatchResult, batch_run_id
 from ..engine._engine import Engine
 from ..engine._ids import check_run_id, new_run_id
 from ..engine._inputs import validate_input
@@ -124,7 +124,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             batch = engine.batch(loaded.machine, inputs, batch_id=batch_id, concurrency=args.concurrency,
                                  machine_ref=loaded.ref, options=options, budget=budget,
                                  on_progress=show.update if show else None)
-            with _stopping(batch, args.stop_grace_s, quiet):
+            with stopping(batch, args.stop_grace_s, quiet):
                 return await batch.run()
         finally:
             await store.close()
@@ -168,11 +168,18 @@ async def _unfinished(store: Store, batch_id: str) -> list[tuple[RunRecord, list
     return runs
 
 
-class _stopping:
-    """Ctrl-C or SIGTERM while the batch runs: the first stops it cleanly (no new runs; steps in
-    flight finish within the grace period), a second Ctrl-C abandons the steps in flight."""
+class Stoppable(Protocol):
+    def request_stop(self, grace_s: float) -> None: ...
 
-    def __init__(self, batch: Batch, grace_s: float, quiet: bool) -> None:
+    def interrupt(self) -> bool: ...
+
+
+class stopping:
+    """Ctrl-C or SIGTERM while a batch (or a worker) runs: the first stops it cleanly (no new
+    runs; steps in flight finish within the grace period), a second Ctrl-C abandons the steps
+    in flight."""
+
+    def __init__(self, batch: Stoppable, grace_s: float, quiet: bool) -> None:
         self.batch, self.grace_s, self.quiet = batch, grace_s, quiet
         self.asked = False
 

@@ -46,7 +46,7 @@ MAX_INPUT_BYTES = 64 * 1024 * 1024
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, the run saved and resumable
 
 
-def _engine(args: argparse.Namespace, store: Store, model: ModelClient | None,
+def engine_for(args: argparse.Namespace, store: Store, model: ModelClient | None,
             kill: KillPoints | None) -> Engine:
     """The engine a driving command uses: its store and model, the tracer unless --quiet, and
     the crash tests' kill points when ORCH_KILL_AT asks for them."""
@@ -222,7 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if fake is not None:
         fake.inputs[run_id] = data  # for answers by input
     result = _drive(args, run_id, banner, create=True, result=loaded.machine.result,
-                    open_run=lambda store, kill: _engine(args, store, model, kill).start(
+                    open_run=lambda store, kill: engine_for(args, store, model, kill).start(
                         loaded.machine, data, run_id=run_id, machine_ref=loaded.ref, options=options, budget=budget))
     return _report_result(result, args)
 
@@ -249,7 +249,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     loaded = load_machine(args.machine or record.machine_ref)
     model, options, banner, _ = model_for(args.offline or record.options.get("offline"), loaded.machine, family)
     result = _drive(args, args.run_id, banner, create=False, result=loaded.machine.result,
-                    open_run=lambda store, kill: _engine(
+                    open_run=lambda store, kill: engine_for(
         args, store, model, kill).attach(args.run_id, loaded.machine, budget=budget,
                                          allow_changed=args.allow_changed, take_over=args.take_over,
                                          options=options if args.offline else None))

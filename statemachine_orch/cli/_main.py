@@ -106,7 +106,7 @@ def _budget_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS,
-                        help=f"SQLite database file (env ORCH_DB; default {DEFAULT_DB})")
+                        help=f"SQLite database file or postgresql:// URL (env ORCH_DB; default {DEFAULT_DB})")
     common.add_argument("--sync", choices=["full", "normal"], default=argparse.SUPPRESS,
                         help="SQLite synchronous mode: full survives power loss (default), normal is faster")
     common.add_argument("--prices", metavar="FILE", default=argparse.SUPPRESS,
@@ -203,6 +203,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("validate", "cmd_validate", "check a machine definition (exit 0 valid, 2 invalid)")
     p.add_argument("machine", metavar="MACHINE")
+
+    p = command("enqueue", "_workers.cmd_enqueue", "queue runs of a machine for `orch worker` processes "
+                                                   "(PostgreSQL)")
+    p.add_argument("machine", metavar="MACHINE", help="path/to/file.py or dotted.module, optionally :attr")
+    p.add_argument("--input", metavar="FILE", help="JSON object input file, or - for stdin")
+    p.add_argument("--inputs", metavar="FILE", help="JSON lines, one run's input per line (- for stdin)")
+    p.add_argument("--queue", default="default", metavar="NAME", help="the queue (default: default)")
+    p.add_argument("--run-id", metavar="ID", help="the run's id (with --inputs: ID-LINE); an id queued before "
+                                                  "is left as it is, so enqueueing again queues nothing twice")
+    _budget_options(p)
+    p.add_argument("--json", action="store_true", help="print the queued run ids as JSON")
+
+    p = command("worker", "_workers.cmd_worker", "claim queued runs of the given machines and drive them, until "
+                                                 "SIGTERM or Ctrl-C (PostgreSQL)")
+    p.add_argument("machines", metavar="MACHINE", nargs="+", help="the machine modules this worker serves: it "
+                                                                  "claims only runs of these versions")
+    p.add_argument("--queue", default="default", metavar="NAME", help="the queue (default: default)")
+    p.add_argument("--concurrency", type=int, default=4, metavar="N", help="runs at a time (default 4)")
+    p.add_argument("--poll", type=float, default=2.0, metavar="S",
+                   help="look for work every S seconds even when not woken (default 2)")
+    p.add_argument("--migrate", action="store_true",
+                   help="also claim runs started by other versions of these machines, if their log replays")
+    p.add_argument("--until-idle", action="store_true", help="stop once nothing is left to claim")
+    p.add_argument("--rpm", type=int, metavar="N", help="at most N requests per minute (default: the API's)")
+    p.add_argument("--input-tpm", type=int, metavar="N", help="at most N input tokens per minute (default: the API's)")
+    p.add_argument("--output-tpm", type=int, metavar="N",
+                   help="at most N output tokens per minute (default: the API's)")
+    _offline_option(p)
+
+    p = command("workers", "_workers.cmd_workers", "list the live workers of a shared database, their runs and "
+                                                   "heartbeats")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    p = command("db", "_workers.cmd_db", "database upkeep: `migrate` creates or upgrades the schema")
+    p.add_argument("action", choices=["migrate"], help="migrate: create or upgrade the schema of --db")
 
     command("demo", cmd_demo, "run the report machine offline, show its log and replay it, then a routing batch")
     return parser

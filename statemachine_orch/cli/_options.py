@@ -18,6 +18,7 @@ from ..types import check_amount
 DEFAULT_DB = "orch.db"
 DEFAULT_BUSY_TIMEOUT_S = 30.0  # how long a write waits for another process's lock
 DEFAULT_STOP_GRACE_S = 30.0  # SIGTERM: how long a step in progress may take to finish
+DEFAULT_LEASE_TTL_S = 30.0  # PostgreSQL: how long a process's runs stay its own without a heartbeat
 T = TypeVar("T")
 
 
@@ -25,15 +26,16 @@ class Interrupted(Exception):
     """Ctrl-C stopped a run; the message says what is stored and how to continue."""
 
 
-def cli_store(args: argparse.Namespace, *, create: bool, tracer: Callable[[str, object], None] | None = None
-              ) -> Store:
-    """The store --db (else ORCH_DB, else orch.db) names, with --sync and ORCH_BUSY_TIMEOUT."""
+def cli_store(args: argparse.Namespace, *, create: bool, tracer: Callable[[str, object], None] | None = None,
+              upgrade: bool = False) -> Store:
+    """The store --db (else ORCH_DB, else orch.db) names, with --sync, ORCH_BUSY_TIMEOUT and
+    ORCH_LEASE_TTL (each backend takes the settings it has); `upgrade`: `orch db migrate`."""
     target = args.db if args.db is not None else os.environ.get("ORCH_DB") or DEFAULT_DB
     sync = (args.sync or os.environ.get("ORCH_SYNC") or "full").upper()
     if sync not in ("FULL", "NORMAL"):
         raise UsageError(f"--sync {sync.lower()!r} is not supported", fix="use full or normal")
     return open_store(target, synchronous=sync, create=create, busy_timeout_s=args.busy_timeout_s,
-                      tracer=tracer)
+                      tracer=tracer, lease_ttl_s=args.lease_ttl_s, upgrade=upgrade)
 
 
 def with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]], *, create: bool = False) -> T:
@@ -55,6 +57,7 @@ def read_settings(args: argparse.Namespace) -> None:
     args.price_table = _read_prices(args)
     args.busy_timeout_s = env_seconds("ORCH_BUSY_TIMEOUT", DEFAULT_BUSY_TIMEOUT_S)
     args.stop_grace_s = env_seconds("ORCH_STOP_GRACE", DEFAULT_STOP_GRACE_S)
+    args.lease_ttl_s = env_seconds("ORCH_LEASE_TTL", DEFAULT_LEASE_TTL_S)
 
 
 def _read_prices(args: argparse.Namespace) -> PriceTable:

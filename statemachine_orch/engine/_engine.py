@@ -20,7 +20,8 @@ from ..llm._client import ModelClient
 from ..llm._prices import PriceTable
 from ..store._contract import NullStore, Store
 from ..store._owner import Owner
-from ..types import Budget, RunRecord, RunResult, RunStatus, now_iso
+from ..store._queue import queue_of
+from ..types import Budget, RunRecord, RunResult, RunStatus, TransitionRecord, now_iso
 from ._batch import Batch, BatchResult, Input, numbered
 from ._children import drive_child, refuse_child
 from ._fsm import Compiled, compile_machine
@@ -88,6 +89,22 @@ class Engine:
         the run, so a resume keeps it unless given a new one.
         """
         compiled = self.compiled(machine)
+        record, context_input, values, effective = self._new_record(
+            machine, input, RunStatus.RUNNING, run_id=run_id, machine_ref=machine_ref, options=options, budget=budget,
+            batch=batch)
+        owner = Owner.for_this_process()
+        await self.store.create_run(record, owner)
+        for hook in self._ports.hooks.run_started:
+            hook(record, resumed=False, machine_hash=machine.source_hash)
+        return Run(compiled, record, owner, self._ports, input=context_input, input_values=values,
+                   snap=fresh(machine.initial), budget=effective)
+
+    def _new_record(self, machine: Machine, input: Mapping[str, Any] | BaseModel | None, status: RunStatus, *,
+                    run_id: str | None, machine_ref: str | None, options: dict[str, Any] | None,
+                    budget: Budget | None, batch: str | None = None
+                    ) -> tuple[RunRecord, Any, dict[str, Any], Budget]:
+        """A new run's record (its input validated), with the input as the context sees it, its
+        values and the run's effective budget."""
         if run_id is not None:
             check_run_id(run_id)
         context_input, stored, values = validate_input(machine, input)
@@ -100,14 +117,21 @@ class Engine:
         record = RunRecord(
             run_id=run_id or new_run_id(), machine=machine.name,
             machine_ref=machine_ref or machine.ref, machine_hash=machine.source_hash,
-            input=stored, status=RunStatus.RUNNING, created_at=now, updated_at=now, options=options, batch=batch,
+            input=stored, status=status, created_at=now, updated_at=now, options=options, batch=batch,
         )
-        owner = Owner.for_this_process()
-        await self.store.create_run(record, owner)
-        for hook in self._ports.hooks.run_started:
-            hook(record, resumed=False, machine_hash=machine.source_hash)
-        return Run(compiled, record, owner, self._ports, input=context_input, input_values=values,
-                   snap=fresh(machine.initial), budget=effective)
+        return record, context_input, values, effective
+
+    async def enqueue(self, machine: Machine, input: Mapping[str, Any] | BaseModel | None = None, *,
+                      queue: str = "default", run_id: str | None = None, machine_ref: str | None = None,
+                      options: dict[str, Any] | None = None, budget: Budget | None = None) -> RunRecord:
+        """Store a run of `machine` as pending in `queue`, for an `orch worker` that has loaded
+        this version of the machine to claim (the store must have a queue: PostgreSQL)."""
+        self.compiled(machine)
+        target = queue_of(self.store)
+        record, *_ = self._new_record(machine, input, RunStatus.PENDING, run_id=run_id, machine_ref=machine_ref,
+                                      options=options, budget=budget)
+        await target.enqueue(record, queue)
+        return record
 
     async def attach(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
                      allow_changed: bool = False, take_over: bool = False,
@@ -143,11 +167,19 @@ class Engine:
         changed = budget is not None or bool(options)
         record, log = await self.store.claim_run(run_id, owner, options=stored if changed else None,
                                                  take_over=take_over)
+        return self.adopt(machine, record, log, owner, budget=effective)
+
+    def adopt(self, machine: Machine, record: RunRecord, log: list[TransitionRecord], owner: Owner, *,
+              budget: Budget | None = None, resumed: bool = True) -> Run:
+        """The `Run` of a run `owner` has just claimed (`record` and `log` as the claim read
+        them), ready to go on from its last committed step; `budget`: the stored one if None."""
+        compiled = self.compiled(machine)
         context_input, _, values = validate_input(machine, record.input)
         run = Run(compiled, record, owner, self._ports, input=context_input, input_values=values,
-                  snap=snapshot(compiled, record, log), seq=log[-1].seq if log else 0, budget=effective)
+                  snap=snapshot(compiled, record, log), seq=log[-1].seq if log else 0,
+                  budget=budget if budget is not None else Budget.of_run(record.options))
         for hook in self._ports.hooks.run_started:
-            hook(record, resumed=True, machine_hash=machine.source_hash)
+            hook(record, resumed=resumed, machine_hash=machine.source_hash)
         return run
 
     async def arun(self, machine: Machine, input: Mapping[str, Any] | BaseModel | None = None,

@@ -125,6 +125,7 @@ class Run:
         self._fan_out = FanOut(self)
         self._broken: BaseException | None = None
         self._stop: str | None = None
+        self._stopped_as = RunStatus.INTERRUPTED  # what a stop leaves the run as (`request_stop`)
         self._task: asyncio.Task[Any] | None = None
         self._grace: asyncio.TimerHandle | None = None
 
@@ -404,10 +405,11 @@ class Run:
 
     # ------------------------------------------------------------------ whole run
 
-    def request_stop(self, grace_s: float = 30.0) -> None:
+    def request_stop(self, grace_s: float = 30.0, *, hand_back: bool = False) -> None:
         """Stop before the next step (SIGTERM). A step in progress gets `grace_s` seconds to
         finish and commit; after that its call is abandoned, or its guard or Python state
-        stopped, and the run left resumable.
+        stopped, and the run left resumable: `interrupted`, or with `hand_back` `pending`, for
+        another worker to claim at once (a worker shutting down).
 
         Safe to call from a signal handler (in the main thread, to reach synchronous code): the
         flag is set at once, so even a step that never yields to the event loop (a plain Python
@@ -415,6 +417,8 @@ class Run:
         if self._stop is not None:
             return
         self._stop = "stopped on request; resume to continue"
+        if hand_back:
+            self._stop, self._stopped_as = "handed back by a worker that stopped", RunStatus.PENDING
         self._code.stop_after(grace_s)  # user code holding the event loop: no loop timer reaches it
         for child in list(self.children_running):
             child.request_stop(grace_s)
@@ -438,13 +442,12 @@ class Run:
         try:
             while self.status is RunStatus.RUNNING:
                 if self._stop is not None:
-                    await self._release_quietly(RunStatus.INTERRUPTED, self._stop)
+                    await self._release_quietly(self._stopped_as, self._stop)
                     break
                 await self.step()
         except (KeyboardInterrupt, asyncio.CancelledError):
             if self._broken is None:
-                await self._release_quietly(RunStatus.INTERRUPTED,
-                                            self._stop or "interrupted; resume to continue")
+                await self._release_quietly(self._stopped_as, self._stop or "interrupted; resume to continue")
             if self._stop is None or self._task is None:
                 raise
             self._task.uncancel()  # our own grace period ran out: a stop, not a cancellation

@@ -63,6 +63,9 @@ class Store(Protocol):
     where: str
     """The database, as messages name it (a path or URL, without credentials)."""
 
+    schema_versions: tuple[int, int]
+    """(the schema version found when the store was opened, 0 for none; the version now)."""
+
     # ------------------------------------------------------------------ the engine's writes
 
     async def create_run(self, run: RunRecord, owner: Owner) -> None:
@@ -140,6 +143,7 @@ class NullStore:
     """Keeps nothing: for in-memory runs (benchmarks, dry runs) that need no durability."""
 
     where = "memory (nothing is stored)"
+    schema_versions = (0, 0)
 
     async def create_run(self, run: RunRecord, owner: Owner) -> None:
         return None

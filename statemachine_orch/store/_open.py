@@ -12,8 +12,8 @@ from ._contract import Store
 def open_store(target: str | os.PathLike[str], **options: Any) -> Store:
     """The store at `target`: a SQLite file path, `sqlite:///path` or a `postgresql://` URL.
     `options` go to the backend (for SQLite: `synchronous`, `busy_timeout_s`, `create`,
-    `tracer`, `audit_key`; PostgreSQL takes `create`, `tracer`, `audit_key`, `schema`,
-    `lease_ttl_s`, `pool_size` and ignores SQLite's own)."""
+    `tracer`, `audit_key`; PostgreSQL takes `create`, `upgrade`, `tracer`, `audit_key`,
+    `schema`, `lease_ttl_s`, `pool_size`; each ignores the other's own)."""
     text = os.fspath(target)
     scheme, sep, rest = text.partition("://")
     if not sep or len(scheme) == 1:  # a plain path (a Windows drive letter is not a scheme)
@@ -30,10 +30,11 @@ def open_store(target: str | os.PathLike[str], **options: Any) -> Store:
                          fix="runs are kept in a file so that they can be resumed: give a file path")
     from .sqlite._store import SQLiteStore  # the backend is loaded only when chosen
 
-    return SQLiteStore(path, **options)
+    return SQLiteStore(path, **{name: value for name, value in options.items() if name not in _POSTGRES_ONLY})
 
 
-_POSTGRES_OPTIONS = ("create", "tracer", "audit_key", "schema", "lease_ttl_s", "pool_size")
+_POSTGRES_OPTIONS = ("create", "upgrade", "tracer", "audit_key", "schema", "lease_ttl_s", "pool_size")
+_POSTGRES_ONLY = ("upgrade", "schema", "lease_ttl_s", "pool_size")
 
 
 def _postgres(dsn: str, options: dict[str, Any]) -> Store:

@@ -42,10 +42,11 @@ class RunQueue(Protocol):
         """Store `run` as pending in `queue` and wake the idle workers (`RunExistsError` when the
         id is taken)."""
 
-    async def claim_next(self, owner: Owner, *, queue: str, machine_hashes: Collection[str]
-                         ) -> tuple[RunRecord, list[TransitionRecord]] | None:
+    async def claim_next(self, owner: Owner, *, queue: str, machine_hashes: Collection[str],
+                         machines: Collection[str] = ()) -> tuple[RunRecord, list[TransitionRecord]] | None:
         """Claim the oldest claimable run of `queue` whose machine hash is one of `machine_hashes`
-        (None when there is none), with its log; skip runs another worker is claiming."""
+        (or whose machine is one of `machines`, whatever its version), with its log; None when
+        there is none. Runs another worker is claiming are skipped, not waited for."""
 
     async def wait_for_work(self, timeout_s: float) -> None:
         """Return when a run is queued or handed back, or after `timeout_s` (the polling fallback)."""

@@ -47,7 +47,8 @@ HOLDER = (
 )
 # the oldest run of a queue that a worker may take: never started, or abandoned by its holder
 NEXT_IN_QUEUE = (
-    "SELECT run_id FROM runs WHERE queue = %s AND parent_run_id IS NULL AND machine_hash = ANY(%s) "
+    "SELECT run_id FROM runs WHERE queue = %s AND parent_run_id IS NULL "
+    "AND (machine_hash = ANY(%s) OR machine = ANY(%s)) "
     f"AND (status = 'pending' OR (status = 'running' AND NOT {HOLDER_ALIVE})) "
     "ORDER BY created_at, run_id LIMIT 1 FOR UPDATE SKIP LOCKED"
 )

@@ -35,7 +35,7 @@ from .._owner import Owner, owner_from_json, who_am_i
 from .._queue import WorkerInfo
 from .._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
 from ._lease import Lease
-from ._schema import prepare, quoted
+from ._schema import SCHEMA_VERSION, prepare, quoted
 from ._statements import (
     ADVANCE,
     APPEND,
@@ -78,11 +78,13 @@ class PostgresStore:
     `dsn`: a libpq connection string or postgresql:// URL. `schema`: the PostgreSQL schema
     holding the tables (created with them when missing and `create`). `lease_ttl_s`: how long
     this process's runs stay its own without a heartbeat (renewed every third of it).
-    `audit_key` keys the audit chains as in SQLite (None: ORCH_AUDIT_KEY).
+    `audit_key` keys the audit chains as in SQLite (None: ORCH_AUDIT_KEY). A schema of an
+    older version is refused unless `upgrade` (`orch db migrate`).
     """
 
-    def __init__(self, dsn: str, *, schema: str = "orch", create: bool = True, lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
-                 pool_size: int = 10, audit_key: str | None = None, tracer: SQLTracer | None = None) -> None:
+    def __init__(self, dsn: str, *, schema: str = "orch", create: bool = True, upgrade: bool = False,
+                 lease_ttl_s: float = DEFAULT_LEASE_TTL_S, pool_size: int = 10, audit_key: str | None = None,
+                 tracer: SQLTracer | None = None) -> None:
         import psycopg
 
         if not schema.isidentifier() or not schema.isascii():
@@ -102,10 +104,11 @@ class PostgresStore:
         self.lease = Lease(self._connect_sync, lease_ttl_s)
         try:
             with psycopg.connect(dsn, **{**self._kwargs, "options": ""}) as conn:
-                prepare(conn, schema, self.where, create=create)
+                before = prepare(conn, schema, self.where, create=create, upgrade=upgrade)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open {self.where}: {' '.join(str(exc).split())}", where=self.where,
                              fix="check the DSN and that the server is up") from None
+        self.schema_versions = (before, SCHEMA_VERSION)  # (found, now): what `orch db migrate` did
 
     def _connect_sync(self) -> Any:
         import psycopg
@@ -155,12 +158,13 @@ class PostgresStore:
                 await self._take(conn, run_id, owner, holder, options)
         return await self.load_run(run_id)
 
-    async def claim_next(self, owner: Owner, *, queue: str, machine_hashes: Collection[str]
-                         ) -> tuple[RunRecord, list[TransitionRecord]] | None:
+    async def claim_next(self, owner: Owner, *, queue: str, machine_hashes: Collection[str],
+                         machines: Collection[str] = ()) -> tuple[RunRecord, list[TransitionRecord]] | None:
         async with self._conn() as conn:
             holder = await self.lease.hold(conn)
             async with conn.transaction():
-                found = await (await self._sql(conn, NEXT_IN_QUEUE, (queue, list(machine_hashes)))).fetchone()
+                found = await (await self._sql(conn, NEXT_IN_QUEUE, (queue, list(machine_hashes),
+                                                                     list(machines)))).fetchone()
                 if found is None:
                     return None
                 await self._take(conn, found[0], owner, holder, None)

@@ -328,27 +328,29 @@ def _default_value(sql: str | None) -> object:
     return int(sql) if sql.lstrip("-").isdigit() else float(sql)
 
 
-def migrate(conn: sqlite3.Connection, where: str, begin: Callable[[], Any]) -> None:
-    """Create or upgrade the schema in one transaction (`begin()` opens it, as a context manager).
+def migrate(conn: sqlite3.Connection, where: str, begin: Callable[[], Any]) -> int:
+    """Create or upgrade the schema in one transaction (`begin()` opens it, as a context
+    manager); return the version found (0: none).
 
     A file we may not write (or that stays busy) and that needs only an upgrade that adds
     indexes is used as it is, and upgraded the next time it can be."""
     version = check_version(conn, where)
     if version == SCHEMA_VERSION:
-        return
+        return version
     if version == 0:
         with begin():
             if user_version(conn) == SCHEMA_VERSION:
-                return  # another process created the schema while we waited for the lock
+                return SCHEMA_VERSION  # another process created the schema while we waited for the lock
             check_version(conn, where)
             create(conn)
-        return
+        return version
     try:
         with begin():  # all steps or none; a concurrent opener waits, then sees it done
             upgrade(conn)
     except StoreError:
         if version < READABLE_FROM:
             raise
+    return version
 
 
 def create_private(path: Path) -> None:

@@ -48,7 +48,7 @@ from .._rows import attempt_rows, dump, load, run_identity, run_of, text, transi
 from ._chain import last_link, require_intact, verify
 from ._group import GroupCommit
 from ._liveness import hold, liveness, owners_file, stale
-from ._schema import create_private, migrate
+from ._schema import SCHEMA_VERSION, create_private, migrate
 from ._statements import ADVANCE, APPEND, APPEND_ATTEMPT, IN_DOUBT_BY_MACHINE, IN_DOUBT_OF_RUN, SET_STATUS, STEP
 from ._transaction import Busy, Transaction, busy_as, connect, while_busy
 
@@ -104,14 +104,15 @@ class SQLiteStore:
         self._immutable = not os.access(self.path.parent, os.W_OK) and not Path(f"{self.path}-wal").exists()
         conn = self.conn = self._connect(wait=False)
         try:
-            while_busy(lambda: migrate(conn, self.where, lambda: Transaction(self, conn, waited=True)),
-                       self.busy_timeout_s)
+            found = while_busy(lambda: migrate(conn, self.where, lambda: Transaction(self, conn, waited=True)),
+                               self.busy_timeout_s)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"{self.where} is not a usable SQLite database: {exc}", where=self.where) from exc
         except BaseException:
             conn.close()
             raise
+        self.schema_versions = (found, SCHEMA_VERSION)  # (found, now): what opening it did
         # a file of an older version, opened read-only, has no child runs or batches (nor their columns)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
         self._children, self._batches = "parent_run_id" in columns, "batch_id" in columns

@@ -80,14 +80,13 @@ def is_busy(exc: Exception) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def while_busy(action: Callable[[], object], timeout_s: float) -> None:
+def while_busy(action: Callable[[], T], timeout_s: float) -> T:
     """Run `action` (opening work: switching to WAL, creating or upgrading the schema),
-    retrying while another opener holds the file, up to `timeout_s`."""
+    retrying while another opener holds the file, up to `timeout_s`; return what it returns."""
     deadline, delay = time.monotonic() + timeout_s, 0.001
     while True:
         try:
-            action()
-            return
+            return action()
         except (sqlite3.OperationalError, StoreError) as exc:
             if not is_busy(exc) or time.monotonic() >= deadline:
                 raise
