@@ -1,5 +1,5 @@
 """Shared fixtures: every test runs offline, against real SQLite files and the real SDK.
-The helpers they use (and that tests use) are in helpers.py.
+The helpers they use (and that tests use) are in helpers.py; the PostgreSQL ones in postgres.py.
 
 pyproject.toml's addopts deselect the `slow` and `reliability` tests; `-m "slow or reliability"`
 runs them, `-m ""` runs everything."""
@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from statemachine_orch.testing import FakeMessagesAPI
 
+from . import postgres
 from .helpers import CANARY_KEY, FULL, MACHINES, Answers, EnvOrch, orch_against
 
 DEFAULT_SELECTION = "not slow and not reliability"  # the -m of pyproject.toml's addopts
@@ -86,3 +87,25 @@ def machines_dir(tmp_path: Path) -> Iterator[Path]:
     shutil.copytree(MACHINES, target)
     yield target
 
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A PostgreSQL server's DSN: ORCH_TEST_PG_DSN's, else a throwaway cluster of this process
+    (stopped at session end), else the test is skipped, or fails under ORCH_REQUIRE_PG
+    (postgres.py). Tests want a database of their own: `pg_dsn`."""
+    with postgres.server() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def pg_dsn_factory(pg_server: str) -> Iterator[Callable[[], str]]:
+    """`pg_dsn_factory()` creates another empty database and returns its DSN, for a test that
+    needs several; all are dropped after the test."""
+    with postgres.databases(pg_server) as new:
+        yield new
+
+
+@pytest.fixture
+def pg_dsn(pg_dsn_factory: Callable[[], str]) -> str:
+    """The DSN of a fresh, empty database of this test's own, dropped after it."""
+    return pg_dsn_factory()

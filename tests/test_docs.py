@@ -239,7 +239,8 @@ def test_a_broken_link_is_reported(tmp_path: Path) -> None:
 
 
 def test_ci_runs_the_test_commands_the_readme_gives() -> None:
-    """.ci/run runs the commands of README.md's Tests section, exactly and in order."""
+    """.ci/run runs the commands of README.md's Tests section, exactly and in order, after setting
+    up what the tests need (a PostgreSQL server) and running no test before them."""
     section = _section_pattern("Tests").search((ROOT / "README.md").read_text(encoding="utf-8"))
     assert section, "README.md has no '## Tests' section"
     readme = [line for block in re.findall(r"^```bash\n(.*?)^```", section.group(0), re.DOTALL | re.MULTILINE)
@@ -247,4 +248,6 @@ def test_ci_runs_the_test_commands_the_readme_gives() -> None:
     ci = [line for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
           if line.strip() and not line.startswith(("#", "set ", "cd "))]
     assert re.search(r"\.venv/bin/python -m pytest -q( -n \d+)?$", readme[0])  # the default run comes first
+    setup, ci = ci[:-len(readme)], ci[-len(readme):]
     assert ci == readme
+    assert not [line for line in setup if "pytest" in line]
