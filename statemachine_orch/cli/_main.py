@@ -47,6 +47,8 @@ def _driving(name: str) -> Callable[[argparse.Namespace], int]:
         module, _, function = name.rpartition(".")
         if module == "_batch":
             from . import _batch as where
+        elif module == "_workers":
+            from . import _workers as where  # type: ignore[no-redef]
         else:
             from . import _drive as where  # type: ignore[no-redef]
         command: Callable[[argparse.Namespace], int] = getattr(where, function)

@@ -62,12 +62,14 @@ class Engine:
         self._compiled: dict[int, Compiled] = {}
         self._loop: asyncio.Runner | None = None
 
-    def compiled(self, machine: Machine) -> Compiled:
+    def compiled(self, machine: Machine, *, to_run: bool = True) -> Compiled:
+        """The machine compiled (once per engine); `to_run`: refused unless this engine can
+        run it (a machine with LLM states needs a model client; queueing one does not)."""
+        if to_run and self.model is None and machine.calls_a_model:
+            raise UsageError(f"machine '{machine.name}' has LLM states, but the engine has no model client",
+                             fix="pass Engine(store, model=AnthropicModel())")
         found = self._compiled.get(id(machine))
         if found is None or found.machine is not machine:
-            if self.model is None and machine.calls_a_model:
-                raise UsageError(f"machine '{machine.name}' has LLM states, but the engine has no model client",
-                                 fix="pass Engine(store, model=AnthropicModel())")
             found = self._compiled[id(machine)] = compile_machine(machine)
         return found
 
@@ -126,7 +128,7 @@ class Engine:
                       options: dict[str, Any] | None = None, budget: Budget | None = None) -> RunRecord:
         """Store a run of `machine` as pending in `queue`, for an `orch worker` that has loaded
         this version of the machine to claim (the store must have a queue: PostgreSQL)."""
-        self.compiled(machine)
+        self.compiled(machine, to_run=False)
         target = queue_of(self.store)
         record, *_ = self._new_record(machine, input, RunStatus.PENDING, run_id=run_id, machine_ref=machine_ref,
                                       options=options, budget=budget)
