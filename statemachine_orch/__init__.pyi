@@ -21,6 +21,8 @@ from .engine._replay import Divergence as Divergence
 from .engine._replay import ReplayReport as ReplayReport
 from .engine._replay import replay_run as replay_run
 from .engine._run import Run as Run
+from .engine._worker import Worker as Worker
+from .engine._worker import WorkerStats as WorkerStats
 from .errors import AuditKeyError as AuditKeyError
 from .errors import BudgetExceededError as BudgetExceededError
 from .errors import CorruptRunError as CorruptRunError
@@ -66,6 +68,9 @@ from .store._contract import RunSummary as RunSummary
 from .store._contract import Store as Store
 from .store._open import open_store as open_store
 from .store._owner import Owner as Owner
+from .store._queue import RunQueue as RunQueue
+from .store._queue import WorkerInfo as WorkerInfo
+from .store.postgres._store import PostgresStore as PostgresStore
 from .store.sqlite._store import SQLiteStore as SQLiteStore
 from .trace._tracer import Tracer as Tracer
 from .types import END as END

@@ -17,9 +17,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "statemachine_orch"
 LAYERS: dict[str, tuple[str, ...]] = {
     "vocabulary": ("types", "limits", "errors", "hooks", "_redact"),
     "definition": ("definition",),
-    "ports": ("store._contract", "store._owner", "llm._client", "llm._retry", "llm._prices", "llm._limiter"),
+    "ports": ("store._contract", "store._owner", "store._queue", "llm._client", "llm._retry", "llm._prices",
+              "llm._limiter"),
     "engine": ("engine",),
-    "adapters": ("store.sqlite", "store._open", "llm._anthropic", "llm._offline", "llm._offline_limits",
+    "adapters": ("store.sqlite", "store.postgres", "store._chain", "store._rows", "store._open",
+                 "llm._anthropic", "llm._offline", "llm._offline_limits",
                  "llm._fake_wire", "trace"),
     "interface": ("cli", "testing", ""),  # "": the package itself (its lazy public names)
 }

@@ -39,11 +39,16 @@ TAKE = (
     "UPDATE runs SET status = 'running', error = NULL, updated_at = %s, owner = %s, owner_info = %s, holder = %s, "
     "lease_epoch = lease_epoch + 1, options = coalesce(%s, options) WHERE run_id = %s RETURNING lease_epoch"
 )
-# a run's holder, judged by its lease: the run, whether it is alive, and when its lease ends (ended)
-HOLDER = (
+INSERT_RUN = (
+    "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, created_at, chain_version, chain_key, "
+    "parent_run_id, parent_state, item, batch_id, chain_anchor, options, status, error, updated_at, owner, "
+    f"owner_info, holder, lease_epoch, queue) VALUES ({', '.join(['%s'] * 22)})"
+)
+# a run's holder, judged by its lease (the run row locked): whether it lives and when its lease ends
+HOLDER_FOR_UPDATE = (
     "SELECT r.status, r.owner, r.owner_info, r.queue, w.name AS worker, w.expires_at, "
     "coalesce(w.expires_at > clock_timestamp(), false) AS alive FROM runs r "
-    "LEFT JOIN workers w ON w.key = r.holder WHERE r.run_id = %s"
+    "LEFT JOIN workers w ON w.key = r.holder WHERE r.run_id = %s FOR UPDATE OF r"
 )
 # the oldest run of a queue that a worker may take: never started, or abandoned by its holder
 NEXT_IN_QUEUE = (

@@ -41,7 +41,8 @@ from ._statements import (
     APPEND,
     APPEND_ATTEMPT,
     DOUBTS_BY_MACHINE,
-    HOLDER,
+    HOLDER_FOR_UPDATE,
+    INSERT_RUN,
     MACHINE_TOTALS,
     MARK,
     NEXT_IN_QUEUE,
@@ -137,13 +138,9 @@ class PostgresStore:
         anchor = self._audit.anchor(identity)
         status = RunStatus.RUNNING if owner is not None else RunStatus.PENDING
         try:
-            await self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, created_at, "
-                                  "chain_version, chain_key, parent_run_id, parent_state, item, batch_id, "
-                                  "chain_anchor, options, status, error, updated_at, owner, owner_info, holder, "
-                                  "lease_epoch, queue) VALUES (" + ", ".join(["%s"] * 22) + ")",
-                            (*identity.values(), anchor, dump(run.options), status.value, text(run.error),
-                             run.updated_at, owner and owner.token, owner and owner.info_json(), holder,
-                             1 if owner else 0, queue))
+            await self._sql(conn, INSERT_RUN, (
+                *identity.values(), anchor, dump(run.options), status.value, text(run.error), run.updated_at,
+                owner and owner.token, owner and owner.info_json(), holder, 1 if owner else 0, queue))
         except psycopg.errors.UniqueViolation:
             raise RunExistsError(run.run_id, where=self.where) from None
         return anchor
@@ -173,7 +170,7 @@ class PostgresStore:
     async def _take(self, conn: Any, run_id: str, owner: Owner, holder: str, options: dict[str, Any] | None) -> None:
         """Claim the run for `owner` under the lease `holder`, recording a takeover from an
         owner whose lease expired (`RunBusyError` while it is live)."""
-        row = await (await self._sql(conn, HOLDER + " FOR UPDATE OF r", (run_id,))).fetchone()
+        row = await (await self._sql(conn, HOLDER_FOR_UPDATE, (run_id,))).fetchone()
         if row is None:
             raise RunNotFoundError(run_id, where=self.where)
         status, current, info, _, worker, expires, alive = row
