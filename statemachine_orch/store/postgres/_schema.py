@@ -153,15 +153,15 @@ def quoted(schema: str) -> str:
     return '"' + schema + '"'
 
 
-def prepare(conn: Any, schema: str, where: str, *, create: bool, upgrade: bool = False) -> int:
+def prepare(conn: Any, schema: str, where: str, *, create: bool, upgrade: bool = False) -> tuple[int, int]:
     """Check (and create, or with `upgrade` migrate) the schema on a psycopg connection in
-    autocommit mode; return the version it had before."""
+    autocommit mode; return (the version it had before, 0 for none; the version now)."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
         found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
         version = _version(conn, schema, where) if found else 0
         if version == SCHEMA_VERSION:
-            return version
+            return version, version
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"{where} has statemachine_orch schema version {version}, newer than this statemachine_orch's "
@@ -172,7 +172,7 @@ def prepare(conn: Any, schema: str, where: str, *, create: bool, upgrade: bool =
             conn.execute(_TABLES)
             conn.execute("INSERT INTO meta (key, value) VALUES ('application', %s), ('schema_version', %s)",
                          (APPLICATION, str(SCHEMA_VERSION)))
-            return version
+            return version, SCHEMA_VERSION
         if version == 0:
             raise SchemaVersionError(f"{where} has no statemachine_orch schema {schema!r}", where=where,
                                      fix="create it with `orch db migrate`")
@@ -184,7 +184,7 @@ def prepare(conn: Any, schema: str, where: str, *, create: bool, upgrade: bool =
         for step in range(version, SCHEMA_VERSION):
             conn.execute(MIGRATIONS[step])
         conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
-        return version
+        return version, SCHEMA_VERSION
 
 
 def _version(conn: Any, schema: str, where: str) -> int:

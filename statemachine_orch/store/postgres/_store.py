@@ -35,7 +35,7 @@ from .._owner import Owner, owner_from_json, who_am_i
 from .._queue import WorkerInfo
 from .._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
 from ._lease import Lease
-from ._schema import SCHEMA_VERSION, prepare, quoted
+from ._schema import prepare, quoted
 from ._statements import (
     ADVANCE,
     APPEND,
@@ -105,11 +105,11 @@ class PostgresStore:
         self.lease = Lease(self._connect_sync, lease_ttl_s)
         try:
             with psycopg.connect(dsn, **{**self._kwargs, "options": ""}) as conn:
-                before = prepare(conn, schema, self.where, create=create, upgrade=upgrade)
+                versions = prepare(conn, schema, self.where, create=create, upgrade=upgrade)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open {self.where}: {' '.join(str(exc).split())}", where=self.where,
                              fix="check the DSN and that the server is up") from None
-        self.schema_versions = (before, SCHEMA_VERSION)  # (found, now): what `orch db migrate` did
+        self.schema_versions = versions  # (found, now): what `orch db migrate` did
 
     def _connect_sync(self) -> Any:
         import psycopg

@@ -1,0 +1,234 @@
+"""Queued runs and workers on a real PostgreSQL server (`pg_dsn`), in process: enqueue, claim,
+versions, hand-back on stop, takeovers from an expired lease, the lease's fence and the
+schema's version. The subprocess fault and lease trials are in tests/reliability/test_workers.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from statemachine_orch import (
+    Engine,
+    LeaseLostError,
+    Machine,
+    OwnershipLostError,
+    PostgresStore,
+    PythonState,
+    RunStatus,
+    SchemaVersionError,
+    UsageError,
+    Worker,
+    open_store,
+)
+from statemachine_orch.store._owner import Owner
+from statemachine_orch.store.postgres import _schema
+
+from .helpers import me, new_run, row
+
+
+def counting_machine(tmp_path: Path, version: str, *, gate: asyncio.Event | None = None,
+                     calls: list[str] | None = None) -> Machine:
+    """Three Python steps; `version` is its source (so its hash); `gate` holds step two open;
+    `calls` records each step run as (run id, state)."""
+    source = tmp_path / f"counter_{version}.py"
+    source.write_text(f"# version {version}\n")
+
+    def step(name: str) -> Callable[[Any], Awaitable[str]]:
+        async def run(ctx: Any) -> str:
+            if calls is not None:
+                calls.append(f"{ctx.run_id}:{name}")
+            if name == "two" and gate is not None:
+                await gate.wait()
+            return f"{name} of {ctx.input['n']}"
+        return run
+
+    return Machine("counter", states=[PythonState(n, run=step(n)) for n in ("one", "two", "three")],
+                   source_file=str(source))
+
+
+def on_pg(dsn: str, scenario: Callable[[PostgresStore], Awaitable[None]], **options: Any) -> None:
+    async def go() -> None:
+        store = open_store(dsn, **options)
+        assert isinstance(store, PostgresStore)
+        try:
+            await scenario(store)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_queued_runs_are_claimed_once_each_and_completed_by_concurrent_workers(pg_dsn: str, tmp_path: Path) -> None:
+    calls: list[str] = []
+    machine = counting_machine(tmp_path, "1", calls=calls)
+
+    async def scenario(store: PostgresStore) -> None:
+        engine = Engine(store)
+        ids = [(await engine.enqueue(machine, {"n": n}, run_id=f"q-{n}")).run_id for n in range(12)]
+        assert {r.status for r in await store.list_runs()} == {RunStatus.PENDING}
+        other = open_store(pg_dsn)  # a second worker process, as far as the database can tell
+        try:
+            stats = await asyncio.gather(Worker(engine, [machine], concurrency=3, poll_s=0.2).run(until_idle=True),
+                                         Worker(Engine(other), [machine], concurrency=3, poll_s=0.2).run(
+                                             until_idle=True))
+        finally:
+            await other.close()
+        assert sum(s.claimed for s in stats) == sum(s.completed for s in stats) == 12
+        assert all(s.claimed > 0 for s in stats)  # both took part
+        assert sorted(calls) == sorted(f"{rid}:{state}" for rid in ids for state in ("one", "two", "three"))
+        for rid in ids:
+            record, log = await store.load_run(rid, verified=True)
+            assert record.status is RunStatus.COMPLETED and [r.seq for r in log] == [1, 2, 3]
+            assert record.takeovers == []
+
+    on_pg(pg_dsn, scenario)
+
+
+def test_a_worker_claims_only_the_machine_versions_it_loaded_unless_it_migrates(pg_dsn: str, tmp_path: Path) -> None:
+    old, new = counting_machine(tmp_path, "1"), counting_machine(tmp_path, "2")
+    assert old.source_hash != new.source_hash
+
+    async def scenario(store: PostgresStore) -> None:
+        await Engine(store).enqueue(old, {"n": 1}, run_id="old-1")
+        engine = Engine(store)
+        idle = await Worker(engine, [new], poll_s=0.2).run(until_idle=True)
+        assert idle.claimed == 0 and (await store.get_run("old-1")).status is RunStatus.PENDING
+        migrated = await Worker(engine, [new], poll_s=0.2, migrate=True).run(until_idle=True)
+        assert (migrated.claimed, migrated.completed) == (1, 1)
+        assert (await store.get_run("old-1")).status is RunStatus.COMPLETED
+
+    on_pg(pg_dsn, scenario)
+
+
+def test_a_stopped_worker_hands_its_runs_back_and_another_finishes_them(pg_dsn: str, tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    async def scenario(store: PostgresStore) -> None:
+        gate = asyncio.Event()
+        machine = counting_machine(tmp_path, "1", gate=gate, calls=calls)
+        engine = Engine(store)
+        for n in range(2):
+            await engine.enqueue(machine, {"n": n}, run_id=f"h-{n}")
+        first = Worker(engine, [machine], concurrency=2, poll_s=0.2)
+        going = asyncio.create_task(first.run())
+        while sum(call.endswith(":two") for call in calls) < 2:  # both runs are inside step two
+            await asyncio.sleep(0.01)
+        live = await store.workers()
+        assert [(w.name, sorted(w.runs)) for w in live] == [("worker", ["h-0", "h-1"])]
+        first.request_stop(grace_s=30)
+        gate.set()  # the steps in progress finish within the grace period, and commit
+        stats = await going
+        assert (stats.claimed, stats.handed_back) == (2, 2)
+        for n in range(2):
+            run, log = await store.load_run(f"h-{n}")
+            assert run.status is RunStatus.PENDING and [r.from_state for r in log] == ["one", "two"]
+        assert [w.stopping for w in await store.workers()] == [True]  # the lease ends when the store closes
+        before = len(calls)
+        other = open_store(pg_dsn)
+        try:
+            second = await Worker(Engine(other), [machine], poll_s=0.2).run(until_idle=True)
+        finally:
+            await other.close()
+        assert (second.claimed, second.completed) == (2, 2)
+        # nothing committed ran again: only step three, once per run
+        assert sorted(calls[before:]) == ["h-0:three", "h-1:three"]
+
+    on_pg(pg_dsn, scenario)
+
+
+async def expire(store: PostgresStore) -> None:
+    """Make the store's lease run out now, as if its process had been frozen past its TTL."""
+    async with store._conn() as conn:
+        await conn.execute("UPDATE workers SET expires_at = clock_timestamp() - interval '1 second' WHERE key = %s",
+                           (store.lease.key,))
+
+
+def test_an_expired_lease_fences_every_write_and_its_run_is_taken_over(pg_dsn: str) -> None:
+    async def scenario(store: PostgresStore) -> None:
+        owner = me()
+        await store.create_run(new_run(), owner)
+        await store.append(row(1), owner)
+        await expire(store)
+        assert (await store.get_run("run-1")).stale
+        for write in (store.append(row(2), owner), store.mark_in_flight("run-1", owner, seq=2, state="b"),
+                      store.keep_answer("run-1", owner, seq=2, state="b", progress={"answer": 1})):
+            with pytest.raises(LeaseLostError, match="lease of this process on run run-1 expired"):
+                await write
+        other = open_store(pg_dsn)
+        assert isinstance(other, PostgresStore)
+        try:
+            claimed, log = await other.claim_run("run-1", me())
+            (takeover,) = claimed.takeovers
+            assert takeover.why.startswith("its lease expired at ") and f"pid {owner.pid}" in takeover.previous
+            assert [r.seq for r in log] == [1] and claimed.in_flight is None
+            with pytest.raises(OwnershipLostError, match="taken over"):  # and no longer only "expired"
+                await store.append(row(2), owner)
+        finally:
+            await other.close()
+        assert [r.seq for r in await store.transitions("run-1")] == [1]
+
+    on_pg(pg_dsn, scenario)
+
+
+def test_a_worker_takes_over_a_queued_run_whose_holder_died(pg_dsn: str, tmp_path: Path) -> None:
+    machine = counting_machine(tmp_path, "1")
+
+    async def scenario(store: PostgresStore) -> None:
+        await Engine(store).enqueue(machine, {"n": 7}, run_id="dead-1")
+        crashed = open_store(pg_dsn)
+        assert isinstance(crashed, PostgresStore)
+        holder = Owner.for_this_process()
+        record, log = await crashed.claim_next(holder, queue="default", machine_hashes=[machine.source_hash]) or (
+            None, [])
+        assert record is not None and record.run_id == "dead-1" and log == []
+        await crashed.append(row(1, run_id="dead-1", from_state="one", to_state="two", source="python", output="x",
+                                 request=None, response=None, request_id=None), holder)
+        await expire(crashed)
+        crashed.lease.key = None  # a dead process ends nothing: its lease just runs out
+        await crashed.close()
+        stats = await Worker(Engine(store), [machine], poll_s=0.2).run(until_idle=True)
+        assert (stats.claimed, stats.took_over, stats.completed) == (1, 1, 1)
+        run, log = await store.load_run("dead-1", verified=True)
+        assert run.status is RunStatus.COMPLETED and [r.from_state for r in log] == ["one", "two", "three"]
+        assert [t.why.split(" at ")[0] for t in run.takeovers] == ["its lease expired"]
+
+    on_pg(pg_dsn, scenario)
+
+
+def test_enqueue_needs_a_store_with_a_queue(tmp_path: Path) -> None:
+    machine = counting_machine(tmp_path, "1")
+
+    async def scenario() -> None:
+        store = open_store(tmp_path / "orch.db")
+        try:
+            with pytest.raises(UsageError, match="queued runs and workers need PostgreSQL"):
+                await Engine(store).enqueue(machine, {"n": 1})
+            assert await store.run_ids() == []
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_newer_schema_is_refused_and_an_older_one_upgraded_only_on_request(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    on_pg(pg_dsn, lambda store: store.create_run(new_run(), me()))
+    monkeypatch.setattr(_schema, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(_schema.MIGRATIONS, 1, "ALTER TABLE runs ADD COLUMN note TEXT")
+    with pytest.raises(SchemaVersionError, match=r"older than this statemachine_orch's \(2\).*orch db migrate"):
+        open_store(pg_dsn)
+    upgraded = open_store(pg_dsn, upgrade=True)
+    assert upgraded.schema_versions == (1, 2)
+    asyncio.run(upgraded.close())
+
+    async def read(store: PostgresStore) -> None:
+        assert [r.run_id for r in await store.list_runs()] == ["run-1"]  # kept through the upgrade
+    on_pg(pg_dsn, read)
+    monkeypatch.setattr(_schema, "SCHEMA_VERSION", 1)
+    with pytest.raises(SchemaVersionError, match="newer than this statemachine_orch's"):
+        open_store(pg_dsn)
