@@ -83,6 +83,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     async def go() -> int:
         store = cli_store(args, create=False)
         try:
+            queue_of(store)  # refused before the worker says anything
             engine = engine_for(args, store, model, None)
             worker = Worker(engine, [loaded.machine for loaded in machines], queue=args.queue,
                             concurrency=args.concurrency, poll_s=args.poll, migrate=args.migrate,
