@@ -232,3 +232,49 @@ def test_a_newer_schema_is_refused_and_an_older_one_upgraded_only_on_request(
     monkeypatch.setattr(_schema, "SCHEMA_VERSION", 1)
     with pytest.raises(SchemaVersionError, match="newer than this statemachine_orch's"):
         open_store(pg_dsn)
+
+
+def test_runs_started_at_once_share_one_lease_that_the_heartbeat_keeps(pg_dsn: str, tmp_path: Path) -> None:
+    """Eight runs started together (a batch) all name the one lease this process renews: with a
+    1-second TTL and steps longer than it, none loses its run."""
+    source = tmp_path / "slow.py"
+    source.write_text("# slow\n")
+
+    async def slow(ctx: Any) -> str:
+        await asyncio.sleep(0.8)
+        return "done"
+
+    machine = Machine("slow", states=[PythonState("a", run=slow), PythonState("b", run=slow)],
+                      source_file=str(source))
+
+    async def scenario(store: PostgresStore) -> None:
+        await asyncio.gather(*(store.run_ids() for _ in range(8)))  # connections ready: the starts race
+        result = await Engine(store).arun_many(machine, [{}] * 8, batch_id="b", concurrency=8)
+        assert [r.status for r in result.results.values()] == [RunStatus.COMPLETED] * 8, result.errors
+        async with store._conn() as conn:
+            holders = await (await conn.execute("SELECT count(*) FROM workers")).fetchone()
+        assert holders == (1,)
+
+    on_pg(pg_dsn, scenario, lease_ttl_s=1.0)
+
+
+def test_an_idle_worker_is_woken_by_a_queued_run_not_by_its_poll(pg_dsn: str, tmp_path: Path) -> None:
+    machine = counting_machine(tmp_path, "1")
+
+    async def scenario(store: PostgresStore) -> None:
+        worker = Worker(Engine(store), [machine], poll_s=3600)  # polling alone would take an hour
+        going = asyncio.create_task(worker.run())
+        while not (await store.workers()):  # the worker holds its lease once it has looked for work
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # (it is waiting now, LISTENing)
+        other = open_store(pg_dsn)
+        try:
+            await Engine(other).enqueue(machine, {"n": 1}, run_id="woken")
+        finally:
+            await other.close()
+        while (await store.get_run("woken")).status is not RunStatus.COMPLETED:
+            await asyncio.sleep(0.01)
+        worker.request_stop()
+        assert (await asyncio.wait_for(going, 30)).completed == 1
+
+    on_pg(pg_dsn, scenario)

@@ -15,6 +15,7 @@ synchronous step) does not cost its run the lease: the process is alive, and so 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -43,12 +44,20 @@ class Lease:
         self._guard = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._registering: asyncio.Lock | None = None
 
     async def hold(self, conn: Any) -> str:
-        """The live key, registered now (on `conn`, in autocommit) if this process holds none."""
+        """The live key, registered now (on `conn`, in autocommit) if this process holds none;
+        runs started at once wait for one registration, so they all name the lease renewed."""
         key = self.key
         if key is not None:
             return key
+        if self._registering is None:
+            self._registering = asyncio.Lock()
+        async with self._registering:
+            return self.key or await self._register(conn)
+
+    async def _register(self, conn: Any) -> str:
         key = os.urandom(12).hex()
         host, pid, _, _ = identity(os.getpid())
         await conn.execute(
