@@ -1980,6 +1980,12 @@ ALLOWED_SQL_PARTS = {
     "CHAINED_ATTEMPT_COLUMNS": "a constant list of column names",
     "SCHEMA_VERSION": "an int constant",
     "APPLICATION_ID": "an int constant",
+    "copy_sql": "orch db copy (store/_copy.py): what its Side.query/executemany are given: a literal, or one of "
+                "select_sql and insert_sql",
+    "select_sql": "orch db copy: a SELECT of the copied columns (names read from both databases' catalogs, "
+                  "double-quoted) from one of the four constant run tables (TABLES), the run id a placeholder",
+    "insert_sql": "orch db copy: an INSERT into one of the four constant run tables (TABLES) of the copied columns "
+                  "(double-quoted), every value a placeholder",
     "synchronous": "the store's setting, checked to be 'FULL' or 'NORMAL' before any connection is made, or "
                    "'OFF' for the in-flight marks' connection",
 }
@@ -2224,8 +2230,8 @@ def sql_text_check() -> None:
               if re.search(r"^\s*import (sqlite3|sqlite_utils|psycopg)", path.read_text(encoding="utf-8"), re.M)
               or (path.parent.name == "postgres" and path.name != "__init__.py")]
     assert [p.relative_to(PACKAGE).as_posix() for p in stores] == [
-        "store/_open.py", "store/postgres/_lease.py", "store/postgres/_schema.py", "store/postgres/_statements.py",
-        "store/postgres/_store.py",
+        "store/_copy.py", "store/_open.py", "store/postgres/_lease.py", "store/postgres/_schema.py",
+        "store/postgres/_statements.py", "store/postgres/_store.py",
         "store/sqlite/_chain.py", "store/sqlite/_group.py", "store/sqlite/_schema.py",
         "store/sqlite/_store.py", "store/sqlite/_transaction.py"]
     found = {part for path in stores for part in sql_parts(path.read_text(encoding="utf-8"))}

@@ -20,7 +20,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "ports": ("store._contract", "store._owner", "store._queue", "llm._client", "llm._retry", "llm._prices",
               "llm._limiter"),
     "engine": ("engine",),
-    "adapters": ("store.sqlite", "store.postgres", "store._chain", "store._rows", "store._open",
+    "adapters": ("store.sqlite", "store.postgres", "store._chain", "store._rows", "store._open", "store._copy",
                  "llm._anthropic", "llm._offline", "llm._offline_limits",
                  "llm._fake_wire", "trace"),
     "interface": ("cli", "testing", ""),  # "": the package itself (its lazy public names)

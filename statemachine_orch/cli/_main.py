@@ -238,8 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "heartbeats")
     p.add_argument("--json", action="store_true", help="print a JSON array")
 
-    p = command("db", "_workers.cmd_db", "database upkeep: `migrate` creates or upgrades the schema")
-    p.add_argument("action", choices=["migrate"], help="migrate: create or upgrade the schema of --db")
+    p = command("db", "_workers.cmd_db", "database upkeep: `migrate` creates or upgrades the schema of --db; "
+                                         "`copy SRC DST` copies every run of one database into another")
+    p.add_argument("action", choices=["migrate", "copy"],
+                   help="migrate: create or upgrade the schema of --db; copy: copy the runs of SRC that DST lacks")
+    p.add_argument("source", metavar="SRC", nargs="?",
+                   help="copy: the database to copy from, a SQLite file or a postgresql:// URL")
+    p.add_argument("destination", metavar="DST", nargs="?",
+                   help="copy: the database to copy into (created when missing), a SQLite file or a postgresql:// URL")
+    p.add_argument("--json", action="store_true", help="copy: print the report as one JSON object")
 
     command("demo", cmd_demo, "run the report machine offline, show its log and replay it, then a routing batch")
     return parser

@@ -27,10 +27,12 @@ class Interrupted(Exception):
 
 
 def cli_store(args: argparse.Namespace, *, create: bool, tracer: Callable[[str, object], None] | None = None,
-              upgrade: bool = False) -> Store:
-    """The store --db (else ORCH_DB, else orch.db) names, with --sync, ORCH_BUSY_TIMEOUT and
-    ORCH_LEASE_TTL (each backend takes the settings it has); `upgrade`: `orch db migrate`."""
-    target = args.db if args.db is not None else os.environ.get("ORCH_DB") or DEFAULT_DB
+              upgrade: bool = False, target: str | None = None) -> Store:
+    """The store --db (else ORCH_DB, else orch.db) names, or `target` (`orch db copy`), with --sync,
+    ORCH_BUSY_TIMEOUT and ORCH_LEASE_TTL (each backend takes the settings it has); `upgrade`:
+    `orch db migrate`."""
+    if target is None:
+        target = args.db if args.db is not None else os.environ.get("ORCH_DB") or DEFAULT_DB
     sync = (args.sync or os.environ.get("ORCH_SYNC") or "full").upper()
     if sync not in ("FULL", "NORMAL"):
         raise UsageError(f"--sync {sync.lower()!r} is not supported", fix="use full or normal")

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..definition._loader import load_machine
 from ..engine._engine import Engine
 from ..engine._worker import Worker
-from ..errors import InputError, RunExistsError, UsageError
+from ..errors import DatabaseNotFoundError, InputError, OrchError, RunExistsError, SchemaVersionError, UsageError
 from ..store._contract import Store
 from ..store._queue import queue_of
 from ._batch import rate_limits, read_inputs, stopping
 from ._drive import _read_input, budget_of, engine_for, model_for
 from ._options import cli_store, with_store
 from ._render import one_line, print_table
+
+if TYPE_CHECKING:
+    from ..store._copy import CopyReport
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -122,6 +126,10 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
+    if args.action == "copy":
+        return _copy(args)
+    if args.source is not None:
+        raise UsageError(f"orch db {args.action} takes no SRC or DST", fix="it works on --db (or ORCH_DB)")
     if args.action == "migrate":
         return _migrate(args)
     raise UsageError(f"unknown action {args.action!r}")
@@ -140,3 +148,64 @@ def _migrate(args: argparse.Namespace) -> int:
     else:
         print(f"{store.where}: schema upgraded from version {before} to {now}")
     return 0
+
+
+_SAID = {"copied": "copied", "skipped": "skipped (already in DST)", "differs": "skipped (already in DST)",
+         "failed": "NOT COPIED", "tampered": "copied, TAMPERED", "unverified": "copied, UNVERIFIED"}
+
+
+def _copy(args: argparse.Namespace) -> int:
+    """Copy every run of SRC that DST lacks, value for value (`store._copy`); exit 1 when a run
+    could not be copied or fails its audit chain in DST, else 2 when one could not be verified
+    with the audit key set, else 0."""
+    from ..store._copy import copy_runs
+
+    if args.db is not None:
+        raise UsageError("orch db copy names its databases as SRC and DST, not with --db",
+                         fix="orch db copy SRC DST")
+    if not args.source or not args.destination:
+        raise UsageError("orch db copy needs SRC and DST", fix="orch db copy SRC DST (a SQLite file or a "
+                                                                "postgresql:// URL each)")
+
+    def said(run_id: str, outcome: str, why: str | None) -> None:
+        if not args.json:
+            print(f"run {run_id}: {_SAID[outcome]}" + (f": {one_line(why, 10_000)}" if why else ""), flush=True)
+
+    async def go() -> CopyReport:
+        async with contextlib.AsyncExitStack() as opened:
+            source = _copy_side(args, args.source, "SRC")
+            opened.push_async_callback(source.close)
+            destination = _copy_side(args, args.destination, "DST")
+            opened.push_async_callback(destination.close)
+            return await copy_runs(source, destination, on_run=said)
+
+    report = asyncio.run(go())
+    if args.json:
+        print(json.dumps({"source": report.source, "destination": report.destination, "copied": report.copied,
+                          "skipped": report.skipped, "differing": report.differing, "failed": report.failed,
+                          "tampered": report.tampered, "unverified": report.unverified}))
+    else:
+        print(f"{len(report.copied) + len(report.tampered) + len(report.unverified)} run(s) copied from "
+              f"{report.source} to {report.destination}, {len(report.skipped)} skipped (already there)"
+              + "".join(f", {len(runs)} {what}" for runs, what in (
+                  (report.failed, "not copied"), (report.tampered, "failing their audit chain"),
+                  (report.unverified, "not verified (audit key)"), (report.differing, "differing from SRC"))
+                  if runs))
+    return 1 if report.failed or report.tampered else 2 if report.unverified else 0
+
+
+def _copy_side(args: argparse.Namespace, target: str, role: str) -> Store:
+    """The store SRC or DST names (DST is created when missing); an error opening it says which it is."""
+    try:
+        return cli_store(args, create=role == "DST", target=target)
+    except DatabaseNotFoundError as exc:
+        raise UsageError(f"SRC: no database at {exc.where}",
+                         fix="give an existing SQLite file or a postgresql:// URL as SRC") from None
+    except SchemaVersionError as exc:
+        if role == "SRC" and "has no statemachine_orch schema" in exc.what:  # an empty PostgreSQL database
+            raise UsageError(f"SRC: {exc.what}, so no runs to copy", fix="check SRC") from None
+        exc.what = f"{role}: {exc.what}"
+        raise
+    except OrchError as exc:
+        exc.what = f"{role}: {exc.what}"
+        raise

@@ -46,7 +46,7 @@ INSERT_RUN = (
 )
 # a run's holder, judged by its lease (the run row locked): whether it lives and when its lease ends
 HOLDER_FOR_UPDATE = (
-    "SELECT r.status, r.owner, r.owner_info, r.queue, w.name AS worker, w.expires_at, "
+    "SELECT r.status, r.owner, r.owner_info, r.holder, w.name AS worker, w.expires_at, "
     "coalesce(w.expires_at > clock_timestamp(), false) AS alive FROM runs r "
     "LEFT JOIN workers w ON w.key = r.holder WHERE r.run_id = %s FOR UPDATE OF r"
 )

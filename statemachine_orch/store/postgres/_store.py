@@ -173,7 +173,7 @@ class PostgresStore:
         row = await (await self._sql(conn, HOLDER_FOR_UPDATE, (run_id,))).fetchone()
         if row is None:
             raise RunNotFoundError(run_id, where=self.where)
-        status, current, info, _, worker, expires, alive = row
+        status, current, info, lease, worker, expires, alive = row
         if status in _FINISHED:
             raise RunFinishedError(run_id, status)
         previous = owner_from_json(info)
@@ -181,7 +181,8 @@ class PostgresStore:
         if current is not None:
             if alive:
                 raise RunBusyError(run_id, holder=f"{who} (its lease is live until {expires:%H:%M:%S %Z})")
-            why = f"its lease expired at {expires.isoformat()}" if expires else "its lease was ended"
+            why = (f"its lease expired at {expires.isoformat()}" if expires else "its lease was ended" if lease
+                   else "it held no lease here (a run copied from another database)")
             await self._sql(conn, "INSERT INTO takeovers (run_id, at, by_owner, previous, why) VALUES (%s, %s, %s, "
                                   "%s, %s)", (run_id, now_iso(), who_am_i(owner), who, why))
         epoch = await (await self._sql(conn, TAKE, (now_iso(), owner.token, owner.info_json(), holder, dump(options),
