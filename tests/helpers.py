@@ -2230,7 +2230,8 @@ def sql_text_check() -> None:
               if re.search(r"^\s*import (sqlite3|sqlite_utils|psycopg)", path.read_text(encoding="utf-8"), re.M)
               or (path.parent.name == "postgres" and path.name != "__init__.py")]
     assert [p.relative_to(PACKAGE).as_posix() for p in stores] == [
-        "store/_copy.py", "store/_open.py", "store/postgres/_lease.py", "store/postgres/_schema.py",
+        "store/_copy.py", "store/_open.py", "store/postgres/_lease.py", "store/postgres/_pool.py",
+        "store/postgres/_schema.py",
         "store/postgres/_statements.py", "store/postgres/_store.py",
         "store/sqlite/_chain.py", "store/sqlite/_group.py", "store/sqlite/_schema.py",
         "store/sqlite/_store.py", "store/sqlite/_transaction.py"]

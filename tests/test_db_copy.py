@@ -29,7 +29,7 @@ import pytest
 
 from statemachine_orch.cli import main
 from statemachine_orch.store._chain import canonical
-from statemachine_orch.store.postgres._store import redacted
+from statemachine_orch.store.postgres._pool import redacted
 from statemachine_orch.testing import FakeMessagesAPI, Reply, error
 
 from . import postgres

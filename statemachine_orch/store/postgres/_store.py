@@ -35,6 +35,7 @@ from .._owner import Owner, owner_from_json, who_am_i
 from .._queue import WorkerInfo
 from .._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
 from ._lease import Lease
+from ._pool import NOTIFY_CHANNEL, Borrowed, Pool, one_line, redacted
 from ._schema import prepare, quoted
 from ._statements import (
     ADVANCE,
@@ -55,22 +56,8 @@ from ._statements import (
 
 T = TypeVar("T")
 SQLTracer = Callable[[str, Any], None]
-NOTIFY_CHANNEL = "orch_work"
 _FINISHED = (RunStatus.COMPLETED.value, RunStatus.TERMINATED.value)
 DEFAULT_LEASE_TTL_S = 30.0
-
-
-def redacted(dsn: str) -> str:
-    """The DSN as messages may show it: no password."""
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        parts = conninfo_to_dict(dsn)
-    except Exception:
-        return "a PostgreSQL database (its DSN could not be parsed)"
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    port = f":{parts['port']}" if parts.get("port") else ""
-    return f"postgresql://{user}{parts.get('host', '')}{port}/{parts.get('dbname', '')}"
 
 
 class PostgresStore:
@@ -99,22 +86,15 @@ class PostgresStore:
         self._audit = AuditKey(os.environ.get("ORCH_AUDIT_KEY") if audit_key is None else audit_key)
         self._chains: dict[str, tuple[int, str, int]] = {}  # run -> (seq, chain, version) of its last row here
         self._epochs: dict[str, int] = {}  # run -> the lease epoch of this process's claim on it
-        self._pool_size = pool_size
-        self._pool: Any = None
-        self._listener: Any = None
-        self.lease = Lease(self._connect_sync, lease_ttl_s)
+        self._pool = Pool(dsn, self._kwargs, pool_size, self.where)
+        self.lease = Lease(self._pool.connect_sync, lease_ttl_s)
         try:
             with psycopg.connect(dsn, **{**self._kwargs, "options": ""}) as conn:
                 versions = prepare(conn, schema, self.where, create=create, upgrade=upgrade)
         except psycopg.Error as exc:
-            raise StoreError(f"cannot open {self.where}: {' '.join(str(exc).split())}", where=self.where,
+            raise StoreError(f"cannot open {self.where}: {one_line(exc)}", where=self.where,
                              fix="check the DSN and that the server is up") from None
         self.schema_versions = versions  # (found, now): what `orch db migrate` did
-
-    def _connect_sync(self) -> Any:
-        import psycopg
-
-        return psycopg.connect(self.dsn, **self._kwargs)
 
     # ------------------------------------------------------------------ the engine's writes
 
@@ -399,17 +379,7 @@ class PostgresStore:
     # ------------------------------------------------------------------ the queue's other half
 
     async def wait_for_work(self, timeout_s: float) -> None:
-        import psycopg
-
-        if self._listener is None or self._listener.closed:
-            self._listener = await psycopg.AsyncConnection.connect(self.dsn, **self._kwargs)
-            await self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
-        try:
-            async for _ in self._listener.notifies(timeout=timeout_s, stop_after=1):
-                break
-        except psycopg.OperationalError:  # the server went away: poll, and listen again next time
-            await self._listener.close()
-            await asyncio.sleep(min(timeout_s, 1.0))
+        await self._pool.wait_for_notice(timeout_s)
 
     async def workers(self) -> list[WorkerInfo]:
         async with self._conn() as conn:
@@ -435,31 +405,13 @@ class PostgresStore:
                     await self.lease.release(conn)
         finally:
             await asyncio.to_thread(self.lease.join)
-            if self._listener is not None:
-                await self._listener.close()
-            if self._pool is not None:
-                await (await self._pool).close()
+            await self._pool.close()
 
     # ------------------------------------------------------------------ running statements
 
-    def _conn(self) -> _Borrowed:
+    def _conn(self) -> Borrowed:
         """A pooled connection (autocommit; `conn.transaction()` makes a transaction)."""
-        return _Borrowed(self)
-
-    async def _opened_pool(self) -> Any:
-        """The connection pool, opened on the running event loop the first time it is needed
-        (one opening shared by every caller that needs it meanwhile)."""
-        if self._pool is None:
-            self._pool = asyncio.ensure_future(self._open_pool())
-        return await self._pool
-
-    async def _open_pool(self) -> Any:
-        from psycopg_pool import AsyncConnectionPool
-
-        pool = AsyncConnectionPool(self.dsn, kwargs=self._kwargs, min_size=1, max_size=self._pool_size, open=False,
-                                   name="orch")
-        await pool.open(wait=True, timeout=30.0)
-        return pool
+        return self._pool.borrow()
 
     async def _sql(self, conn: Any, sql: str, params: Any = None) -> Any:
         if self.tracer is not None:
@@ -476,35 +428,3 @@ class PostgresStore:
         cursor = await self._sql(conn, sql, params)
         names = [column.name for column in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
-
-
-class _Borrowed:
-    """`async with store._conn() as conn`: a connection from the pool (opened on first use, on
-    the running event loop), with database errors as `StoreError`s naming the database."""
-
-    def __init__(self, store: PostgresStore) -> None:
-        self._store = store
-        self._borrowed: Any = None
-
-    async def __aenter__(self) -> Any:
-        import psycopg
-
-        store = self._store
-        try:
-            pool = await store._opened_pool()
-            self._borrowed = pool.connection()
-            return await self._borrowed.__aenter__()
-        except (psycopg.Error, OSError, TimeoutError) as exc:
-            raise StoreError(f"cannot reach {store.where}: {' '.join(str(exc).split())}", where=store.where,
-                             fix="check that the server is up and the DSN") from None
-
-    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        import psycopg
-
-        where = self._store.where
-        try:
-            await self._borrowed.__aexit__(kind, exc, tb)
-        except psycopg.Error as failed:
-            raise StoreError(f"{where}: {' '.join(str(failed).split())}", where=where) from None
-        if isinstance(exc, psycopg.Error):
-            raise StoreError(f"{where}: {' '.join(str(exc).split())}", where=where) from exc
