@@ -278,3 +278,32 @@ def test_an_idle_worker_is_woken_by_a_queued_run_not_by_its_poll(pg_dsn: str, tm
         assert (await asyncio.wait_for(going, 30)).completed == 1
 
     on_pg(pg_dsn, scenario)
+
+
+def test_a_claim_is_never_made_under_a_lease_that_already_expired(pg_dsn: str, tmp_path: Path) -> None:
+    """A process paused past its TTL claims under a new lease, not its dead one (whose first
+    write would fail and leave the run to be taken over from itself)."""
+    machine = counting_machine(tmp_path, "1")
+
+    async def scenario(store: PostgresStore) -> None:
+        engine = Engine(store)
+        for n in range(2):
+            await engine.enqueue(machine, {"n": n}, run_id=f"p-{n}")
+        first = Owner.for_this_process()
+        assert await store.claim_next(first, queue="default", machine_hashes=[machine.source_hash]) is not None
+        dead = store.lease.key
+        await expire(store)  # paused: the heartbeat thread has not noticed yet
+        owner = Owner.for_this_process()
+        claimed = await store.claim_next(owner, queue="default", machine_hashes=[machine.source_hash])
+        assert claimed is not None
+        record, log = claimed
+        assert store.lease.key not in (None, dead) and dead in store.lease.lost
+        # the oldest claimable run is the one the dead lease held: taken over, under the new lease
+        assert (record.run_id, record.owner, log) == ("p-0", owner.token, [])
+        assert [t.why.split(" at ")[0] for t in record.takeovers] == ["its lease expired"]
+        await store.append(row(1, run_id="p-0", from_state="one", to_state="two", source="python", output="x",
+                               request=None, response=None, request_id=None), owner)  # it owns what it claimed
+        with pytest.raises(OwnershipLostError):
+            await store.append(row(1, run_id="p-0", from_state="one", to_state="two"), first)
+
+    on_pg(pg_dsn, scenario)

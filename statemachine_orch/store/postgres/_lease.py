@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,17 +46,35 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._registering: asyncio.Lock | None = None
+        self._renewed = 0.0  # time.monotonic() of the key's last registration or renewal
 
     async def hold(self, conn: Any) -> str:
         """The live key, registered now (on `conn`, in autocommit) if this process holds none;
-        runs started at once wait for one registration, so they all name the lease renewed."""
+        runs started at once wait for one registration, so they all name the lease renewed.
+
+        A key not renewed for half its TTL (this process was paused: the heartbeat did not run)
+        is renewed here first, or, expired, given up for a new one: a run is never claimed
+        under a lease that is already dead."""
         key = self.key
-        if key is not None:
+        if key is not None and time.monotonic() - self._renewed < self.ttl_s / 2:
             return key
         if self._registering is None:
             self._registering = asyncio.Lock()
         async with self._registering:
-            return self.key or await self._register(conn)
+            key = self.key
+            if key is not None and (await conn.execute(RENEW, (key,))).rowcount:
+                self._renewed = time.monotonic()
+                return key
+            if key is not None:
+                self.drop(key)
+            return await self._register(conn)
+
+    def drop(self, key: str) -> None:
+        """Give up `key`, found expired: the next run takes a new lease."""
+        with self._guard:
+            if self.key == key:
+                self.key = None
+                self.lost.add(key)
 
     async def _register(self, conn: Any) -> str:
         key = os.urandom(12).hex()
@@ -67,7 +86,7 @@ class Lease:
         # rows of processes long gone: their runs (if any) are claimable whether or not the row is there
         await conn.execute("DELETE FROM workers WHERE expires_at < clock_timestamp() - interval '1 hour'")
         with self._guard:
-            self.key = key
+            self.key, self._renewed = key, time.monotonic()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._beat, name="orch-lease", daemon=True)
                 self._thread.start()
@@ -87,11 +106,10 @@ class Lease:
                 except Exception:  # the server is unreachable: try again next beat, within the TTL
                     conn = None
                     continue
-                if not renewed:
-                    with self._guard:
-                        if self.key == key:
-                            self.key = None
-                            self.lost.add(key)
+                if renewed:
+                    self._renewed = time.monotonic()
+                else:
+                    self.drop(key)
         finally:
             if conn is not None:
                 conn.close()

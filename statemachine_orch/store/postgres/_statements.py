@@ -33,11 +33,14 @@ SET_STATUS = (
     "owner = CASE WHEN %(keep)s THEN owner ELSE NULL END, "
     "owner_info = CASE WHEN %(keep)s THEN owner_info ELSE NULL END, "
     "holder = CASE WHEN %(keep)s THEN holder ELSE NULL END "
-    "WHERE run_id = %(run_id)s AND owner = %(owner)s AND lease_epoch = %(epoch)s"
+    f"WHERE run_id = %(run_id)s AND owner = %(owner)s AND lease_epoch = %(epoch)s AND {HOLDER_ALIVE}"
 )
+# a claim: fenced on the claimer's own lease being live (no row: it expired, claim nothing)
 TAKE = (
-    "UPDATE runs SET status = 'running', error = NULL, updated_at = %s, owner = %s, owner_info = %s, holder = %s, "
-    "lease_epoch = lease_epoch + 1, options = coalesce(%s, options) WHERE run_id = %s RETURNING lease_epoch"
+    "UPDATE runs SET status = 'running', error = NULL, updated_at = %(now)s, owner = %(owner)s, "
+    "owner_info = %(info)s, holder = %(holder)s, lease_epoch = lease_epoch + 1, "
+    "options = coalesce(%(options)s, options) WHERE run_id = %(run_id)s AND EXISTS (SELECT 1 FROM workers w "
+    "WHERE w.key = %(holder)s AND w.expires_at > clock_timestamp()) RETURNING lease_epoch"
 )
 INSERT_RUN = (
     "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, created_at, chain_version, chain_key, "

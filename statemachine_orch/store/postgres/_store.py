@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 from ...errors import (
@@ -129,27 +129,48 @@ class PostgresStore:
                         take_over: bool = False) -> tuple[RunRecord, list[TransitionRecord]]:
         """As the contract says; an owner is judged by its lease alone (always proven alive or
         gone), so `take_over` changes nothing here."""
+        async def named() -> str:
+            return run_id
+
         async with self._conn() as conn:
-            holder = await self.lease.hold(conn)
-            async with conn.transaction():
-                await self._take(conn, run_id, owner, holder, options)
-        return await self.load_run(run_id)
+            claimed = await self._claim(conn, owner, named, options)
+        assert claimed is not None  # a named run is claimed or refused
+        return claimed
 
     async def claim_next(self, owner: Owner, *, queue: str, machine_hashes: Collection[str],
                          machines: Collection[str] = ()) -> tuple[RunRecord, list[TransitionRecord]] | None:
+        async def oldest() -> str | None:
+            found = await (await self._sql(conn, NEXT_IN_QUEUE, (queue, list(machine_hashes),
+                                                                 list(machines)))).fetchone()
+            return None if found is None else str(found[0])
+
         async with self._conn() as conn:
+            return await self._claim(conn, owner, oldest, None)
+
+    async def _claim(self, conn: Any, owner: Owner, which: Callable[[], Awaitable[str | None]],
+                     options: dict[str, Any] | None) -> tuple[RunRecord, list[TransitionRecord]] | None:
+        """Claim the run `which()` names (None: none) and read it and its log in the same
+        transaction, so what the claimer gets is what it owns. Tried again, once, under a new
+        lease when this process's own expired meanwhile (it was paused)."""
+        for attempt in (1, 2):
             holder = await self.lease.hold(conn)
-            async with conn.transaction():
-                found = await (await self._sql(conn, NEXT_IN_QUEUE, (queue, list(machine_hashes),
-                                                                     list(machines)))).fetchone()
-                if found is None:
-                    return None
-                await self._take(conn, found[0], owner, holder, None)
-        return await self.load_run(found[0])
+            try:
+                async with conn.transaction():
+                    run_id = await which()
+                    if run_id is None:
+                        return None
+                    await self._take(conn, run_id, owner, holder, options)
+                    return await self._get_run(conn, run_id), await self._transitions(conn, run_id)
+            except LeaseLostError:
+                self.lease.drop(holder)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _take(self, conn: Any, run_id: str, owner: Owner, holder: str, options: dict[str, Any] | None) -> None:
         """Claim the run for `owner` under the lease `holder`, recording a takeover from an
-        owner whose lease expired (`RunBusyError` while it is live)."""
+        owner whose lease expired (`RunBusyError` while it is live; `LeaseLostError`, and
+        nothing written, when `holder` itself has expired)."""
         row = await (await self._sql(conn, HOLDER_FOR_UPDATE, (run_id,))).fetchone()
         if row is None:
             raise RunNotFoundError(run_id, where=self.where)
@@ -165,8 +186,12 @@ class PostgresStore:
                    else "it held no lease here (a run copied from another database)")
             await self._sql(conn, "INSERT INTO takeovers (run_id, at, by_owner, previous, why) VALUES (%s, %s, %s, "
                                   "%s, %s)", (run_id, now_iso(), who_am_i(owner), who, why))
-        epoch = await (await self._sql(conn, TAKE, (now_iso(), owner.token, owner.info_json(), holder, dump(options),
-                                                   run_id))).fetchone()
+        epoch = await (await self._sql(conn, TAKE, {"now": now_iso(), "owner": owner.token, "info": owner.info_json(),
+                                                   "holder": holder, "options": dump(options), "run_id": run_id})
+                       ).fetchone()
+        if epoch is None:
+            raise LeaseLostError(f"the lease of this process expired before it could claim run {run_id}",
+                                 where=self.where)
         self._epochs[run_id] = epoch[0]
         self._chains.pop(run_id, None)
 
