@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import RunNotFoundError
+from ..errors import OwnershipLostError, RunNotFoundError
 from ..types import Attempt, Parent, RunRecord, RunStatus, TransitionRecord
 from ._owner import Owner
 
@@ -202,3 +202,10 @@ class NullStore:
     def _gone(self, run_id: str) -> RunNotFoundError:
         return RunNotFoundError(run_id, where=self.where,
                                 why=f"run {run_id!r} was not persisted (the engine has no store)")
+
+
+def out_of_order(run_id: str, seq: int, last_seq: int, where: str) -> OwnershipLostError:
+    """A step refused by the fence because the run is not at step `seq - 1` (backends share the wording)."""
+    if seq <= last_seq:
+        return OwnershipLostError(f"run {run_id} already has step {seq}: another process advanced it", where=where)
+    return OwnershipLostError(f"run {run_id} is at step {last_seq}, so step {seq} cannot follow it", where=where)

@@ -30,7 +30,7 @@ from ...errors import (
 )
 from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, TransitionRecord, child_place, now_iso
 from .._chain import CANONICAL, CHAINED_ATTEMPT_COLUMNS, CHAINED_COLUMNS, AuditKey, chain_start, verify_log
-from .._contract import MachineTotals, RunSummary
+from .._contract import MachineTotals, RunSummary, out_of_order
 from .._owner import Owner, owner_from_json, who_am_i
 from .._queue import WorkerInfo
 from .._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
@@ -243,11 +243,9 @@ class PostgresStore:
             return LeaseLostError(f"the lease of this process on run {run_id} expired (no heartbeat for "
                                   f"{self.lease.ttl_s:g} s: paused or cut off); {unwritten}", where=self.where,
                                   fix="another worker (or `orch resume`) continues the run")
-        if seq is not None and seq <= found[1]:
-            return OwnershipLostError(f"run {run_id} already has step {seq}: another process advanced it",
-                                      where=self.where)
-        return OwnershipLostError(f"run {run_id} is at step {found[1]}, so step {seq} cannot follow it",
-                                  where=self.where)
+        if seq is None:  # a mark or a release: refused on ownership and lease alone, both held
+            return OwnershipLostError(f"run {run_id} could not be written; {unwritten}", where=self.where)
+        return out_of_order(run_id, seq, found[1], self.where)
 
     async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str,
                              progress: dict[str, Any] | None = None) -> None:

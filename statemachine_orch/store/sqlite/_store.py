@@ -42,7 +42,7 @@ from ...errors import (
 )
 from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, TransitionRecord, child_place, now_iso
 from .._chain import CANONICAL, AuditKey
-from .._contract import MachineTotals, RunSummary
+from .._contract import MachineTotals, RunSummary, out_of_order
 from .._owner import Owner, owner_from_json, who_am_i
 from .._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
 from ._chain import last_link, require_intact, verify
@@ -223,11 +223,7 @@ class SQLiteStore:
         if found is None or found[0] != owner.token:
             return OwnershipLostError(f"run {r.run_id} was taken over by another process; this process stopped "
                                       f"before writing step {r.seq}", where=self.where)
-        if r.seq <= found[1]:
-            return OwnershipLostError(f"run {r.run_id} already has step {r.seq}: another process advanced it",
-                                      where=self.where)
-        return OwnershipLostError(f"run {r.run_id} is at step {found[1]}, so step {r.seq} cannot follow it",
-                                  where=self.where)
+        return out_of_order(r.run_id, r.seq, found[1], self.where)
 
     async def mark_in_flight(self, run_id: str, owner: Owner, *, seq: int, state: str,
                              progress: dict[str, Any] | None = None) -> None:
