@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._chain import CHAINED_COLUMNS
+from .._chain import CHAINED_COLUMNS, ROW_COLUMNS
 from ._lease import HOLDER_ALIVE
 
 # The fence: the run's totals (and its status, when it changes) are updated only while this
@@ -21,7 +21,13 @@ ADVANCE = (
     "WHERE run_id = %(run_id)s AND owner = %(owner)s AND lease_epoch = %(epoch)s AND last_seq = %(seq)s - 1 "
     f"AND {HOLDER_ALIVE}"
 )
-APPEND = f"INSERT INTO transitions ({CHAINED_COLUMNS}, chain) VALUES ({', '.join(['%s'] * 23)})"
+# The step in one statement (one round trip, atomic without a transaction): the log row is
+# inserted only if the fence let the update through; 0 rows means nothing was written.
+_TYPES = {"seq": "bigint", "attempt": "bigint", "latency_ms": "float8", "input_tokens": "bigint",
+          "output_tokens": "bigint", "cache_read_tokens": "bigint", "cache_write_tokens": "bigint",
+          "cost_usd": "float8", "in_doubt": "integer"}
+STEP = (f"WITH fenced AS ({ADVANCE} RETURNING 1) INSERT INTO transitions ({CHAINED_COLUMNS}, chain) SELECT "
+        + ", ".join(f"%(row_{c})s::{_TYPES.get(c, 'text')}" for c in (*ROW_COLUMNS, "chain")) + " FROM fenced")
 APPEND_ATTEMPT = (
     "INSERT INTO attempts (run_id, seq, attempt, state, started_at, kind, status_code, request_id, "
     "delay_s, error, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, "

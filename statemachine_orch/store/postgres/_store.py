@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from ...errors import (
@@ -38,8 +39,6 @@ from ._lease import Lease
 from ._pool import NOTIFY_CHANNEL, Borrowed, Pool, one_line, redacted
 from ._schema import prepare, quoted
 from ._statements import (
-    ADVANCE,
-    APPEND,
     APPEND_ATTEMPT,
     DOUBTS_BY_MACHINE,
     HOLDER_FOR_UPDATE,
@@ -49,6 +48,7 @@ from ._statements import (
     NEXT_IN_QUEUE,
     SET_STATUS,
     STALE,
+    STEP,
     SUMMARY,
     TAKE,
     WORKERS,
@@ -202,21 +202,22 @@ class PostgresStore:
         request = dump(r.request)
         row = transition_row(r, request)
         attempts = attempt_rows(r, request)
-        async with self._conn() as conn, conn.transaction():
+        async with self._conn() as conn:
             previous = self._chains.get(r.run_id)
             version, link = (previous[2], previous[1]) if previous is not None and previous[0] == r.seq - 1 else (
                 await self._last_link(conn, r.run_id))
             chain = self._audit.link(version, link, row, attempts)
-            fenced = await self._sql(conn, ADVANCE, {
+            params = {
                 "seq": r.seq, "step": int(r.committed), "input_tokens": row["input_tokens"],
                 "output_tokens": row["output_tokens"], "cache_hit": int(r.source == "cache"), "cost": row["cost_usd"],
                 "status": status and status.value, "error": text(error), "now": now_iso(), "release": final,
-                "run_id": r.run_id, "owner": owner.token, "epoch": self._epochs.get(r.run_id, -1)})
-            if fenced.rowcount != 1:
-                raise await self._refused(conn, r.run_id, owner, f"step {r.seq} was not written", seq=r.seq)
-            await self._sql(conn, APPEND, (*row.values(), chain))
-            if attempts:
-                await self._sql_many(conn, APPEND_ATTEMPT, [tuple(a.values()) for a in attempts])
+                "run_id": r.run_id, "owner": owner.token, "epoch": self._epochs.get(r.run_id, -1),
+                **{f"row_{name}": value for name, value in row.items()}, "row_chain": chain}
+            async with conn.transaction() if attempts else _alone():  # one statement is a transaction
+                if (await self._sql(conn, STEP, params)).rowcount != 1:
+                    raise await self._refused(conn, r.run_id, owner, f"step {r.seq} was not written", seq=r.seq)
+                if attempts:
+                    await self._sql_many(conn, APPEND_ATTEMPT, [tuple(a.values()) for a in attempts])
         if final:
             self._chains.pop(r.run_id, None)
             self._epochs.pop(r.run_id, None)
@@ -451,3 +452,9 @@ class PostgresStore:
         cursor = await self._sql(conn, sql, params)
         names = [column.name for column in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+
+
+@asynccontextmanager
+async def _alone() -> AsyncIterator[None]:
+    """No transaction around a single statement (autocommit makes it one)."""
+    yield
