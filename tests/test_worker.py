@@ -21,6 +21,7 @@ from statemachine_orch import (
     PythonState,
     RunStatus,
     SchemaVersionError,
+    StoreError,
     UsageError,
     Worker,
     open_store,
@@ -305,5 +306,31 @@ def test_a_claim_is_never_made_under_a_lease_that_already_expired(pg_dsn: str, t
                                request=None, response=None, request_id=None), owner)  # it owns what it claimed
         with pytest.raises(OwnershipLostError):
             await store.append(row(1, run_id="p-0", from_state="one", to_state="two"), first)
+
+    on_pg(pg_dsn, scenario)
+
+
+def test_a_worker_outlives_a_database_it_cannot_reach_for_a_while(pg_dsn: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = counting_machine(tmp_path, "1")
+    events: list[tuple[str, str]] = []
+
+    async def scenario(store: PostgresStore) -> None:
+        await Engine(store).enqueue(machine, {"n": 1}, run_id="later")
+        real, failures = store.claim_next, iter([True, True])
+
+        async def flaky(*args: Any, **kwargs: Any) -> Any:
+            if next(failures, False):
+                raise StoreError("cannot reach the database: connection refused", where=store.where)
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(store, "claim_next", flaky)
+        worker = Worker(Engine(store), [machine], poll_s=0.05, on_event=lambda k, r, d: events.append((k, r)))
+        going = asyncio.create_task(worker.run())
+        while (await store.get_run("later")).status is not RunStatus.COMPLETED:
+            await asyncio.sleep(0.01)
+        worker.request_stop()
+        assert (await going).completed == 1
+        assert events[:3] == [("waiting", ""), ("waiting", ""), ("claimed", "later")]
 
     on_pg(pg_dsn, scenario)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..definition._machine import Machine
-from ..errors import OrchError, OwnershipLostError, UsageError
+from ..errors import OrchError, OwnershipLostError, StoreError, UsageError
 from ..store._owner import Owner
 from ..store._queue import RunQueue, queue_of
 from ..types import RunRecord, RunStatus, TransitionRecord
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from ._run import Run
 
 WorkerEvent = Callable[[str, str, str], None]
-"""`on_event(kind, run_id, detail)`: claimed, took_over, completed, failed, handed_back, lost, refused."""
+"""`on_event(kind, run_id, detail)`: claimed, took_over, completed, failed, handed_back, lost,
+refused, or waiting (the database could not be reached to claim; run_id empty)."""
 
 
 @dataclass(slots=True)
@@ -84,9 +85,15 @@ class Worker:
         try:
             while self._stop is None:
                 wake.clear()
-                await self._claim(store)
-                if until_idle and not self._tasks:
-                    break
+                try:
+                    await self._claim(store)
+                except StoreError as exc:  # the database is away: the runs in flight go on; claim later
+                    self._event("waiting", "", str(exc))
+                    if until_idle and not self._tasks:
+                        raise
+                else:
+                    if until_idle and not self._tasks:
+                        break
                 await wake.wait()
             if self._stop is not None:
                 await store.set_stopping()
