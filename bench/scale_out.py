@@ -48,6 +48,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import resource
 import secrets
 import signal
@@ -280,12 +281,13 @@ def stopped_line(log: Path) -> dict[str, int]:
 
 
 def throughput_pass(server: Server, folder: Path, *, mode: str, workers: int, runs: int, concurrency: int,
-                    answer_s: float, poll_s: float, nodelay: bool) -> dict[str, Any]:
+                    answer_s: float, poll_s: float, nodelay: bool, jitter_s: float) -> dict[str, Any]:
     """One worker count, one mode, a fresh database: the figures and the checks."""
     dsn = server.database()
+    draw = random.Random(workers)
 
     def answer(request: CapturedRequest) -> Reply:
-        return Reply(text="ok", hold_s=answer_s)
+        return Reply(text="ok", hold_s=answer_s + draw.uniform(-jitter_s, jitter_s) if jitter_s else answer_s)
 
     fake = FakeMessagesAPI(default=answer)
     steps = runs * len(STATES)
@@ -383,12 +385,13 @@ def wait_until_listening(conn: psycopg.Connection[Any], procs: list[subprocess.P
 
 
 def throughput(server: Server, *, modes: list[str], workers: list[int], runs: int, concurrency: int,
-               answer_s: float, poll_s: float, reps: int, nodelay: bool) -> dict[str, Any]:
+               answer_s: float, poll_s: float, reps: int, nodelay: bool, jitter_s: float = 0.0) -> dict[str, Any]:
     """Every worker count in every mode, `reps` times (the worker counts interleaved within a rep):
     each pass, the median steps/s per worker count, and the speed-ups of the medians."""
     result: dict[str, Any] = {"server": server.name, "settings": server.settings(), "runs": runs,
                               "steps_per_run": len(STATES), "concurrency": concurrency,
-                              "answer_ms": answer_s * 1000, "reps": reps, "fake_nodelay": nodelay,
+                              "answer_ms": answer_s * 1000, "jitter_ms": jitter_s * 1000, "reps": reps,
+                              "fake_nodelay": nodelay,
                               "fake_round_trip_ms": {"nodelay": fake_round_trip_ms(True),
                                                      "as_served_by_fake_serve": fake_round_trip_ms(False)},
                               "modes": {}}
@@ -402,7 +405,7 @@ def throughput(server: Server, *, modes: list[str], workers: list[int], runs: in
                     say(f"throughput, {mode}, rep {rep + 1}/{reps}: {count} worker(s), {runs} runs")
                     passes.append({"rep": rep + 1, **throughput_pass(
                         server, folder, mode=mode, workers=count, runs=runs, concurrency=concurrency,
-                        answer_s=answer_s, poll_s=poll_s, nodelay=nodelay)})
+                        answer_s=answer_s, poll_s=poll_s, nodelay=nodelay, jitter_s=jitter_s)})
             median = {count: statistics.median(p["steps_per_s"] for p in passes if p["workers"] == count)
                       for count in workers}
             base = workers[0]
@@ -574,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated (default 1,2,4)")
     ap.add_argument("--concurrency", type=int, default=8, help="--concurrency of each worker (default 8)")
     ap.add_argument("--answer-ms", type=float, default=200.0, help="the fake's delay before each answer")
+    ap.add_argument("--jitter-ms", type=float, default=0.0,
+                    help="each answer's delay drawn from answer-ms +/- this (default 0: the runs move in lock-step)")
     ap.add_argument("--poll", type=float, default=1.0, help="the workers' --poll (default 1 s)")
     ap.add_argument("--modes", default="warm,cold", help="throughput timings: warm, cold or both (default)")
     ap.add_argument("--fake-nagle", action="store_true",
@@ -606,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             figures["throughput"] = throughput(server, modes=modes, workers=workers, runs=args.runs,
                                                concurrency=args.concurrency, answer_s=args.answer_ms / 1000,
                                                poll_s=args.poll, reps=args.throughput_reps,
-                                               nodelay=not args.fake_nagle)
+                                               nodelay=not args.fake_nagle, jitter_s=args.jitter_ms / 1000)
         if "overhead" not in args.skip:
             figures["overhead"] = overhead(pg, runs=args.overhead_runs, concurrency=args.overhead_concurrency,
                                            reps=args.reps, warmup=args.warmup)

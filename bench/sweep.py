@@ -216,7 +216,9 @@ def scale_out_section(s: dict[str, Any]) -> list[str]:
         base = counts[0]
         lines += [f"{t['runs']} runs x {t['steps_per_run']} LLM steps queued with `orch enqueue`, driven by W "
                   f"`orch worker --concurrency {t['concurrency']}` processes through the real SDK to the loopback "
-                  f"fake, which answers every call after {t['answer_ms']:g} ms; server `{t['server']}`, a fresh "
+                  f"fake, which answers every call after {t['answer_ms']:g} ms"
+                  + (f" +/- {t['jitter_ms']:g} ms" if t.get("jitter_ms") else "")
+                  + f"; server `{t['server']}`, a fresh "
                   f"database per pass; median of {t['reps']} rep(s). Ideal: W x {t['concurrency']} slots each taking "
                   f"a step every {t['answer_ms']:g} ms. **warm**: the workers are started and listening before the "
                   "runs are released to their queue in one commit; the clock stops when every run is completed. "
