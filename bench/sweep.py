@@ -225,7 +225,7 @@ def scale_out_section(s: dict[str, Any]) -> list[str]:
                   "**cold**: the clock runs from the start of the `orch worker --until-idle` processes to the exit "
                   "of the last one (interpreter start and imports included). CPU per step over the warm window: "
                   "the workers, the server, and the bench process (the fake and the poller).", "",
-                  "| workers | warm steps/s | x " + f"{base} | of ideal | cold steps/s | x {base} | of ideal "
+                  f"| workers | warm steps/s | x {base} worker | of ideal | cold steps/s | x {base} worker | of ideal "
                   "| CPU ms/step (warm): workers / server / fake |", "|---|---|---|---|---|---|---|---|"]
         for count in counts:
             cells = [str(count)]
