@@ -9,8 +9,9 @@
    FULL and traced variants are tiny generated wrappers that set it and then run
    bench/bench_orch.py; each measures only the mode its setting changes (not D).
 2. Runs bench/store_scale.py (100,000 runs; 2,000 with --quick), bench/batch_throughput.py
-   (`orch batch`, 10,000 inputs at 3,000 requests/minute; 300 at 600 with --quick) and bench/map_fanout.py (a
-   map state of 100 items against its ideal).
+   (`orch batch`, 10,000 inputs at 3,000 requests/minute; 300 at 600 with --quick), bench/map_fanout.py (a
+   map state of 100 items against its ideal) and bench/scale_out.py (1, 2, 4 `orch worker` processes on
+   PostgreSQL servers it starts itself, and the PostgreSQL store's cost per step against SQLite's).
 3. Writes the page (machine, results, ratios against the issue's targets, store scale, how to
    reproduce) and the raw JSON. The block between `<!-- notes -->` and `<!-- /notes -->` is
    written by hand and kept when the page is rewritten.
@@ -175,6 +176,108 @@ def batch_section(b: dict[str, Any]) -> list[str]:
             f"again: {c['completed_after_rerun']:,} runs completed; {c['in_flight_steps_requested_again']} steps in "
             "flight at the kill were requested again (at-least-once for a call in flight).", "",
             "| what | measured | target | |", "|---|---|---|---|", *("| " + " | ".join(row) + " |" for row in table)]
+
+
+def run_scale_out(quick: bool) -> dict[str, Any]:
+    size = ["--runs", "32", "--modes", "warm", "--overhead-runs", "20", "--reps", "1"] if quick else []
+    proc = subprocess.run([sys.executable, str(BENCH / "scale_out.py"), "--json", *size], capture_output=True,
+                          text=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return {"error": f"scale_out.py exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+BACKEND_LABELS = {"none": "no store", "sqlite_full": "SQLite FULL", "sqlite_normal": "SQLite NORMAL", "pg": "pg",
+                  "pg_durable": "pg_durable"}
+
+
+def server_label(settings: dict[str, Any]) -> str:
+    return (f"PostgreSQL {settings.get('server_version', '?')}, fsync={settings.get('fsync')}, "
+            f"synchronous_commit={settings.get('synchronous_commit')}, "
+            f"full_page_writes={settings.get('full_page_writes')}")
+
+
+def scale_out_section(s: dict[str, Any]) -> list[str]:
+    """Issue 14: the workers' speed-up and the PostgreSQL store's cost per step against SQLite's."""
+    if "error" in s:
+        return [f"scale_out.py failed: {s['error']}"]
+    m = s["machine"]
+    lines = [f"`bench/scale_out.py`, run on {m['date']} at commit {m['commit']} ({m['cores']} cores; load average "
+             f"{' / '.join(map(str, m['load_average']))} at the start, "
+             f"{' / '.join(map(str, m.get('load_average_end', ['?'])))} at the end). PostgreSQL servers on "
+             "loopback: " + "; ".join(f"`{name}` ({server_label(settings)}"
+                                      + (", given by DSN)" if settings.get("given_by_dsn") else ")")
+                                      for name, settings in s["postgres"].items()) + ".", ""]
+    t = s.get("throughput")
+    if t:
+        warm, cold = t["modes"].get("warm"), t["modes"].get("cold")
+        counts = [int(c) for c in (warm or cold)["steps_per_s"]]
+        base = counts[0]
+        lines += [f"{t['runs']} runs x {t['steps_per_run']} LLM steps queued with `orch enqueue`, driven by W "
+                  f"`orch worker --concurrency {t['concurrency']}` processes through the real SDK to the loopback "
+                  f"fake, which answers every call after {t['answer_ms']:g} ms"
+                  + (f" +/- {t['jitter_ms']:g} ms" if t.get("jitter_ms") else "")
+                  + f"; server `{t['server']}`, a fresh "
+                  f"database per pass; median of {t['reps']} rep(s). Ideal: W x {t['concurrency']} slots each taking "
+                  f"a step every {t['answer_ms']:g} ms. **warm**: the workers are started and listening before the "
+                  "runs are released to their queue in one commit; the clock stops when every run is completed. "
+                  "**cold**: the clock runs from the start of the `orch worker --until-idle` processes to the exit "
+                  "of the last one (interpreter start and imports included). CPU per step over the warm window: "
+                  "the workers, the server, and the bench process (the fake and the poller).", "",
+                  f"| workers | warm steps/s | x {base} worker | of ideal | cold steps/s | x {base} worker | of ideal "
+                  "| CPU ms/step (warm): workers / server / fake |", "|---|---|---|---|---|---|---|---|"]
+        for count in counts:
+            cells = [str(count)]
+            for mode in (warm, cold):
+                if mode is None:
+                    cells += ["-", "-", "-"]
+                    continue
+                sps = mode["steps_per_s"][str(count)]
+                cells += [f"{sps:.1f}", "1.00x" if count == base else x(mode["speedup"].get(f"{count}/{base}")),
+                          f"{mode['efficiency'][str(count)]:.0%}"]
+            cpu = [p for p in (warm or {"passes": []})["passes"] if p["workers"] == count]
+            cells.append(" / ".join("-" if cpu[0][k] is None else f"{cpu[0][k]:.2f}" for k in (
+                "worker_cpu_ms_per_step", "server_cpu_ms_per_step", "bench_cpu_ms_per_step")) if cpu else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        passes = [p for mode in t["modes"].values() for p in mode["passes"]]
+        target = t["target"]
+        checked = (f"{sum(p['completed'] for p in passes)}/{sum(p['runs'] for p in passes)} runs completed in "
+                   f"{len(passes)} passes; {sum(p['requests'] for p in passes)} requests, "
+                   f"{sum(p['duplicates'] for p in passes)} duplicate(s), {sum(p['missing'] for p in passes)} missing")
+        lines += ["", "| what | measured | target | |", "|---|---|---|---|",
+                  f"| warm: steps/s of 4 workers / 1 worker | {x(target['measured'])} "
+                  f"| >= {target['speedup_4_over_1']}x "
+                  f"| {verdict(target['measured'], target['speedup_4_over_1'], at_least=True)} |",
+                  f"| every run completed, each (run, step) requested once at the fake | {checked} | all, none | "
+                  f"{met(t['all_completed'] and t['no_duplicates'])} |"]
+        if warm and t["reps"] > 1:
+            lines += ["", "Speed-ups per rep (warm): " + "; ".join(
+                ", ".join(f"{k} {x(v)}" for k, v in rep.items()) for rep in warm["speedup_per_rep"]) + "."]
+        lines.append("")
+    o = s.get("overhead")
+    if o:
+        backends = [b for b in BACKEND_LABELS if any(r["backend"] == b for r in o["rows"])]
+        by = {(r["machine"], r["drive"], r["backend"]): r for r in o["rows"]}
+        lines += [f"Per durable step, in one process: {o['runs']} runs x {o['steps_per_run']} steps per backend and "
+                  f"rep, backends interleaved, median of {o['reps']} reps. `llm`: the machine above with a model "
+                  "that answers at once and bills (each call marked in flight, its answer kept, then the step "
+                  "committed); `python`: three Python states (one write per step). `sequential`: one run at a "
+                  f"time; `concurrent`: {o['concurrency']} at once. µs per step (wall / steps), then the CPU per "
+                  "step of the process + the server's (where known).", "",
+                  "| machine, drive | " + " | ".join(BACKEND_LABELS[b] for b in backends)
+                  + " | pg / SQLite NORMAL | pg / SQLite FULL | pg_durable / SQLite FULL |",
+                  "|---|" + "---|" * (len(backends) + 3)]
+        for key, ratios in o["ratios"].items():
+            machine, drive = key.split("/")
+            cells = []
+            for b in backends:
+                r = by[(machine, drive, b)]
+                server = "" if r["server_cpu_us_per_step"] is None else f" + {r['server_cpu_us_per_step']:.0f}"
+                cells.append(f"{r['us_per_step']:.0f} ({r['client_cpu_us_per_step']:.0f}{server})")
+            cells += [x(ratios.get(k)) for k in ("pg/sqlite_normal", "pg/sqlite_full", "pg_durable/sqlite_full")]
+            lines.append(f"| {machine}, {drive} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def fanout_section(f: dict[str, Any]) -> list[str]:
@@ -415,7 +518,8 @@ def store_section(s: dict[str, Any]) -> list[str]:
 
 
 def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str, Any], fanout: dict[str, Any],
-           batch: dict[str, Any], *, quick: bool, notes: str, command: str, raw: str) -> tuple[str, dict[str, Any]]:
+           batch: dict[str, Any], *, quick: bool, notes: str, command: str, raw: str,
+           scale: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """The page (with `notes` kept verbatim) and the ratios it shows."""
     target_lines, ratios = targets(results)
     durable_lines, durable_ratios = durable_section(results)
@@ -453,6 +557,8 @@ def render(info: dict[str, Any], results: list[dict[str, Any]], store: dict[str,
         *fanout_section(fanout), "",
         "## orch batch against a rate limit", "",
         *batch_section(batch), "",
+        "## PostgreSQL and workers (issue 14)", "",
+        *scale_out_section(scale or {"error": "not run"}), "",
         NOTES_OPEN, notes.strip("\n"), NOTES_CLOSE, "",
         "## Reproduce", "",
         "```bash", command, "```", "",
@@ -498,19 +604,21 @@ def main(argv: list[str] | None = None) -> int:
     store = run_store_scale(args.store_runs or (2_000 if args.quick else 100_000))
     fanout = run_map_fanout(args.quick)
     batch = run_batch_throughput(args.quick)
+    scale = run_scale_out(args.quick)
 
     command = reproduce_command(sys.argv[1:] if argv is None else argv)
     shown_raw = str(raw.resolve().relative_to(ROOT)) if raw.resolve().is_relative_to(ROOT) else str(raw)
     page, ratios = render(info, results, store, fanout, batch, quick=args.quick, notes=kept_notes(out), command=command,
-                          raw=shown_raw)
+                          raw=shown_raw, scale=scale)
     for path in (out, raw):
         path.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     raw.write_text(json.dumps({"machine": info, "quick": args.quick, "command": command, "ratios": ratios,
                                "results": results, "store_scale": store, "map_fanout": fanout,
-                               "batch_throughput": batch}, indent=1) + "\n")
+                               "batch_throughput": batch, "scale_out": scale}, indent=1) + "\n")
     print(f"wrote {out} and {raw}")
-    return 1 if code != 0 or "error" in store or "error" in fanout or "error" in batch or not results else 0
+    failed = any("error" in part for part in (store, fanout, batch, scale))
+    return 1 if code != 0 or failed or not results else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The benchmark scripts keep working: bench_orch.py in every mode, store_scale.py, map_fanout.py,
-sweep.py's page.
+batch_throughput.py, scale_out.py (with a PostgreSQL server: the pg_server fixture), sweep.py's page.
 
 bench_orch.py imports `common` from the peers' bench anchors (../shared/bench-anchors), which a
 fresh checkout may not have. So it always runs here against a minimal stand-in `common` (the
@@ -219,6 +219,41 @@ def test_the_batch_section_judges_the_targets(sweep: ModuleType) -> None:
     assert "NOT met" in page.split("## orch batch against a rate limit")[1].split("\n## ")[0]
 
 
+def test_scale_out_reports_speedups_and_per_step_costs_with_no_step_requested_twice(pg_server: str) -> None:
+    """`orch worker` processes against the fake on PostgreSQL, tiny: the figures are there, every
+    run of every pass completes and the fake was asked each (run, step) once; the per-step costs
+    have a row per machine, drive and store."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "scale_out.py"), "--dsn", pg_server, "--runs", "4", "--workers", "1,2",
+         "--concurrency", "2", "--answer-ms", "1", "--poll", "0.5", "--overhead-runs", "2",
+         "--overhead-concurrency", "2", "--reps", "1", "--warmup", "1", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert figures["postgres"]["pg"]["given_by_dsn"] is True and "fsync" in figures["postgres"]["pg"]
+    throughput = figures["throughput"]
+    assert throughput["all_completed"] is True and throughput["no_duplicates"] is True
+    assert throughput["fake_round_trip_ms"]["nodelay"] > 0
+    for mode in ("warm", "cold"):
+        figures_of_mode = throughput["modes"][mode]
+        assert set(figures_of_mode["steps_per_s"]) == {"1", "2"} and figures_of_mode["speedup"]["2/1"] > 0
+        for one in figures_of_mode["passes"]:
+            assert (one["completed"], one["steps_committed"], one["requests"]) == (4, 12, 12)
+            assert (one["duplicates"], one["missing"], one["unexpected"]) == (0, 0, 0)
+            assert one["exit_codes"] == [0] * one["workers"] and sum(one["completed_per_worker"]) == 4
+            assert one["steps_per_s"] > 0 and one["worker_cpu_ms_per_step"] > 0
+    assert throughput["target"]["measured"] is None  # no 4 workers here
+
+    overhead = figures["overhead"]
+    backends = ("none", "sqlite_full", "sqlite_normal", "pg")  # no pg_durable on a server given by DSN
+    assert {(r["machine"], r["drive"], r["backend"]) for r in overhead["rows"]} == {
+        (machine, drive, backend) for machine in ("llm", "python") for drive in ("sequential", "concurrent")
+        for backend in backends}
+    assert all(r["us_per_step"] > 0 and r["client_cpu_us_per_step"] >= 0 for r in overhead["rows"])
+    assert overhead["ratios"]["llm/sequential"]["pg/sqlite_full"] > 0
+
+
 def test_store_scale_reports_sizes_and_every_command(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH / "store_scale.py"), "--runs", "20", "--reps", "1", "--db", str(tmp_path / "s.db")],
@@ -289,6 +324,58 @@ BATCH: dict[str, Any] = {
               "committed_steps_requested_again": 0, "in_flight_steps_requested_again": 20}}
 INFO = {"cpu": "cpu", "cores": 2, "python": "3.11.7", "sqlite": "3.40.1", "os": "Linux", "date": "2026-01-01 00:00 UTC",
         "load_average": [1.0, 1.0, 1.0], "commit": "abc1234"}
+
+
+def _scale_pass(workers: int, steps_per_s: float) -> dict[str, Any]:
+    return {"rep": 1, "workers": workers, "steps_per_s": steps_per_s, "efficiency": steps_per_s / (40.0 * workers),
+            "runs": 192, "completed": 192, "requests": 576, "duplicates": 0, "missing": 0,
+            "worker_cpu_ms_per_step": 5.0, "server_cpu_ms_per_step": 2.0, "bench_cpu_ms_per_step": 0.8}
+
+
+SCALE: dict[str, Any] = {
+    "machine": {"date": "2026-01-01 00:00 UTC", "commit": "abc1234", "cores": 2, "load_average": [1.0, 1.0, 1.0],
+                "load_average_end": [2.0, 1.5, 1.0]},
+    "postgres": {"pg": {"given_by_dsn": False, "server_version": "15", "fsync": "off", "synchronous_commit": "off",
+                        "full_page_writes": "off"},
+                 "pg_durable": {"given_by_dsn": False, "server_version": "15", "fsync": "on",
+                                "synchronous_commit": "on", "full_page_writes": "on"}},
+    "throughput": {
+        "server": "pg_durable", "runs": 192, "steps_per_run": 3, "concurrency": 8, "answer_ms": 200.0, "reps": 1,
+        "all_completed": True, "no_duplicates": True,
+        "target": {"speedup_4_over_1": 3.5, "measured": 3.6, "met": True},
+        "modes": {"warm": {"passes": [_scale_pass(1, 36.0), _scale_pass(2, 70.0), _scale_pass(4, 129.6)],
+                           "steps_per_s": {"1": 36.0, "2": 70.0, "4": 129.6},
+                           "efficiency": {"1": 0.9, "2": 0.875, "4": 0.81},
+                           "speedup": {"2/1": 1.944, "4/1": 3.6}, "speedup_per_rep": [{"2/1": 1.944, "4/1": 3.6}]}}},
+    "overhead": {
+        "runs": 100, "steps_per_run": 3, "concurrency": 16, "reps": 5,
+        "rows": [{"machine": "llm", "drive": "sequential", "backend": b, "us_per_step": us,
+                  "client_cpu_us_per_step": us / 2, "server_cpu_us_per_step": None if b[:2] != "pg" else 300.0}
+                 for b, us in (("none", 120.0), ("sqlite_full", 800.0), ("sqlite_normal", 330.0), ("pg", 1600.0),
+                               ("pg_durable", 1700.0))],
+        "ratios": {"llm/sequential": {"pg/sqlite_normal": 4.848, "pg/sqlite_full": 2.0,
+                                      "pg_durable/sqlite_full": 2.125}}},
+}
+
+
+def test_the_scale_out_section_judges_the_speedup(sweep: ModuleType) -> None:
+    page, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, BATCH, quick=False, notes="", command="c", raw="r",
+                           scale=SCALE)
+    section = page.split("## PostgreSQL and workers (issue 14)")[1].split("\n## ")[0]
+    assert "at commit abc1234" in section and "`pg_durable` (PostgreSQL 15, fsync=on" in section
+    assert "| 4 | 129.6 | 3.60x | 81% | - | - | - | 5.00 / 2.00 / 0.80 |" in section
+    assert "| warm: steps/s of 4 workers / 1 worker | 3.60x | >= 3.5x | met |" in section
+    assert "| 576/576 runs completed in 3 passes; 1728 requests, 0 duplicate(s), 0 missing | all, none | met |" \
+        in section
+    assert "| llm, sequential | 120 (60) | 800 (400) | 330 (165) | 1600 (800 + 300) | 1700 (850 + 300) | 4.85x | " \
+           "2.00x | 2.12x |" in section
+    slow = {**SCALE, "throughput": {**SCALE["throughput"], "target": {"speedup_4_over_1": 3.5, "measured": 3.2,
+                                                                      "met": False}}}
+    page, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, BATCH, quick=False, notes="", command="c", raw="r",
+                           scale=slow)
+    assert "| 3.20x | >= 3.5x | **NOT met** |" in page
+    page, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, BATCH, quick=False, notes="", command="c", raw="r")
+    assert "scale_out.py failed: not run" in page
 
 
 def test_the_page_judges_every_target(sweep: ModuleType) -> None:
