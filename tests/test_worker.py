@@ -334,3 +334,25 @@ def test_a_worker_outlives_a_database_it_cannot_reach_for_a_while(pg_dsn: str, t
         assert events[:3] == [("waiting", ""), ("waiting", ""), ("claimed", "later")]
 
     on_pg(pg_dsn, scenario)
+
+
+def test_a_worker_refuses_a_run_whose_log_was_tampered_with(pg_dsn: str, tmp_path: Path) -> None:
+    machine = counting_machine(tmp_path, "1")
+
+    async def scenario(store: PostgresStore) -> None:
+        engine = Engine(store)
+        await engine.enqueue(machine, {"n": 1}, run_id="edited")
+        owner = Owner.for_this_process()
+        assert await store.claim_next(owner, queue="default", machine_hashes=[machine.source_hash]) is not None
+        await store.append(row(1, run_id="edited", from_state="one", to_state="two", source="python", output="x",
+                               request=None, response=None, request_id=None), owner)
+        await store.release("edited", owner, RunStatus.PENDING, "handed back")
+        async with store._conn() as conn:
+            await conn.execute("UPDATE transitions SET output = '\"y\"' WHERE run_id = 'edited'")
+        stats = await Worker(engine, [machine], poll_s=0.2).run(until_idle=True)
+        assert (stats.claimed, stats.failed, stats.completed) == (1, 1, 0)
+        run, log = await store.load_run("edited")
+        assert run.status is RunStatus.FAILED and "does not match its hash" in (run.error or "")
+        assert len(log) == 1  # nothing ran on the edited log
+
+    on_pg(pg_dsn, scenario)

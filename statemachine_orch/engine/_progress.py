@@ -11,7 +11,7 @@ from its last paid answer, and the call that was in flight counts as an `in_doub
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import CorruptRunError
@@ -29,14 +29,24 @@ class Unfinished:
 
 def sending(step: TransitionRecord, call: Attempt) -> dict[str, Any]:
     """The progress stored before `call` is sent (the request is rebuilt on resume, not stored)."""
-    stored = asdict(step)
+    stored = _fields(step)
     del stored["request"]
-    return {"step": stored, "answered": False, "calling": asdict(call)}
+    return {"step": stored, "answered": False, "calling": _fields(call)}
 
 
 def answered(step: TransitionRecord) -> dict[str, Any]:
     """The progress stored when the step's answer arrived, before anything judges it."""
-    return {"step": asdict(step), "answered": True, "calling": None}
+    return {"step": _fields(step), "answered": True, "calling": None}
+
+
+def _fields(record: TransitionRecord | Attempt) -> dict[str, Any]:
+    """The record as the mark's JSON holds it. Shallow (not `asdict`, which deep-copies the
+    request and response on every paid call): the mark is encoded at once, nothing keeps it."""
+    stored = {f.name: getattr(record, f.name) for f in fields(record)}
+    stored["usage"] = asdict(record.usage)
+    if isinstance(record, TransitionRecord):
+        stored["attempts"] = [_fields(a) for a in record.attempts]
+    return stored
 
 
 def unfinished(mark: dict[str, Any] | None, *, run_id: str, seq: int, state: str) -> Unfinished | None:

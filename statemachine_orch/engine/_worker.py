@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..definition._machine import Machine
-from ..errors import OrchError, OwnershipLostError, StoreError, UsageError
+from ..errors import OrchError, OwnershipLostError, StoreError, TamperedRunError, UsageError
 from ..store._owner import Owner
 from ..store._queue import RunQueue, queue_of
 from ..types import RunRecord, RunStatus, TransitionRecord
@@ -142,6 +142,8 @@ class Worker:
         else:
             self._event("claimed", run_id, f"at step {len(log)}")
         try:
+            if log and (problem := await self.engine.store.verify_chain(run_id)) is not None:
+                raise TamperedRunError(run_id, problem, where=self.engine.store.where)  # as a resume refuses it
             machine = await self._machine_for(record, owner)
             if machine is None:
                 return
@@ -153,6 +155,11 @@ class Worker:
         except OwnershipLostError as exc:
             stats.lost += 1
             self._event("lost", run_id, str(exc))
+            return
+        except TamperedRunError as exc:
+            await self.engine.store.release(run_id, owner, RunStatus.FAILED, str(exc))
+            stats.failed += 1
+            self._event("failed", run_id, str(exc))
             return
         except Exception as exc:  # a store error, a hook: the run stopped (resumable); the worker goes on
             stats.failed += 1

@@ -354,6 +354,9 @@ def loopback_server(fake: FakeMessagesAPI, host: str, port: int) -> ThreadingHTT
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # headers and body go out in two writes: without TCP_NODELAY the body waits for the
+        # client's delayed ACK, about 40 ms added to every answer
+        disable_nagle_algorithm = True
 
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length") or 0)

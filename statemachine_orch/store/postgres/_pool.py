@@ -80,7 +80,11 @@ class Pool:
         if self._listener is not None:
             await self._listener.close()
         if self._opening is not None:
-            await (await self._opening).close()
+            try:
+                pool = await self._opening
+            except Exception:  # it never opened (the server was away): nothing to close
+                return
+            await pool.close()
 
 
 class Borrowed:

@@ -87,6 +87,11 @@ class PostgresStore:
         self._chains: dict[str, tuple[int, str, int]] = {}  # run -> (seq, chain, version) of its last row here
         self._epochs: dict[str, int] = {}  # run -> the lease epoch of this process's claim on it
         self._pool = Pool(dsn, self._kwargs, pool_size, self.where)
+        # the in-flight marks commit without waiting for their WAL flush, as SQLite writes them at
+        # synchronous=OFF: a mark survives a killed process, and a server crash loses at most the
+        # last few (a resume then sends that call again, as at-least-once allows)
+        self._marks = Pool(dsn, {**self._kwargs, "options": self._kwargs["options"] + " -c synchronous_commit=off"},
+                           pool_size, self.where)
         self.lease = Lease(self._pool.connect_sync, lease_ttl_s)
         try:
             with psycopg.connect(dsn, **{**self._kwargs, "options": ""}) as conn:
@@ -260,7 +265,7 @@ class PostgresStore:
     async def _mark(self, run_id: str, owner: Owner, mark: dict[str, Any], unwritten: str) -> None:
         """The in-flight mark (as in SQLite: ASCII JSON, fenced like every write)."""
         body = json.dumps({**mark, "at": now_iso()}, separators=(",", ":"))
-        async with self._conn() as conn:
+        async with self._marks.borrow() as conn:
             updated = await self._sql(conn, MARK, (body, run_id, owner.token, self._epochs.get(run_id, -1)))
             if updated.rowcount != 1:
                 raise await self._refused(conn, run_id, owner, unwritten)
@@ -430,6 +435,7 @@ class PostgresStore:
         finally:
             await asyncio.to_thread(self.lease.join)
             await self._pool.close()
+            await self._marks.close()
 
     # ------------------------------------------------------------------ running statements
 
