@@ -376,6 +376,11 @@ def test_the_scale_out_section_judges_the_speedup(sweep: ModuleType) -> None:
     assert "| 3.20x | >= 3.5x | **NOT met** |" in page
     page, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, BATCH, quick=False, notes="", command="c", raw="r")
     assert "scale_out.py failed: not run" in page
+    light = {**SCALE["throughput"], "concurrency": 4, "target": {"speedup_4_over_1": 3.5, "measured": 3.64,
+                                                                 "met": True}}
+    page, _ = sweep.render(INFO, RESULTS, STORE, FANOUT, BATCH, quick=False, notes="", command="c", raw="r",
+                           scale={**SCALE, "light": light})
+    assert "| warm, `--concurrency 4`: steps/s of 4 workers / 1 worker | 3.64x | >= 3.5x | met |" in page
 
 
 def test_the_page_judges_every_target(sweep: ModuleType) -> None:
