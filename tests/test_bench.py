@@ -219,6 +219,7 @@ def test_the_batch_section_judges_the_targets(sweep: ModuleType) -> None:
     assert "NOT met" in page.split("## orch batch against a rate limit")[1].split("\n## ")[0]
 
 
+@pytest.mark.slow  # starts two servers and eight workers: the long suite
 def test_scale_out_reports_speedups_and_per_step_costs_with_no_step_requested_twice(pg_server: str) -> None:
     """`orch worker` processes against the fake on PostgreSQL, tiny: the figures are there, every
     run of every pass completes and the fake was asked each (run, step) once; the per-step costs

@@ -210,6 +210,7 @@ def same_output(history: History, dsn: str, run_id: str, *command: str) -> str:
 # --------------------------------------------------------------------------- SQLite -> PostgreSQL
 
 
+@pytest.mark.slow  # the module's history takes about 30 s to build: the long suite
 def test_a_copied_history_verifies_reads_and_replays_in_postgresql_as_in_sqlite(
         history: History, pg_dsn: str) -> None:
     before = tables(history.db)
@@ -253,6 +254,7 @@ def postgres_where(dsn: str) -> str:
     return redacted(dsn)
 
 
+@pytest.mark.slow  # the module's history takes about 30 s to build: the long suite
 def test_a_run_in_progress_in_sqlite_resumes_in_postgresql(history: History, pg_dsn: str) -> None:
     assert copy(history.db, pg_dsn).code == 2
     pg = history.on(pg_dsn)
@@ -281,6 +283,7 @@ def test_a_run_in_progress_in_sqlite_resumes_in_postgresql(history: History, pg_
 # --------------------------------------------------------------------------- again, and interrupted
 
 
+@pytest.mark.slow  # the module's history takes about 30 s to build: the long suite
 def test_a_second_copy_skips_every_run(history: History, pg_dsn: str) -> None:
     assert copy(history.db, pg_dsn).code == 2
     again = copy(history.db, pg_dsn, "--json")
@@ -292,6 +295,7 @@ def test_a_second_copy_skips_every_run(history: History, pg_dsn: str) -> None:
     assert report["source"] == str(history.db)
 
 
+@pytest.mark.slow  # the module's history takes about 30 s to build: the long suite
 def test_an_interrupted_copy_leaves_whole_runs_and_finishes_when_run_again(history: History, pg_dsn: str) -> None:
     proc = subprocess.Popen([*orch_command(), "db", "copy", str(history.db), pg_dsn], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -314,6 +318,7 @@ def test_an_interrupted_copy_leaves_whole_runs_and_finishes_when_run_again(histo
     assert tables(pg_dsn) == tables(history.db)
 
 
+@pytest.mark.slow  # the module's history takes about 30 s to build: the long suite
 def test_a_run_that_moved_on_in_sqlite_since_it_was_copied_is_skipped_and_reported(
         own_history: History, pg_dsn: str) -> None:
     assert copy(own_history.db, pg_dsn).code == 2
@@ -330,6 +335,7 @@ def test_a_run_that_moved_on_in_sqlite_since_it_was_copied_is_skipped_and_report
 # --------------------------------------------------------------------------- what cannot be copied as it should
 
 
+@pytest.mark.slow  # the module's history takes about 30 s to build: the long suite
 def test_a_tampered_source_run_is_copied_as_it_is_and_reported(own_history: History, pg_dsn: str) -> None:
     with closing(sqlite3.connect(own_history.db)) as conn, conn:
         conn.execute("UPDATE transitions SET reason = 'edited' WHERE run_id = 'report' AND seq = 2")
@@ -346,6 +352,7 @@ def test_a_tampered_source_run_is_copied_as_it_is_and_reported(own_history: Hist
            "inserted, or a row before it was removed")
 
 
+@pytest.mark.slow  # the module's history takes about 30 s to build: the long suite
 def test_a_run_postgresql_cannot_hold_is_left_out_whole_and_the_rest_copied(own_history: History,
                                                                             pg_dsn: str) -> None:
     """A NUL in a text column (a file written before text was escaped for PostgreSQL) fails that
@@ -367,6 +374,7 @@ def test_a_run_postgresql_cannot_hold_is_left_out_whole_and_the_rest_copied(own_
 # --------------------------------------------------------------------------- other directions
 
 
+@pytest.mark.slow  # the module's history takes about 30 s to build: the long suite
 def test_postgresql_to_sqlite_and_sqlite_to_sqlite_copy_value_for_value(history: History, pg_dsn: str,
                                                                         tmp_path: Path) -> None:
     assert copy(history.db, pg_dsn).code == 2
@@ -402,6 +410,7 @@ def test_an_old_sqlite_file_is_upgraded_when_opened_and_its_legacy_chains_verify
 # --------------------------------------------------------------------------- refused
 
 
+@pytest.mark.slow  # the module's history takes about 30 s to build: the long suite
 def test_bad_arguments_are_refused_in_one_line(history: History, pg_dsn: str, tmp_path: Path) -> None:
     missing, new = tmp_path / "missing.db", tmp_path / "new.db"
     foreign = tmp_path / "foreign.db"

@@ -30,6 +30,7 @@ def lines(text: str) -> list[Any]:
     return [comparable(json.loads(line)) for line in text.splitlines()]
 
 
+@pytest.mark.slow  # about 45 s of subprocesses: the long suite
 def test_every_command_gives_the_same_answers_on_postgresql_as_on_sqlite(pg_dsn: str, tmp_path: Path) -> None:
     seen: dict[str, dict[str, Any]] = {}
     for name, db in (("sqlite", tmp_path / "orch.db"), ("postgres", pg_dsn)):
