@@ -26,7 +26,7 @@ from ..definition._machine import Machine
 from ..errors import OrchError, OwnershipLostError, StoreError, TamperedRunError, UsageError
 from ..store._owner import Owner
 from ..store._queue import RunQueue, queue_of
-from ..types import RunRecord, RunStatus, TransitionRecord
+from ..types import RunRecord, RunStatus, TransitionRecord, now_iso
 from ._replay import replay_run
 
 if TYPE_CHECKING:
@@ -125,18 +125,19 @@ class Worker:
     async def _claim(self, store: RunQueue) -> None:
         while len(self._tasks) < self.concurrency and self._stop is None:
             owner = Owner.for_this_process()
+            asked = now_iso()  # a takeover this claim records is stamped after this
             claimed = await store.claim_next(owner, queue=self.queue, machine_hashes=self._versions,
                                              machines=self._by_name)
             if claimed is None:
                 return
-            task = asyncio.create_task(self._drive(*claimed, owner))
+            task = asyncio.create_task(self._drive(*claimed, owner, asked))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _drive(self, record: RunRecord, log: list[TransitionRecord], owner: Owner) -> None:
+    async def _drive(self, record: RunRecord, log: list[TransitionRecord], owner: Owner, asked: str) -> None:
         run_id, stats = record.run_id, self.stats
         stats.claimed += 1
-        if record.takeovers and record.takeovers[-1].by.endswith(f"pid {owner.pid}"):
+        if record.takeovers and record.takeovers[-1].at >= asked:
             stats.took_over += 1
             self._event("took_over", run_id, f"from {record.takeovers[-1].previous}: {record.takeovers[-1].why}")
         else:
