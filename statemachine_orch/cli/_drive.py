@@ -13,12 +13,14 @@ import json
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..definition._loader import load_machine
 from ..definition._machine import Machine
+from ..definition._paths import MachinePath, machine_paths, taken
 from ..engine._children import refuse_child
 from ..engine._engine import Engine
 from ..engine._fsm import Compiled, compile_machine
@@ -335,6 +337,49 @@ def _print_replay_summary(outcomes: dict[str, ReplayReport | str], machine: str,
 
 def cmd_graph(args: argparse.Namespace) -> int:
     print(mermaid(load_machine(args.machine).machine))
+    return 0
+
+
+def cmd_paths(args: argparse.Namespace) -> int:
+    """The paths of a machine's transition table, and with --runs how many finished runs took each."""
+    if args.limit < 1:
+        raise UsageError(f"--limit {args.limit} is not a number of paths", fix="give 1 or more")
+    machine = load_machine(args.machine).machine
+    found = machine_paths(machine, limit=args.limit)
+    runs: Counter[MachinePath] = Counter()
+    unfinished = 0
+
+    async def read(store: Store) -> None:
+        nonlocal unfinished
+        for summary in await store.list_runs(machine=machine.name, limit=None):
+            if not summary.status.finished:
+                unfinished += 1
+                continue
+            log = await store.transitions(summary.run_id)
+            runs[taken([row.from_state for row in log if row.committed], summary.status.value)] += 1
+
+    if args.runs:
+        with_store(args, read)
+    other = {path: n for path, n in runs.items() if path not in found.paths}
+    if args.json:
+        print(json.dumps({"machine": machine.name, "complete": found.complete, "paths": [
+            {"states": list(states), "end": end, **({"runs": runs[(states, end)]} if args.runs else {})}
+            for states, end in found.paths],
+            **({"other_runs": [{"states": list(s), "end": e, "runs": n} for (s, e), n in other.items()],
+                "unfinished_runs": unfinished} if args.runs else {})}))
+        return 0
+    print_table([(n, " -> ".join(states), end, *([runs[(states, end)] or "UNTESTED"] if args.runs else []))
+                 for n, (states, end) in enumerate(found.paths, 1)],
+                ["#", "path", "end", *(["runs"] if args.runs else [])])
+    more = "" if found.complete else f" (the first {args.limit}: raise --limit for the rest)"
+    line = f"machine '{machine.name}': {len(found.paths)} path(s){more}"
+    if args.runs:
+        untested = sum(1 for path in found.paths if not runs[path])
+        line += (f"; {len(found.paths) - untested} taken by {sum(runs.values()) - sum(other.values())} finished "
+                 f"run(s), {untested} untested")
+        line += f"; {sum(other.values())} run(s) took a path not listed" if other else ""
+        line += f"; {unfinished} run(s) not finished, not counted" if unfinished else ""
+    print(line)
     return 0
 
 

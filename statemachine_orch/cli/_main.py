@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("graph", "cmd_graph", "print a machine as a Mermaid state diagram")
     p.add_argument("machine", metavar="MACHINE")
 
+    p = command("paths", "cmd_paths", "list the paths of a machine's transition table and, with --runs, which "
+                                      "of them recorded runs took")
+    p.add_argument("machine", metavar="MACHINE")
+    p.add_argument("--runs", action="store_true", help="count the finished runs of --db that took each path")
+    p.add_argument("--limit", type=int, default=1000, metavar="N", help="list at most N paths (default 1000)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = command("validate", "cmd_validate", "check a machine definition (exit 0 valid, 2 invalid)")
     p.add_argument("machine", metavar="MACHINE")
 
