@@ -121,7 +121,7 @@ def output_diff(a: TransitionRecord | None, b: TransitionRecord | None, limit: i
     else:
         lines = text_diff(_as_text(x), _as_text(y))
     if len(lines) > limit:
-        lines = lines[:limit] + [f"... {len(lines) - limit} more lines"]
+        lines = [*lines[:limit], f"... {len(lines) - limit} more lines"]
     return lines
 
 
