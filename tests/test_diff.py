@@ -210,3 +210,18 @@ def test_usage_differences_alone_are_the_same_path() -> None:
     assert report["totals"]["cost_usd"] == {"a": 0.01, "b": None, "delta": None}
     assert report["totals"]["latency_ms"]["delta"] == 2.5
     assert compare(a, a)["usage_differs"] is False
+
+
+def test_diff_starts_without_the_engine_stack(tmp_path: Path) -> None:
+    """Like `orch log`: reading two logs imports neither the engine nor pydantic."""
+    import subprocess
+    import sys
+
+    orch = routed(tmp_path, ("a", "positive", "Thanks!"), ("b", "negative", "Sorry!"))
+    heavy = ["pydantic", "structlog", "anthropic", "statemachine_orch.engine._engine", "statemachine_orch.definition"]
+    code = ("import contextlib, io, sys, statemachine_orch.cli._main as c\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    code = c.main(['--db', {str(orch.db)!r}, 'diff', 'a', 'b'])\n"
+            f"print(code, [m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1 []"
