@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..types import RunStatus
 from ._options import DEFAULT_DB, Interrupted, read_settings
-from ._read import cmd_audit, cmd_log, cmd_runs, cmd_show
+from ._read import cmd_audit, cmd_diff, cmd_log, cmd_runs, cmd_show
 from ._render import one_line
 
 # --------------------------------------------------------------------------- parser
@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["verify"], help="verify: recompute every row's hash")
     p.add_argument("run_id", metavar="RUN_ID", nargs="?", help="one run (default: every run)")
 
+    p = command("diff", cmd_diff, "compare two runs step by step; exit 1 when their paths, decisions or outputs differ")
+    p.add_argument("run_a", metavar="RUN_A")
+    p.add_argument("run_b", metavar="RUN_B")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    form.add_argument("--md", action="store_true", help="print a Markdown report (for a CI comment)")
+
     p = command("graph", "cmd_graph", "print a machine as a Mermaid state diagram")
     p.add_argument("machine", metavar="MACHINE")
 
@@ -284,7 +291,7 @@ def worded(error: OrchError) -> str:
 def _refuse_empty_ids(args: argparse.Namespace) -> None:
     """An empty id (an unset shell variable, most often) is a mistake, never "no id": read as
     none, `orch audit verify ""` would check every run and `run --run-id ""` pick its own id."""
-    if "" in (getattr(args, "run_id", None), getattr(args, "before", None)):
+    if "" in (getattr(args, name, None) for name in ("run_id", "before", "run_a", "run_b")):
         raise UsageError("the run id is empty", fix="give a run id (`orch runs` lists them)")
     if "" in (getattr(args, name, None) for name in ("batch_id", "batch", "batch_id_or_nothing")):
         raise UsageError("the batch id is empty", fix="give a batch id (`orch batch` prints it)")

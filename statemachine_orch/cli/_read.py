@@ -1,4 +1,4 @@
-"""The `orch` commands that only read the store: log, runs, show, audit.
+"""The `orch` commands that only read the store: log, runs, show, audit, diff.
 
 They load neither machines nor the engine, so they start fast (`show` loads a run's machine
 only when the machine declares its result by a function: nothing else can compute it).
@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import AuditKeyError, OrchError
 from ..store._contract import MachineTotals, RunSummary, Store
 from ..types import RunRecord, RunResult, RunStatus, TransitionRecord, child_place
+from ._diff import compare, markdown_report, text_report
 from ._options import with_store
 from ._render import (
     aligned,
@@ -237,3 +238,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     print(f"{len(verdicts)} run(s) checked, {broken} with a broken log"
           + (f", {unverified} not verified" if unverified else ""))
     return 1 if broken else 2 if unverified else 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Two runs' paths side by side: exit 0 when their paths, decisions and outputs are the
+    same, 1 when they differ (a missing run: 2, as everywhere)."""
+    async def read(store: Store) -> tuple[list[TransitionRecord], list[TransitionRecord]]:
+        _, rows_a = await store.load_run(args.run_a)
+        _, rows_b = await store.load_run(args.run_b)
+        return rows_a, rows_b
+
+    rows_a, rows_b = with_store(args, read)
+    report = compare(rows_a, rows_b)
+    if args.json:
+        print(json.dumps({"run_a": args.run_a, "run_b": args.run_b, **report}))  # ASCII: no raw control text
+    elif args.md:
+        print(markdown_report(report, args.run_a, args.run_b), end="")
+    else:
+        print(text_report(report, args.run_a, args.run_b))
+    return 0 if report["same"] else 1
