@@ -68,6 +68,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from batch_throughput import MACHINE, STATES  # the same machine as issue 13's benchmark (bench/ is on the path)
 from psycopg import sql
 from pydantic import BaseModel
 
@@ -76,24 +77,11 @@ from statemachine_orch.definition._loader import load_machine
 from statemachine_orch.llm._client import completion_from_response
 from statemachine_orch.llm._offline import loopback_server
 from statemachine_orch.store._open import open_store
-from statemachine_orch.store.postgres._store import NOTIFY_CHANNEL
+from statemachine_orch.store.postgres._pool import NOTIFY_CHANNEL
 from statemachine_orch.testing import CapturedRequest, FakeMessagesAPI, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".ci" / "postgres.sh"
-STATES = ("classify", "draft", "polish")
-MACHINE = '''from statemachine_orch import LLMState, Machine
-from pydantic import BaseModel
-
-class Ticket(BaseModel):
-    text: str
-
-machine = Machine("tickets", input_model=Ticket, states=[
-    LLMState("classify", prompt="Classify: {text}", max_tokens=16),
-    LLMState("draft", prompt="Draft a reply to: {text}", max_tokens=32),
-    LLMState("polish", prompt="Polish: {draft}", needs=["draft"], max_tokens=32),
-])
-'''
 QUEUE, PARKED = "bench", "parked"
 DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
 SHOWN = ("server_version", "fsync", "synchronous_commit", "full_page_writes", "wal_sync_method", "shared_buffers")

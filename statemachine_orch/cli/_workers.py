@@ -45,8 +45,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         inputs, ids = {1: _read_input(args.input)}, {1: args.run_id}
 
     async def go(store: Store) -> list[dict[str, Any]]:
-        queue_of(store)  # refused before anything is stored when the store has no queue
-        engine = Engine(store, model=None)
+        engine = Engine(store, model=None)  # its enqueue refuses a store without a queue before storing
         queued = []
         for number, data in inputs.items():
             try:

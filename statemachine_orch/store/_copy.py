@@ -350,12 +350,9 @@ class _Postgres(Side):
     def __init__(self, store: PostgresStore, role: str) -> None:
         import psycopg
 
-        from .postgres._schema import quoted as quoted_schema
-
         super().__init__(store, role)
         try:
-            self._conn = psycopg.connect(store.dsn, autocommit=True, application_name="orch db copy",
-                                         options=f"-c search_path={quoted_schema(store.schema)}")
+            self._conn = store.connect_sync()
         except psycopg.Error as exc:
             raise StoreError(f"cannot open {self.where}: {' '.join(str(exc).split())}", where=self.where,
                              fix="check the DSN and that the server is up") from None

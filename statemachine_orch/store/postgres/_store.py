@@ -101,6 +101,10 @@ class PostgresStore:
                              fix="check the DSN and that the server is up") from None
         self.schema_versions = versions  # (found, now): what `orch db migrate` did
 
+    def connect_sync(self) -> Any:
+        """A blocking connection of its own (not from the pool) to the store's database and schema."""
+        return self._pool.connect_sync()
+
     # ------------------------------------------------------------------ the engine's writes
 
     async def create_run(self, run: RunRecord, owner: Owner) -> None:
