@@ -95,6 +95,7 @@ class RunStatus(str, Enum):  # noqa: UP042 (str mixin: statuses compare equal to
 
     RUNNING = "running"
     PENDING = "pending"  # queued for a worker (`orch enqueue`), or handed back by one
+    WAITING = "waiting"  # paused at a review state until someone decides (`orch review`)
     COMPLETED = "completed"
     TERMINATED = "terminated"
     FAILED = "failed"
@@ -292,6 +293,10 @@ class RunRecord:
     takeovers: list[Takeover] = field(default_factory=list)
     parent: Parent | None = None  # set on a child run: the run whose state started it
     batch: str | None = None  # set on a run of a batch (`Engine.run_many`, `orch batch`)
+    review: dict[str, Any] | None = None  # while waiting: the pending review (`ReviewState`)
+    forked_from: str | None = None  # set on a fork: the run it was forked from (`orch fork`)
+    experiment: str | None = None  # set on a run of an A/B experiment (`orch ab`), with its arm
+    arm: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from statemachine_orch.store.postgres._schema import SCHEMA_VERSION as PG_SCHEMA_VERSION
+
 from .helpers import MACHINES, Orch, one_error_line, run_orch
 
 REPORT, REPORT_INPUT = MACHINES / "report.py", MACHINES / "report_input.json"
@@ -80,7 +82,7 @@ def test_enqueue_and_worker_refuse_a_sqlite_file(tmp_path: Path) -> None:
 
 def test_enqueue_a_file_of_inputs_then_a_worker_drains_the_queue(pg_dsn: str, tmp_path: Path) -> None:
     cli = Orch(pg_dsn)  # type: ignore[arg-type]
-    assert cli.ok("db", "migrate").stdout.strip().endswith("schema created at version 1")
+    assert cli.ok("db", "migrate").stdout.strip().endswith(f"schema created at version {PG_SCHEMA_VERSION}")
     assert cli.ok("db", "migrate").stdout.strip().endswith("already current")
     queued = cli.json("enqueue", ROUTER, "--inputs", TICKETS, "--run-id", "t", "--queue", "support")
     assert queued == {"queue": "support", "runs": [{"run_id": f"t-{n}", "queued": True} for n in range(1, 7)]}

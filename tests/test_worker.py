@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from statemachine_orch import (
@@ -219,20 +220,53 @@ def test_enqueue_needs_a_store_with_a_queue(tmp_path: Path) -> None:
 def test_a_newer_schema_is_refused_and_an_older_one_upgraded_only_on_request(
         pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     on_pg(pg_dsn, lambda store: store.create_run(new_run(), me()))
-    monkeypatch.setattr(_schema, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(_schema.MIGRATIONS, 1, "ALTER TABLE runs ADD COLUMN note TEXT")
-    with pytest.raises(SchemaVersionError, match=r"older than this statemachine_orch's \(2\).*orch db migrate"):
+    now = _schema.SCHEMA_VERSION
+    monkeypatch.setattr(_schema, "SCHEMA_VERSION", now + 1)
+    monkeypatch.setitem(_schema.MIGRATIONS, now, "ALTER TABLE runs ADD COLUMN note TEXT")
+    with pytest.raises(SchemaVersionError, match=rf"older than this statemachine_orch's \({now + 1}\).*orch db migrate"):
         open_store(pg_dsn)
     upgraded = open_store(pg_dsn, upgrade=True)
-    assert upgraded.schema_versions == (1, 2)
+    assert upgraded.schema_versions == (now, now + 1)
     asyncio.run(upgraded.close())
 
     async def read(store: PostgresStore) -> None:
         assert [r.run_id for r in await store.list_runs()] == ["run-1"]  # kept through the upgrade
     on_pg(pg_dsn, read)
-    monkeypatch.setattr(_schema, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(_schema, "SCHEMA_VERSION", now)
     with pytest.raises(SchemaVersionError, match="newer than this statemachine_orch's"):
         open_store(pg_dsn)
+
+
+def test_a_version_1_schema_is_migrated_to_the_columns_and_indexes_of_a_new_one(pg_dsn: str) -> None:
+    """Version 1 (issue 14) had no review, fork or experiment columns and claimed no waiting runs."""
+    on_pg(pg_dsn, lambda store: store.create_run(new_run(), me()))
+
+    def shape(conn: psycopg.Connection[Any]) -> tuple[list[Any], list[Any]]:
+        columns = conn.execute("SELECT column_name, data_type, collation_name FROM information_schema.columns "
+                               "WHERE table_schema = 'orch' AND table_name = 'runs' ORDER BY ordinal_position")
+        indexes = conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'orch' ORDER BY 1")
+        return columns.fetchall(), indexes.fetchall()
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        new = shape(conn)
+        conn.execute("SET search_path TO orch")
+        conn.execute("DROP INDEX runs_forks, runs_by_experiment, runs_claimable")
+        conn.execute("ALTER TABLE runs DROP COLUMN review, DROP COLUMN forked_from, DROP COLUMN experiment, "
+                     "DROP COLUMN arm")
+        conn.execute("CREATE INDEX runs_claimable ON runs (queue, created_at, run_id) "
+                     "WHERE queue IS NOT NULL AND status IN ('pending', 'running')")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with pytest.raises(SchemaVersionError, match="orch db migrate"):
+        open_store(pg_dsn)
+    upgraded = open_store(pg_dsn, upgrade=True)
+    assert upgraded.schema_versions == (1, 2)
+    asyncio.run(upgraded.close())
+    with psycopg.connect(pg_dsn) as conn:
+        assert shape(conn) == new
+
+    async def read(store: PostgresStore) -> None:
+        assert [r.run_id for r in await store.list_runs()] == ["run-1"]
+    on_pg(pg_dsn, read)
 
 
 def test_runs_started_at_once_share_one_lease_that_the_heartbeat_keeps(pg_dsn: str, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from ..definition._machine import Machine
+from ..definition._overrides import stored_overrides, with_overrides
 from ..errors import MachineChangedError, UsageError
 from ..hooks import Hook, HookCalls
 from ..llm._client import ModelClient
@@ -90,6 +91,7 @@ class Engine:
         `budget` overrides the machine's `Budget` limit by limit; the result is stored with
         the run, so a resume keeps it unless given a new one.
         """
+        machine = with_overrides(machine, stored_overrides(options or {}))
         compiled = self.compiled(machine)
         record, context_input, values, effective = self._new_record(
             machine, input, RunStatus.RUNNING, run_id=run_id, machine_ref=machine_ref, options=options, budget=budget,
@@ -128,7 +130,7 @@ class Engine:
                       options: dict[str, Any] | None = None, budget: Budget | None = None) -> RunRecord:
         """Store a run of `machine` as pending in `queue`, for an `orch worker` that has loaded
         this version of the machine to claim (the store must have a queue: PostgreSQL)."""
-        self.compiled(machine, to_run=False)
+        self.compiled(with_overrides(machine, stored_overrides(options or {})), to_run=False)
         target = queue_of(self.store)
         record, *_ = self._new_record(machine, input, RunStatus.PENDING, run_id=run_id, machine_ref=machine_ref,
                                       options=options, budget=budget)
@@ -151,8 +153,9 @@ class Engine:
         whose rows fail its audit chain is refused (`TamperedRunError`), and so is a child run
         (`UsageError`): its parent's resume continues it, within the parent's budget.
         """
-        compiled = self.compiled(machine)
         record, log = await self.store.load_run(run_id, verified=True)
+        machine = with_overrides(machine, stored_overrides(record.options))
+        compiled = self.compiled(machine)
         refuse_child(record)
         snapshot(compiled, record, log)  # refuse an incompatible run before claiming it
         if record.machine_hash != machine.source_hash and not allow_changed:
@@ -175,6 +178,7 @@ class Engine:
               budget: Budget | None = None, resumed: bool = True) -> Run:
         """The `Run` of a run `owner` has just claimed (`record` and `log` as the claim read
         them), ready to go on from its last committed step; `budget`: the stored one if None."""
+        machine = with_overrides(machine, stored_overrides(record.options))
         compiled = self.compiled(machine)
         context_input, _, values = validate_input(machine, record.input)
         run = Run(compiled, record, owner, self._ports, input=context_input, input_values=values,

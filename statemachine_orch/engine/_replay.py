@@ -18,6 +18,7 @@ from itertools import zip_longest
 from typing import Any
 
 from ..definition._machine import Machine
+from ..definition._overrides import stored_overrides, with_overrides
 from ..definition._states import LLMState, PythonState, State
 from ..errors import InputError, LLMError, OrchError, RunNotFoundError
 from ..hooks import HookCalls
@@ -212,6 +213,9 @@ async def replay_run(store: Store, run_id: str, machine: Machine, *, prices: Pri
     `prices` (give the table the run was made with). Writes nothing; a run that fails its
     audit chain is refused (`TamperedRunError`), never replayed."""
     record, log = await store.load_run(run_id, verified=True)
+    variant = with_overrides(machine, stored_overrides(record.options))  # a fork's or an arm's changes
+    if variant is not machine:
+        machine, compiled = variant, None
     committed = [row for row in log if row.committed]
     cursor = _Cursor(committed)
 

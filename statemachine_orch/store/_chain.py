@@ -25,6 +25,7 @@ RUN_FIELDS = ("run_id", "machine", "machine_ref", "machine_hash", "input", "crea
               "chain_key")
 PARENT_FIELDS = ("parent_run_id", "parent_state", "item")  # hashed too, for a child run only
 BATCH_FIELDS = ("batch_id",)  # hashed too, for a run of a batch only
+LINEAGE_FIELDS = ("forked_from", "experiment", "arm")  # each hashed too, when set
 ROW_COLUMNS = ("run_id", "seq", "from_state", "to_state", "decision", "reason", "attempt", "started_at",
                "latency_ms", "source", "input_tokens", "output_tokens", "cache_read_tokens",
                "cache_write_tokens", "cost_usd", "error", "output", "request", "response", "request_id",
@@ -84,11 +85,12 @@ class AuditKey:
 
     def anchor(self, run: Mapping[str, Any]) -> str:
         """What a version-2 run's first row chains to: the hash of the run row's identity (and,
-        for a child run, of its parent's, for a run of a batch, of its batch; any other run
-        hashes as before children and batches existed)."""
+        for a child run, of its parent's, for a run of a batch, of its batch, for a fork or an
+        experiment's run, of its lineage; any other run hashes as before these existed)."""
         names: tuple[str, ...] = RUN_FIELDS + PARENT_FIELDS if run.get("parent_run_id") is not None else RUN_FIELDS
         if run.get("batch_id") is not None:
             names += BATCH_FIELDS
+        names += tuple(name for name in LINEAGE_FIELDS if run.get(name) is not None)
         return self.digest(canonical({name: run[name] for name in names}).encode())
 
     def link(self, version: int, previous: str, row: Mapping[str, Any], attempts: Sequence[Mapping[str, Any]]

@@ -40,6 +40,20 @@ class RunSummary:
     in_doubt_calls: int = 0  # calls in flight when a process died: they may have been paid
     in_doubt_usd: float | None = 0.0  # their worst case, part of cost_usd
     parent: Parent | None = None  # a child run's: the run, state and item that started it
+    forked_from: str | None = None  # a fork's: the run it was forked from
+    experiment: str | None = None  # an experiment's run: the experiment and its arm
+    arm: str | None = None
+
+
+LINEAGE_COLUMNS = "forked_from, experiment, arm"  # the RunSummary fields stores of schema 9 / 2 on have
+
+
+def run_filters(*, machine: str | None, status: RunStatus | None, batch: str | None, experiment: str | None,
+                forked_from: str | None) -> list[tuple[str, Any]]:
+    """(column, value) of each filter `list_runs` was given, as the runs table holds them."""
+    given = (("batch_id", batch), ("machine", machine or None), ("status", status and RunStatus(status).value),
+             ("experiment", experiment), ("forked_from", forked_from))
+    return [(column, value) for column, value in given if value is not None]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -95,8 +109,10 @@ class Store(Protocol):
         """Record, in place of the in-flight mark, that the answer to step `seq`'s call arrived
         (`progress`: the step with its answer), before anything judges it."""
 
-    async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
-        """Give up ownership, leaving the run in `status` (an interrupted or failed run)."""
+    async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None, *,
+                      review: dict[str, Any] | None = None) -> None:
+        """Give up ownership, leaving the run in `status` (an interrupted or failed run; a
+        waiting run stores its pending `review` in the same transaction, `RunRecord.review`)."""
 
     # ------------------------------------------------------------------ reading
 
@@ -119,9 +135,11 @@ class Store(Protocol):
 
     async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
                         limit: int | None = 50, before: str | None = None, parent: str | None = None,
-                        batch: str | None = None) -> list[RunSummary]:
+                        batch: str | None = None, experiment: str | None = None,
+                        forked_from: str | None = None) -> list[RunSummary]:
         """Top-level runs newest first (at most `limit`; None: all), optionally of one machine,
-        status or batch; `before` (a run id) pages on to the runs created before that one.
+        status, batch, experiment, or forked from one run; `before` (a run id) pages on to the
+        runs created before that one.
         `parent` (a run id): that run's child runs instead, each with its `parent`, in the order
         their ids place them (`child_place`)."""
 
@@ -164,7 +182,8 @@ class NullStore:
                           progress: dict[str, Any]) -> None:
         return None
 
-    async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
+    async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None, *,
+                      review: dict[str, Any] | None = None) -> None:
         return None
 
     async def get_run(self, run_id: str) -> RunRecord:
@@ -184,7 +203,8 @@ class NullStore:
 
     async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
                         limit: int | None = 50, before: str | None = None, parent: str | None = None,
-                        batch: str | None = None) -> list[RunSummary]:
+                        batch: str | None = None, experiment: str | None = None,
+                        forked_from: str | None = None) -> list[RunSummary]:
         return []
 
     async def machine_totals(self, machines: list[str]) -> list[MachineTotals]:

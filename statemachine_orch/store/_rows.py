@@ -67,7 +67,8 @@ def run_identity(run: RunRecord, chain_version: int, chain_key: str | None) -> d
             "machine_hash": run.machine_hash, "input": dump(run.input), "created_at": run.created_at,
             "chain_version": chain_version, "chain_key": chain_key,
             "parent_run_id": parent and parent.run_id, "parent_state": parent and parent.state,
-            "item": parent and parent.item, "batch_id": run.batch}
+            "item": parent and parent.item, "batch_id": run.batch, "forked_from": run.forked_from,
+            "experiment": run.experiment, "arm": run.arm}
 
 
 def run_of(row: dict[str, Any], *, stale: bool, takeovers: list[Takeover]) -> RunRecord:
@@ -80,7 +81,8 @@ def run_of(row: dict[str, Any], *, stale: bool, takeovers: list[Takeover]) -> Ru
         options=load(row["options"], "run", run_id, "options") or {}, owner=row["owner"],
         in_flight=load(row["in_flight"], "run", run_id, "in-flight mark"), stale=stale, takeovers=takeovers,
         parent=Parent(row["parent_run_id"], row["parent_state"], row["item"]) if row.get("parent_run_id") else None,
-        batch=row.get("batch_id"))
+        batch=row.get("batch_id"), review=load(row.get("review"), "run", run_id, "pending review"),
+        forked_from=row.get("forked_from"), experiment=row.get("experiment"), arm=row.get("arm"))
 
 
 def transition_row(r: TransitionRecord, request: str | None) -> dict[str, Any]:

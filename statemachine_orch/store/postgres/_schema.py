@@ -14,9 +14,21 @@ from typing import Any
 
 from ...errors import ForeignDatabaseError, SchemaVersionError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION = "statemachine_orch"
 _LOCK = 0x4F524348  # "ORCH": the advisory lock that serialises creating and migrating the schema
+
+# forks by the run they came from (`orch runs --tree`); an experiment's runs by arm (`orch ab report`)
+_LINEAGE_INDEXES = """
+CREATE INDEX runs_forks ON runs (forked_from, run_id) WHERE forked_from IS NOT NULL;
+CREATE INDEX runs_by_experiment ON runs (experiment, arm, run_id) WHERE experiment IS NOT NULL;
+"""
+
+# the runs a worker may claim: queued, held (by a lease that may lapse), or waiting (for a review that may time out)
+_CLAIMABLE = """
+CREATE INDEX runs_claimable ON runs (queue, created_at, run_id)
+    WHERE queue IS NOT NULL AND status IN ('pending', 'running', 'waiting');
+"""
 
 _TABLES = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,16 +61,18 @@ CREATE TABLE runs (
     batch_id      TEXT COLLATE "C",
     queue         TEXT,
     holder        TEXT,
-    lease_epoch   BIGINT NOT NULL DEFAULT 0
+    lease_epoch   BIGINT NOT NULL DEFAULT 0,
+    review        TEXT,
+    forked_from   TEXT COLLATE "C",
+    experiment    TEXT COLLATE "C",
+    arm           TEXT COLLATE "C"
 );
 CREATE INDEX runs_by_created ON runs (created_at, run_id);
 CREATE INDEX runs_by_machine ON runs (machine, created_at);
 CREATE INDEX runs_children ON runs (parent_run_id, parent_state, item) WHERE parent_run_id IS NOT NULL;
 CREATE INDEX runs_by_batch ON runs (batch_id, run_id) WHERE batch_id IS NOT NULL;
-CREATE INDEX runs_claimable ON runs (queue, created_at, run_id)
-    WHERE queue IS NOT NULL AND status IN ('pending', 'running');
-CREATE INDEX runs_by_holder ON runs (holder) WHERE holder IS NOT NULL;
-CREATE TABLE transitions (
+""" + _CLAIMABLE + """CREATE INDEX runs_by_holder ON runs (holder) WHERE holder IS NOT NULL;
+""" + _LINEAGE_INDEXES + """CREATE TABLE transitions (
     run_id             TEXT COLLATE "C" NOT NULL REFERENCES runs (run_id),
     seq                BIGINT NOT NULL,
     from_state         TEXT NOT NULL,
@@ -144,8 +158,17 @@ CREATE VIEW run_totals AS
     FROM transitions GROUP BY run_id;
 """
 
-# version -> the SQL that brings a schema at that version to the next one (none yet)
-MIGRATIONS: dict[int, str] = {}
+# version -> the SQL that brings a schema at that version to the next one
+MIGRATIONS: dict[int, str] = {
+    # review gates, forks and experiments: the pending review, the run forked from, experiment and arm
+    1: """
+ALTER TABLE runs ADD COLUMN review TEXT;
+ALTER TABLE runs ADD COLUMN forked_from TEXT COLLATE "C";
+ALTER TABLE runs ADD COLUMN experiment TEXT COLLATE "C";
+ALTER TABLE runs ADD COLUMN arm TEXT COLLATE "C";
+DROP INDEX runs_claimable;
+""" + _CLAIMABLE + _LINEAGE_INDEXES,
+}
 
 
 def quoted(schema: str) -> str:

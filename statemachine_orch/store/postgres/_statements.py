@@ -36,6 +36,7 @@ APPEND_ATTEMPT = (
 MARK = f"UPDATE runs SET in_flight = %s WHERE run_id = %s AND owner = %s AND lease_epoch = %s AND {HOLDER_ALIVE}"
 SET_STATUS = (
     "UPDATE runs SET status = %(status)s, error = %(error)s, updated_at = %(now)s, "
+    "review = coalesce(%(review)s, review), "
     "owner = CASE WHEN %(keep)s THEN owner ELSE NULL END, "
     "owner_info = CASE WHEN %(keep)s THEN owner_info ELSE NULL END, "
     "holder = CASE WHEN %(keep)s THEN holder ELSE NULL END "
@@ -50,8 +51,8 @@ TAKE = (
 )
 INSERT_RUN = (
     "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, created_at, chain_version, chain_key, "
-    "parent_run_id, parent_state, item, batch_id, chain_anchor, options, status, error, updated_at, owner, "
-    f"owner_info, holder, lease_epoch, queue) VALUES ({', '.join(['%s'] * 22)})"
+    "parent_run_id, parent_state, item, batch_id, forked_from, experiment, arm, chain_anchor, options, status, error, "
+    f"updated_at, owner, owner_info, holder, lease_epoch, queue) VALUES ({', '.join(['%s'] * 25)})"
 )
 # a run's holder, judged by its lease (the run row locked): whether it lives and when its lease ends
 HOLDER_FOR_UPDATE = (
@@ -71,6 +72,7 @@ _DOUBTS_OF_RUN = "FROM attempts a WHERE a.run_id = runs.run_id AND a.kind = 'in_
 _DOUBT_COST = ("CASE WHEN count(*) FILTER (WHERE a.cost_usd IS NULL) > 0 THEN NULL "
                "ELSE coalesce(sum(a.cost_usd), 0.0) END")
 SUMMARY = ("run_id, machine, status, created_at, updated_at, error, steps, input_tokens, output_tokens, cost_usd, "
+           "forked_from, experiment, arm, "
            f"(SELECT count(*) {_DOUBTS_OF_RUN}) AS in_doubt_calls, (SELECT {_DOUBT_COST} {_DOUBTS_OF_RUN}) "
            f"AS in_doubt_usd, {STALE}")
 MACHINE_TOTALS = (

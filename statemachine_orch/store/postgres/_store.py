@@ -31,7 +31,7 @@ from ...errors import (
 )
 from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, TransitionRecord, child_place, now_iso
 from .._chain import CANONICAL, CHAINED_ATTEMPT_COLUMNS, CHAINED_COLUMNS, AuditKey, chain_start, verify_log
-from .._contract import MachineTotals, RunSummary, out_of_order
+from .._contract import MachineTotals, RunSummary, out_of_order, run_filters
 from .._owner import Owner, owner_from_json, who_am_i
 from .._queue import WorkerInfo
 from .._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
@@ -274,10 +274,12 @@ class PostgresStore:
             if updated.rowcount != 1:
                 raise await self._refused(conn, run_id, owner, unwritten)
 
-    async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
+    async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None, *,
+                      review: dict[str, Any] | None = None) -> None:
         """Give the run up in `status`; a run handed back as pending wakes the idle workers."""
         async with self._conn() as conn, conn.transaction():
             await self._sql(conn, SET_STATUS, {"status": status.value, "error": text(error), "now": now_iso(),
+                                               "review": dump(review),
                                                "keep": status is RunStatus.RUNNING, "run_id": run_id,
                                                "owner": owner.token, "epoch": self._epochs.get(run_id, -1)})
             if status is RunStatus.PENDING:
@@ -352,17 +354,16 @@ class PostgresStore:
 
     async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
                         limit: int | None = 50, before: str | None = None, parent: str | None = None,
-                        batch: str | None = None) -> list[RunSummary]:
+                        batch: str | None = None, experiment: str | None = None,
+                        forked_from: str | None = None) -> list[RunSummary]:
         if parent is not None:
             children = await self._summaries(f"SELECT {SUMMARY}, parent_run_id, parent_state, item FROM runs "
                                              "WHERE parent_run_id = %s", [parent])
             return sorted(children, key=lambda child: child_place(child.run_id))
-        where, params = ["parent_run_id IS NULL"], []
-        for column, value in (("batch_id", batch), ("machine", machine or None),
-                              ("status", status and RunStatus(status).value)):
-            if value is not None:
-                where.append(f"{column} = %s")
-                params.append(value)
+        filters = run_filters(machine=machine, status=status, batch=batch, experiment=experiment,
+                              forked_from=forked_from)
+        where = ["parent_run_id IS NULL", *(f"{column} = %s" for column, _ in filters)]
+        params: list[Any] = [value for _, value in filters]
         if before:
             where.append("(created_at, run_id) < (SELECT created_at, run_id FROM runs WHERE run_id = %s)")
             params.append(before)

@@ -1,6 +1,6 @@
 """The SQLite schema: tables, indexes and views as SQL, and the migrations between versions.
 
-Version 7 (docs/storage.md). A database is created at the current version in one transaction,
+Version 9 (docs/storage.md). A database is created at the current version in one transaction,
 or upgraded to it in one transaction: every migration from its version on, then `_conform`,
 which rebuilds (with sqlite-utils' `transform`) any table whose columns differ from a new
 database's in order, NOT NULL or default, so an upgraded database has exactly the schema of a
@@ -20,7 +20,7 @@ from typing import Any
 from ...errors import ForeignDatabaseError, SchemaVersionError, StoreError
 from .._chain import CHAINED_COLUMNS, legacy_first_link, legacy_hash
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 READABLE_FROM = 3
 APPLICATION_ID = 0x4F524348  # "ORCH": marks a database as ours
 
@@ -40,6 +40,12 @@ CREATE INDEX runs_children ON runs (parent_run_id, parent_state, item) WHERE par
 # the runs of a batch (`orch batch`), by run id
 _BATCHES = """
 CREATE INDEX runs_by_batch ON runs (batch_id, run_id) WHERE batch_id IS NOT NULL;
+"""
+
+# forks by the run they came from (`orch runs --tree`); an experiment's runs by arm (`orch ab report`)
+_LINEAGE = """
+CREATE INDEX runs_forks ON runs (forked_from, run_id) WHERE forked_from IS NOT NULL;
+CREATE INDEX runs_by_experiment ON runs (experiment, arm, run_id) WHERE experiment IS NOT NULL;
 """
 
 _TAKEOVERS = """
@@ -80,11 +86,15 @@ CREATE TABLE runs (
     parent_run_id TEXT,
     parent_state  TEXT,
     item          INTEGER,
-    batch_id      TEXT
+    batch_id      TEXT,
+    review        TEXT,
+    forked_from   TEXT,
+    experiment    TEXT,
+    arm           TEXT
 );
 CREATE INDEX runs_by_created ON runs (created_at, run_id);
 CREATE INDEX runs_by_machine ON runs (machine, created_at);
-""" + _CHILDREN + _BATCHES + """CREATE TABLE transitions (
+""" + _CHILDREN + _BATCHES + _LINEAGE + """CREATE TABLE transitions (
     run_id             TEXT NOT NULL REFERENCES runs (run_id),
     seq                INTEGER NOT NULL,
     from_state         TEXT NOT NULL,
@@ -227,6 +237,13 @@ ALTER TABLE runs ADD COLUMN item INTEGER;
     7: """
 ALTER TABLE runs ADD COLUMN batch_id TEXT;
 """ + _BATCHES,
+    # review gates, forks and experiments: the pending review, the run forked from, experiment and arm
+    8: """
+ALTER TABLE runs ADD COLUMN review TEXT;
+ALTER TABLE runs ADD COLUMN forked_from TEXT;
+ALTER TABLE runs ADD COLUMN experiment TEXT;
+ALTER TABLE runs ADD COLUMN arm TEXT;
+""" + _LINEAGE,
 }
 
 

@@ -40,7 +40,7 @@ IN_DOUBT_OF_RUN = (f"(SELECT count(*) {_DOUBTS_OF_RUN}) AS in_doubt_calls, "
 IN_DOUBT_BY_MACHINE = (f"SELECT r.machine, count(*) AS in_doubt_calls, {_DOUBT_COST} AS in_doubt_usd FROM attempts a "
                         "JOIN runs r ON r.run_id = a.run_id WHERE a.kind = 'in_doubt' AND r.machine IN ")
 SET_STATUS = (
-    "UPDATE runs SET status = ?, error = ?, updated_at = ?, "
+    "UPDATE runs SET status = ?, error = ?, updated_at = ?, review = coalesce(?, review), "
     "owner = CASE WHEN ? THEN owner ELSE NULL END, "
     "owner_info = CASE WHEN ? THEN owner_info ELSE NULL END "
     "WHERE run_id = ? AND owner = ?"

@@ -42,7 +42,7 @@ from ...errors import (
 )
 from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, TransitionRecord, child_place, now_iso
 from .._chain import CANONICAL, AuditKey
-from .._contract import MachineTotals, RunSummary, out_of_order
+from .._contract import LINEAGE_COLUMNS, MachineTotals, RunSummary, out_of_order, run_filters
 from .._owner import Owner, owner_from_json, who_am_i
 from .._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
 from ._chain import last_link, require_intact, verify
@@ -113,9 +113,9 @@ class SQLiteStore:
             conn.close()
             raise
         self.schema_versions = (found, SCHEMA_VERSION)  # (found, now): what opening it did
-        # a file of an older version, opened read-only, has no child runs or batches (nor their columns)
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
-        self._children, self._batches = "parent_run_id" in columns, "batch_id" in columns
+        # a file of an older version, opened read-only, lacks the columns of later features (and their runs)
+        self._columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+        self._summary = _SUMMARY + (f", {LINEAGE_COLUMNS}" if "arm" in self._columns else "")
 
     @cached_property
     def db(self) -> sqlite_utils.Database:
@@ -143,9 +143,9 @@ class SQLiteStore:
         anchor = self._audit.anchor(identity)
         try:
             self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, created_at, "
-                            "chain_version, chain_key, parent_run_id, parent_state, item, batch_id, chain_anchor, "
-                            "options, status, error, updated_at, owner, owner_info) "
-                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            "chain_version, chain_key, parent_run_id, parent_state, item, batch_id, forked_from, "
+                            "experiment, arm, chain_anchor, options, status, error, updated_at, owner, owner_info) "
+                            f"VALUES ({','.join('?' * 22)})",
                       (*identity.values(), anchor, dump(run.options), run.status.value, text(run.error),
                        run.updated_at, owner.token, owner.info_json()))
         except sqlite3.IntegrityError:
@@ -262,14 +262,16 @@ class SQLiteStore:
             raise OwnershipLostError(f"run {run_id} was taken over by another process; {unwritten}",
                                      where=self.where)
 
-    async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None) -> None:
-        await self._write(self._release, run_id, owner, status, error)
+    async def release(self, run_id: str, owner: Owner, status: RunStatus, error: str | None, *,
+                      review: dict[str, Any] | None = None) -> None:
+        await self._write(self._release, run_id, owner, status, error, review)
         self._chains.pop(run_id, None)
 
     def _release(self, conn: sqlite3.Connection, run_id: str, owner: Owner, status: RunStatus,
-                 error: str | None) -> None:
+                 error: str | None, review: dict[str, Any] | None) -> None:
         keep = status is RunStatus.RUNNING
-        self._sql(conn, SET_STATUS, (status.value, text(error), now_iso(), keep, keep, run_id, owner.token))
+        self._sql(conn, SET_STATUS, (status.value, text(error), now_iso(), dump(review), keep, keep, run_id,
+                                     owner.token))
 
     # ------------------------------------------------------------------ reading
 
@@ -350,37 +352,32 @@ class SQLiteStore:
 
     async def list_runs(self, *, machine: str | None = None, status: RunStatus | None = None,
                         limit: int | None = 50, before: str | None = None, parent: str | None = None,
-                        batch: str | None = None) -> list[RunSummary]:
+                        batch: str | None = None, experiment: str | None = None,
+                        forked_from: str | None = None) -> list[RunSummary]:
         if parent is not None:
             return await self._read(self._children_of, parent)
-        if batch is not None and not self._batches:
-            return []
-        return await self._read(self._list_runs, machine, status, limit, before, batch)
+        filters = run_filters(machine=machine, status=status, batch=batch, experiment=experiment,
+                              forked_from=forked_from)
+        if not {column for column, _ in filters} <= self._columns:
+            return []  # a file of an older version has no such runs (nor their columns)
+        return await self._read(self._list_runs, filters, limit, before)
 
     def _children_of(self, conn: sqlite3.Connection, parent: str) -> list[RunSummary]:
-        if not self._children:
+        if "parent_run_id" not in self._columns:
             return []
-        children = self._summaries(conn, f"SELECT {_SUMMARY}, parent_run_id, parent_state, item FROM runs "
+        children = self._summaries(conn, f"SELECT {self._summary}, parent_run_id, parent_state, item FROM runs "
                                          "WHERE parent_run_id = ?", [parent])
         return sorted(children, key=lambda child: child_place(child.run_id))
 
-    def _list_runs(self, conn: sqlite3.Connection, machine: str | None, status: RunStatus | None,
-                   limit: int | None, before: str | None, batch: str | None) -> list[RunSummary]:
-        where: list[str] = ["parent_run_id IS NULL"] if self._children else []
-        params: list[Any] = []
-        if batch is not None:
-            where.append("batch_id = ?")
-            params.append(batch)
-        if machine:
-            where.append("machine = ?")
-            params.append(machine)
-        if status:
-            where.append("status = ?")
-            params.append(RunStatus(status).value)
+    def _list_runs(self, conn: sqlite3.Connection, filters: list[tuple[str, Any]], limit: int | None,
+                   before: str | None) -> list[RunSummary]:
+        where = ["parent_run_id IS NULL"] if "parent_run_id" in self._columns else []
+        where += [f"{column} = ?" for column, _ in filters]
+        params: list[Any] = [value for _, value in filters]
         if before:
             where.append("(created_at, run_id) < (SELECT created_at, run_id FROM runs WHERE run_id = ?)")
             params.append(before)
-        sql = (f"SELECT {_SUMMARY} FROM runs "
+        sql = (f"SELECT {self._summary} FROM runs "
                + ("WHERE " + " AND ".join(where) + " " if where else "")
                + "ORDER BY created_at DESC, run_id DESC LIMIT ?")
         params.append(-1 if limit is None else limit)  # SQLite: a negative limit is none
