@@ -11,6 +11,8 @@ from .definition._states import MachineState as MachineState
 from .definition._states import MapState as MapState
 from .definition._states import ParallelState as ParallelState
 from .definition._states import PythonState as PythonState
+from .definition._states import Review as Review
+from .definition._states import ReviewState as ReviewState
 from .definition._states import State as State
 from .definition._states import guard as guard
 from .engine._batch import Batch as Batch
@@ -20,6 +22,8 @@ from .engine._engine import Engine as Engine
 from .engine._replay import Divergence as Divergence
 from .engine._replay import ReplayReport as ReplayReport
 from .engine._replay import replay_run as replay_run
+from .engine._review import Decided as Decided
+from .engine._review import PendingReview as PendingReview
 from .engine._run import Run as Run
 from .engine._worker import Worker as Worker
 from .engine._worker import WorkerStats as WorkerStats
@@ -39,6 +43,7 @@ from .errors import NoCredentialsError as NoCredentialsError
 from .errors import OrchError as OrchError
 from .errors import OwnershipLostError as OwnershipLostError
 from .errors import RetryLimitError as RetryLimitError
+from .errors import ReviewDecidedError as ReviewDecidedError
 from .errors import RunBusyError as RunBusyError
 from .errors import RunError as RunError
 from .errors import RunExistsError as RunExistsError

@@ -227,6 +227,14 @@ class RunFinishedError(UsageError):
         self.status = status
 
 
+class ReviewDecidedError(UsageError):
+    """A decision for a review that was already decided (or timed out): the first one stands."""
+
+    def __init__(self, what: str, *, run_id: str) -> None:
+        super().__init__(what, fix="a review takes one decision; fork the run to try another")
+        self.run_id = run_id
+
+
 class RunBusyError(StoreError):
     """Another live process owns the run."""
 

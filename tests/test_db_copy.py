@@ -29,8 +29,8 @@ import pytest
 
 from statemachine_orch.cli import main
 from statemachine_orch.store._chain import canonical
-from statemachine_orch.store.sqlite._schema import SCHEMA_VERSION
 from statemachine_orch.store.postgres._pool import redacted
+from statemachine_orch.store.sqlite._schema import SCHEMA_VERSION
 from statemachine_orch.testing import FakeMessagesAPI, Reply, error
 
 from . import postgres
@@ -399,7 +399,7 @@ def test_an_old_sqlite_file_is_upgraded_when_opened_and_its_legacy_chains_verify
         conn.executescript((ROOT / "tests" / "data" / "chain_v5.sql").read_text())
     copied = copy(old, pg_dsn)
     assert (copied.code, outcomes(copied)) == (0, {"old-a": "copied", "old-b": "copied"}), copied.stderr
-    assert query(old, "PRAGMA user_version")[0][0] == SCHEMA_VERSION  # upgraded in place when opened, as any command does
+    assert query(old, "PRAGMA user_version")[0][0] == SCHEMA_VERSION  # upgraded when opened, as by any command
     assert tables(pg_dsn) == tables(old)
     for db in (str(old), pg_dsn):
         assert run_orch("--db", db, "audit", "verify").stdout == (

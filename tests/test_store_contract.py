@@ -417,6 +417,40 @@ def test_release_stores_the_status_and_ends_the_ownership(on_store: Callable[[Sc
     on_store(scenario)
 
 
+def test_a_waiting_run_keeps_its_pending_review_until_another_is_stored(on_store: Callable[[Scenario], None]) -> None:
+    async def scenario(store: Store) -> None:
+        owner = me()
+        await store.create_run(new_run(), owner)
+        await store.append(row(1), owner)
+        review = {"seq": 2, "state": "gate", "payload": {"text": "caf\u00e9 \u2603"}, "deadline": None}
+        await store.release("run-1", owner, RunStatus.WAITING, None, review=review)
+        waiting = await store.get_run("run-1")
+        assert (waiting.status, waiting.owner, waiting.review) == (RunStatus.WAITING, None, review)
+        assert [r.run_id for r in await store.list_runs(status=RunStatus.WAITING)] == ["run-1"]
+        claimed, _ = await store.claim_run("run-1", me())
+        assert claimed.review == review  # the claimer (a reviewer, a worker) reads what was asked
+        assert await store.verify_chain("run-1") is None  # the review is not part of the chain
+
+    on_store(scenario)
+
+
+def test_lineage_is_stored_anchored_in_the_chain_and_filtered_on(on_store: Callable[[Scenario], None]) -> None:
+    async def scenario(store: Store) -> None:
+        owner = me()
+        await store.create_run(new_run("p"), owner)
+        await store.create_run(new_run("f", forked_from="p"), owner)
+        await store.create_run(new_run("x", experiment="e1", arm="B"), owner)
+        fork, arm = await store.get_run("f"), await store.get_run("x")
+        assert (fork.forked_from, arm.experiment, arm.arm) == ("p", "e1", "B")
+        assert [r.run_id for r in await store.list_runs(forked_from="p")] == ["f"]
+        assert [(r.run_id, r.arm) for r in await store.list_runs(experiment="e1")] == [("x", "B")]
+        for run_id in ("p", "f", "x"):
+            await store.append(row(1, run_id=run_id), owner)
+            assert await store.verify_chain(run_id) is None
+
+    on_store(scenario)
+
+
 # --------------------------------------------------------------------------- reading the log
 
 

@@ -223,7 +223,8 @@ def test_a_newer_schema_is_refused_and_an_older_one_upgraded_only_on_request(
     now = _schema.SCHEMA_VERSION
     monkeypatch.setattr(_schema, "SCHEMA_VERSION", now + 1)
     monkeypatch.setitem(_schema.MIGRATIONS, now, "ALTER TABLE runs ADD COLUMN note TEXT")
-    with pytest.raises(SchemaVersionError, match=rf"older than this statemachine_orch's \({now + 1}\).*orch db migrate"):
+    older = rf"older than this statemachine_orch's \({now + 1}\).*orch db migrate"
+    with pytest.raises(SchemaVersionError, match=older):
         open_store(pg_dsn)
     upgraded = open_store(pg_dsn, upgrade=True)
     assert upgraded.schema_versions == (now, now + 1)

@@ -236,30 +236,34 @@ def _report(result: BatchResult, args: argparse.Namespace, *, rerun: str) -> int
     p = result.progress
     not_started = len(result.errors)
     if args.json:
+        failed = {str(n): r.error for n, r in result.results.items()
+                  if not r.status.finished and r.status is not RunStatus.WAITING}
         print(json.dumps({**p.to_json(), "not_started": not_started, "stopped": result.stopped,
-                          "errors": {str(n): e for n, e in result.errors.items()},
-                          "failures": {str(n): r.error for n, r in result.results.items()
-                                       if not r.status.finished}}, ensure_ascii=False))
+                          "errors": {str(n): e for n, e in result.errors.items()}, "failures": failed},
+                         ensure_ascii=False))
     elif not args.quiet:
+        waiting = f"{p.waiting} waiting for review, " if p.waiting else ""
         print(f"batch {result.batch_id}: {p.completed} completed ({p.already_done} before), {p.failed} failed, "
-              f"{p.interrupted} interrupted, {not_started} not started; {p.usage.input_tokens} in / "
+              f"{p.interrupted} interrupted, {waiting}{not_started} not started; {p.usage.input_tokens} in / "
               f"{p.usage.output_tokens} out tokens, {usd(p.cost_usd)}")
         paths = Counter(" -> ".join(r.path) for r in result.results.values() if r.status.finished)
         if paths:
             print("paths: " + ", ".join(f"{n} x {path or '(no steps)'}" for path, n in paths.most_common(MAX_PATHS))
                   + (f", and {len(paths) - MAX_PATHS} more" if len(paths) > MAX_PATHS else ""))
         failures = [(n, r.run_id, r.status.value, r.error) for n, r in result.results.items()
-                    if not r.status.finished and r.status is not RunStatus.INTERRUPTED]
+                    if not r.status.finished and r.status not in (RunStatus.INTERRUPTED, RunStatus.WAITING)]
         failures += [(n, "-", "not started", e) for n, e in result.errors.items()]
         for number, run_id, status, error in sorted(failures)[:MAX_SHOWN]:
             print(f"  line {number}: {run_id} {status}: {one_line(error, 160)}")
         if len(failures) > MAX_SHOWN:
             print(f"  ... and {len(failures) - MAX_SHOWN} more (orch batch status {result.batch_id})")
-        if p.completed < p.total:
+        if p.waiting:
+            print(f"review the waiting runs (orch pending), then go on with: {rerun}")
+        elif p.completed < p.total:
             print(f"resume with: {rerun}")
     if result.stopped or p.interrupted:
         return EXIT_STOPPED
-    return 0 if p.completed == p.total and not not_started else 1
+    return 0 if p.completed + p.waiting == p.total and not not_started else 1
 
 
 # --------------------------------------------------------------------------- orch batch status

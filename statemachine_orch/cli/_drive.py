@@ -184,7 +184,8 @@ def _drive(args: argparse.Namespace, run_id: str, banner: str | None, *, create:
 
 
 def _report_result(result: RunResult, args: argparse.Namespace) -> int:
-    """Print the result; exit code 0 finished, 1 failed or over budget, 143 stopped by SIGTERM."""
+    """Print the result; exit code 0 finished or waiting for a review, 1 failed or over budget, 143
+    stopped by SIGTERM."""
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
@@ -193,14 +194,16 @@ def _report_result(result: RunResult, args: argparse.Namespace) -> int:
                 f"{usd(result.cost_usd)}")
         print(f"run {result.run_id} {result.status.value} after {result.steps} step(s): {path} "
               f"({paid})")
-        if not result.status.finished:
+        if result.status is RunStatus.WAITING:
+            print(f"waiting for a review (orch pending); decide with: orch review {result.run_id} --decision ...")
+        elif not result.status.finished:
             print(f"error: {result.error}")
             print(f"resume with: orch resume {result.run_id}"
                   + (" and a raised --max-cost, --max-tokens or --max-seconds"
                      if result.status is RunStatus.BUDGET_EXCEEDED else ""))
     if result.status is RunStatus.INTERRUPTED:
         return EXIT_STOPPED
-    return 0 if result.status.finished else 1
+    return 0 if result.status.finished or result.status is RunStatus.WAITING else 1
 
 
 def budget_of(args: argparse.Namespace) -> Budget | None:

@@ -9,6 +9,7 @@ Errors are one line on stderr; `--debug` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.resources
 import io
 import os
@@ -45,12 +46,7 @@ def _driving(name: str) -> Callable[[argparse.Namespace], int]:
 
     def call(args: argparse.Namespace) -> int:
         module, _, function = name.rpartition(".")
-        if module == "_batch":
-            from . import _batch as where
-        elif module == "_workers":
-            from . import _workers as where  # type: ignore[no-redef]
-        else:
-            from . import _drive as where  # type: ignore[no-redef]
+        where = importlib.import_module(f".{module or '_drive'}", __package__)
         command: Callable[[argparse.Namespace], int] = getattr(where, function)
         return command(args)
 
@@ -103,6 +99,18 @@ def _budget_options(p: argparse.ArgumentParser) -> None:
                    help="stop before a call that could take the run's paid tokens past N")
     p.add_argument("--max-seconds", type=float, metavar="S",
                    help="stop when the run has been active S seconds (wall clock, across resumes)")
+
+
+def _resume_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--machine", metavar="MACHINE", help="load the machine from here instead of its stored path")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="resume even if the changed machine no longer replays the recorded steps")
+    p.add_argument("--take-over", action="store_true",
+                   help="claim the run from an owner that cannot be proven alive (recorded by an older "
+                        "version on another host) once you know it is gone; the takeover is recorded")
+    _offline_option(p, "from here on ")
+    _budget_options(p)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,15 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("resume", "cmd_resume", "continue a failed, interrupted or crashed run")
     p.add_argument("run_id", metavar="RUN_ID")
-    p.add_argument("--machine", metavar="MACHINE", help="load the machine from here instead of its stored path")
-    p.add_argument("--allow-changed", action="store_true",
-                   help="resume even if the changed machine no longer replays the recorded steps")
-    p.add_argument("--take-over", action="store_true",
-                   help="claim the run from an owner that cannot be proven alive (recorded by an older "
-                        "version on another host) once you know it is gone; the takeover is recorded")
-    _offline_option(p, "from here on ")
-    _budget_options(p)
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _resume_options(p)
+
+    p = command("pending", "_review.cmd_pending", "list the runs waiting at a review state for a decision")
+    p.add_argument("--machine", metavar="NAME", help="only runs of this machine name")
+    p.add_argument("--expiring", metavar="DURATION",
+                   help="only reviews whose deadline falls within DURATION (90s, 30m, 2h, 1d) or has passed")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    p = command("review", "_review.cmd_review", "decide a run waiting at a review state; the state's guard maps "
+                                               "the decision to the run's next step")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--decision", required=True, metavar="NAME",
+                   help="approve, reject or another decision the review state allows")
+    p.add_argument("--data", metavar="JSON|@FILE", help="the reviewer's data, checked against the state's data model")
+    p.add_argument("--note", metavar="TEXT", help="a note kept with the decision (the audit log's reason)")
+    p.add_argument("--as", dest="as_actor", metavar="USER",
+                   help="who decides (default: $ORCH_ACTOR, else the OS user)")
+    p.add_argument("--resume", action="store_true", help="go on with the run here once decided")
+    _resume_options(p)
 
     p = command("replay", "cmd_replay", "re-drive recorded runs on their recorded answers (no API calls)")
     p.add_argument("run_id", metavar="RUN_ID", nargs="?")

@@ -158,7 +158,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             "outputs": outputs, "result": result, "snapshot": snapshot, "totals": totals(rows),
             "takeovers": [asdict(t) for t in record.takeovers],
             "parent": asdict(record.parent) if record.parent else None,
-            "children": [child_row(c) for c in children]}, ensure_ascii=False))
+            "children": [child_row(c) for c in children],
+            "review": record.review if record.status is RunStatus.WAITING else None}, ensure_ascii=False))
         return 0
     print(f"run {record.run_id}  machine {record.machine}  status {status_text(record.status, record.stale)}")
     if record.parent is not None:
@@ -194,7 +195,21 @@ def cmd_show(args: argparse.Namespace) -> int:
                for c in children]))))
     for t in record.takeovers:
         print(f"taken over at {t.at} by {t.by} from {t.previous} ({t.why})")
+    if record.status is RunStatus.WAITING and record.review:
+        _print_review(record.run_id, record.review)
     return 0
+
+
+def _print_review(run_id: str, review: dict[str, Any]) -> None:
+    """What a waiting run's reviewer is asked: shown, allowed, the data model, the deadline."""
+    deadline = review.get("deadline")
+    print(f"waiting for a review at {review['state']} (step {review['seq']}) since {review['asked_at']}"
+          + (f", deadline {deadline} (then {review.get('on_timeout')})" if deadline else ", no deadline"))
+    print(indent(as_block(review.get("payload"))))
+    if review.get("data_schema"):
+        print("  data (--data) must fit:")
+        print(indent(as_block(review["data_schema"]), 4))
+    print(f"decide with: orch review {run_id} --decision {'|'.join(review['decisions'])}")
 
 
 def _result(record: RunRecord, rows: list[TransitionRecord]) -> Any:

@@ -100,7 +100,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         finally:
             await store.close()
         say(f"stopped: {stats.claimed} claimed ({stats.took_over} taken over), {stats.completed} completed, "
-            f"{stats.failed} failed, {stats.handed_back} handed back, {stats.lost} lost, {stats.refused} refused")
+            f"{stats.failed} failed, {stats.handed_back} handed back, {stats.lost} lost, {stats.refused} refused, "
+            f"{stats.waiting} waiting for review")
         return 0
 
     return asyncio.run(go())

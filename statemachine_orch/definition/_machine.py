@@ -29,7 +29,7 @@ from ..errors import DefinitionError
 from ..types import Budget, Result, RetryPolicy
 from ._problems import Problems
 from ._source import code_hash
-from ._states import LLMState, MachineState, MapState, ParallelState, PythonState, State
+from ._states import LLMState, MachineState, MapState, ParallelState, PythonState, ReviewState, State
 from ._table import TransitionTable, build_table
 from ._templates import Template
 from ._validation import validate
@@ -149,6 +149,9 @@ class Machine:
             machines = _child_machines(self, state, table_problems)
             if machines:
                 self.children[state.name] = machines
+            for gate in {s.name for m in machines for c in m.family() for s in c.states if isinstance(s, ReviewState)}:
+                table_problems.add(state.name, f"its child runs would wait at review state '{gate}', and a child run "
+                                   "cannot wait for a review", "put the review state in this machine")
         problems = validate(self, table, table_problems)
         if problems:
             raise DefinitionError(problems)

@@ -2,7 +2,7 @@
 
 `LLMState` wraps one Messages API call, `PythonState` one Python function, `MachineState` a
 child run of another machine, `MapState` one child run per item of a list, `ParallelState` one
-child run per branch; all share the
+child run per branch, `ReviewState` a person's decision (the run waits for it); all share the
 guard, the `on=` overrides of the transition table, the loop bounds (and `on_exhausted`, the
 decision taken when one stops a loop), what the state reads of earlier states (`needs`,
 `needs_if_ran`) and the `timeout` of `State`.
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from ..types import Decision, Guard, RetryPolicy, StepContext, StepFunction
+from ..types import Branch, Decision, FlowDecision, Guard, RetryPolicy, StepContext, StepFunction, Verdict
 
 if TYPE_CHECKING:
     from ._machine import Machine
@@ -165,3 +166,76 @@ class ParallelState(State):
 
     _: KW_ONLY
     branches: Sequence[LLMState | PythonState]
+
+
+class Review(BaseModel):
+    """A review state's output: what the reviewer decided (`by` is who: `--as`, $ORCH_ACTOR or
+    the OS user; `system:timeout` when the deadline passed), with their data and note."""
+
+    decision: str
+    by: str
+    at: str
+    data: Any = None
+    note: str | None = None
+
+
+ESCALATE = "escalate"  # the decision `on_timeout="escalate:<state>"` takes (routed to that state)
+
+
+def review_decision(name: str) -> Decision:
+    """What the default guard makes of a reviewer's decision: approve continues, reject
+    terminates, any other is the branch of its name (escalate: the timeout's escalation)."""
+    return {"approve": FlowDecision.CONTINUE, "reject": FlowDecision.TERMINATE}.get(name, Branch(name))
+
+
+def review_guard(review: Review, ctx: StepContext) -> Verdict:
+    """The default guard of a review state (`review_decision`), with who decided as its reason."""
+    note = f": {review.note}" if review.note else ""
+    return review_decision(review.decision).because(f"{review.decision} by {review.by}{note}")
+
+
+@dataclass(frozen=True)
+class ReviewState(State):
+    """A pause for a person's decision at a state boundary: no model call. Reached, the run
+    stores the pending review (`show(ctx)`, by default the outputs it `needs`; the allowed
+    `decisions`; the `data` model the reviewer's data must fit; the deadline) and waits;
+    `orch review` / `Engine.review` commits the decision as this state's step, and its guard
+    (by default `review_guard`) maps it to a FlowDecision. Nothing before it runs again.
+
+    `deadline` (seconds or a timedelta) with `on_timeout`: "reject" (the default), "approve",
+    another of `decisions`, or "escalate:<state>" (a branch to that state), applied as
+    `system:timeout` when the run is next touched (resume, batch, worker) after the deadline."""
+
+    _: KW_ONLY
+    show: Callable[[StepContext], Any] | None = None
+    decisions: Sequence[str] = ("approve", "reject")
+    data: type[BaseModel] | None = None
+    deadline: float | timedelta | None = None
+    on_timeout: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "decisions", tuple(self.decisions))
+        if self.deadline is not None and self.on_timeout is None:
+            object.__setattr__(self, "on_timeout", "reject")
+        if self.output is None:
+            object.__setattr__(self, "output", Review)
+        escalation = self.escalates_to
+        if escalation is not None and Branch(ESCALATE) not in self.on:
+            object.__setattr__(self, "on", {**self.on, Branch(ESCALATE): escalation})
+        if self.guard is None:
+            taken = [*self.decisions, *([ESCALATE] if escalation is not None else [])]
+            object.__setattr__(self, "guard", DeclaredGuard(review_guard, frozenset(
+                review_decision(d) for d in taken if isinstance(d, str))))
+
+    @property
+    def escalates_to(self) -> str | None:
+        """The state `on_timeout="escalate:<state>"` leads to (None: it does not escalate)."""
+        timeout = self.on_timeout
+        return timeout.removeprefix("escalate:") if isinstance(timeout, str) and timeout.startswith(
+            "escalate:") else None
+
+    @property
+    def deadline_s(self) -> float | None:
+        deadline = self.deadline
+        return deadline.total_seconds() if isinstance(deadline, timedelta) else deadline

@@ -17,7 +17,18 @@ from pydantic import BaseModel
 
 from ..types import END, Budget, FlowDecision, RetryPolicy
 from ._problems import Problems
-from ._states import DeclaredGuard, LLMState, MachineState, MapState, ParallelState, PythonState, State
+from ._states import (
+    ESCALATE,
+    DeclaredGuard,
+    LLMState,
+    MachineState,
+    MapState,
+    ParallelState,
+    PythonState,
+    Review,
+    ReviewState,
+    State,
+)
 from ._table import TransitionTable, decision_value, fallback_decisions
 
 if TYPE_CHECKING:
@@ -158,6 +169,34 @@ class _Validator:
             self.add(state.name, "run= is not callable", "pass a function (ctx) -> output")
         elif isinstance(state, (MachineState, MapState, ParallelState)):
             self._child_state(state)
+        elif isinstance(state, ReviewState):
+            self._review_state(state)
+
+    def _review_state(self, state: ReviewState) -> None:
+        names = state.decisions
+        if not names or not all(isinstance(d, str) and d.replace("_", "a").replace("-", "a").isalnum()
+                                for d in names) or len(set(names)) != len(names):
+            self.add(state.name, f"decisions={list(names)!r} is not a list of distinct names "
+                     "(letters, digits, _ and -)", "e.g. decisions=('approve', 'reject', 'revise')")
+        elif ESCALATE in names:
+            self.add(state.name, f"'{ESCALATE}' is the decision on_timeout='escalate:<state>' takes",
+                     "name the reviewer's decision otherwise")
+        deadline = state.deadline_s
+        if deadline is not None and not (isinstance(deadline, (int, float)) and deadline > 0):
+            self.add(state.name, f"deadline={state.deadline!r} is not a positive number of seconds",
+                     "set deadline=3600 or deadline=timedelta(hours=1)")
+        timeout = state.on_timeout
+        if timeout is not None and deadline is None:
+            self.add(state.name, f"on_timeout={timeout!r} never applies without a deadline",
+                     "set deadline= too, or remove on_timeout")
+        elif timeout is not None and state.escalates_to is None and timeout not in names:
+            self.add(state.name, f"on_timeout={timeout!r} is not one of its decisions {list(names)}",
+                     "use one of them, or 'escalate:<state>'")
+        if state.data is not None and not (isinstance(state.data, type) and issubclass(state.data, BaseModel)):
+            self.add(state.name, "data is not a pydantic model class", "pass a BaseModel subclass")
+        if not (isinstance(state.output, type) and issubclass(state.output, Review)):
+            self.add(state.name, "output= of a review state is the reviewer's Review", "remove output=")
+        self._one_argument(state.name, "show", state.show, "def show(ctx) -> dict")
 
     def _child_state(self, state: MachineState | MapState | ParallelState) -> None:
         """A state whose work is child runs: a machine state's child, a map state's items."""

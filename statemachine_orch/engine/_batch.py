@@ -46,6 +46,7 @@ class BatchProgress:
     failed: int = 0  # failed or over budget: resumable by running the batch again
     not_started: int = 0  # refused before a run existed (bad input, changed input, busy run)
     interrupted: int = 0  # stopped mid-run (Ctrl-C, SIGTERM): resumable
+    waiting: int = 0  # paused at a review state (`orch review`, then run the batch again)
     running: int = 0
     already_done: int = 0  # finished before this call, read back
     usage: Usage = field(default_factory=Usage)
@@ -54,11 +55,12 @@ class BatchProgress:
 
     @property
     def finished(self) -> int:
-        return self.completed + self.failed + self.not_started + self.interrupted
+        return self.completed + self.failed + self.not_started + self.interrupted + self.waiting
 
     def to_json(self) -> dict[str, Any]:
         return {"batch_id": self.batch_id, "total": self.total, "completed": self.completed, "failed": self.failed,
-                "not_started": self.not_started, "interrupted": self.interrupted, "running": self.running,
+                "not_started": self.not_started, "interrupted": self.interrupted, "waiting": self.waiting,
+                "running": self.running,
                 "already_done": self.already_done, "input_tokens": self.usage.input_tokens,
                 "output_tokens": self.usage.output_tokens, "cost_usd": round(self.cost_usd, 6),
                 "seconds": round(time.monotonic() - self.started, 3)}
@@ -187,6 +189,8 @@ class Batch:
             progress.completed += 1
         elif result.status is RunStatus.INTERRUPTED:
             progress.interrupted += 1
+        elif result.status is RunStatus.WAITING:
+            progress.waiting += 1
         else:
             progress.failed += 1
         progress.usage.add(result.usage)

@@ -30,6 +30,7 @@ from ._ids import check_run_id, new_run_id
 from ._inputs import validate_input
 from ._llm_step import PythonOverride
 from ._replay import replay_run
+from ._review import Decided, PendingReview, decide, iso_after
 from ._run import Ports, Run
 from ._snapshot import fresh, snapshot
 
@@ -139,7 +140,7 @@ class Engine:
 
     async def attach(self, run_id: str, machine: Machine, *, budget: Budget | None = None,
                      allow_changed: bool = False, take_over: bool = False,
-                     options: Mapping[str, Any] | None = None) -> Run:
+                     options: Mapping[str, Any] | None = None, to_run: bool = True) -> Run:
         """Claim a stored run (its owner must be gone) and rebuild it from its log.
 
         `take_over` claims it also from an owner that cannot be proven alive or gone (one
@@ -152,10 +153,11 @@ class Engine:
         the new code first; a divergence refuses the resume unless `allow_changed`. A run
         whose rows fail its audit chain is refused (`TamperedRunError`), and so is a child run
         (`UsageError`): its parent's resume continues it, within the parent's budget.
+        `to_run=False` claims it only to commit what needs no model client (a review's decision).
         """
         record, log = await self.store.load_run(run_id, verified=True)
         machine = with_overrides(machine, stored_overrides(record.options))
-        compiled = self.compiled(machine)
+        compiled = self.compiled(machine, to_run=to_run)
         refuse_child(record)
         snapshot(compiled, record, log)  # refuse an incompatible run before claiming it
         if record.machine_hash != machine.source_hash and not allow_changed:
@@ -172,14 +174,14 @@ class Engine:
         changed = budget is not None or bool(options)
         record, log = await self.store.claim_run(run_id, owner, options=stored if changed else None,
                                                  take_over=take_over)
-        return self.adopt(machine, record, log, owner, budget=effective)
+        return self.adopt(machine, record, log, owner, budget=effective, to_run=to_run)
 
     def adopt(self, machine: Machine, record: RunRecord, log: list[TransitionRecord], owner: Owner, *,
-              budget: Budget | None = None, resumed: bool = True) -> Run:
+              budget: Budget | None = None, resumed: bool = True, to_run: bool = True) -> Run:
         """The `Run` of a run `owner` has just claimed (`record` and `log` as the claim read
         them), ready to go on from its last committed step; `budget`: the stored one if None."""
         machine = with_overrides(machine, stored_overrides(record.options))
-        compiled = self.compiled(machine)
+        compiled = self.compiled(machine, to_run=to_run)
         context_input, _, values = validate_input(machine, record.input)
         run = Run(compiled, record, owner, self._ports, input=context_input, input_values=values,
                   snap=snapshot(compiled, record, log), seq=log[-1].seq if log else 0,
@@ -199,6 +201,36 @@ class Engine:
         """Continue a stored run from its last committed step."""
         run = await self.attach(run_id, machine, budget=budget, allow_changed=allow_changed, take_over=take_over)
         return await run.run_to_end()
+
+    async def apending(self, *, machine: str | None = None, expiring: float | None = None) -> list[PendingReview]:
+        """The runs waiting for a review (of one machine), soonest deadline first; `expiring`
+        (seconds): only those whose deadline falls within that time (or has passed)."""
+        waiting = await self.store.list_runs(status=RunStatus.WAITING, machine=machine, limit=None)
+        horizon = iso_after(expiring) if expiring is not None else None
+        found = [PendingReview.of(await self.store.get_run(summary.run_id)) for summary in waiting]
+        return sorted((p for p in found if p is not None and (
+            horizon is None or (p.deadline is not None and p.deadline <= horizon))),
+            key=lambda p: (p.deadline is None, p.deadline or "", p.asked_at, p.run_id))
+
+    async def areview(self, run_id: str, machine: Machine, *, decision: str, data: Any = None,
+                      note: str | None = None, by: str | None = None, resume: bool = False) -> Decided:
+        """Commit a decision for a run waiting at a review state, checked first (the run is
+        waiting, the decision is one the state allows, `data` fits its model), with `by` (else
+        $ORCH_ACTOR, else the OS user) in the audited row; the state's guard maps it to a
+        FlowDecision. Then the run is `pending` until resumed or, with `resume`, goes on here.
+        A second decision raises `ReviewDecidedError`, and so does one after the deadline (the
+        state's `on_timeout` is applied instead)."""
+        return await decide(self, run_id, machine, decision=decision, data=data, note=note, by=by, resume=resume)
+
+    def pending(self, *, machine: str | None = None, expiring: float | None = None) -> list[PendingReview]:
+        """Synchronous `apending`."""
+        return self._sync(self.apending(machine=machine, expiring=expiring))
+
+    def review(self, run_id: str, machine: Machine, *, decision: str, data: Any = None, note: str | None = None,
+               by: str | None = None, resume: bool = False) -> Decided:
+        """Synchronous `areview`."""
+        return self._sync(self.areview(run_id, machine, decision=decision, data=data, note=note, by=by,
+                                       resume=resume))
 
     def batch(self, machine: Machine, inputs: Iterable[Input] | Mapping[int, Input], *, batch_id: str | None = None,
               concurrency: int = 8, **options: Any) -> Batch:

@@ -19,7 +19,7 @@ from transitions import EventData
 from transitions import Machine as FSM
 
 from ..definition._machine import Machine
-from ..definition._states import DeclaredGuard, LLMState, MachineState, MapState, ParallelState, State
+from ..definition._states import DeclaredGuard, LLMState, MachineState, MapState, ParallelState, ReviewState, State
 from ..types import END, Decision, Guard, Source, decision_from_value
 from ._position import Position
 
@@ -100,7 +100,8 @@ def compile_machine(machine: Machine) -> Compiled:
         guard = state.guard
         compiled.plans[state.name] = Plan(
             state=state, source="llm" if isinstance(state, LLMState) else
-            "child" if isinstance(state, (MachineState, MapState, ParallelState)) else "python",
+            "child" if isinstance(state, (MachineState, MapState, ParallelState)) else
+            "review" if isinstance(state, ReviewState) else "python",
             guard=guard.fn if isinstance(guard, DeclaredGuard) else guard,
             guard_name=getattr(guard, "__name__", type(guard).__name__),
             allowed={decision_from_value(value): value for value in machine.decisions[state.name]})

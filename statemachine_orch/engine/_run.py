@@ -12,16 +12,23 @@ it (`_user_code`). Hooks see each stage (`hooks.Hook`). `run_to_end()` is a loop
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from ..definition._states import LLMState, MachineState, MapState, ParallelState, PythonState, State
+from ..definition._states import (
+    LLMState,
+    MachineState,
+    MapState,
+    ParallelState,
+    PythonState,
+    Review,
+    ReviewState,
+    State,
+)
 from ..errors import (
     BudgetExceededError,
-    GuardError,
     OrchError,
     OwnershipLostError,
     RetryLimitError,
@@ -37,7 +44,6 @@ from ..store._contract import Store
 from ..store._owner import Owner
 from ..types import (
     END,
-    Branch,
     Budget,
     FlowDecision,
     RunRecord,
@@ -45,7 +51,6 @@ from ..types import (
     RunStatus,
     StepContext,
     TransitionRecord,
-    Verdict,
     now_iso,
     output_json,
     run_output,
@@ -53,8 +58,10 @@ from ..types import (
 from ._context import History, context
 from ._fan_out import FanOut
 from ._fsm import Compiled, Plan
+from ._guard_call import ask_guard
 from ._llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
 from ._outputs import named_outputs, restore_output
+from ._review import Desk, Waiting
 from ._snapshot import Snapshot
 from ._user_code import CodeError, UserCode
 
@@ -123,6 +130,7 @@ class Run:
                             else None)
         self.children_running: set[Run] = set()  # this run's child runs being driven now: a stop reaches them
         self._fan_out = FanOut(self)
+        self._desk = Desk(self)
         self._broken: BaseException | None = None
         self._stop: str | None = None
         self._stopped_as = RunStatus.INTERRUPTED  # what a stop leaves the run as (`request_stop`)
@@ -171,6 +179,9 @@ class Run:
             step.decision = self._judge(plan, step, output, ctx)
             step.decision = self._move(plan, step, step.decision)
             step.to_state = self.position.state
+        except Waiting as waiting:  # a review state with no decision yet: nothing to commit
+            await self._wait(waiting.review)
+            return step
         except RunError as failure:
             status = RunStatus.BUDGET_EXCEEDED if isinstance(failure, BudgetExceededError) else RunStatus.FAILED
             step.error = f"{type(failure).__name__}: {' '.join(str(failure).split())}"  # always one line
@@ -183,6 +194,25 @@ class Run:
         for hook in self._hooks.after_commit:
             hook(self.record, step)
         return step
+
+    def decide(self, review: Review) -> None:
+        """Commit `review` as the next step, which must be its review state's (`Engine.review`)."""
+        self._desk.decision = review
+
+    async def hand_back(self) -> None:
+        """Give the run up as `pending`, to go on later (a resume, or a worker of its queue)."""
+        await self.ports.store.release(self.run_id, self.owner, RunStatus.PENDING, None)
+        self.status, self.error = RunStatus.PENDING, None
+
+    async def _wait(self, review: dict[str, Any]) -> None:
+        """Store the pending review and the status `waiting` (one transaction), and stop."""
+        try:
+            await self.ports.store.release(self.run_id, self.owner, RunStatus.WAITING, None, review=review)
+        except Exception as exc:
+            self._broken = exc
+            raise
+        self.record.review = review
+        self.status, self.error = RunStatus.WAITING, None
 
     def _check_can_step(self) -> None:
         if self._broken is not None:
@@ -213,11 +243,13 @@ class Run:
             return await self._llm.execute(state, step, ctx, self._values, self.spent)
         if isinstance(state, (MachineState, MapState, ParallelState)):
             return await self._fan_out.output(state, step, ctx)
-        assert isinstance(state, PythonState)
-        override = self.ports.python_override
+        override = self.ports.python_override  # replay: the recorded output (a review: its recorded decision)
+        if isinstance(state, ReviewState) and override is None:
+            return await self._desk.output(state, step, ctx)
+        assert isinstance(state, (PythonState, ReviewState))
         try:
-            result = await (self._code.call(state.run, ctx, timeout=state.timeout) if override is None
-                            else self._code.call(override, state, ctx, timeout=None))
+            result = await (self._code.call(override, state, ctx, timeout=None) if override is not None
+                            else self._code.call(cast(PythonState, state).run, ctx, timeout=state.timeout))
         except CodeError as err:
             if isinstance(err.cause, OrchError):
                 raise err.cause from None
@@ -295,43 +327,10 @@ class Run:
         elif plan.guard is None:
             decision, reason = FlowDecision.CONTINUE.value, "no guard: continue"
         else:
-            decision, reason = self._ask_guard(plan, output, ctx)
+            decision, reason = ask_guard(plan, output, ctx, self._code, self.run_id)
         note = step.reason  # what the LLM step noted (a cache hit, a fallback)
         step.reason = (reason if note is None else f"{reason} [{note}]")[:_REASON_LIMIT]
         return decision
-
-    def _ask_guard(self, plan: Plan, output: Any, ctx: StepContext) -> tuple[str, str]:
-        assert plan.guard is not None
-        name = plan.guard_name
-        try:
-            result: Any = self._code.run(plan.guard, output, ctx, timeout=plan.state.timeout)
-        except CodeError as err:
-            raise GuardError(err.message(f"guard {name} raised ", f"guard {name} of state '{plan.state.name}'"),
-                             run_id=self.run_id, state=plan.state.name) from err.cause
-        reason = ""
-        if isinstance(result, Verdict):
-            result, reason = result.decision, str(result.reason)
-        try:
-            decision = plan.allowed.get(result)
-        except TypeError:  # unhashable, so not a decision
-            decision = None
-        if decision is None:
-            raise self._not_allowed(plan, result)
-        return decision, reason or f"{plan.guard_name} saw {_excerpt(output)} -> {decision}"
-
-    def _not_allowed(self, plan: Plan, result: Any) -> GuardError:
-        allowed = sorted(plan.allowed.values())
-        if isinstance(result, (FlowDecision, Branch)):
-            return GuardError(
-                f"guard {plan.guard_name} returned {result.value}, which state '{plan.state.name}' has no "
-                f"transition for (allowed: {allowed})", fix="add it to on={...} and @guard(...)",
-                run_id=self.run_id, state=plan.state.name)
-        if inspect.isawaitable(result) and hasattr(result, "close"):
-            result.close()
-        return GuardError(
-            f"guard {plan.guard_name} returned {_excerpt(result)}, which is not a decision",
-            fix=f"return a FlowDecision or Branch (allowed here: {allowed})", run_id=self.run_id,
-            state=plan.state.name)
 
     def _move(self, plan: Plan, step: TransitionRecord, decision: str) -> str:
         """Fire the decision's trigger and return the decision taken. A loop bound that blocks
@@ -473,9 +472,4 @@ class Run:
             pass  # the owner check on resume treats a dead process as gone anyway
         self.status = status
         self.error = error
-
-
-def _excerpt(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 WorkerEvent = Callable[[str, str, str], None]
 """`on_event(kind, run_id, detail)`: claimed, took_over, completed, failed, handed_back, lost,
-refused, or waiting (the database could not be reached to claim; run_id empty)."""
+refused, awaiting_review (the run reached a review state), or waiting (the database could not
+be reached to claim; run_id empty)."""
 
 
 @dataclass(slots=True)
@@ -49,6 +50,7 @@ class WorkerStats:
     handed_back: int = 0  # given back as pending when the worker stopped
     lost: int = 0  # its lease expired or another process took the run: dropped, not written
     refused: int = 0  # another version of the machine whose log no longer replays (`migrate`)
+    waiting: int = 0  # reached a review state: left waiting for a decision (`orch review`)
 
 
 class Worker:
@@ -176,6 +178,9 @@ class Worker:
         elif result.status is RunStatus.PENDING:
             stats.handed_back += 1
             self._event("handed_back", run_id, f"at step {len(result.path)}")
+        elif result.status is RunStatus.WAITING:
+            stats.waiting += 1
+            self._event("awaiting_review", run_id, f"at step {len(result.path) + 1}")
         else:
             stats.failed += 1
             self._event("failed", run_id, result.error or result.status.value)

@@ -60,11 +60,13 @@ HOLDER_FOR_UPDATE = (
     "coalesce(w.expires_at > clock_timestamp(), false) AS alive FROM runs r "
     "LEFT JOIN workers w ON w.key = r.holder WHERE r.run_id = %s FOR UPDATE OF r"
 )
-# the oldest run of a queue that a worker may take: never started, or abandoned by its holder
+# the oldest run of a queue that a worker may take: never started, abandoned by its holder, or waiting for a
+# review whose deadline has passed (its on_timeout applies)
 NEXT_IN_QUEUE = (
     "SELECT run_id FROM runs WHERE queue = %s AND parent_run_id IS NULL "
     "AND (machine_hash = ANY(%s) OR machine = ANY(%s)) "
-    f"AND (status = 'pending' OR (status = 'running' AND NOT {HOLDER_ALIVE})) "
+    f"AND (status = 'pending' OR (status = 'running' AND NOT {HOLDER_ALIVE}) "
+    "OR (status = 'waiting' AND (review::jsonb ->> 'deadline') COLLATE \"C\" <= %s)) "
     "ORDER BY created_at, run_id LIMIT 1 FOR UPDATE SKIP LOCKED"
 )
 STALE = f"(status = 'running' AND NOT {HOLDER_ALIVE}) AS stale"

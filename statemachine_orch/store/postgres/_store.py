@@ -149,8 +149,8 @@ class PostgresStore:
     async def claim_next(self, owner: Owner, *, queue: str, machine_hashes: Collection[str],
                          machines: Collection[str] = ()) -> tuple[RunRecord, list[TransitionRecord]] | None:
         async def oldest() -> str | None:
-            found = await (await self._sql(conn, NEXT_IN_QUEUE, (queue, list(machine_hashes),
-                                                                 list(machines)))).fetchone()
+            found = await (await self._sql(conn, NEXT_IN_QUEUE, (queue, list(machine_hashes), list(machines),
+                                                                 now_iso()))).fetchone()
             return None if found is None else str(found[0])
 
         async with self._conn() as conn:

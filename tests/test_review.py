@@ -1,0 +1,352 @@
+"""Review gates: a run waits at a `ReviewState`, a person's decision is committed as its step,
+nothing before it runs again, the deadline's `on_timeout` applies when the run is next touched,
+and replay uses the recorded decision (real SQLite files, the SDK against the loopback fake)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from statemachine_orch import (
+    END,
+    Branch,
+    DefinitionError,
+    Engine,
+    FlowDecision,
+    LLMState,
+    Machine,
+    PythonState,
+    Review,
+    ReviewDecidedError,
+    ReviewState,
+    RunNotFoundError,
+    RunStatus,
+    UsageError,
+    Worker,
+    open_store,
+    replay_run,
+)
+from statemachine_orch.testing import FakeMessagesAPI
+
+from .helpers import EnvOrch, one_error_line, orch_against, write
+
+
+class Headline(BaseModel):
+    title: str
+
+
+def publish(ctx: Any) -> str:
+    review = ctx.outputs["approve"]
+    return f"published {review.data['title'] if review.data else 'as drafted'}"
+
+
+def gated(**gate: Any) -> Machine:
+    """draft (a model call) -> approve (a review) -> publish; `revise` goes back to the draft."""
+    gate = {"needs": ["draft"], "data": Headline, "decisions": ("approve", "reject", "revise"),
+            "on": {Branch("revise"): "draft"}, **gate}
+    escalates = str(gate.get("on_timeout", "")).startswith("escalate:")
+    return Machine("gated", [
+        LLMState("draft", prompt="Write a headline.", max_tokens=50, max_visits=3),
+        ReviewState("approve", **gate),
+        PythonState("publish", run=publish, needs=["approve"], on={FlowDecision.CONTINUE: END}),
+        *([PythonState("escalated", run=lambda ctx: "sent to the editor")] if escalates else []),
+    ], source_file=__file__)
+
+
+GATE_SOURCE = """
+from pydantic import BaseModel
+from statemachine_orch import END, FlowDecision, LLMState, Machine, PythonState, ReviewState
+
+class Headline(BaseModel):
+    title: str
+
+machine = Machine("gated", [
+    LLMState("draft", prompt="Write a headline.", max_tokens=50),
+    ReviewState("approve", needs=["draft"], data=Headline, deadline=3600),
+    PythonState("publish", run=lambda ctx: ctx.outputs["approve"].data["title"], needs=["approve"]),
+])
+"""
+
+
+def stored(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_a_run_waits_at_the_gate_and_goes_on_after_approval_without_running_anything_again(db_path: Path) -> None:
+    fake = FakeMessagesAPI({"draft": "Cats rule"})
+    machine = gated(show=lambda ctx: {"headline": ctx.outputs["draft"], "visit": ctx.visit})
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=fake.model()) as engine:
+            first = await engine.arun(machine, run_id="r1")
+            assert (first.status, first.path) == (RunStatus.WAITING, ["draft"])
+            [pending] = await engine.apending()
+            assert (pending.run_id, pending.state, pending.seq, pending.payload) == (
+                "r1", "approve", 2, {"headline": "Cats rule", "visit": 1})
+            assert pending.decisions == ("approve", "reject", "revise") and pending.deadline is None
+            assert pending.data_schema == Headline.model_json_schema()
+            decided = await engine.areview("r1", machine, decision="approve", data={"title": "Cats rule!"},
+                                           note="shorter is better", by="ann")
+            assert (decided.row.decision, decided.row.to_state, decided.status) == (
+                "continue", "publish", RunStatus.PENDING)
+            assert await engine.apending() == []
+            done = await engine.aresume("r1", machine)
+        assert (done.status, done.path) == (RunStatus.COMPLETED, ["draft", "approve", "publish"])
+        assert done.outputs["publish"] == "published Cats rule!"
+        assert done.outputs["approve"] == Review(decision="approve", by="ann", at=decided.review.at,
+                                                 data={"title": "Cats rule!"}, note="shorter is better")
+
+    run(scenario())
+    assert fake.calls("draft") == 1  # the draft was paid once: nothing re-ran on approval
+    (source, request, reason), = stored(db_path, "SELECT source, request, reason FROM transitions "
+                                                 "WHERE run_id = 'r1' AND seq = 2")
+    assert source == "review" and reason == "approve by ann: shorter is better"
+    assert json.loads(request)["payload"] == {"headline": "Cats rule", "visit": 1}  # what was shown, chained
+
+
+def test_a_second_decision_says_who_decided_first_and_changes_nothing(db_path: Path) -> None:
+    machine = gated()
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            await engine.arun(machine, run_id="r1")
+            first = await engine.areview("r1", machine, decision="reject", by="ann")
+            assert first.status is RunStatus.TERMINATED
+            log = await engine.store.transitions("r1")
+            with pytest.raises(ReviewDecidedError, match=rf"already decided by ann at {first.review.at} \(reject\)"):
+                await engine.areview("r1", machine, decision="approve", data={"title": "t"}, by="bob")
+            assert await engine.store.transitions("r1") == log
+            assert await engine.store.verify_chain("r1") is None
+
+    run(scenario())
+
+
+def test_a_bad_decision_or_data_is_refused_before_anything_is_written(db_path: Path) -> None:
+    machine = gated()
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            await engine.arun(machine, run_id="r1")
+            before = await engine.store.get_run("r1")
+            with pytest.raises(UsageError, match=r"'maybe' is not a decision .* use one of: approve, reject, revise"):
+                await engine.areview("r1", machine, decision="maybe")
+            with pytest.raises(UsageError, match="does not fit Headline: title: Field required"):
+                await engine.areview("r1", machine, decision="approve", data={"name": "x"})
+            after = await engine.store.get_run("r1")
+            assert (after.status, after.review, after.updated_at) == (RunStatus.WAITING, before.review,
+                                                                      before.updated_at)
+            with pytest.raises(RunNotFoundError, match="no run 'nope'"):
+                await engine.areview("nope", machine, decision="approve")
+
+    run(scenario())
+
+
+def test_a_reviewer_branch_loops_back_and_the_next_visit_waits_again(db_path: Path) -> None:
+    fake = FakeMessagesAPI({"draft": ["first try", "second try"]})
+    machine = gated()
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=fake.model()) as engine:
+            await engine.arun(machine, run_id="r1")
+            revised = await engine.areview("r1", machine, decision="revise", note="too long", resume=True)
+            assert revised.result is not None and revised.result.status is RunStatus.WAITING
+            [pending] = await engine.apending()
+            assert (pending.seq, pending.payload) == (4, {"draft": "second try"})
+            done = await engine.areview("r1", machine, decision="approve", data={"title": "ok"}, resume=True)
+        assert done.result is not None and done.result.path == ["draft", "approve", "draft", "approve", "publish"]
+
+    run(scenario())
+    assert fake.calls("draft") == 2
+
+
+def test_the_deadline_applies_on_timeout_when_the_run_is_next_touched(db_path: Path) -> None:
+    machine = gated(deadline=0.3, on_timeout="escalate:escalated")
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            await engine.arun(machine, run_id="r1")
+            early = await engine.aresume("r1", machine)  # touched before the deadline: it waits on
+            assert early.status is RunStatus.WAITING
+            await asyncio.sleep(0.35)
+            assert (await engine.apending())[0].expired
+            late = await engine.aresume("r1", machine)
+            assert late.path == ["draft", "approve", "escalated"] and late.status is RunStatus.COMPLETED
+            gate = late.outputs["approve"]
+            assert (gate.decision, gate.by) == ("escalate", "system:timeout")
+            assert (await replay_run(engine.store, "r1", machine)).divergence is None
+
+    run(scenario())
+
+
+def test_pending_lists_by_machine_and_by_how_soon_the_deadline_falls(db_path: Path) -> None:
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            for run_id, deadline in (("soon", 600), ("later", 7200), ("never", None)):
+                await engine.arun(gated(deadline=deadline), run_id=run_id)
+            assert [p.run_id for p in await engine.apending()] == ["soon", "later", "never"]
+            assert [p.run_id for p in await engine.apending(expiring=3600)] == ["soon"]
+            assert [p.run_id for p in await engine.apending(expiring=3 * 3600)] == ["soon", "later"]
+            assert await engine.apending(machine="other") == []
+            assert len(await engine.apending(machine="gated")) == 3
+
+    run(scenario())
+
+
+def test_a_decision_after_the_deadline_is_refused_and_the_timeout_is_applied_instead(db_path: Path) -> None:
+    machine = gated(deadline=0.2)  # on_timeout defaults to reject
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            await engine.arun(machine, run_id="r1")
+            time.sleep(0.25)
+            with pytest.raises(ReviewDecidedError, match=r"expired at .* on_timeout \(reject\) was applied as "
+                                                         "system:timeout"):
+                await engine.areview("r1", machine, decision="approve", data={"title": "late"}, by="ann")
+            record, log = await engine.store.load_run("r1", verified=True)
+            assert record.status is RunStatus.TERMINATED
+            assert (log[-1].from_state, log[-1].decision, log[-1].output["by"]) == (
+                "approve", "terminate", "system:timeout")
+            with pytest.raises(ReviewDecidedError, match="already decided by system:timeout"):
+                await engine.areview("r1", machine, decision="approve", data={"title": "later"})
+
+    run(scenario())
+
+
+def test_replay_uses_the_recorded_decision_and_sees_a_changed_mapping(db_path: Path) -> None:
+    machine = gated()
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            await engine.arun(machine, run_id="r1")
+            await engine.areview("r1", machine, decision="approve", data={"title": "t"}, resume=True)
+            assert (await replay_run(engine.store, "r1", machine)).compared == 3
+            changed = gated(guard=lambda review, ctx: Branch("revise"))
+            divergence = (await replay_run(engine.store, "r1", changed)).divergence
+            assert divergence is not None and (divergence.seq, divergence.kind) == (2, "decision")
+
+    run(scenario())
+
+
+def test_the_reviewer_is_as_given_else_orch_actor_else_the_os_user(db_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = gated()
+    monkeypatch.setenv("ORCH_ACTOR", "ci-bot")
+
+    async def scenario() -> list[str]:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            by = []
+            for run_id, given in (("a", None), ("b", "carol")):
+                await engine.arun(machine, run_id=run_id)
+                by.append((await engine.areview(run_id, machine, decision="reject", by=given)).review.by)
+            monkeypatch.delenv("ORCH_ACTOR")
+            await engine.arun(machine, run_id="c")
+            by.append((await engine.areview("c", machine, decision="reject")).review.by)
+            return by
+
+    import getpass
+
+    assert run(scenario()) == ["ci-bot", "carol", getpass.getuser()]
+
+
+def test_a_batch_counts_waiting_runs_and_running_it_again_goes_on_after_review(db_path: Path) -> None:
+    machine = gated()
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            first = await engine.arun_many(machine, [{}, {}, {}], batch_id="b")
+            assert (first.progress.waiting, first.progress.completed) == (3, 0)
+            await engine.areview("b-1", machine, decision="approve", data={"title": "one"})
+            await engine.areview("b-2", machine, decision="reject")
+            again = await engine.arun_many(machine, [{}, {}, {}], batch_id="b")
+            assert (again.progress.completed, again.progress.waiting) == (2, 1)
+            assert {n: r.status for n, r in again.results.items()} == {
+                1: RunStatus.COMPLETED, 2: RunStatus.TERMINATED, 3: RunStatus.WAITING}
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(("gate", "problem"), [
+    ({"deadline": 60, "on_timeout": "maybe"}, "on_timeout='maybe' is not one of its decisions"),
+    ({"on_timeout": "approve"}, "never applies without a deadline"),
+    ({"on": {}}, "guard may return branch:revise but no transition handles it"),
+    ({"deadline": 60, "on_timeout": "escalate:nowhere"}, "unknown target 'nowhere'"),
+    ({"decisions": ("approve", "ok go")}, "is not a list of distinct names"),
+    ({"deadline": -1}, "is not a positive number of seconds"),
+])
+def test_a_review_state_is_validated_with_the_fix(gate: dict[str, Any], problem: str) -> None:
+    with pytest.raises(DefinitionError, match=problem):
+        gated(**gate)
+
+
+def test_the_cli_lists_decides_and_a_kill_after_the_decision_loses_nothing(tmp_path: Path) -> None:
+    """`orch review --resume` killed right after the decision's commit: resuming goes on from the
+    next state, the decision recorded once and the draft paid once."""
+    source = write(tmp_path / "gate.py", GATE_SOURCE)
+    fake = FakeMessagesAPI({"draft": "Cats rule"})
+    with orch_against(fake, tmp_path / "orch.db") as cli:
+        cli.ok("-q", "run", source, "--run-id", "r1")
+        pending = cli.json("pending")
+        assert [(p["run_id"], p["state"], p["payload"], p["expired"]) for p in pending] == [
+            ("r1", "approve", {"draft": "Cats rule"}, False)]
+        assert "decide with: orch review r1 --decision approve|reject" in cli.ok("show", "r1").stdout
+        bad = cli("-q", "review", "r1", "--decision", "approve", "--data", '{"title": 7}')
+        assert bad.code == 2 and "does not fit Headline" in one_error_line(bad)
+        killed = EnvOrch(cli.db, cli.base_url, cli.cwd, extra={"ORCH_KILL_AT": "after_commit"})(
+            "-q", "review", "r1", "--decision", "approve", "--data", '{"title": "Cats!"}', "--as", "ann", "--resume")
+        assert killed.code == -9  # SIGKILLed once the decision was committed, before the next step began
+        assert cli.json("show", "r1")["snapshot"]["next_state"] == "publish"
+        again = cli("-q", "review", "r1", "--decision", "reject")
+        assert again.code == 2 and "already decided by ann" in one_error_line(again)
+        done = cli.json("resume", "r1")
+        assert (done["status"], done["path"]) == ("completed", ["draft", "approve", "publish"])
+        assert [row["source"] for row in cli.log("r1")] == ["llm", "review", "python"]
+        assert "1 run(s) checked, 0 with a broken log" in cli.ok("audit", "verify").stdout
+    assert fake.calls("draft") == 1
+
+
+
+def test_workers_leave_waiting_runs_and_take_them_up_after_review_or_past_the_deadline(
+        pg_dsn: str, tmp_path: Path) -> None:
+    drafted: list[str] = []
+
+    def draft(ctx: Any) -> str:
+        drafted.append(ctx.run_id)
+        return f"draft {ctx.input['n']}"
+
+    def gate_machine(name: str, deadline: float) -> Machine:
+        return Machine(name, [PythonState("draft", run=draft),
+                              ReviewState("approve", needs=["draft"], deadline=deadline),
+                              PythonState("publish", run=lambda ctx: "published")],
+                       source_file=str(write(tmp_path / f"{name}.py", f"# {name}\n")))
+
+    slow, quick = gate_machine("slow_review", 3600), gate_machine("quick_review", 0.5)
+
+    async def scenario() -> None:
+        async with Engine(open_store(pg_dsn)) as engine:
+            await engine.enqueue(slow, {"n": 1}, run_id="a")
+            await engine.enqueue(quick, {"n": 2}, run_id="b")
+            first = await Worker(engine, [slow, quick], poll_s=0.1).run(until_idle=True)
+            assert first.waiting >= 1 and (await engine.store.get_run("a")).status is RunStatus.WAITING
+            await engine.areview("a", slow, decision="approve", by="ann")
+            assert (await engine.store.get_run("a")).status is RunStatus.PENDING
+            await asyncio.sleep(0.6)  # b's deadline has passed: a worker applies its on_timeout
+            await Worker(engine, [slow, quick], poll_s=0.1).run(until_idle=True)
+            a, a_log = await engine.store.load_run("a", verified=True)
+            b, b_log = await engine.store.load_run("b", verified=True)
+            assert (a.status, [r.from_state for r in a_log]) == (RunStatus.COMPLETED, ["draft", "approve", "publish"])
+            assert (b.status, b_log[-1].output["by"]) == (RunStatus.TERMINATED, "system:timeout")
+
+    run(scenario())
+    assert sorted(drafted) == ["a", "b"]  # each draft ran once: waiting and review re-ran nothing
