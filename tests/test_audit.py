@@ -94,7 +94,9 @@ class DocumentedChain:
 
     @staticmethod
     def identity(run: sqlite3.Row) -> tuple[str, ...]:
-        return RUN_FIELDS + PARENT_FIELDS if run["parent_run_id"] is not None else RUN_FIELDS
+        names = RUN_FIELDS + PARENT_FIELDS if run["parent_run_id"] is not None else RUN_FIELDS
+        return names + tuple(name for name in ("batch_id", "forked_from", "experiment", "arm")
+                             if run[name] is not None)
 
     def key_id(self) -> str:
         return self.h("statemachine_orch audit key id")[:16]
@@ -260,3 +262,34 @@ def test_a_keyed_chain_cannot_be_rewritten_without_its_key(
     assert orch("audit", "verify", "b").code == 0  # a keyless verifier cannot tell
     downgraded = keyed("show", "b")
     assert downgraded.code == 2 and "keyless" in one_error_line(downgraded)
+
+
+def test_a_runs_lineage_is_anchored_so_rewriting_it_breaks_the_chain(tmp_path: Path) -> None:
+    """A fork's `forked_from` and an experiment run's `experiment`/`arm` are hashed into its
+    anchor (as the docs say, so the documented verifier agrees): moving a run to another
+    lineage is caught."""
+    db = tmp_path / "orch.db"
+
+    async def scenario() -> None:
+        store = SQLiteStore(db)
+        owner = me()
+        for run in (new_run("fork", forked_from="parent"), new_run("arm", experiment="e", arm="B"),
+                    new_run("plain")):
+            await store.create_run(run, owner)
+            await store.append(row(1, run_id=run.run_id), owner)
+        await store.close()
+
+    asyncio.run(scenario())
+    assert DocumentedChain(db, None).check() == {"fork": 1, "arm": 1, "plain": 1}
+    sql(db, "UPDATE runs SET forked_from = 'another' WHERE run_id = 'fork'")
+    sql(db, "UPDATE runs SET arm = 'A' WHERE run_id = 'arm'")
+    sql(db, "UPDATE runs SET forked_from = 'parent' WHERE run_id = 'plain'")
+
+    async def verify() -> dict[str, str | None]:
+        store = SQLiteStore(db)
+        try:
+            return {run_id: await store.verify_chain(run_id) for run_id in ("fork", "arm", "plain")}
+        finally:
+            await store.close()
+
+    assert all(why is not None for why in asyncio.run(verify()).values())

@@ -22,6 +22,7 @@ from statemachine_orch import (
     FlowDecision,
     LLMState,
     Machine,
+    MachineState,
     PythonState,
     Review,
     ReviewDecidedError,
@@ -350,3 +351,9 @@ def test_workers_leave_waiting_runs_and_take_them_up_after_review_or_past_the_de
 
     run(scenario())
     assert sorted(drafted) == ["a", "b"]  # each draft ran once: waiting and review re-ran nothing
+
+
+def test_a_machine_whose_child_runs_would_wait_for_a_review_is_refused() -> None:
+    inner = Machine("inner", [ReviewState("sign_off")], source_file=__file__)
+    with pytest.raises(DefinitionError, match="state 'sub': its child runs would wait at review state 'sign_off'"):
+        Machine("outer", [MachineState("sub", machine=inner)], source_file=__file__)
