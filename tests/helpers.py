@@ -1808,6 +1808,9 @@ ALLOWED_CODE_LOADING = {
                                                    "a row's JSON",
     ("definition/_loader.py", "call import_module"): "imports a dotted machine module, as above",
     ("__init__.py", "from importlib import"): "lazy public names: imports the package's own submodules",
+    ("cli/_main.py", "import importlib"): "lazy commands: imports the CLI's own submodules (`_drive`, `_batch`, "
+                                          "`_review`...) named in the parser table, never a user value",
+    ("cli/_main.py", "call import_module"): "as above: a relative import of one of the CLI's own modules",
     ("cli/_main.py", "import importlib.resources"): "`orch demo` finds the example files that ship with the "
                                                     "package; reads paths, loads no code",
 }

@@ -145,7 +145,7 @@ class SQLiteStore:
             self._sql(conn, "INSERT INTO runs (run_id, machine, machine_ref, machine_hash, input, created_at, "
                             "chain_version, chain_key, parent_run_id, parent_state, item, batch_id, forked_from, "
                             "experiment, arm, chain_anchor, options, status, error, updated_at, owner, owner_info) "
-                            f"VALUES ({','.join('?' * 22)})",
+                            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (*identity.values(), anchor, dump(run.options), run.status.value, text(run.error),
                        run.updated_at, owner.token, owner.info_json()))
         except sqlite3.IntegrityError:
