@@ -53,7 +53,7 @@ from ..types import (
 from ._context import History, context
 from ._fan_out import FanOut
 from ._fsm import Compiled, Plan
-from ._llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
+from ._llm_step import BudgetRoute, LLMStep, PythonOverride, Reuse, Spent
 from ._outputs import named_outputs, restore_output
 from ._snapshot import Snapshot
 from ._user_code import CodeError, UserCode
@@ -89,9 +89,9 @@ class Run:
 
     def __init__(self, compiled: Compiled, record: RunRecord, owner: Owner, ports: Ports, *,
                  input: Any, input_values: dict[str, Any], snap: Snapshot, seq: int = 0,
-                 budget: Budget | None = None, ledger: Spent | None = None) -> None:
+                 budget: Budget | None = None, ledger: Spent | None = None, reuse: Reuse | None = None) -> None:
         """`ledger`: a child run's parent's budget ledger, which it shares (a top-level run
-        has its own)."""
+        has its own); `reuse`: answers its LLM states may take instead of calling (a fork's parent's)."""
         self.machine = compiled.machine
         self.record = record
         self.run_id = record.run_id
@@ -120,7 +120,7 @@ class Run:
         self._pending = left.step if left is not None and left.answered else snap.pending
         self._llm = LLMStep(run_id=record.run_id, compiled=compiled, ports=ports, budget=self.budget,
                             owner=owner, code=self._code, left=left if left is not None and not left.answered
-                            else None)
+                            else None, reuse=reuse)
         self.children_running: set[Run] = set()  # this run's child runs being driven now: a stop reaches them
         self._fan_out = FanOut(self)
         self._broken: BaseException | None = None
@@ -210,7 +210,7 @@ class Run:
 
     async def _run_state(self, state: State, step: TransitionRecord, ctx: StepContext) -> Any:
         if isinstance(state, LLMState):
-            return await self._llm.execute(state, step, ctx, self._values, self.spent)
+            return await self._llm.execute(state, step, ctx, self._values, self.spent, position=len(self.path))
         if isinstance(state, (MachineState, MapState, ParallelState)):
             return await self._fan_out.output(state, step, ctx)
         assert isinstance(state, PythonState)
