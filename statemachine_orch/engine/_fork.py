@@ -63,13 +63,7 @@ async def plan_fork(store: Store, parent: str, machine: Machine, *, at: int | st
     """The fork of run `parent` at `at` (a seq of its log, or a state: its first committed
     step), or UsageError saying why there can be none. The parent is read verified."""
     record, log = await store.load_run(parent, verified=True)
-    if record.parent is not None:
-        raise UsageError(f"run {parent} is a child run of run {record.parent.run_id} (state {record.parent.state}); "
-                         "only top-level runs are forked", fix=f"fork run {record.parent.run_id}")
-    if record.machine != machine.name:
-        raise UsageError(f"run {parent} is a run of machine '{record.machine}', not '{machine.name}'",
-                         fix="pass the machine it ran")
-    seq, state = _fork_point(record, log, at, machine)
+    seq, state = fork_point(record, log, at, machine)
     given = parse_overrides({name: change.model_dump(exclude_none=True) if isinstance(change, StateOverride)
                              else change for name, change in (overrides or {}).items()}, where="overrides")
     merged = merge_overrides(stored_overrides(record.options), given)
@@ -94,8 +88,20 @@ def merge_overrides(under: Mapping[str, StateOverride], over: Mapping[str, State
     return merged
 
 
-def _fork_point(record: RunRecord, log: list[TransitionRecord], at: int | str, machine: Machine) -> tuple[int, str]:
-    """(seq, state) of the step the fork runs anew."""
+def refuse_to_fork(record: RunRecord, machine: Machine | None = None) -> None:
+    """Refuse a child run (its parent's fork forks it too), or a run of another machine than `machine`."""
+    if record.parent is not None:
+        above = record.parent
+        raise UsageError(f"run {record.run_id} is a child run of run {above.run_id} (state {above.state}); only "
+                         "top-level runs are forked", fix=f"fork run {above.run_id}")
+    if machine is not None and record.machine != machine.name:
+        raise UsageError(f"run {record.run_id} is a run of machine '{record.machine}', not '{machine.name}'",
+                         fix="pass the machine it ran")
+
+
+def fork_point(record: RunRecord, log: list[TransitionRecord], at: int | str, machine: Machine) -> tuple[int, str]:
+    """(seq, state) of the step a fork of `record` at `at` runs anew, once `refuse_to_fork` lets it be forked."""
+    refuse_to_fork(record, machine)
     rid = record.run_id
     if isinstance(at, bool) or not isinstance(at, (int, str)):
         raise UsageError(f"fork point {at!r} is neither a seq nor a state name", fix="pass at=3 or at='state'")
