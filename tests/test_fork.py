@@ -24,6 +24,7 @@ from statemachine_orch import (
     InputError,
     LLMState,
     Machine,
+    MapState,
     Parent,
     PythonState,
     RunRecord,
@@ -178,16 +179,43 @@ def test_a_fork_of_a_fork_merges_the_overrides_and_reuses_through_its_parent(
     assert f2.outputs["d"].startswith("[d] Short:")
 
 
-def test_a_set_output_is_not_reused_through_by_the_forks_of_a_fork(engine: Engine, api: FakeMessagesAPI,
-                                                                   parent: str) -> None:
+def test_an_inherited_step_is_followed_to_the_run_that_answered_it(engine: Engine, api: FakeMessagesAPI,
+                                                                  parent: str) -> None:
     engine.run_fork(parent, chain(), at=2, set={"a": "Tents."}, run_id="f1")
     before = api.calls()
-    engine.run_fork("f1", chain(), at=1, run_id="f2")  # f1's a was set: p's answer for a is not f1's
-    # so a asks again, and b, c, d, whose requests now read that answer, not f1's "Tents.", too
-    assert [r.state for r in api.requests[before:]] == ["a", "b", "c", "d"]
-    assert sources(engine, "f2") == ["llm", "llm", "llm", "llm", "python"]
+    engine.run_fork("f1", chain(), at=1, run_id="f2")  # a: f1 inherited it (and set it): p answered it
+    # b, c and d now read p's answer, not f1's "Tents.": f1, the parent, asked otherwise there
+    assert [r.state for r in api.requests[before:]] == ["b", "c", "d"]
+    assert sources(engine, "f2") == ["reused", "llm", "llm", "llm", "python"]
+    assert loaded(engine, "f2")[1][0].reason.endswith("[reused from run p seq 1]")  # type: ignore[union-attr]
     engine.run_fork("f1", chain(), at=2, run_id="f3")  # from f1's b on, f1's own answers are reused
     assert sources(engine, "f3") == ["inherited", "reused", "reused", "reused", "python"]
+
+
+class Groups(BaseModel):
+    groups: list[str]
+
+
+def fan_out() -> Machine:
+    """A map state (a child run per group), then a summary of its outputs."""
+    return Machine("fan", [
+        MapState("impact", items=lambda ctx: ctx.input.groups, concurrency=2,
+                 each=LLMState("analyze", prompt="Impact on {item}?", max_tokens=100)),
+        LLMState("summary", prompt="Summarise: {impact}", needs=["impact"], max_tokens=100),
+    ], model=MODEL, input_model=Groups)
+
+
+def test_the_child_runs_of_a_fork_reuse_those_of_its_parent(engine: Engine, api: FakeMessagesAPI) -> None:
+    engine.run(fan_out(), {"groups": ["staff", "customers", "suppliers"]}, run_id="m")
+    before = api.calls()
+    same = engine.run_fork("m", fan_out(), at=1, run_id="m-same")
+    assert (api.calls() - before, same.cost_usd) == (0, 0.0)
+    assert sources(engine, "m-same.0.1.1") == ["reused"]
+    more = engine.run_fork("m", fan_out(), at=1, run_id="m-more", set={"groups": ["staff", "investors", "suppliers"]})
+    assert [r.state for r in api.requests[before:]] == ["analyze", "summary"]  # the changed item, and the summary
+    assert "investors" in api.requests[before].prompt
+    assert [sources(engine, f"m-more.0.1.{item}") for item in range(3)] == [["reused"], ["llm"], ["reused"]]
+    assert more.cost_usd == pytest.approx(2 * cost_of(UNIT))
 
 
 # --------------------------------------------------------------------------- stored as any run

@@ -10,8 +10,9 @@ identical request reuses that answer (`reused`: no call, no cost). Only the step
 changed are paid. The parent is never modified.
 
 Positions count committed steps (a failed step and the one that retried it are one step): the
-n-th committed step of a fork answers for the n-th of its parent. A parent's inherited step is
-followed to the run it came from, unless `set` changed its output there.
+n-th committed step of a fork answers for the n-th of its parent, and a child run of the fork
+for the parent's child run of the same place. A parent's inherited step is followed to the run
+that answered it.
 """
 
 from __future__ import annotations
@@ -168,43 +169,54 @@ def first_request(row: TransitionRecord) -> dict[str, Any] | None:
 
 
 class ParentAnswers:
-    """The answers a fork may reuse: its parent's committed steps by position along the path,
-    each ancestor's log loaded once, when a step first asks (`LLMStep`'s `Reuse`)."""
+    """The answers a fork may reuse (`LLMStep`'s `Reuse`): its parent's committed steps by
+    position along the path, or, for a child run of the fork, those of the parent's child run
+    of the same place (`suffix`: `.S.N.I`, as child run ids end). An inherited step is followed
+    to the run that answered it; each log is loaded once, when a step first asks."""
 
-    def __init__(self, store: Store, parent: str) -> None:
+    def __init__(self, store: Store, parent: str, *, suffix: str = "",
+                 runs: dict[str, tuple[str | None, list[TransitionRecord] | None]] | None = None) -> None:
         self.store = store
         self.parent = parent
-        self._runs: dict[str, tuple[str | None, list[TransitionRecord]]] = {}  # run -> (its parent, committed)
+        self.suffix = suffix
+        self._runs = {} if runs is None else runs  # run -> (its parent, its committed steps; None: no such run)
 
     @classmethod
     def of(cls, store: Store, record: RunRecord) -> ParentAnswers | None:
         """A fork's (None for any other run)."""
         return cls(store, record.forked_from) if record.forked_from and record.parent is None else None
 
+    def child(self, suffix: str) -> ParentAnswers:
+        """The answers of this run's child run `suffix`, at the same place in the parent's."""
+        return ParentAnswers(self.store, self.parent, suffix=self.suffix + suffix, runs=self._runs)
+
     async def answer(self, position: int, state: str, body: dict[str, Any]) -> tuple[TransitionRecord, str] | None:
         """The parent's step at `position` (0: the first) if it ran `state` with this same request
         and kept its answer, with the note that says where it came from; else None."""
         run_id: str | None = self.parent
-        row: TransitionRecord | None = None
         while run_id is not None:
-            above, rows = await self._committed(run_id)
-            found = rows[position] if position < len(rows) else None
-            if found is None or found.from_state != state or (row is not None and found.output != row.output):
-                return None  # not this state there, or a --set changed the output its fork inherited
-            row = found
+            above, rows = await self._load(run_id)
+            if self.suffix:
+                rows = (await self._load(run_id + self.suffix))[1]
+                if rows is None:  # that run inherited the step that started this child: on to its parent
+                    run_id = above
+                    continue
+            found = rows[position] if rows is not None and position < len(rows) else None
+            if found is None or found.from_state != state:
+                return None
             if found.source != "inherited":
-                break
+                if found.response is None or first_request(found) != body:
+                    return None
+                return found, f"reused from run {found.run_id} seq {found.seq}"
             run_id = above
-        if row is None or run_id is None or row.response is None or first_request(row) != body:
-            return None
-        return row, f"reused from run {run_id} seq {row.seq}"
+        return None
 
-    async def _committed(self, run_id: str) -> tuple[str | None, list[TransitionRecord]]:
+    async def _load(self, run_id: str) -> tuple[str | None, list[TransitionRecord] | None]:
         if run_id not in self._runs:
             try:
                 record, log = await self.store.load_run(run_id, verified=True)
-            except RunNotFoundError:  # deleted since: nothing to reuse, the steps are paid
-                self._runs[run_id] = (None, [])
+            except RunNotFoundError:  # deleted since, or never started there: nothing to reuse
+                self._runs[run_id] = (None, None)
             else:
                 self._runs[run_id] = (record.forked_from, [row for row in log if row.committed])
         return self._runs[run_id]

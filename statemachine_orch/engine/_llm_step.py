@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
@@ -25,6 +25,7 @@ from ..errors import BudgetExceededError, LLMError, OrchError, StepError, UsageE
 from ..llm._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response, estimate_input_tokens
 from ..store._owner import Owner
 from ..types import Attempt, Budget, InvalidOutput, OutputProblem, StepContext, TransitionRecord, Usage, now_iso
+from ._fork import ParentAnswers
 from ._fsm import Compiled
 from ._outputs import first_error, restore_output
 from ._progress import Unfinished, answered, sending
@@ -43,14 +44,6 @@ PythonOverride = Callable[[PythonState | LLMState, StepContext], Any]
 """Replaces running Python code of a state (a Python state, or an LLM state's fallback
 function); replay serves recorded outputs through it."""
 
-
-class Reuse(Protocol):
-    """Answers recorded elsewhere that a step may take instead of calling (a fork's parent's)."""
-
-    async def answer(self, position: int, state: str, body: dict[str, Any]) -> tuple[TransitionRecord, str] | None:
-        """The recorded step whose answer the step at `position` (committed steps before it) of
-        `state` takes for request `body`, with a note saying where it came from; None: call."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +98,7 @@ class LLMStep:
     a fallback model) all land in the step's record."""
 
     def __init__(self, *, run_id: str, compiled: Compiled, ports: Ports, budget: Budget, owner: Owner,
-                 code: UserCode, left: Unfinished | None = None, reuse: Reuse | None = None) -> None:
+                 code: UserCode, left: Unfinished | None = None, reuse: ParentAnswers | None = None) -> None:
         self.run_id = run_id
         self.machine = compiled.machine
         self.tools = compiled.tools

@@ -52,8 +52,9 @@ from ..types import (
 )
 from ._context import History, context
 from ._fan_out import FanOut
+from ._fork import ParentAnswers
 from ._fsm import Compiled, Plan
-from ._llm_step import BudgetRoute, LLMStep, PythonOverride, Reuse, Spent
+from ._llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
 from ._outputs import named_outputs, restore_output
 from ._snapshot import Snapshot
 from ._user_code import CodeError, UserCode
@@ -89,7 +90,7 @@ class Run:
 
     def __init__(self, compiled: Compiled, record: RunRecord, owner: Owner, ports: Ports, *,
                  input: Any, input_values: dict[str, Any], snap: Snapshot, seq: int = 0,
-                 budget: Budget | None = None, ledger: Spent | None = None, reuse: Reuse | None = None) -> None:
+                 budget: Budget | None = None, ledger: Spent | None = None, reuse: ParentAnswers | None = None) -> None:
         """`ledger`: a child run's parent's budget ledger, which it shares (a top-level run
         has its own); `reuse`: answers its LLM states may take instead of calling (a fork's parent's)."""
         self.machine = compiled.machine
@@ -107,6 +108,7 @@ class Run:
         self.cost_known = snap.cost_usd is not None
         self.spent = ledger or Spent(cost_usd=self.cost_usd, tokens=self.usage.paid_tokens, seconds=snap.seconds)
         self.is_child = ledger is not None
+        self.reuse = reuse
         self.budget = budget or Budget()
         self.status = RunStatus.RUNNING
         self.error: str | None = None
