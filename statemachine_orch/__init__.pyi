@@ -5,6 +5,7 @@
 from .definition._loader import Loaded as Loaded
 from .definition._loader import load_machine as load_machine
 from .definition._machine import Machine as Machine
+from .definition._overrides import StateOverride as StateOverride
 from .definition._parsing import xml_tags as xml_tags
 from .definition._states import LLMState as LLMState
 from .definition._states import MachineState as MachineState

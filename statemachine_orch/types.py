@@ -154,11 +154,14 @@ Result: TypeAlias = "str | Callable[[Mapping[str, Any]], Any]"
 `(outputs) -> value` over the latest committed output of each state that ran, as stored (JSON
 data: a model's output as its dict), so it gives the same value live, resumed and read back."""
 
-Source: TypeAlias = Literal["llm", "python", "recorded", "cache", "fallback", "budget", "child", "review"]
+Source: TypeAlias = Literal["llm", "python", "recorded", "cache", "fallback", "budget", "child", "review",
+                            "inherited", "reused"]
 """Where a step's output came from: a model call, a Python state, an answer recorded before a
 failed guard, the step cache, a fallback, nowhere (the budget routed the step), child runs
-(a machine or map state: the row's usage and cost are theirs, rolled up), or a reviewer (a
-review state's decision, or its timeout)."""
+(a machine or map state: the row's usage and cost are theirs, rolled up), a reviewer (a review
+state's decision, or its timeout), or, in a fork, the run it was forked from: a step before the
+fork point copied from it ("inherited", not run), or its answer to the identical request at the
+same position ("reused", not paid)."""
 
 AttemptKind: TypeAlias = Literal["transient", "deterministic", "timeout", "connection", "malformed",
                                  "spend_limit", "invalid_output", "refusal", "truncated", "empty", "cancelled",

@@ -220,6 +220,34 @@ def test_nul_in_text_columns_is_stored_escaped_and_the_chain_holds(on_store: Cal
     on_store(scenario)
 
 
+def test_create_run_with_its_first_steps_lands_whole_or_not_at_all(on_store: Callable[[Scenario], None]) -> None:
+    """A fork's run row and the steps it inherits are one write: chained and counted as
+    `append` would, or, when any of them is refused, none of it (not even the run)."""
+    async def scenario(store: Store) -> None:
+        owner = me()
+        inherited = [row(1, source="inherited", request=None, response=None, request_id=None, usage=Usage(),
+                         cost_usd=0.0),
+                     row(2, from_state="b", to_state="c", source="inherited", request=None, response=None,
+                         request_id=None, usage=Usage(), cost_usd=0.0)]
+        await store.create_run(new_run(forked_from="run-0"), owner, log=inherited)
+        await store.append(row(3, from_state="c", to_state="__end__"), owner, status=RunStatus.COMPLETED)
+        run, log = await store.load_run("run-1", verified=True)
+        assert log == [*inherited, row(3, from_state="c", to_state="__end__", started_at=log[2].started_at)]
+        assert (run.status, run.forked_from) == (RunStatus.COMPLETED, "run-0")
+        assert await store.verify_chain("run-1") is None
+        (listed,) = await store.list_runs(forked_from="run-0")
+        assert (listed.run_id, listed.steps, listed.input_tokens, listed.output_tokens) == ("run-1", 3, 3, 4)
+
+        with pytest.raises(OwnershipLostError):  # step 2 missing: the log is refused, and the run with it
+            await store.create_run(new_run("run-2"), owner, log=[row(1, run_id="run-2"), row(3, run_id="run-2")])
+        with pytest.raises(RunNotFoundError):
+            await store.get_run("run-2")
+        await store.create_run(new_run("run-2"), owner)  # nothing of it was left behind
+        assert await store.transitions("run-2") == []
+
+    on_store(scenario)
+
+
 # --------------------------------------------------------------------------- the fence
 
 

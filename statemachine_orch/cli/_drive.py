@@ -183,11 +183,11 @@ def _drive(args: argparse.Namespace, run_id: str, banner: str | None, *, create:
                           f"`orch resume {run_id}`") from None
 
 
-def _report_result(result: RunResult, args: argparse.Namespace) -> int:
-    """Print the result; exit code 0 finished or waiting for a review, 1 failed or over budget, 143
-    stopped by SIGTERM."""
+def _report_result(result: RunResult, args: argparse.Namespace, *, extra: dict[str, Any] | None = None) -> int:
+    """Print the result (with `extra` keys in its JSON); exit code 0 finished or waiting for a
+    review, 1 failed or over budget, 143 stopped by SIGTERM."""
     if args.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
+        print(json.dumps({**result.to_json(), **(extra or {})}, ensure_ascii=False))
     else:
         path = " -> ".join(result.path) or "(no steps)"
         paid = (f"{result.usage.input_tokens} in / {result.usage.output_tokens} out tokens, "

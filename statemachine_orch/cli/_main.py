@@ -190,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="go on with the run here once decided")
     _resume_options(p)
 
+    p = command("fork", "_fork.cmd_fork", "start a run from a stored run's snapshot before one of its steps, with "
+                                          "what-if changes, reusing the stored answers to unchanged requests")
+    p.add_argument("run_id", metavar="RUN_ID", help="the run to fork (it is never modified)")
+    p.add_argument("--at", required=True, metavar="SEQ|STATE",
+                   help="the step the fork runs anew: a seq of the run's log, or a state (its first step)")
+    p.add_argument("--machine", metavar="MACHINE", help="load the machine from here instead of the run's stored path")
+    p.add_argument("--prompt", action="append", metavar="STATE=TEXT|@FILE", help="a new prompt template for STATE")
+    p.add_argument("--system", action="append", metavar="STATE=TEXT|@FILE", help="a new system prompt for STATE")
+    p.add_argument("--model", action="append", metavar="STATE=MODEL", help="another model for STATE")
+    p.add_argument("--max-tokens", action="append", metavar="STATE=N", help="another max_tokens for STATE")
+    p.add_argument("--set", action="append", metavar="KEY=JSON",
+                   help="replace an input field, or the output of a state run before the fork point")
+    p.add_argument("--label", metavar="TEXT", help="a label for the fork (`orch runs --tree` shows it)")
+    p.add_argument("--run-id", dest="fork_id", metavar="ID", help="the fork's run id instead of a generated one")
+    _offline_option(p)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
     p = command("replay", "cmd_replay", "re-drive recorded runs on their recorded answers (no API calls)")
     p.add_argument("run_id", metavar="RUN_ID", nargs="?")
     p.add_argument("--machine", metavar="MACHINE", help="replay against this machine instead of the stored one")
@@ -208,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
     p.add_argument("--before", metavar="RUN_ID", help="the page after this run: runs created before it")
     p.add_argument("--batch", metavar="ID", help="only the runs of this batch (`orch batch`)")
+    p.add_argument("--tree", metavar="RUN_ID", help="the lineage of a run instead: its first ancestor and every "
+                                                    "fork from it down, as a tree")
     p.add_argument("--json", action="store_true", help="print a JSON array")
 
     p = command("show", cmd_show, "print a run's input, outputs and snapshot")
@@ -309,7 +328,7 @@ def worded(error: OrchError) -> str:
 def _refuse_empty_ids(args: argparse.Namespace) -> None:
     """An empty id (an unset shell variable, most often) is a mistake, never "no id": read as
     none, `orch audit verify ""` would check every run and `run --run-id ""` pick its own id."""
-    if "" in (getattr(args, name, None) for name in ("run_id", "before", "run_a", "run_b")):
+    if "" in (getattr(args, name, None) for name in ("run_id", "before", "run_a", "run_b", "tree", "fork_id")):
         raise UsageError("the run id is empty", fix="give a run id (`orch runs` lists them)")
     if "" in (getattr(args, name, None) for name in ("batch_id", "batch", "batch_id_or_nothing")):
         raise UsageError("the batch id is empty", fix="give a batch id (`orch batch` prints it)")

@@ -17,6 +17,7 @@ from ..errors import AuditKeyError, OrchError
 from ..store._contract import MachineTotals, RunSummary, Store
 from ..types import RunRecord, RunResult, RunStatus, TransitionRecord, child_place
 from ._diff import compare, markdown_report, text_report
+from ._lineage import cmd_tree
 from ._options import with_store
 from ._render import (
     aligned,
@@ -115,6 +116,9 @@ def _print_attempts(rows: list[TransitionRecord], args: argparse.Namespace) -> i
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if args.tree:
+        return cmd_tree(args)
+
     async def read(store: Store) -> tuple[list[RunSummary], list[MachineTotals]]:
         status = RunStatus(args.status) if args.status else None
         runs = await store.list_runs(machine=args.machine, status=status, limit=args.limit, before=args.before,
@@ -157,7 +161,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             "updated_at": record.updated_at, "options": record.options, "input": record.input,
             "outputs": outputs, "result": result, "snapshot": snapshot, "totals": totals(rows),
             "takeovers": [asdict(t) for t in record.takeovers],
-            "parent": asdict(record.parent) if record.parent else None,
+            "parent": asdict(record.parent) if record.parent else None, "forked_from": record.forked_from,
             "children": [child_row(c) for c in children],
             "review": record.review if record.status is RunStatus.WAITING else None}, ensure_ascii=False))
         return 0
@@ -165,6 +169,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     if record.parent is not None:
         p = record.parent
         print(f"  child of run {p.run_id} (state {p.state}, item {p.item})")
+    if record.forked_from is not None:
+        fork = record.options.get("fork") or {}
+        print(f"  forked from run {record.forked_from} at seq {fork.get('at')} ({fork.get('state')})"
+              + (f", label {one_line(fork['label'], 60)}" if fork.get("label") else "")
+              + (f"; overrides {json.dumps(record.options['overrides'])}" if record.options.get("overrides") else "")
+              + (f"; set {json.dumps(fork['set'])}" if fork.get("set") else ""))
     print(f"  created {record.created_at}  updated {record.updated_at}")
     print(f"  machine {record.machine_ref}  (source sha256 {record.machine_hash[:12]})")
     if record.options.get("offline"):

@@ -97,7 +97,9 @@ def totals_line(rows: list[TransitionRecord]) -> str:
     return (f"total: {t['steps']} step(s), {t['input_tokens']} in / {t['output_tokens']} out tokens "
             f"({t['cache_read_tokens']} cache read, {t['cache_write_tokens']} cache write), "
             f"{cost_text(t['cost_usd'], doubt, t['in_doubt_usd'])}, {t['calls']} call(s)"
-            f"{f' ({doubt} in doubt)' if doubt else ''}, {t['cache_hits']} cache hit(s)")
+            f"{f' ({doubt} in doubt)' if doubt else ''}, {t['cache_hits']} cache hit(s)"
+            + "".join(f", {n} {source}" for source in ("inherited", "reused")
+                      if (n := sum(r.source == source for r in rows))))
 
 
 def snapshot_view(record: RunRecord, rows: list[TransitionRecord]) -> dict[str, Any]:

@@ -84,6 +84,7 @@ async def drive_child(parent: Run, state: State, slot: int, item: int, compiled:
     run_id = child_id(parent, state, slot, item)
     store = parent.ports.store
     budget = Budget(max_cost_usd=parent.budget.max_cost_usd, max_tokens=parent.budget.max_tokens)
+    reuse = None if parent.reuse is None else parent.reuse.child(run_id[len(parent.run_id):])  # a fork's child
     try:
         record, log = await store.load_run(run_id, verified=True)
     except RunNotFoundError:
@@ -96,7 +97,7 @@ async def drive_child(parent: Run, state: State, slot: int, item: int, compiled:
                            parent=Parent(parent.run_id, state.name, item))
         await store.create_run(record, parent.owner)
         run = Run(compiled, record, parent.owner, parent.ports, input=context_input, input_values=values,
-                  snap=fresh(machine.initial), budget=budget, ledger=parent.spent)
+                  snap=fresh(machine.initial), budget=budget, ledger=parent.spent, reuse=reuse)
         resumed = False
     else:
         if record.status.finished:
@@ -110,7 +111,7 @@ async def drive_child(parent: Run, state: State, slot: int, item: int, compiled:
         snap = snapshot(compiled, record, log)
         parent.spent.add(snap.usage.paid_tokens, snap.cost_usd)  # paid in an earlier process: not in the ledger yet
         run = Run(compiled, record, parent.owner, parent.ports, input=context_input, input_values=values,
-                  snap=snap, seq=log[-1].seq if log else 0, budget=budget, ledger=parent.spent)
+                  snap=snap, seq=log[-1].seq if log else 0, budget=budget, ledger=parent.spent, reuse=reuse)
         resumed = True
     for hook in parent.ports.hooks.run_started:
         hook(record, resumed=resumed, machine_hash=machine.source_hash)

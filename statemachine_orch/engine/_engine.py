@@ -25,6 +25,7 @@ from ..store._queue import queue_of
 from ..types import Budget, RunRecord, RunResult, RunStatus, TransitionRecord, now_iso
 from ._batch import Batch, BatchResult, Input, numbered
 from ._children import drive_child, refuse_child
+from ._fork import Overrides, ParentAnswers, plan_fork
 from ._fsm import Compiled, compile_machine
 from ._ids import check_run_id, new_run_id
 from ._inputs import validate_input
@@ -176,6 +177,34 @@ class Engine:
                                                  take_over=take_over)
         return self.adopt(machine, record, log, owner, budget=effective, to_run=to_run)
 
+    async def fork(self, parent: str, machine: Machine, *, at: int | str, overrides: Overrides | None = None,
+                   set: Mapping[str, Any] | None = None, label: str | None = None, run_id: str | None = None,
+                   options: dict[str, Any] | None = None) -> Run:
+        """A new run from stored run `parent`'s snapshot before its step `at` (a seq, or a state:
+        its first committed step), with `overrides` (by state, over the parent's own) and `set`
+        (input fields, or outputs of states run before `at`, replaced); returned unstarted.
+        Its earlier steps are inherited, not run; later ones reuse the parent's answer to an
+        identical request at the same position, free (`_fork`). `options` are stored with it."""
+        plan = await plan_fork(self.store, parent, machine, at=at, overrides=overrides, set=set, label=label)
+        record, _, _, effective = self._new_record(plan.machine, plan.input, RunStatus.RUNNING, run_id=run_id,
+                                                   machine_ref=None, options={**plan.options, **(options or {})},
+                                                   budget=plan.budget)
+        record.forked_from = parent
+        log = plan.inherit(record.run_id)
+        snapshot(self.compiled(plan.machine), record, log)  # refuse a fork its machine cannot go on with, unstored
+        owner = Owner.for_this_process()
+        await self.store.create_run(record, owner, log=log)  # the run and its inherited steps together
+        return self.adopt(plan.machine, record, log, owner, budget=effective, resumed=False)
+
+    async def arun_fork(self, parent: str, machine: Machine, *, at: int | str, **options: Any) -> RunResult:
+        """Fork a run (`fork`) and drive the fork to its end."""
+        run = await self.fork(parent, machine, at=at, **options)
+        return await run.run_to_end()
+
+    def run_fork(self, parent: str, machine: Machine, *, at: int | str, **options: Any) -> RunResult:
+        """Synchronous `arun_fork`."""
+        return self._sync(self.arun_fork(parent, machine, at=at, **options))
+
     def adopt(self, machine: Machine, record: RunRecord, log: list[TransitionRecord], owner: Owner, *,
               budget: Budget | None = None, resumed: bool = True, to_run: bool = True) -> Run:
         """The `Run` of a run `owner` has just claimed (`record` and `log` as the claim read
@@ -185,7 +214,8 @@ class Engine:
         context_input, _, values = validate_input(machine, record.input)
         run = Run(compiled, record, owner, self._ports, input=context_input, input_values=values,
                   snap=snapshot(compiled, record, log), seq=log[-1].seq if log else 0,
-                  budget=budget if budget is not None else Budget.of_run(record.options))
+                  budget=budget if budget is not None else Budget.of_run(record.options),
+                  reuse=ParentAnswers.of(self.store, record))
         for hook in self._ports.hooks.run_started:
             hook(record, resumed=resumed, machine_hash=machine.source_hash)
         return run

@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
@@ -25,6 +25,7 @@ from ..errors import BudgetExceededError, LLMError, OrchError, StepError, UsageE
 from ..llm._client import TRANSIENT_KINDS, Completion, LLMRequest, completion_from_response, estimate_input_tokens
 from ..store._owner import Owner
 from ..types import Attempt, Budget, InvalidOutput, OutputProblem, StepContext, TransitionRecord, Usage, now_iso
+from ._fork import ParentAnswers
 from ._fsm import Compiled
 from ._outputs import first_error, restore_output
 from ._progress import Unfinished, answered, sending
@@ -42,6 +43,7 @@ Values = Callable[[tuple[str, ...]], dict[str, Any]]
 PythonOverride = Callable[[PythonState | LLMState, StepContext], Any]
 """Replaces running Python code of a state (a Python state, or an LLM state's fallback
 function); replay serves recorded outputs through it."""
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +98,7 @@ class LLMStep:
     a fallback model) all land in the step's record."""
 
     def __init__(self, *, run_id: str, compiled: Compiled, ports: Ports, budget: Budget, owner: Owner,
-                 code: UserCode, left: Unfinished | None = None) -> None:
+                 code: UserCode, left: Unfinished | None = None, reuse: ParentAnswers | None = None) -> None:
         self.run_id = run_id
         self.machine = compiled.machine
         self.tools = compiled.tools
@@ -111,6 +113,7 @@ class LLMStep:
         self.owner = owner
         self.code = code
         self.left = left  # a step a stopped process left with a call in flight
+        self.reuse = reuse
         # what this step's answers added to the ledger as they arrived (`take_ledgered`)
         self.ledgered: tuple[int, float] = (0, 0.0)
 
@@ -145,8 +148,9 @@ class LLMStep:
         return body
 
     async def execute(self, state: LLMState, rec: TransitionRecord, ctx: StepContext, values: Values,
-                      spent: Spent) -> Any:
-        """The state's output (validated), an InvalidOutput to route, or a BudgetRoute."""
+                      spent: Spent, *, position: int = 0) -> Any:
+        """The state's output (validated), an InvalidOutput to route, or a BudgetRoute.
+        `position`: the run's committed steps so far (where a fork looks for its parent's answer)."""
         tool = self.tools.get(state.name)
         tool_name = tool[0] if tool is not None else None
         if state.vars:  # a body with vars is never shared: validation has each var in a template
@@ -154,19 +158,38 @@ class LLMStep:
         body = self.body(state, values, tool)
         rec.request = body
         picked_up, reask, repairs = self._pick_up(state, rec, tool_name)
+        if self.reuse is not None and not picked_up:
+            found = await self.reuse.answer(position, state.name, body)
+            if found is not None:
+                served, output = self._serve(state, rec, "reused", *found, tool_name)
+                if served:
+                    return output
         if state.cache and not picked_up:
             rec.request_hash = request_hash(body)
             hit = await self.store.find_cached(rec.request_hash)
             if hit is not None and hit.response is not None:
-                rec.source, rec.cost_usd = "cache", 0.0
-                rec.response, rec.request_id = hit.response, hit.request_id
-                rec.reason = f"cache hit: same request as run {hit.run_id} seq {hit.seq}"
-                completion = completion_from_response(hit.response, tool_name, hit.request_id)
-                output, problem = self._check(state, completion, tool_name)
-                if problem is None:
+                served, output = self._serve(state, rec, "cache", hit,
+                                             f"cache hit: same request as run {hit.run_id} seq {hit.seq}", tool_name)
+                if served:
                     return output
-                rec.source, rec.response, rec.request_id, rec.reason = "llm", None, None, None
         return await self._ask(state, rec, ctx, spent, body, tool_name, repairs, None, reask)
+
+    def _serve(self, state: LLMState, rec: TransitionRecord, source: Literal["reused", "cache"],
+               found: TransitionRecord, note: str, tool_name: str | None) -> tuple[bool, Any]:
+        """(True, output) of an answer recorded in `found` taken for `rec` at no cost; (False,
+        None), `rec` as it was, when it is not usable now. A reused answer that was routed as
+        invalid (`on_invalid="guard"`) is routed so again, as the run it came from routed it."""
+        assert found.response is not None
+        rec.source, rec.cost_usd, rec.reason = source, 0.0, note
+        rec.response, rec.request_id = found.response, found.request_id
+        completion = completion_from_response(found.response, tool_name, found.request_id)
+        output, problem = self._check(state, completion, tool_name)
+        if problem is None:
+            return True, output
+        if source == "reused" and state.on_invalid == "guard":
+            return True, self._unusable(state, rec, completion, *problem)
+        rec.source, rec.response, rec.request_id, rec.reason = "llm", None, None, None
+        return False, None
 
     async def _with_vars(self, state: LLMState, ctx: StepContext, values: Values) -> Values:
         """`values` and the state's `vars`, each computed from the step's context as user code

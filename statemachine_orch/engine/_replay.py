@@ -28,10 +28,10 @@ from ..store._contract import NullStore, Store
 from ..store._owner import Owner
 from ..types import Attempt, Budget, RunStatus, StepContext, TransitionRecord
 from ._children import ChildResult, child_id, result_of
+from ._fork import replay_start
 from ._fsm import Compiled, compile_machine
 from ._inputs import validate_input
 from ._run import Ports, Run
-from ._snapshot import fresh
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +216,7 @@ async def replay_run(store: Store, run_id: str, machine: Machine, *, prices: Pri
     variant = with_overrides(machine, stored_overrides(record.options))  # a fork's or an arm's changes
     if variant is not machine:
         machine, compiled = variant, None
-    committed = [row for row in log if row.committed]
+    committed = [row for row in log if row.committed and row.source != "inherited"]  # a fork's: its parent's
     cursor = _Cursor(committed)
 
     def recorded_output(state: PythonState | LLMState, ctx: StepContext) -> Any:
@@ -255,9 +255,10 @@ async def replay_run(store: Store, run_id: str, machine: Machine, *, prices: Pri
                   hooks=HookCalls(), python_override=recorded_output, children=recorded_child)
     try:
         context_input, _, values = validate_input(machine, record.input)
-        run = Run(compiled or compile_machine(machine), record, Owner.for_this_process(), ports,
-                  input=context_input, input_values=values, snap=fresh(machine.initial),
-                  budget=Budget.of_run(record.options))
+        compiled = compiled or compile_machine(machine)
+        snap, seq = replay_start(compiled, record, log)
+        run = Run(compiled, record, Owner.for_this_process(), ports, input=context_input, input_values=values,
+                  snap=snap, seq=seq, budget=Budget.of_run(record.options))
         while not run.done:
             await run.step()
     except _Diverged as exc:

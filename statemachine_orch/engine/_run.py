@@ -57,6 +57,7 @@ from ..types import (
 )
 from ._context import History, context
 from ._fan_out import FanOut
+from ._fork import ParentAnswers
 from ._fsm import Compiled, Plan
 from ._guard_call import ask_guard
 from ._llm_step import BudgetRoute, LLMStep, PythonOverride, Spent
@@ -96,9 +97,9 @@ class Run:
 
     def __init__(self, compiled: Compiled, record: RunRecord, owner: Owner, ports: Ports, *,
                  input: Any, input_values: dict[str, Any], snap: Snapshot, seq: int = 0,
-                 budget: Budget | None = None, ledger: Spent | None = None) -> None:
+                 budget: Budget | None = None, ledger: Spent | None = None, reuse: ParentAnswers | None = None) -> None:
         """`ledger`: a child run's parent's budget ledger, which it shares (a top-level run
-        has its own)."""
+        has its own); `reuse`: answers its LLM states may take instead of calling (a fork's parent's)."""
         self.machine = compiled.machine
         self.record = record
         self.run_id = record.run_id
@@ -114,6 +115,7 @@ class Run:
         self.cost_known = snap.cost_usd is not None
         self.spent = ledger or Spent(cost_usd=self.cost_usd, tokens=self.usage.paid_tokens, seconds=snap.seconds)
         self.is_child = ledger is not None
+        self.reuse = reuse
         self.budget = budget or Budget()
         self.status = RunStatus.RUNNING
         self.error: str | None = None
@@ -127,7 +129,7 @@ class Run:
         self._pending = left.step if left is not None and left.answered else snap.pending
         self._llm = LLMStep(run_id=record.run_id, compiled=compiled, ports=ports, budget=self.budget,
                             owner=owner, code=self._code, left=left if left is not None and not left.answered
-                            else None)
+                            else None, reuse=reuse)
         self.children_running: set[Run] = set()  # this run's child runs being driven now: a stop reaches them
         self._fan_out = FanOut(self)
         self._desk = Desk(self)
@@ -240,7 +242,7 @@ class Run:
 
     async def _run_state(self, state: State, step: TransitionRecord, ctx: StepContext) -> Any:
         if isinstance(state, LLMState):
-            return await self._llm.execute(state, step, ctx, self._values, self.spent)
+            return await self._llm.execute(state, step, ctx, self._values, self.spent, position=len(self.path))
         if isinstance(state, (MachineState, MapState, ParallelState)):
             return await self._fan_out.output(state, step, ctx)
         override = self.ports.python_override  # replay: the recorded output (a review: its recorded decision)

@@ -14,6 +14,7 @@ attempts, the run's totals and, when given, its new status land together or not 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,9 +83,11 @@ class Store(Protocol):
 
     # ------------------------------------------------------------------ the engine's writes
 
-    async def create_run(self, run: RunRecord, owner: Owner) -> None:
+    async def create_run(self, run: RunRecord, owner: Owner, *, log: Sequence[TransitionRecord] = ()) -> None:
         """Persist a new run, owned by `owner`, before its first step runs (`RunExistsError`
-        when the id is taken)."""
+        when the id is taken); with `log`, its first steps (seq 1, 2, ...: a fork's inherited
+        ones) chained and counted as `append` does, in the same transaction: the run exists with
+        all of them or not at all."""
 
     async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None,
                         take_over: bool = False) -> tuple[RunRecord, list[TransitionRecord]]:
@@ -163,7 +166,7 @@ class NullStore:
     where = "memory (nothing is stored)"
     schema_versions = (0, 0)
 
-    async def create_run(self, run: RunRecord, owner: Owner) -> None:
+    async def create_run(self, run: RunRecord, owner: Owner, *, log: Sequence[TransitionRecord] = ()) -> None:
         return None
 
     async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None,

@@ -145,6 +145,15 @@ def usage_of(row: dict[str, Any]) -> Usage:
                  cache_read_tokens=row["cache_read_tokens"], cache_write_tokens=row["cache_write_tokens"])
 
 
+def attempt_of(row: dict[str, Any], run_id: str) -> Attempt:
+    """The failed call an `attempts` row holds (its columns by name)."""
+    where = ("run", run_id, "seq", row["seq"], "attempt", row["attempt"])
+    return Attempt(number=row["attempt"], started_at=row["started_at"], kind=row["kind"], error=row["error"],
+                   status_code=row["status_code"], request_id=row["request_id"], delay_s=row["delay_s"],
+                   usage=usage_of(row), cost_usd=row["cost_usd"], request=load(row["request"], *where, "request"),
+                   response=load(row["response"], *where, "response"))
+
+
 def transition_of(row: dict[str, Any], attempts: list[Attempt]) -> TransitionRecord:
     return TransitionRecord(
         run_id=row["run_id"], seq=row["seq"], from_state=row["from_state"], to_state=row["to_state"],

@@ -34,7 +34,7 @@ from .._chain import CANONICAL, CHAINED_ATTEMPT_COLUMNS, CHAINED_COLUMNS, AuditK
 from .._contract import MachineTotals, RunSummary, out_of_order, run_filters
 from .._owner import Owner, owner_from_json, who_am_i
 from .._queue import WorkerInfo
-from .._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
+from .._rows import attempt_of, attempt_rows, dump, run_identity, run_of, text, transition_of, transition_row
 from ._lease import Lease
 from ._pool import NOTIFY_CHANNEL, Borrowed, Pool, one_line, redacted
 from ._schema import prepare, quoted
@@ -107,12 +107,19 @@ class PostgresStore:
 
     # ------------------------------------------------------------------ the engine's writes
 
-    async def create_run(self, run: RunRecord, owner: Owner) -> None:
+    async def create_run(self, run: RunRecord, owner: Owner, *, log: Sequence[TransitionRecord] = ()) -> None:
         async with self._conn() as conn:
             holder = await self.lease.hold(conn)
-            anchor = await self._insert_run(conn, run, owner, holder, queue=None)
-        self._epochs[run.run_id] = 1
-        self._chains[run.run_id] = (0, anchor, CANONICAL)
+            async with conn.transaction() if log else _alone():  # the run and its first steps together
+                link = await self._insert_run(conn, run, owner, holder, queue=None)
+                self._epochs[run.run_id] = 1
+                try:
+                    for step in log:
+                        link = await self._append(conn, step, owner, None, None, (CANONICAL, link))
+                except BaseException:
+                    self._epochs.pop(run.run_id, None)
+                    raise
+        self._chains[run.run_id] = (log[-1].seq if log else 0, link, CANONICAL)
 
     async def enqueue(self, run: RunRecord, queue: str) -> None:
         async with self._conn() as conn, conn.transaction():
@@ -208,30 +215,38 @@ class PostgresStore:
                      error: str | None = None) -> None:
         r = record
         final = status is not None and status is not RunStatus.RUNNING
-        request = dump(r.request)
-        row = transition_row(r, request)
-        attempts = attempt_rows(r, request)
         async with self._conn() as conn:
             previous = self._chains.get(r.run_id)
             version, link = (previous[2], previous[1]) if previous is not None and previous[0] == r.seq - 1 else (
                 await self._last_link(conn, r.run_id))
-            chain = self._audit.link(version, link, row, attempts)
-            params = {
-                "seq": r.seq, "step": int(r.committed), "input_tokens": row["input_tokens"],
-                "output_tokens": row["output_tokens"], "cache_hit": int(r.source == "cache"), "cost": row["cost_usd"],
-                "status": status and status.value, "error": text(error), "now": now_iso(), "release": final,
-                "run_id": r.run_id, "owner": owner.token, "epoch": self._epochs.get(r.run_id, -1),
-                **{f"row_{name}": value for name, value in row.items()}, "row_chain": chain}
-            async with conn.transaction() if attempts else _alone():  # one statement is a transaction
-                if (await self._sql(conn, STEP, params)).rowcount != 1:
-                    raise await self._refused(conn, r.run_id, owner, f"step {r.seq} was not written", seq=r.seq)
-                if attempts:
-                    await self._sql_many(conn, APPEND_ATTEMPT, [tuple(a.values()) for a in attempts])
+            chain = await self._append(conn, r, owner, status, error, (version, link))
         if final:
             self._chains.pop(r.run_id, None)
             self._epochs.pop(r.run_id, None)
         else:
             self._chains[r.run_id] = (r.seq, chain, version)
+
+    async def _append(self, conn: Any, r: TransitionRecord, owner: Owner, status: RunStatus | None,
+                      error: str | None, previous: tuple[int, str]) -> str:
+        """The row (chained to `previous`: (version, link)), its attempts and the run's totals (and
+        status), fenced; returns the row's chain hash."""
+        request = dump(r.request)
+        row = transition_row(r, request)
+        attempts = attempt_rows(r, request)
+        chain = self._audit.link(previous[0], previous[1], row, attempts)
+        params = {
+            "seq": r.seq, "step": int(r.committed), "input_tokens": row["input_tokens"],
+            "output_tokens": row["output_tokens"], "cache_hit": int(r.source == "cache"), "cost": row["cost_usd"],
+            "status": status and status.value, "error": text(error), "now": now_iso(),
+            "release": status is not None and status is not RunStatus.RUNNING,
+            "run_id": r.run_id, "owner": owner.token, "epoch": self._epochs.get(r.run_id, -1),
+            **{f"row_{name}": value for name, value in row.items()}, "row_chain": chain}
+        async with conn.transaction() if attempts else _alone():  # one statement is a transaction
+            if (await self._sql(conn, STEP, params)).rowcount != 1:
+                raise await self._refused(conn, r.run_id, owner, f"step {r.seq} was not written", seq=r.seq)
+            if attempts:
+                await self._sql_many(conn, APPEND_ATTEMPT, [tuple(a.values()) for a in attempts])
+        return chain
 
     async def _last_link(self, conn: Any, run_id: str) -> tuple[int, str]:
         version, first = chain_start(run_id, await self._run_row(conn, run_id), self._audit)
@@ -334,16 +349,8 @@ class PostgresStore:
             return await self._attempts(conn, run_id)
 
     async def _attempts(self, conn: Any, run_id: str) -> list[tuple[int, Attempt]]:
-        return [
-            (row["seq"], Attempt(
-                number=row["attempt"], started_at=row["started_at"], kind=row["kind"], error=row["error"],
-                status_code=row["status_code"], request_id=row["request_id"], delay_s=row["delay_s"],
-                usage=usage_of(row), cost_usd=row["cost_usd"],
-                request=load(row["request"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"], "request"),
-                response=load(row["response"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"],
-                              "response")))
-            for row in await self._query(conn, "SELECT * FROM attempts WHERE run_id = %s ORDER BY seq, attempt",
-                                         (run_id,))]
+        return [(row["seq"], attempt_of(row, run_id)) for row in await self._query(
+            conn, "SELECT * FROM attempts WHERE run_id = %s ORDER BY seq, attempt", (run_id,))]
 
     async def find_cached(self, request_hash: str) -> TransitionRecord | None:
         async with self._conn() as conn:

@@ -44,7 +44,7 @@ from ...types import Attempt, Parent, RunRecord, RunStatus, Takeover, Transition
 from .._chain import CANONICAL, AuditKey
 from .._contract import LINEAGE_COLUMNS, MachineTotals, RunSummary, out_of_order, run_filters
 from .._owner import Owner, owner_from_json, who_am_i
-from .._rows import attempt_rows, dump, load, run_identity, run_of, text, transition_of, transition_row, usage_of
+from .._rows import attempt_of, attempt_rows, dump, run_identity, run_of, text, transition_of, transition_row
 from ._chain import last_link, require_intact, verify
 from ._group import GroupCommit
 from ._liveness import hold, liveness, owners_file, stale
@@ -132,12 +132,14 @@ class SQLiteStore:
 
     # ------------------------------------------------------------------ the engine's writes
 
-    async def create_run(self, run: RunRecord, owner: Owner) -> None:
-        anchor = await self._write(self._create_run, run, owner)
-        self._chains[run.run_id] = (0, anchor, CANONICAL)  # no log yet: step 1 chains to this
+    async def create_run(self, run: RunRecord, owner: Owner, *, log: Sequence[TransitionRecord] = ()) -> None:
+        link = await self._write(self._create_run, run, owner, log)
+        self._chains[run.run_id] = (log[-1].seq if log else 0, link, CANONICAL)  # what the next step chains to
 
-    def _create_run(self, conn: sqlite3.Connection, run: RunRecord, owner: Owner) -> str:
-        """The run row, with the anchor of its audit chain (returned)."""
+    def _create_run(self, conn: sqlite3.Connection, run: RunRecord, owner: Owner,
+                    log: Sequence[TransitionRecord]) -> str:
+        """The run row, with the anchor of its audit chain, and its first steps `log` (fenced as
+        `append` fences them): the chain link the next step follows (returned)."""
         hold(self._owners, owner)
         identity = run_identity(run, CANONICAL, self._audit.id)
         anchor = self._audit.anchor(identity)
@@ -150,6 +152,8 @@ class SQLiteStore:
                        run.updated_at, owner.token, owner.info_json()))
         except sqlite3.IntegrityError:
             raise RunExistsError(run.run_id, where=self.where) from None
+        for step in log:
+            anchor = self._append(conn, step, owner, None, None, False)[0]
         return anchor
 
     async def claim_run(self, run_id: str, owner: Owner, *, options: dict[str, Any] | None = None,
@@ -327,18 +331,8 @@ class SQLiteStore:
         return await self._read(self._attempts, run_id)
 
     def _attempts(self, conn: sqlite3.Connection, run_id: str) -> list[tuple[int, Attempt]]:
-        return [
-            (row["seq"], Attempt(
-                number=row["attempt"], started_at=row["started_at"], kind=row["kind"],
-                error=row["error"], status_code=row["status_code"], request_id=row["request_id"],
-                delay_s=row["delay_s"], usage=usage_of(row), cost_usd=row["cost_usd"],
-                request=load(row["request"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"],
-                              "request"),
-                response=load(row["response"], "run", run_id, "seq", row["seq"], "attempt", row["attempt"],
-                               "response")))
-            for row in self._query(conn, "SELECT * FROM attempts WHERE run_id = ? ORDER BY seq, attempt",
-                                   [run_id])
-        ]
+        return [(row["seq"], attempt_of(row, run_id)) for row in self._query(
+            conn, "SELECT * FROM attempts WHERE run_id = ? ORDER BY seq, attempt", [run_id])]
 
     async def find_cached(self, request_hash: str) -> TransitionRecord | None:
         return await self._read(self._find_cached, request_hash)
