@@ -203,9 +203,10 @@ def report_lines(report: Mapping[str, Any]) -> list[str]:
     how = (f"{report['assign']}, repeat {report['repeat']}, seed {report['seed']}")
     lines = [f"experiment {report['experiment']} of {', '.join(report['machines'])}: {len(arms)} arm(s), baseline "
              f"{baseline}; {how}", ""]
-    lines += aligned([["arm", "runs", *report["statuses"], f"{metric} mean"]]
+    extra = metric != "completed"  # the mean of another metric, beside the rates
+    lines += aligned([["arm", "runs", *report["statuses"], *([f"{metric} mean"] if extra else [])]]
                      + [[a["arm"], a["runs"], *(_rate(a["statuses"][s]) for s in report["statuses"]),
-                         _number(a["metric"]["mean"], metric)] for a in arms])
+                         *([_number(a["metric"]["mean"], metric)] if extra else [])] for a in arms])
     lines += ["", *aligned([["arm", "in tokens", "out tokens", "cost mean", "cost p50", "cost p90", "latency mean",
                              "latency p50", "latency p90 (ms)"]]
                            + [[a["arm"], a["tokens"]["input"], a["tokens"]["output"],
