@@ -354,6 +354,16 @@ def test_lower_wins_for_cost_and_pairs_without_a_value_are_left_out() -> None:
             check_metric(bad)
 
 
+def test_an_arm_that_got_no_input_is_reported_empty() -> None:
+    settings = {"arms": ["A", "B"], "assign": "hash:user", "seed": 0, "repeat": 1}
+    got = build_report(runs_of("A", ["completed", "failed"], settings=settings), experiment="X")
+    assert [(a["arm"], a["runs"]) for a in got["arms"]] == [("A", 2), ("B", 0)]
+    assert got["arms"][1]["statuses"]["completed"] == {"count": 0, "rate": None, "low": 0.0, "high": 1.0}
+    assert got["arms"][1]["cost_usd"]["mean"] is None and got["comparisons"] == []
+    assert "B    0     -" in "\n".join(report_lines(got))
+    assert got["warnings"][1].startswith("arm B has 0 run(s)")
+
+
 # --------------------------------------------------------------------------- the command
 
 

@@ -92,6 +92,13 @@ def _offline_option(p: argparse.ArgumentParser, when: str = "") -> None:
                    help=f"answer {when}from a scripted fake Messages API (default script: MACHINE.offline.json)")
 
 
+def _rate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpm", type=int, metavar="N", help="at most N requests per minute (default: the API's)")
+    p.add_argument("--input-tpm", type=int, metavar="N", help="at most N input tokens per minute (default: the API's)")
+    p.add_argument("--output-tpm", type=int, metavar="N",
+                   help="at most N output tokens per minute (default: the API's)")
+
+
 def _budget_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cost", type=float, metavar="USD",
                    help="stop (status budget_exceeded) before a call that could take the run past USD")
@@ -179,16 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--assign", default="paired", metavar="HOW",
                    help="paired (every input in every arm; default), hash:FIELD (each input to one arm by a "
                         "hash of FIELD) or random (each input to one arm, drawn with --seed)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of --assign random (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of --assign random and of the report's bootstrap (default 0)")
     p.add_argument("--experiment", metavar="ID",
                    help="name the experiment (runs are ID.ARM-N); the same id again resumes it")
     p.add_argument("--concurrency", type=int, default=8, metavar="N",
                    help="runs at a time, shared among the arms (default 8)")
     p.add_argument("--strict", action="store_true", help="refuse the whole file if any line is bad")
-    p.add_argument("--rpm", type=int, metavar="N", help="at most N requests per minute (default: the API's)")
-    p.add_argument("--input-tpm", type=int, metavar="N", help="at most N input tokens per minute (default: the API's)")
-    p.add_argument("--output-tpm", type=int, metavar="N",
-                   help="at most N output tokens per minute (default: the API's)")
+    _rate_options(p)
     _offline_option(p)
     _budget_options(p)
     p.add_argument("--metric", default="completed", metavar="M",
@@ -287,10 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--migrate", action="store_true",
                    help="also claim runs started by other versions of these machines, if their log replays")
     p.add_argument("--until-idle", action="store_true", help="stop once nothing is left to claim")
-    p.add_argument("--rpm", type=int, metavar="N", help="at most N requests per minute (default: the API's)")
-    p.add_argument("--input-tpm", type=int, metavar="N", help="at most N input tokens per minute (default: the API's)")
-    p.add_argument("--output-tpm", type=int, metavar="N",
-                   help="at most N output tokens per minute (default: the API's)")
+    _rate_options(p)
     _offline_option(p)
 
     p = command("workers", "_workers.cmd_workers", "list the live workers of a shared database, their runs and "
