@@ -17,12 +17,12 @@ import shlex
 import signal
 import sys
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from ..definition._loader import load_machine
 from ..definition._machine import Machine
-from ..engine._batch import BatchResult, batch_run_id
+from ..engine._batch import BatchProgress, BatchResult, batch_run_id
 from ..engine._engine import Engine
 from ..engine._ids import check_run_id, new_run_id
 from ..engine._inputs import validate_input
@@ -80,7 +80,31 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise UsageError("orch batch needs --inputs FILE.jsonl (one JSON object per line)")
     budget = budget_of(args)
     loaded = load_machine(args.machine)
-    inputs, bad = read_inputs(args.inputs, loaded.machine)
+    inputs, bad = checked_inputs(args, loaded.machine)
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency {args.concurrency} is not a number of runs", fix="give 1 or more")
+    batch_id = args.batch_id or new_run_id()
+    try:
+        check_run_id(batch_run_id(batch_id, max(inputs)))
+    except UsageError:
+        raise UsageError(f"--batch-id {batch_id!r} is not valid", fix="use letters, digits, '.', '_' or '-', short "
+                         "enough that ID-LINE is at most 64 characters") from None
+    result = drive(args, loaded.machine, ("batch", batch_id), {batch_id: inputs}, rerun=_rerun_command(args, batch_id),
+                   job=lambda engine, options, on_progress: engine.batch(
+                       loaded.machine, inputs, batch_id=batch_id, concurrency=args.concurrency,
+                       machine_ref=loaded.ref, options=options, budget=budget, on_progress=on_progress))
+    for number in bad:
+        result.errors[number] = f"bad line: {bad[number]}"
+    code = _report(result, args, rerun=_rerun_command(args, batch_id))
+    if args.out:
+        _write_results(args.out, result, sorted({*inputs, *bad}))
+    return code
+
+
+def checked_inputs(args: argparse.Namespace, machine: Machine) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """The inputs of --inputs by line number, and the bad lines' problems (each said on stderr;
+    with --strict, any refuses the file); refused when no line is good."""
+    inputs, bad = read_inputs(args.inputs, machine)
     where = "stdin" if args.inputs == "-" else args.inputs
     if bad and args.strict:
         first = min(bad)
@@ -92,57 +116,64 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"orch: ... and {len(bad) - MAX_SHOWN} more bad line(s)", file=sys.stderr)
     if not inputs:
         raise InputError(f"{where} has no input to run", fix="give one JSON object per line")
-    if args.concurrency < 1:
-        raise UsageError(f"--concurrency {args.concurrency} is not a number of runs", fix="give 1 or more")
-    batch_id = args.batch_id or new_run_id()
-    try:
-        check_run_id(batch_run_id(batch_id, max(inputs)))
-    except UsageError:
-        raise UsageError(f"--batch-id {batch_id!r} is not valid", fix="use letters, digits, '.', '_' or '-', short "
-                         "enough that ID-LINE is at most 64 characters") from None
+    return inputs, bad
+
+
+T_co = TypeVar("T_co", covariant=True)
+R = TypeVar("R")
+
+
+class Job(Protocol[T_co]):
+    """A batch or an experiment: run it, stop it (`stopping`)."""
+
+    async def run(self) -> T_co: ...
+
+    def request_stop(self, grace_s: float) -> None: ...
+
+    def interrupt(self) -> bool: ...
+
+
+def drive(args: argparse.Namespace, machine: Machine, name: tuple[str, str],
+          batches: Mapping[str, Mapping[int, Mapping[str, Any]]], *, rerun: str,
+          job: Callable[[Engine, dict[str, Any], Callable[[BatchProgress], None] | None], Job[R]]) -> R:
+    """Run `job` (a batch, or an experiment's batches: `batches`, their inputs by number) on the
+    command's store and model, with progress on stderr and Ctrl-C or SIGTERM stopping it cleanly;
+    `name` ("batch", ID) says what stopped in the message that gives `rerun`."""
     kill = KillPoints.from_env()
     quiet = bool(args.quiet or args.json)
     log_json = bool(args.log_json) or os.environ.get("ORCH_LOG_JSON", "") not in ("", "0")
-    show = None if quiet or log_json else Progress(sys.stderr, batch_id)
+    show = None if quiet or log_json else Progress(sys.stderr, name[1], noun=name[0])
 
-    async def go() -> BatchResult:
+    async def go() -> R:
         store = cli_store(args, create=True, tracer=kill.trace_sql if kill is not None else None)
         try:
-            earlier = await _unfinished(store, batch_id)
+            earlier = [run for batch_id in batches for run in await _unfinished(store, batch_id)]
             stored = next((record.options.get("offline") for record, _ in earlier if record.options.get("offline")),
                           None)
-            model, options, banner, fake = model_for(args.offline or stored, loaded.machine, earlier, per_run=True,
+            model, options, banner, fake = model_for(args.offline or stored, machine, earlier, per_run=True,
                                                      rate_limits=rate_limits(args, online=not (args.offline or stored)))
             if fake is not None:
-                fake.inputs.update({batch_run_id(batch_id, n): data for n, data in inputs.items()})
+                fake.inputs.update({batch_run_id(batch_id, n): data for batch_id, inputs in batches.items()
+                                    for n, data in inputs.items()})
             if banner and not quiet:
                 print(banner, file=sys.stderr)
             hooks: list[Hook] = [] if kill is None else [kill]
             if log_json and not args.quiet:
                 hooks.append(Tracer(stream_logger(sys.stderr, json=True)))
             engine = Engine(store, model=model, hooks=hooks, prices=args.price_table)
-            batch = engine.batch(loaded.machine, inputs, batch_id=batch_id, concurrency=args.concurrency,
-                                 machine_ref=loaded.ref, options=options, budget=budget,
-                                 on_progress=show.update if show else None)
-            with stopping(batch, args.stop_grace_s, quiet):
-                return await batch.run()
+            running = job(engine, options, show.update if show else None)
+            with stopping(running, args.stop_grace_s, quiet):
+                return await running.run()
         finally:
             await store.close()
 
-    rerun = _rerun_command(args, batch_id)
     try:
-        result = asyncio.run(go())
+        return asyncio.run(go())
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; batch {batch_id} is saved: resume it with `{rerun}`") from None
+        raise Interrupted(f"interrupted; {name[0]} {name[1]} is saved: resume it with `{rerun}`") from None
     finally:
         if show is not None:
             show.close()
-    for number in bad:
-        result.errors[number] = f"bad line: {bad[number]}"
-    code = _report(result, args, rerun=rerun)
-    if args.out:
-        _write_results(args.out, result, sorted({*inputs, *bad}))
-    return code
 
 
 def rate_limits(args: argparse.Namespace, *, online: bool) -> RateLimits | None:
@@ -232,38 +263,54 @@ def _write_results(path: str, result: BatchResult, numbers: Sequence[int]) -> No
 
 
 def _report(result: BatchResult, args: argparse.Namespace, *, rerun: str) -> int:
-    """The summary; exit 0 when every input completed, 143 when stopped, else 1."""
+    """The summary; exit 0 when every input completed (or waits for review), 143 when stopped, else 1."""
     p = result.progress
-    not_started = len(result.errors)
     if args.json:
-        failed = {str(n): r.error for n, r in result.results.items()
-                  if not r.status.finished and r.status is not RunStatus.WAITING}
-        print(json.dumps({**p.to_json(), "not_started": not_started, "stopped": result.stopped,
-                          "errors": {str(n): e for n, e in result.errors.items()}, "failures": failed},
-                         ensure_ascii=False))
+        print(json.dumps(summary_json(result), ensure_ascii=False))
     elif not args.quiet:
-        waiting = f"{p.waiting} waiting for review, " if p.waiting else ""
-        print(f"batch {result.batch_id}: {p.completed} completed ({p.already_done} before), {p.failed} failed, "
-              f"{p.interrupted} interrupted, {waiting}{not_started} not started; {p.usage.input_tokens} in / "
-              f"{p.usage.output_tokens} out tokens, {usd(p.cost_usd)}")
-        paths = Counter(" -> ".join(r.path) for r in result.results.values() if r.status.finished)
-        if paths:
-            print("paths: " + ", ".join(f"{n} x {path or '(no steps)'}" for path, n in paths.most_common(MAX_PATHS))
-                  + (f", and {len(paths) - MAX_PATHS} more" if len(paths) > MAX_PATHS else ""))
-        failures = [(n, r.run_id, r.status.value, r.error) for n, r in result.results.items()
-                    if not r.status.finished and r.status not in (RunStatus.INTERRUPTED, RunStatus.WAITING)]
-        failures += [(n, "-", "not started", e) for n, e in result.errors.items()]
-        for number, run_id, status, error in sorted(failures)[:MAX_SHOWN]:
-            print(f"  line {number}: {run_id} {status}: {one_line(error, 160)}")
-        if len(failures) > MAX_SHOWN:
-            print(f"  ... and {len(failures) - MAX_SHOWN} more (orch batch status {result.batch_id})")
+        print_summary(result)
         if p.waiting:
             print(f"review the waiting runs (orch pending), then go on with: {rerun}")
         elif p.completed < p.total:
             print(f"resume with: {rerun}")
+    return exit_code(result)
+
+
+def summary_json(result: BatchResult) -> dict[str, Any]:
+    failed = {str(n): r.error for n, r in result.results.items()
+              if not r.status.finished and r.status is not RunStatus.WAITING}
+    return {**result.progress.to_json(), "not_started": len(result.errors), "stopped": result.stopped,
+            "errors": {str(n): e for n, e in result.errors.items()}, "failures": failed}
+
+
+def print_summary(result: BatchResult, *, unit: str = "line") -> None:
+    """A batch's counts, the commonest paths of its finished runs, and what did not finish
+    (by `unit` number: its input's line)."""
+    p = result.progress
+    waiting = f"{p.waiting} waiting for review, " if p.waiting else ""
+    print(f"batch {result.batch_id}: {p.completed} completed ({p.already_done} before), {p.failed} failed, "
+          f"{p.interrupted} interrupted, {waiting}{len(result.errors)} not started; {p.usage.input_tokens} in / "
+          f"{p.usage.output_tokens} out tokens, {usd(p.cost_usd)}")
+    paths = Counter(" -> ".join(r.path) for r in result.results.values() if r.status.finished)
+    if paths:
+        print("paths: " + ", ".join(f"{n} x {path or '(no steps)'}" for path, n in paths.most_common(MAX_PATHS))
+              + (f", and {len(paths) - MAX_PATHS} more" if len(paths) > MAX_PATHS else ""))
+    failures = [(n, r.run_id, r.status.value, r.error) for n, r in result.results.items()
+                if not r.status.finished and r.status not in (RunStatus.INTERRUPTED, RunStatus.WAITING)]
+    failures += [(n, "-", "not started", e) for n, e in result.errors.items()]
+    for number, run_id, status, error in sorted(failures)[:MAX_SHOWN]:
+        print(f"  {unit} {number}: {run_id} {status}: {one_line(error, 160)}")
+    if len(failures) > MAX_SHOWN:
+        print(f"  ... and {len(failures) - MAX_SHOWN} more (orch batch status {result.batch_id})")
+
+
+def exit_code(result: BatchResult) -> int:
+    """143 when stopped (resumable), 0 when every input completed (or was terminated by a guard,
+    or waits for review), else 1."""
+    p = result.progress
     if result.stopped or p.interrupted:
         return EXIT_STOPPED
-    return 0 if p.completed + p.waiting == p.total and not not_started else 1
+    return 0 if p.completed + p.waiting == p.total and not result.errors else 1
 
 
 # --------------------------------------------------------------------------- orch batch status

@@ -92,6 +92,13 @@ def _offline_option(p: argparse.ArgumentParser, when: str = "") -> None:
                    help=f"answer {when}from a scripted fake Messages API (default script: MACHINE.offline.json)")
 
 
+def _rate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpm", type=int, metavar="N", help="at most N requests per minute (default: the API's)")
+    p.add_argument("--input-tpm", type=int, metavar="N", help="at most N input tokens per minute (default: the API's)")
+    p.add_argument("--output-tpm", type=int, metavar="N",
+                   help="at most N output tokens per minute (default: the API's)")
+
+
 def _budget_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cost", type=float, metavar="USD",
                    help="stop (status budget_exceeded) before a call that could take the run past USD")
@@ -167,6 +174,31 @@ def build_parser() -> argparse.ArgumentParser:
     _offline_option(p)
     _budget_options(p)
     p.add_argument("--json", action="store_true", help="no progress; print the summary as one JSON object")
+
+    p = command("ab", "_ab.cmd_ab", "an A/B experiment: run a machine over the inputs once per arm (each a file of "
+                                    "overrides); `orch ab report EXP` compares the arms")
+    p.add_argument("machine", metavar="MACHINE", help="path/to/file.py or dotted.module (or `report`)")
+    p.add_argument("experiment_or_nothing", metavar="EXP", nargs="?", help="with `report`: the experiment id")
+    p.add_argument("--arm", action="append", metavar="NAME[=@FILE]",
+                   help="an arm: NAME alone is the machine as it is; NAME=@FILE.toml its overrides (give 2 or more)")
+    p.add_argument("--inputs", metavar="FILE", help="JSON lines, one input object per line (- for stdin)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help="run each input N times in each of its arms")
+    p.add_argument("--assign", default="paired", metavar="HOW",
+                   help="paired (every input in every arm; default), hash:FIELD (each input to one arm by a "
+                        "hash of FIELD) or random (each input to one arm, drawn with --seed)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of --assign random and of the report's bootstrap (default 0)")
+    p.add_argument("--experiment", metavar="ID",
+                   help="name the experiment (runs are ID.ARM-N); the same id again resumes it")
+    p.add_argument("--concurrency", type=int, default=8, metavar="N",
+                   help="runs at a time, shared among the arms (default 8)")
+    p.add_argument("--strict", action="store_true", help="refuse the whole file if any line is bad")
+    _rate_options(p)
+    _offline_option(p)
+    _budget_options(p)
+    p.add_argument("--metric", default="completed", metavar="M",
+                   help="report: compare paired runs on completed (default), cost, tokens, latency or result:KEY")
+    p.add_argument("--json", action="store_true", help="no progress; print the summary (report: the report) as JSON")
 
     p = command("resume", "cmd_resume", "continue a failed, interrupted or crashed run")
     p.add_argument("run_id", metavar="RUN_ID")
@@ -279,10 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--migrate", action="store_true",
                    help="also claim runs started by other versions of these machines, if their log replays")
     p.add_argument("--until-idle", action="store_true", help="stop once nothing is left to claim")
-    p.add_argument("--rpm", type=int, metavar="N", help="at most N requests per minute (default: the API's)")
-    p.add_argument("--input-tpm", type=int, metavar="N", help="at most N input tokens per minute (default: the API's)")
-    p.add_argument("--output-tpm", type=int, metavar="N",
-                   help="at most N output tokens per minute (default: the API's)")
+    _rate_options(p)
     _offline_option(p)
 
     p = command("workers", "_workers.cmd_workers", "list the live workers of a shared database, their runs and "
@@ -332,6 +361,8 @@ def _refuse_empty_ids(args: argparse.Namespace) -> None:
         raise UsageError("the run id is empty", fix="give a run id (`orch runs` lists them)")
     if "" in (getattr(args, name, None) for name in ("batch_id", "batch", "batch_id_or_nothing")):
         raise UsageError("the batch id is empty", fix="give a batch id (`orch batch` prints it)")
+    if "" in (getattr(args, name, None) for name in ("experiment", "experiment_or_nothing")):
+        raise UsageError("the experiment id is empty", fix="give an experiment id (`orch ab` prints it)")
 
 
 def _print_traceback() -> None:

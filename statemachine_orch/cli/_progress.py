@@ -19,9 +19,10 @@ PLAIN_EVERY_S = 10.0
 class Progress:
     """`update(progress)` on every change of the batch; `close()` once it ends."""
 
-    def __init__(self, stream: IO[str], batch_id: str, *, every_s: float = PLAIN_EVERY_S) -> None:
+    def __init__(self, stream: IO[str], batch_id: str, *, every_s: float = PLAIN_EVERY_S, noun: str = "batch") -> None:
         self.stream = stream
         self.batch_id = batch_id
+        self.noun = noun  # what runs: a batch, an experiment
         self.live = stream.isatty()
         self.every_s = every_s
         self._bar: tqdm[Any] | None = None
@@ -47,7 +48,7 @@ class Progress:
         if self._bar is None:
             from tqdm import tqdm  # here: only a terminal shows a bar
 
-            self._bar = tqdm(total=progress.total, desc=f"batch {self.batch_id}", unit="run", file=self.stream,
+            self._bar = tqdm(total=progress.total, desc=f"{self.noun} {self.batch_id}", unit="run", file=self.stream,
                              dynamic_ncols=True, smoothing=0.1)
         return self._bar
 
@@ -58,7 +59,7 @@ class Progress:
         rate = fresh / elapsed
         left = p.total - p.finished
         eta = f", ETA {left / rate:.0f}s" if rate > 0 and left else ""
-        print(f"batch {self.batch_id}: {p.finished}/{p.total} done, {_counts(p)}, {rate:.1f} runs/s{eta}",
+        print(f"{self.noun} {self.batch_id}: {p.finished}/{p.total} done, {_counts(p)}, {rate:.1f} runs/s{eta}",
               file=self.stream, flush=True)
 
 

@@ -82,7 +82,8 @@ class Batch:
 
     def __init__(self, engine: Engine, machine: Machine, inputs: Mapping[int, Input], *, batch_id: str | None = None,
                  concurrency: int = 8, machine_ref: str | None = None, options: dict[str, Any] | None = None,
-                 budget: Budget | None = None, on_progress: Callable[[BatchProgress], None] | None = None) -> None:
+                 budget: Budget | None = None, on_progress: Callable[[BatchProgress], None] | None = None,
+                 experiment: str | None = None, arm: str | None = None) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise UsageError(f"concurrency={concurrency!r} is not a whole number of runs >= 1", fix="give 1 or more")
         self.batch_id = new_run_id() if batch_id is None else batch_id
@@ -92,6 +93,7 @@ class Batch:
         self.concurrency = concurrency
         self.machine_ref, self.options, self.budget = machine_ref, options, budget
         self.on_progress = on_progress
+        self.experiment, self.arm = experiment, arm  # each run's, when the batch is an experiment's arm
         self.progress = BatchProgress(batch_id=self.batch_id, total=len(inputs))
         self.results: dict[int, RunResult] = {}
         self.errors: dict[int, str] = {}
@@ -133,7 +135,8 @@ class Batch:
         try:
             if status is None:
                 run = await self.engine.start(self.machine, data, run_id=run_id, batch=self.batch_id,
-                                              machine_ref=self.machine_ref, options=self.options, budget=self.budget)
+                                              machine_ref=self.machine_ref, options=self.options, budget=self.budget,
+                                              experiment=self.experiment, arm=self.arm)
             else:
                 # a finished run is read back with its log; an unfinished one's log is read by attach
                 record, log = (await self.engine.store.load_run(run_id) if status.finished

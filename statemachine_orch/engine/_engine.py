@@ -86,9 +86,12 @@ class Engine:
         options: dict[str, Any] | None = None,
         budget: Budget | None = None,
         batch: str | None = None,
+        experiment: str | None = None,
+        arm: str | None = None,
     ) -> Run:
         """Validate the input (a dict, or an instance of the machine's `input_model`), persist a
-        new run (owned by this process, of `batch` if given) and return it unstarted.
+        new run (owned by this process, of `batch` if given, of `experiment` and its `arm` if
+        given) and return it unstarted.
 
         `budget` overrides the machine's `Budget` limit by limit; the result is stored with
         the run, so a resume keeps it unless given a new one.
@@ -97,7 +100,7 @@ class Engine:
         compiled = self.compiled(machine)
         record, context_input, values, effective = self._new_record(
             machine, input, RunStatus.RUNNING, run_id=run_id, machine_ref=machine_ref, options=options, budget=budget,
-            batch=batch)
+            batch=batch, experiment=experiment, arm=arm)
         owner = Owner.for_this_process()
         await self.store.create_run(record, owner)
         for hook in self._ports.hooks.run_started:
@@ -107,8 +110,8 @@ class Engine:
 
     def _new_record(self, machine: Machine, input: Mapping[str, Any] | BaseModel | None, status: RunStatus, *,
                     run_id: str | None, machine_ref: str | None, options: dict[str, Any] | None,
-                    budget: Budget | None, batch: str | None = None
-                    ) -> tuple[RunRecord, Any, dict[str, Any], Budget]:
+                    budget: Budget | None, batch: str | None = None, experiment: str | None = None,
+                    arm: str | None = None) -> tuple[RunRecord, Any, dict[str, Any], Budget]:
         """A new run's record (its input validated), with the input as the context sees it, its
         values and the run's effective budget."""
         if run_id is not None:
@@ -124,6 +127,7 @@ class Engine:
             run_id=run_id or new_run_id(), machine=machine.name,
             machine_ref=machine_ref or machine.ref, machine_hash=machine.source_hash,
             input=stored, status=status, created_at=now, updated_at=now, options=options, batch=batch,
+            experiment=experiment, arm=arm,
         )
         return record, context_input, values, effective
 
@@ -267,7 +271,7 @@ class Engine:
         """A batch of runs of `machine`, one per input (numbered 1, 2, ... or by the mapping's
         keys), `concurrency` at a time; `await batch.run()` drives it. Running the same
         `batch_id` again resumes it (`_batch`). `options`: machine_ref, options, budget,
-        on_progress."""
+        on_progress, experiment and arm."""
         return Batch(self, machine, numbered(inputs), batch_id=batch_id, concurrency=concurrency, **options)
 
     async def arun_many(self, machine: Machine, inputs: Iterable[Input] | Mapping[int, Input], *,
