@@ -24,7 +24,7 @@ from ..engine._experiment import Experiment, Settings, arm_batch_id, arm_machine
 from ..engine._ids import check_run_id, new_run_id
 from ..errors import UsageError
 from ._ab_report import build_report, check_metric, read_experiment, report_lines
-from ._batch import checked_inputs, drive, exit_code, print_summary, summary_json
+from ._batch import check_batch_args, checked_inputs, drive, exit_code, print_summary, summary_json
 from ._drive import EXIT_STOPPED, budget_of
 from ._options import with_store
 
@@ -32,13 +32,8 @@ from ._options import with_store
 def cmd_ab(args: argparse.Namespace) -> int:
     if args.machine == "report":
         return cmd_ab_report(args)
-    if args.experiment_or_nothing is not None:
-        raise UsageError(f"unexpected argument {args.experiment_or_nothing!r}",
-                         fix="orch ab MACHINE --arm A --arm B=@b.toml --inputs FILE, or orch ab report EXP")
-    if not args.inputs:
-        raise UsageError("orch ab needs --inputs FILE.jsonl (one JSON object per line)")
-    if args.concurrency < 1:
-        raise UsageError(f"--concurrency {args.concurrency} is not a number of runs", fix="give 1 or more")
+    check_batch_args(args, "ab", args.experiment_or_nothing,
+                     "orch ab MACHINE --arm A --arm B=@b.toml --inputs FILE, or orch ab report EXP")
     budget = budget_of(args)
     loaded = load_machine(args.machine)
     arms = read_arms(args.arm or [], loaded.machine)

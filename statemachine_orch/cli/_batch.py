@@ -70,19 +70,25 @@ def read_inputs(path: str, machine: Machine) -> tuple[dict[int, dict[str, Any]],
     return inputs, problems
 
 
+def check_batch_args(args: argparse.Namespace, command: str, extra: str | None, usage: str) -> None:
+    """The checks `orch batch` and `orch ab` share, made before a machine is loaded. `extra`: a
+    second positional argument, which only their `status`/`report` subcommand takes."""
+    if extra is not None:
+        raise UsageError(f"unexpected argument {extra!r}", fix=usage)
+    if not args.inputs:
+        raise UsageError(f"orch {command} needs --inputs FILE.jsonl (one JSON object per line)")
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency {args.concurrency} is not a number of runs", fix="give 1 or more")
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     if args.machine == "status":
         return cmd_batch_status(args)
-    if args.batch_id_or_nothing is not None:
-        raise UsageError(f"unexpected argument {args.batch_id_or_nothing!r}",
-                         fix="orch batch MACHINE --inputs FILE [--batch-id ID], or orch batch status ID")
-    if not args.inputs:
-        raise UsageError("orch batch needs --inputs FILE.jsonl (one JSON object per line)")
+    check_batch_args(args, "batch", args.batch_id_or_nothing,
+                     "orch batch MACHINE --inputs FILE [--batch-id ID], or orch batch status ID")
     budget = budget_of(args)
     loaded = load_machine(args.machine)
     inputs, bad = checked_inputs(args, loaded.machine)
-    if args.concurrency < 1:
-        raise UsageError(f"--concurrency {args.concurrency} is not a number of runs", fix="give 1 or more")
     batch_id = args.batch_id or new_run_id()
     try:
         check_run_id(batch_run_id(batch_id, max(inputs)))
