@@ -154,6 +154,41 @@ def test_a_bad_decision_or_data_is_refused_before_anything_is_written(db_path: P
     run(scenario())
 
 
+class Score(BaseModel):
+    score: float
+
+
+def test_review_data_that_is_not_json_is_refused_and_the_run_waits_on(db_path: Path, tmp_path: Path) -> None:
+    """NaN or Infinity (which `json.loads` accepts) were stored as null, silently; an object
+    that is not JSON data failed after the run was claimed, leaving it `running` and gone from
+    `pending`. Both are refused before anything is written, the run still waiting."""
+    plain = gated(data=None)
+    scored = gated(data=Score)
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            for run_id, machine in (("r1", plain), ("r2", scored)):
+                await engine.arun(machine, run_id=run_id)
+            before = [await engine.store.get_run(r) for r in ("r1", "r2")]
+            for run_id, machine, data in (("r1", plain, float("nan")), ("r1", plain, {"x": [float("inf")]}),
+                                          ("r1", plain, object()), ("r2", scored, {"score": float("nan")}),
+                                          ("r2", scored, {"score": "NaN"})):
+                with pytest.raises(UsageError, match="the review data is not JSON data"):
+                    await engine.areview(run_id, machine, decision="approve", data=data)
+            assert [await engine.store.get_run(r) for r in ("r1", "r2")] == before
+            assert [p.run_id for p in await engine.apending()] == ["r1", "r2"]
+            decided = await engine.areview("r2", scored, decision="approve", data={"score": 0.5})
+            assert decided.review.data == {"score": 0.5}
+
+    run(scenario())
+    source = write(tmp_path / "gate.py", GATE_SOURCE)
+    with orch_against(FakeMessagesAPI({"draft": "x"}), tmp_path / "cli.db") as cli:
+        cli.ok("-q", "run", source, "--run-id", "r1")
+        bad = cli("-q", "review", "r1", "--decision", "approve", "--data", '{"title": NaN}')
+        assert bad.code == 2 and "--data is not JSON: NaN is not allowed" in one_error_line(bad)
+        assert cli.json("pending")[0]["run_id"] == "r1"
+
+
 def test_a_reviewer_branch_loops_back_and_the_next_visit_waits_again(db_path: Path) -> None:
     fake = FakeMessagesAPI({"draft": ["first try", "second try"]})
     machine = gated()

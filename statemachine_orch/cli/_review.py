@@ -71,10 +71,14 @@ def _data(given: str | None) -> Any:
         except OSError as exc:
             raise UsageError(f"cannot read --data file {where}: {exc.strerror or exc}") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except ValueError as exc:
         raise UsageError(f"{where} is not JSON: {exc}", fix="give --data '{\"key\": \"value\"}' or --data @file.json"
                          ) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
 
 
 def cmd_review(args: argparse.Namespace) -> int:

@@ -170,13 +170,24 @@ def checked_review(state: ReviewState, pending: PendingReview, *, decision: str,
     if decision not in state.decisions:
         raise UsageError(f"'{decision}' is not a decision review state '{state.name}' of run {pending.run_id} "
                          f"allows", fix=f"use one of: {', '.join(state.decisions)}")
+    data = _json_data(data)
     if state.data is not None and data is not None:
         try:
-            data = state.data.model_validate(data).model_dump(mode="json")
+            data = _json_data(state.data.model_validate(data))
         except ValidationError as exc:
             raise UsageError(f"the review data does not fit {state.data.__name__}: {first_error(exc)}",
                              fix=f"give --data as JSON matching {state.data.__name__}") from None
     return Review(decision=decision, by=reviewer(by), at=now_iso(), data=data, note=note)
+
+
+def _json_data(data: Any) -> Any:
+    """`data` as it is stored: JSON data, refused (before anything is written) when it is not,
+    NaN and Infinity included (stored, they would read back as null)."""
+    try:
+        return json.loads(json.dumps(to_jsonable_python(data, by_alias=False), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"the review data is not JSON data: {exc}",
+                         fix="give a JSON object, list, string, finite number, true, false or null") from None
 
 
 def already_decided(record: RunRecord, log: list[TransitionRecord]) -> ReviewDecidedError | None:
