@@ -22,6 +22,7 @@ from statemachine_orch import (
     FlowDecision,
     LLMState,
     Machine,
+    MachineChangedError,
     MachineState,
     PythonState,
     Review,
@@ -187,6 +188,36 @@ def test_review_data_that_is_not_json_is_refused_and_the_run_waits_on(db_path: P
         bad = cli("-q", "review", "r1", "--decision", "approve", "--data", '{"title": NaN}')
         assert bad.code == 2 and "--data is not JSON: NaN is not allowed" in one_error_line(bad)
         assert cli.json("pending")[0]["run_id"] == "r1"
+
+
+def test_a_decision_on_a_changed_machine_is_taken_with_allow_changed(db_path: Path, tmp_path: Path) -> None:
+    """`orch review --allow-changed` was accepted and ignored: a run whose machine changed so
+    that its recorded steps no longer replay could never be decided (a resume waits again)."""
+    machine = gated()
+    changed = Machine("gated", gated(guard=lambda review, ctx: FlowDecision.CONTINUE).states,  # no revise now
+                      source_file=str(write(tmp_path / "changed.py", "# another version\n")))
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            await engine.arun(machine, run_id="r1")
+            await engine.areview("r1", machine, decision="revise", resume=True)  # a second visit now waits
+            with pytest.raises(MachineChangedError, match="no longer replay"):
+                await engine.areview("r1", changed, decision="approve")
+            assert (await engine.store.get_run("r1")).status is RunStatus.WAITING
+            decided = await engine.areview("r1", changed, decision="approve", allow_changed=True)
+            assert (decided.row.decision, decided.status) == ("continue", RunStatus.PENDING)
+
+    run(scenario())
+    source = write(tmp_path / "gate.py", GATE_SOURCE)
+    with orch_against(FakeMessagesAPI({"draft": "x"}), tmp_path / "cli.db") as cli:
+        cli.ok("-q", "run", source, "--run-id", "r1")
+        write(source, GATE_SOURCE.replace("import END,", "import guard, END,").replace(
+            'LLMState("draft",', 'LLMState("draft", guard=guard(FlowDecision.CONTINUE, FlowDecision.TERMINATE)('
+                                 'lambda o, ctx: FlowDecision.TERMINATE),'))
+        refused = cli("-q", "review", "r1", "--decision", "approve", "--data", '{"title": "t"}')
+        assert refused.code == 2 and "resume anyway with --allow-changed" in one_error_line(refused)
+        cli.ok("-q", "review", "r1", "--decision", "approve", "--data", '{"title": "t"}', "--allow-changed")
+        assert cli.json("show", "r1")["snapshot"]["next_state"] == "publish"
 
 
 def test_a_reviewer_branch_loops_back_and_the_next_visit_waits_again(db_path: Path) -> None:

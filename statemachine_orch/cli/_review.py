@@ -92,7 +92,8 @@ def cmd_review(args: argparse.Namespace) -> int:
         store = cli_store(args, create=False, tracer=kill.trace_sql if kill is not None else None)
         try:
             return await engine_for(args, store, None, kill).areview(
-                args.run_id, loaded.machine, decision=args.decision, data=data, note=args.note, by=args.as_actor)
+                args.run_id, loaded.machine, decision=args.decision, data=data, note=args.note, by=args.as_actor,
+                allow_changed=args.allow_changed, take_over=args.take_over)
         finally:
             await store.close()
 

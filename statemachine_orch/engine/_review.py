@@ -203,7 +203,8 @@ def already_decided(record: RunRecord, log: list[TransitionRecord]) -> ReviewDec
 
 
 async def decide(engine: Engine, run_id: str, machine: Machine, *, decision: str, data: Any = None,
-                 note: str | None = None, by: str | None = None, resume: bool = False) -> Decided:
+                 note: str | None = None, by: str | None = None, resume: bool = False, allow_changed: bool = False,
+                 take_over: bool = False) -> Decided:
     """Commit a reviewer's decision for a waiting run (see `Engine.areview`)."""
     record, log = await engine.store.load_run(run_id, verified=True)
     pending = PendingReview.of(record)
@@ -216,7 +217,7 @@ async def decide(engine: Engine, run_id: str, machine: Machine, *, decision: str
         raise UsageError(f"machine '{machine.name}' has no review state '{pending.state}', which run {run_id} "
                          "waits at", fix="review it with the machine that started it")
     review = checked_review(state, pending, decision=decision, data=data, note=note, by=by)
-    run = await engine.attach(run_id, machine, to_run=resume)
+    run = await engine.attach(run_id, machine, to_run=resume, allow_changed=allow_changed, take_over=take_over)
     if run.state != pending.state or run.seq + 1 != pending.seq:  # another reviewer's decision came first
         await run.hand_back()
         _, log = await engine.store.load_run(run_id)
