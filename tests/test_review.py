@@ -271,6 +271,21 @@ def test_pending_lists_by_machine_and_by_how_soon_the_deadline_falls(db_path: Pa
     run(scenario())
 
 
+def test_a_deadline_or_horizon_past_the_year_9999_is_never_rather_than_an_internal_error(db_path: Path,
+                                                                                          tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            assert (await engine.arun(gated(deadline=1e15), run_id="far")).status is RunStatus.WAITING
+            [pending] = await engine.apending(expiring=1e15)
+            assert pending.deadline is not None and pending.deadline.startswith("9999-12-31") and not pending.expired
+
+    run(scenario())
+    source = write(tmp_path / "gate.py", GATE_SOURCE)
+    with orch_against(FakeMessagesAPI({"draft": "x"}), tmp_path / "cli.db") as cli:
+        cli.ok("-q", "run", source, "--run-id", "r1")
+        assert [p["run_id"] for p in cli.json("pending", "--expiring", "99999999999d")] == ["r1"]
+
+
 def test_a_decision_after_the_deadline_is_refused_and_the_timeout_is_applied_instead(db_path: Path) -> None:
     machine = gated(deadline=0.2)  # on_timeout defaults to reject
 

@@ -56,8 +56,13 @@ def reviewer(given: str | None) -> str:
 
 
 def iso_after(seconds: float) -> str:
-    """The UTC time `seconds` from now, written as `now_iso` writes times (so they compare as text)."""
-    return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """The UTC time `seconds` from now, written as `now_iso` writes times (so they compare as text);
+    the last moment of the year 9999 when it would fall after that (in effect: never)."""
+    try:
+        when = datetime.now(UTC) + timedelta(seconds=seconds)
+    except OverflowError:
+        when = datetime.max.replace(tzinfo=UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
