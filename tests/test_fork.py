@@ -370,10 +370,12 @@ def test_orch_fork_refuses_bad_usage_in_one_line(tmp_path: Path) -> None:
     for args, message in [
         (("--at", "7"), "run r has no step 7 (its steps are 1 to 5); fork at a seq that `orch log r` lists"),
         (("--at", "summary"), "machine 'report' has no state 'summary'; fork at a seq, or at one of data_validation"),
+        (("--at", "²"), "machine 'report' has no state '²'"),  # a digit to str.isdigit, not to int()
         (("--at", "2", "--model", "summary=claude-haiku-4-5"), "machine 'report' has no state 'summary' to override"),
         (("--at", "2", "--set", "company=Acme"), "--set company: 'Acme' is not JSON"),
         (("--at", "2", "--prompt", "no equals sign"), "--prompt 'no equals sign' is not NAME=VALUE"),
         (("--at", "2", "--max-tokens", "trend_analysis=many"), "--max-tokens trend_analysis: 'many' is not a number"),
+        (("--at", "2", "--max-tokens", "trend_analysis=²"), "--max-tokens trend_analysis: '²' is not a number"),
         (("--at", "2", "--set", "nope=1"), "cannot set 'nope': it is neither an input field (company, period"),
     ]:
         code, out, err = orch_in_process(db, "fork", "r", *args)
