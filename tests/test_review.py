@@ -220,6 +220,24 @@ def test_a_decision_on_a_changed_machine_is_taken_with_allow_changed(db_path: Pa
         assert cli.json("show", "r1")["snapshot"]["next_state"] == "publish"
 
 
+def test_a_person_cannot_decide_as_the_system(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--as system:timeout` wrote an audit row saying the timeout policy decided what a person did."""
+    machine = gated()
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            await engine.arun(machine, run_id="r1")
+            before = await engine.store.get_run("r1")
+            with pytest.raises(UsageError, match="reviewer 'system:timeout' is a name the engine keeps for itself"):
+                await engine.areview("r1", machine, decision="reject", by="system:timeout")
+            monkeypatch.setenv("ORCH_ACTOR", " System:cron")
+            with pytest.raises(UsageError, match=r"reviewer 'System:cron' .*; name the person who decides"):
+                await engine.areview("r1", machine, decision="reject")
+            assert await engine.store.get_run("r1") == before
+
+    run(scenario())
+
+
 def test_a_reviewer_branch_loops_back_and_the_next_visit_waits_again(db_path: Path) -> None:
     fake = FakeMessagesAPI({"draft": ["first try", "second try"]})
     machine = gated()

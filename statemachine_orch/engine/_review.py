@@ -43,12 +43,14 @@ class Waiting(Exception):
 
 
 def reviewer(given: str | None) -> str:
-    """Who decides: `given` (`--as`), else $ORCH_ACTOR, else the OS user."""
-    if given and given.strip():
-        return given.strip()
-    actor = os.environ.get("ORCH_ACTOR", "").strip()
-    if actor:
-        return actor
+    """Who decides: `given` (`--as`), else $ORCH_ACTOR, else the OS user; never a `system:`
+    name, which says that the engine decided (`system:timeout`)."""
+    name = given.strip() if given and given.strip() else os.environ.get("ORCH_ACTOR", "").strip()
+    if name.lower().startswith("system:"):
+        raise UsageError(f"reviewer {name!r} is a name the engine keeps for itself (a decision it takes, as "
+                         f"{TIMEOUT_ACTOR})", fix="name the person who decides (--as USER or $ORCH_ACTOR)")
+    if name:
+        return name
     try:
         return getpass.getuser()
     except (KeyError, OSError):  # no user name known to the OS (a container without one)
