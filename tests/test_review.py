@@ -187,7 +187,13 @@ def test_review_data_that_is_not_json_is_refused_and_the_run_waits_on(db_path: P
         cli.ok("-q", "run", source, "--run-id", "r1")
         bad = cli("-q", "review", "r1", "--decision", "approve", "--data", '{"title": NaN}')
         assert bad.code == 2 and "--data is not JSON: NaN is not allowed" in one_error_line(bad)
+        for given, message in ((write(tmp_path / "latin1.json", b'{"title": "caf\xe9"}'), "is not UTF-8 text"),
+                               ("", "--data @ names no file")):
+            bad = cli("-q", "review", "r1", "--decision", "approve", "--data", f"@{given}")
+            assert bad.code == 2 and message in one_error_line(bad), bad.stderr  # was an internal error
         assert cli.json("pending")[0]["run_id"] == "r1"
+        bom = write(tmp_path / "bom.json", '\ufeff{"title": "Cats"}')  # as some editors save it
+        cli.ok("-q", "review", "r1", "--decision", "approve", "--data", f"@{bom}")
 
 
 def test_a_decision_on_a_changed_machine_is_taken_with_allow_changed(db_path: Path, tmp_path: Path) -> None:

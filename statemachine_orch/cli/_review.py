@@ -66,10 +66,16 @@ def _data(given: str | None) -> Any:
     text, where = given, "--data"
     if given.startswith("@"):
         where = given[1:]
+        if not where:
+            raise UsageError("--data @ names no file", fix="give --data @path/to/data.json")
         try:
-            text = Path(where).read_text(encoding="utf-8")
+            text = Path(where).read_text(encoding="utf-8-sig")  # a byte order mark is not JSON's
         except OSError as exc:
-            raise UsageError(f"cannot read --data file {where}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot read --data file {where}: {exc.strerror or exc}",
+                             fix="check the path after the @") from None
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"--data file {where} is not UTF-8 text: {exc.reason} at byte {exc.start}",
+                             fix="save it as UTF-8 JSON") from None
     try:
         return json.loads(text, parse_constant=_no_constant)
     except ValueError as exc:
