@@ -292,6 +292,8 @@ def test_a_fork_on_postgresql_is_stored_and_reuses_alike(pg_dsn: str, api: FakeM
     (2, {"set": {"b": "x"}}, "cannot set 'b': it is neither an input field (topic, audience) nor a state run "
                              "before the fork point (a)"),
     (2, {"set": {"topic": 3}}, "input does not match Topic: topic"),
+    (2, {"set": {"a": float("nan")}}, "cannot set 'a' to NaN: it is not JSON data"),  # was stored as NaN
+    (2, {"set": {"audience": float("inf")}}, "cannot set 'audience' to Infinity: it is not JSON data"),
 ])
 def test_a_fork_that_cannot_be_made_is_refused_and_nothing_stored(engine: Engine, parent: str, at: Any,
                                                                   options: dict[str, Any], message: str) -> None:
