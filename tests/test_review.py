@@ -423,6 +423,23 @@ def test_the_cli_lists_decides_and_a_kill_after_the_decision_loses_nothing(tmp_p
 
 
 
+def test_review_json_with_resume_prints_the_decision_and_the_result_as_one_object(tmp_path: Path) -> None:
+    """`--json --resume` printed nothing when the decision ended the run (reject), and only the
+    run's result, without the decision, when it went on; the docs promise both as one object."""
+    source = write(tmp_path / "gate.py", GATE_SOURCE)
+    with orch_against(FakeMessagesAPI({"draft": "Cats rule"}), tmp_path / "orch.db") as cli:
+        for run_id in ("r1", "r2"):
+            cli.ok("-q", "run", source, "--run-id", run_id)
+        rejected = cli.json("-q", "review", "r1", "--decision", "reject", "--as", "ann", "--resume")
+        assert (rejected["decision"], rejected["by"], rejected["status"], rejected["result"]) == (
+            "reject", "ann", "terminated", None)
+        approved = cli.json("-q", "review", "r2", "--decision", "approve", "--data", '{"title": "Cats!"}', "--resume")
+        assert (approved["decision"], approved["flow_decision"], approved["status"]) == (
+            "approve", "continue", "completed")
+        assert (approved["result"]["status"], approved["result"]["path"]) == (
+            "completed", ["draft", "approve", "publish"])
+
+
 def test_workers_leave_waiting_runs_and_take_them_up_after_review_or_past_the_deadline(
         pg_dsn: str, tmp_path: Path) -> None:
     drafted: list[str] = []

@@ -15,7 +15,7 @@ from ..engine._review import Decided, PendingReview
 from ..errors import UsageError
 from ..store._contract import Store
 from ..types import RunStatus, now_iso
-from ._drive import cmd_resume, engine_for
+from ._drive import _report_result, engine_for, result_code, resumed
 from ._faults import KillPoints
 from ._options import cli_store, with_store
 from ._render import one_line, print_table
@@ -104,9 +104,7 @@ def cmd_review(args: argparse.Namespace) -> int:
             await store.close()
 
     decided = asyncio.run(decide())
-    if args.json and not args.resume:
-        print(json.dumps(decided.to_json(), ensure_ascii=False))
-    elif not args.json:
+    if not args.json:
         row, review = decided.row, decided.review
         print(f"run {decided.run_id}: {review.decision} by {review.by} at {review.at} -> "
               + (f"{row.decision} -> {row.to_state}" if row.committed else f"not taken: {row.error}")
@@ -114,5 +112,12 @@ def cmd_review(args: argparse.Namespace) -> int:
         if decided.status is RunStatus.PENDING and not args.resume:
             print(f"go on with: orch resume {decided.run_id}  (or a worker of its queue claims it)")
     if args.resume and decided.status is RunStatus.PENDING:
-        return cmd_resume(args)
+        result = resumed(args)
+        if not args.json:
+            return _report_result(result, args)
+        decided.result, decided.status = result, result.status
+    if args.json:  # the decision, with where --resume took the run: one object
+        print(json.dumps(decided.to_json(), ensure_ascii=False))
+    if decided.result is not None:
+        return result_code(decided.result)
     return 0 if decided.row.committed else 1
