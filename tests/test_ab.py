@@ -220,6 +220,27 @@ def test_a_rerun_with_other_arms_or_settings_is_refused_before_anything_runs(
     assert len(fake.requests) == calls
 
 
+def test_an_arm_whose_batch_id_holds_a_plain_batch_is_refused_and_a_batch_over_an_arm_too(
+        engine: Engine, fake: FakeMessagesAPI) -> None:
+    """`orch batch --batch-id E.B` then `orch ab --experiment E`: arm B took the plain batch's
+    runs (the machine as it is, no arm) as its own, already done, and reported none of them."""
+    numbered = dict(enumerate(QUESTIONS, 1))
+    engine.run_many(quiz(), numbered, batch_id="E.B")
+    calls, before = len(fake.requests), query_runs(engine)
+    with pytest.raises(UsageError, match=r"batch E.B holds runs of a plain batch \(run E.B-\d+\), not of arm B of "
+                                         r"experiment E; use a new experiment id"):
+        experiment(engine)
+    assert (len(fake.requests), query_runs(engine)) == (calls, before)  # arm A started nothing either
+    experiment(engine, exp="F")
+    with pytest.raises(UsageError, match=r"batch F.A holds runs of arm A of experiment F \(run F.A-\d+\), not of a "
+                                         r"plain batch; use a new batch id"):
+        engine.run_many(quiz(), numbered, batch_id="F.A")
+
+
+def query_runs(engine: Engine) -> list[tuple[str, str | None]]:
+    return sorted((s.run_id, s.arm) for s in engine._sync(engine.store.list_runs(limit=None)))
+
+
 def test_hash_assignment_sends_each_value_to_one_arm_for_good(engine: Engine, fake: FakeMessagesAPI) -> None:
     users = [{**question, "user": f"u{question['q'] % 4}"} for question in QUESTIONS]
     results = experiment(engine, inputs=dict(enumerate(users, 1)), assign="hash:user")

@@ -292,6 +292,8 @@ def test_a_fork_on_postgresql_is_stored_and_reuses_alike(pg_dsn: str, api: FakeM
     (2, {"set": {"b": "x"}}, "cannot set 'b': it is neither an input field (topic, audience) nor a state run "
                              "before the fork point (a)"),
     (2, {"set": {"topic": 3}}, "input does not match Topic: topic"),
+    (2, {"set": {"a": float("nan")}}, "cannot set 'a' to NaN: it is not JSON data"),  # was stored as NaN
+    (2, {"set": {"audience": float("inf")}}, "cannot set 'audience' to Infinity: it is not JSON data"),
 ])
 def test_a_fork_that_cannot_be_made_is_refused_and_nothing_stored(engine: Engine, parent: str, at: Any,
                                                                   options: dict[str, Any], message: str) -> None:
@@ -370,10 +372,12 @@ def test_orch_fork_refuses_bad_usage_in_one_line(tmp_path: Path) -> None:
     for args, message in [
         (("--at", "7"), "run r has no step 7 (its steps are 1 to 5); fork at a seq that `orch log r` lists"),
         (("--at", "summary"), "machine 'report' has no state 'summary'; fork at a seq, or at one of data_validation"),
+        (("--at", "²"), "machine 'report' has no state '²'"),  # a digit to str.isdigit, not to int()
         (("--at", "2", "--model", "summary=claude-haiku-4-5"), "machine 'report' has no state 'summary' to override"),
         (("--at", "2", "--set", "company=Acme"), "--set company: 'Acme' is not JSON"),
         (("--at", "2", "--prompt", "no equals sign"), "--prompt 'no equals sign' is not NAME=VALUE"),
         (("--at", "2", "--max-tokens", "trend_analysis=many"), "--max-tokens trend_analysis: 'many' is not a number"),
+        (("--at", "2", "--max-tokens", "trend_analysis=²"), "--max-tokens trend_analysis: '²' is not a number"),
         (("--at", "2", "--set", "nope=1"), "cannot set 'nope': it is neither an input field (company, period"),
     ]:
         code, out, err = orch_in_process(db, "fork", "r", *args)

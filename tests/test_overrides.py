@@ -70,6 +70,13 @@ def test_a_bad_override_is_refused_naming_where_and_how_to_fix(data: object, err
         with_overrides(machine(), parse_overrides(data, where="arm.toml"))
 
 
+def test_an_override_routes_to_the_end_as_its_error_message_says() -> None:
+    """The refusal of an unknown target says "use one of [...] or END", but an arm file's
+    `continue = "END"` was refused the same way: END is a Python name, "__end__" its value."""
+    variant = with_overrides(machine(), parse_overrides({"short": {"on": {"continue": "END"}}}, where="arm.toml"))
+    assert variant.by_name["short"].on[FlowDecision.CONTINUE] == "__end__"
+
+
 def test_a_run_started_with_overrides_keeps_them_on_resume_and_replay(db_path: Path) -> None:
     fake = FakeMessagesAPI({"ask": ["hello there", "hello there"]})
     base = machine()

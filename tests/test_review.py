@@ -22,6 +22,7 @@ from statemachine_orch import (
     FlowDecision,
     LLMState,
     Machine,
+    MachineChangedError,
     MachineState,
     PythonState,
     Review,
@@ -154,6 +155,95 @@ def test_a_bad_decision_or_data_is_refused_before_anything_is_written(db_path: P
     run(scenario())
 
 
+class Score(BaseModel):
+    score: float
+
+
+def test_review_data_that_is_not_json_is_refused_and_the_run_waits_on(db_path: Path, tmp_path: Path) -> None:
+    """NaN or Infinity (which `json.loads` accepts) were stored as null, silently; an object
+    that is not JSON data failed after the run was claimed, leaving it `running` and gone from
+    `pending`. Both are refused before anything is written, the run still waiting."""
+    plain = gated(data=None)
+    scored = gated(data=Score)
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            for run_id, machine in (("r1", plain), ("r2", scored)):
+                await engine.arun(machine, run_id=run_id)
+            before = [await engine.store.get_run(r) for r in ("r1", "r2")]
+            for run_id, machine, data in (("r1", plain, float("nan")), ("r1", plain, {"x": [float("inf")]}),
+                                          ("r1", plain, object()), ("r2", scored, {"score": float("nan")}),
+                                          ("r2", scored, {"score": "NaN"})):
+                with pytest.raises(UsageError, match="the review data is not JSON data"):
+                    await engine.areview(run_id, machine, decision="approve", data=data)
+            assert [await engine.store.get_run(r) for r in ("r1", "r2")] == before
+            assert [p.run_id for p in await engine.apending()] == ["r1", "r2"]
+            decided = await engine.areview("r2", scored, decision="approve", data={"score": 0.5})
+            assert decided.review.data == {"score": 0.5}
+
+    run(scenario())
+    source = write(tmp_path / "gate.py", GATE_SOURCE)
+    with orch_against(FakeMessagesAPI({"draft": "x"}), tmp_path / "cli.db") as cli:
+        cli.ok("-q", "run", source, "--run-id", "r1")
+        bad = cli("-q", "review", "r1", "--decision", "approve", "--data", '{"title": NaN}')
+        assert bad.code == 2 and "--data is not JSON: NaN is not allowed" in one_error_line(bad)
+        for given, message in ((write(tmp_path / "latin1.json", b'{"title": "caf\xe9"}'), "is not UTF-8 text"),
+                               ("", "--data @ names no file")):
+            bad = cli("-q", "review", "r1", "--decision", "approve", "--data", f"@{given}")
+            assert bad.code == 2 and message in one_error_line(bad), bad.stderr  # was an internal error
+        assert cli.json("pending")[0]["run_id"] == "r1"
+        bom = write(tmp_path / "bom.json", '\ufeff{"title": "Cats"}')  # as some editors save it
+        cli.ok("-q", "review", "r1", "--decision", "approve", "--data", f"@{bom}")
+
+
+def test_a_decision_on_a_changed_machine_is_taken_with_allow_changed(db_path: Path, tmp_path: Path) -> None:
+    """`orch review --allow-changed` was accepted and ignored: a run whose machine changed so
+    that its recorded steps no longer replay could never be decided (a resume waits again)."""
+    machine = gated()
+    changed = Machine("gated", gated(guard=lambda review, ctx: FlowDecision.CONTINUE).states,  # no revise now
+                      source_file=str(write(tmp_path / "changed.py", "# another version\n")))
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            await engine.arun(machine, run_id="r1")
+            await engine.areview("r1", machine, decision="revise", resume=True)  # a second visit now waits
+            with pytest.raises(MachineChangedError, match="no longer replay"):
+                await engine.areview("r1", changed, decision="approve")
+            assert (await engine.store.get_run("r1")).status is RunStatus.WAITING
+            decided = await engine.areview("r1", changed, decision="approve", allow_changed=True)
+            assert (decided.row.decision, decided.status) == ("continue", RunStatus.PENDING)
+
+    run(scenario())
+    source = write(tmp_path / "gate.py", GATE_SOURCE)
+    with orch_against(FakeMessagesAPI({"draft": "x"}), tmp_path / "cli.db") as cli:
+        cli.ok("-q", "run", source, "--run-id", "r1")
+        write(source, GATE_SOURCE.replace("import END,", "import guard, END,").replace(
+            'LLMState("draft",', 'LLMState("draft", guard=guard(FlowDecision.CONTINUE, FlowDecision.TERMINATE)('
+                                 'lambda o, ctx: FlowDecision.TERMINATE),'))
+        refused = cli("-q", "review", "r1", "--decision", "approve", "--data", '{"title": "t"}')
+        assert refused.code == 2 and "resume anyway with --allow-changed" in one_error_line(refused)
+        cli.ok("-q", "review", "r1", "--decision", "approve", "--data", '{"title": "t"}', "--allow-changed")
+        assert cli.json("show", "r1")["snapshot"]["next_state"] == "publish"
+
+
+def test_a_person_cannot_decide_as_the_system(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--as system:timeout` wrote an audit row saying the timeout policy decided what a person did."""
+    machine = gated()
+
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            await engine.arun(machine, run_id="r1")
+            before = await engine.store.get_run("r1")
+            with pytest.raises(UsageError, match="reviewer 'system:timeout' is a name the engine keeps for itself"):
+                await engine.areview("r1", machine, decision="reject", by="system:timeout")
+            monkeypatch.setenv("ORCH_ACTOR", " System:cron")
+            with pytest.raises(UsageError, match=r"reviewer 'System:cron' .*; name the person who decides"):
+                await engine.areview("r1", machine, decision="reject")
+            assert await engine.store.get_run("r1") == before
+
+    run(scenario())
+
+
 def test_a_reviewer_branch_loops_back_and_the_next_visit_waits_again(db_path: Path) -> None:
     fake = FakeMessagesAPI({"draft": ["first try", "second try"]})
     machine = gated()
@@ -203,6 +293,21 @@ def test_pending_lists_by_machine_and_by_how_soon_the_deadline_falls(db_path: Pa
             assert len(await engine.apending(machine="gated")) == 3
 
     run(scenario())
+
+
+def test_a_deadline_or_horizon_past_the_year_9999_is_never_rather_than_an_internal_error(db_path: Path,
+                                                                                          tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Engine(open_store(db_path), model=FakeMessagesAPI({"draft": "x"}).model()) as engine:
+            assert (await engine.arun(gated(deadline=1e15), run_id="far")).status is RunStatus.WAITING
+            [pending] = await engine.apending(expiring=1e15)
+            assert pending.deadline is not None and pending.deadline.startswith("9999-12-31") and not pending.expired
+
+    run(scenario())
+    source = write(tmp_path / "gate.py", GATE_SOURCE)
+    with orch_against(FakeMessagesAPI({"draft": "x"}), tmp_path / "cli.db") as cli:
+        cli.ok("-q", "run", source, "--run-id", "r1")
+        assert [p["run_id"] for p in cli.json("pending", "--expiring", "99999999999d")] == ["r1"]
 
 
 def test_a_decision_after_the_deadline_is_refused_and_the_timeout_is_applied_instead(db_path: Path) -> None:
@@ -316,6 +421,23 @@ def test_the_cli_lists_decides_and_a_kill_after_the_decision_loses_nothing(tmp_p
         assert "1 run(s) checked, 0 with a broken log" in cli.ok("audit", "verify").stdout
     assert fake.calls("draft") == 1
 
+
+
+def test_review_json_with_resume_prints_the_decision_and_the_result_as_one_object(tmp_path: Path) -> None:
+    """`--json --resume` printed nothing when the decision ended the run (reject), and only the
+    run's result, without the decision, when it went on; the docs promise both as one object."""
+    source = write(tmp_path / "gate.py", GATE_SOURCE)
+    with orch_against(FakeMessagesAPI({"draft": "Cats rule"}), tmp_path / "orch.db") as cli:
+        for run_id in ("r1", "r2"):
+            cli.ok("-q", "run", source, "--run-id", run_id)
+        rejected = cli.json("-q", "review", "r1", "--decision", "reject", "--as", "ann", "--resume")
+        assert (rejected["decision"], rejected["by"], rejected["status"], rejected["result"]) == (
+            "reject", "ann", "terminated", None)
+        approved = cli.json("-q", "review", "r2", "--decision", "approve", "--data", '{"title": "Cats!"}', "--resume")
+        assert (approved["decision"], approved["flow_decision"], approved["status"]) == (
+            "approve", "continue", "completed")
+        assert (approved["result"]["status"], approved["result"]["path"]) == (
+            "completed", ["draft", "approve", "publish"])
 
 
 def test_workers_leave_waiting_runs_and_take_them_up_after_review_or_past_the_deadline(

@@ -201,6 +201,12 @@ def _report_result(result: RunResult, args: argparse.Namespace, *, extra: dict[s
             print(f"resume with: orch resume {result.run_id}"
                   + (" and a raised --max-cost, --max-tokens or --max-seconds"
                      if result.status is RunStatus.BUDGET_EXCEEDED else ""))
+    return result_code(result)
+
+
+def result_code(result: RunResult) -> int:
+    """The exit code of a driven run: 0 finished or waiting for a review, 1 failed or over
+    budget, 143 stopped by SIGTERM."""
     if result.status is RunStatus.INTERRUPTED:
         return EXIT_STOPPED
     return 0 if result.status.finished or result.status is RunStatus.WAITING else 1
@@ -247,6 +253,11 @@ async def run_family(store: Store, run_id: str) -> list[tuple[RunRecord, list[Tr
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    return _report_result(resumed(args), args)
+
+
+def resumed(args: argparse.Namespace) -> RunResult:
+    """`orch resume`'s run, driven to where it stops (`orch review --resume` drives it too)."""
     budget = budget_of(args)
     family = with_store(args, lambda store: run_family(store, args.run_id))
     record = family[0][0]
@@ -258,7 +269,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         args, store, model, kill).attach(args.run_id, loaded.machine, budget=budget,
                                          allow_changed=args.allow_changed, take_over=args.take_over,
                                          options=options if args.offline else None))
-    return _report_result(result, args)
+    return result
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ _FIELDS = (("prompt", "--prompt"), ("system", "--system"), ("model", "--model"),
 def cmd_fork(args: argparse.Namespace) -> int:
     if args.fork_id is not None:
         check_run_id(args.fork_id)
-    at: int | str = int(args.at) if args.at.isdigit() else args.at
+    at: int | str = int(args.at) if args.at.isdecimal() else args.at
     overrides = overrides_of(args)
     changes = dict(assignment(text, "--set", json_value) for text in args.set or ())
     parent, log = with_store(args, lambda store: store.load_run(args.run_id, verified=True))
@@ -99,7 +99,7 @@ def text_value(text: str) -> str:
 
 
 def whole_number(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not text.isdecimal() or int(text) < 1:
         raise ValueError(f"{text!r} is not a number of tokens (1 or more)")
     return int(text)
 

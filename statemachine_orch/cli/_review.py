@@ -15,7 +15,7 @@ from ..engine._review import Decided, PendingReview
 from ..errors import UsageError
 from ..store._contract import Store
 from ..types import RunStatus, now_iso
-from ._drive import cmd_resume, engine_for
+from ._drive import _report_result, engine_for, result_code, resumed
 from ._faults import KillPoints
 from ._options import cli_store, with_store
 from ._render import one_line, print_table
@@ -66,15 +66,25 @@ def _data(given: str | None) -> Any:
     text, where = given, "--data"
     if given.startswith("@"):
         where = given[1:]
+        if not where:
+            raise UsageError("--data @ names no file", fix="give --data @path/to/data.json")
         try:
-            text = Path(where).read_text(encoding="utf-8")
+            text = Path(where).read_text(encoding="utf-8-sig")  # a byte order mark is not JSON's
         except OSError as exc:
-            raise UsageError(f"cannot read --data file {where}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot read --data file {where}: {exc.strerror or exc}",
+                             fix="check the path after the @") from None
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"--data file {where} is not UTF-8 text: {exc.reason} at byte {exc.start}",
+                             fix="save it as UTF-8 JSON") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except ValueError as exc:
         raise UsageError(f"{where} is not JSON: {exc}", fix="give --data '{\"key\": \"value\"}' or --data @file.json"
                          ) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
 
 
 def cmd_review(args: argparse.Namespace) -> int:
@@ -88,14 +98,13 @@ def cmd_review(args: argparse.Namespace) -> int:
         store = cli_store(args, create=False, tracer=kill.trace_sql if kill is not None else None)
         try:
             return await engine_for(args, store, None, kill).areview(
-                args.run_id, loaded.machine, decision=args.decision, data=data, note=args.note, by=args.as_actor)
+                args.run_id, loaded.machine, decision=args.decision, data=data, note=args.note, by=args.as_actor,
+                allow_changed=args.allow_changed, take_over=args.take_over)
         finally:
             await store.close()
 
     decided = asyncio.run(decide())
-    if args.json and not args.resume:
-        print(json.dumps(decided.to_json(), ensure_ascii=False))
-    elif not args.json:
+    if not args.json:
         row, review = decided.row, decided.review
         print(f"run {decided.run_id}: {review.decision} by {review.by} at {review.at} -> "
               + (f"{row.decision} -> {row.to_state}" if row.committed else f"not taken: {row.error}")
@@ -103,5 +112,12 @@ def cmd_review(args: argparse.Namespace) -> int:
         if decided.status is RunStatus.PENDING and not args.resume:
             print(f"go on with: orch resume {decided.run_id}  (or a worker of its queue claims it)")
     if args.resume and decided.status is RunStatus.PENDING:
-        return cmd_resume(args)
+        result = resumed(args)
+        if not args.json:
+            return _report_result(result, args)
+        decided.result, decided.status = result, result.status
+    if args.json:  # the decision, with where --resume took the run: one object
+        print(json.dumps(decided.to_json(), ensure_ascii=False))
+    if decided.result is not None:
+        return result_code(decided.result)
     return 0 if decided.row.committed else 1

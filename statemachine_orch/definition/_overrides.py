@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UsageError
-from ..types import decision_from_value
+from ..types import END, decision_from_value
 from ._machine import Machine
 from ._states import LLMState
 
@@ -87,6 +87,12 @@ def with_overrides(machine: Machine, overrides: Overrides) -> Machine:
     return variants[key]
 
 
+def _target(machine: Machine, name: str) -> str:
+    """A transition's target as an override names it: "END" (the name of the constant, as
+    the refusal of an unknown target suggests it) is the end, unless a state is so named."""
+    return END if name == "END" and name not in machine.by_name else name
+
+
 def _build(machine: Machine, overrides: Overrides) -> Machine:
     unknown = sorted(set(overrides) - set(machine.by_name))
     if unknown:
@@ -110,7 +116,8 @@ def _build(machine: Machine, overrides: Overrides) -> Machine:
                 fields["params"] = {**state.params, **change.params}
         if change.on is not None:
             try:
-                fields["on"] = {**state.on, **{decision_from_value(k): v for k, v in change.on.items()}}
+                fields["on"] = {**state.on, **{decision_from_value(k): _target(machine, v)
+                                               for k, v in change.on.items()}}
             except ValueError as exc:
                 raise UsageError(f"state '{state.name}': {exc}",
                                  fix="name decisions as continue, skip, retry, branch_a, branch_b, terminate or "

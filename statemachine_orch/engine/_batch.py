@@ -101,8 +101,7 @@ class Batch:
         self._stop: float | None = None  # the grace period given to runs in flight, once stopping
 
     async def run(self) -> BatchResult:
-        known = {summary.run_id: summary.status
-                 for summary in await self.engine.store.list_runs(batch=self.batch_id, limit=None)}
+        known = await self.stored_runs()
         todo = iter(sorted(self.inputs.items()))
         self.progress.started = time.monotonic()  # the rate counts from here, not from building the batch
         self._report()
@@ -111,6 +110,17 @@ class Batch:
                            errors=dict(sorted(self.errors.items())), progress=self.progress,
                            stopped=self._stop is not None and (self.progress.finished < self.progress.total
                                                                or self.progress.interrupted > 0))
+
+    async def stored_runs(self) -> dict[str, RunStatus]:
+        """The status of each run of this batch stored before; UsageError when they are not its
+        own (`orch batch --batch-id E.A` and arm A of experiment E would share the batch id)."""
+        summaries = await self.engine.store.list_runs(batch=self.batch_id, limit=None)
+        other = next((s for s in summaries if (s.experiment, s.arm) != (self.experiment, self.arm)), None)
+        if other is not None:
+            raise UsageError(f"batch {self.batch_id} holds runs of {_whose(other.experiment, other.arm)} (run "
+                             f"{other.run_id}), not of {_whose(self.experiment, self.arm)}",
+                             fix=f"use a new {'experiment' if self.experiment is not None else 'batch'} id")
+        return {summary.run_id: summary.status for summary in summaries}
 
     def request_stop(self, grace_s: float = 30.0) -> None:
         """Start no more runs, and stop the ones in flight before their next step (a step in
@@ -203,6 +213,10 @@ class Batch:
     def _report(self) -> None:
         if self.on_progress is not None:
             self.on_progress(self.progress)
+
+
+def _whose(experiment: str | None, arm: str | None) -> str:
+    return f"arm {arm} of experiment {experiment}" if experiment is not None else "a plain batch"
 
 
 def _why(exc: Exception) -> str:

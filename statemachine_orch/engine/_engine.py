@@ -247,24 +247,28 @@ class Engine:
             key=lambda p: (p.deadline is None, p.deadline or "", p.asked_at, p.run_id))
 
     async def areview(self, run_id: str, machine: Machine, *, decision: str, data: Any = None,
-                      note: str | None = None, by: str | None = None, resume: bool = False) -> Decided:
+                      note: str | None = None, by: str | None = None, resume: bool = False,
+                      allow_changed: bool = False, take_over: bool = False) -> Decided:
         """Commit a decision for a run waiting at a review state, checked first (the run is
         waiting, the decision is one the state allows, `data` fits its model), with `by` (else
         $ORCH_ACTOR, else the OS user) in the audited row; the state's guard maps it to a
         FlowDecision. Then the run is `pending` until resumed or, with `resume`, goes on here.
         A second decision raises `ReviewDecidedError`, and so does one after the deadline (the
-        state's `on_timeout` is applied instead)."""
-        return await decide(self, run_id, machine, decision=decision, data=data, note=note, by=by, resume=resume)
+        state's `on_timeout` is applied instead). `allow_changed` and `take_over` claim the run
+        as `attach` does."""
+        return await decide(self, run_id, machine, decision=decision, data=data, note=note, by=by, resume=resume,
+                            allow_changed=allow_changed, take_over=take_over)
 
     def pending(self, *, machine: str | None = None, expiring: float | None = None) -> list[PendingReview]:
         """Synchronous `apending`."""
         return self._sync(self.apending(machine=machine, expiring=expiring))
 
     def review(self, run_id: str, machine: Machine, *, decision: str, data: Any = None, note: str | None = None,
-               by: str | None = None, resume: bool = False) -> Decided:
+               by: str | None = None, resume: bool = False, allow_changed: bool = False,
+               take_over: bool = False) -> Decided:
         """Synchronous `areview`."""
         return self._sync(self.areview(run_id, machine, decision=decision, data=data, note=note, by=by,
-                                       resume=resume))
+                                       resume=resume, allow_changed=allow_changed, take_over=take_over))
 
     def batch(self, machine: Machine, inputs: Iterable[Input] | Mapping[int, Input], *, batch_id: str | None = None,
               concurrency: int = 8, **options: Any) -> Batch:

@@ -177,6 +177,8 @@ class Experiment:
         """An experiment run before goes on only with the same arms, overrides and settings: its
         runs would not compare otherwise."""
         store = self.engine.store
+        for batch in self.batches.values():  # an arm's batch id taken by an `orch batch`: refused
+            await batch.stored_runs()
         seen: set[str] = set()
         for summary in await store.list_runs(experiment=self.experiment_id, limit=None):
             if summary.arm in seen:

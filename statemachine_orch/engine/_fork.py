@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pydantic_core import to_jsonable_python
+
 from ..definition._machine import Machine
 from ..definition._overrides import (
     OPTION,
@@ -130,6 +132,11 @@ def _apply_set(machine: Machine, input: dict[str, Any], rows: list[TransitionRec
     an input field (a state's name wins over a field's)."""
     fields = list(machine.input_model.model_fields) if machine.input_model is not None else list(input)
     for key, value in changes.items():
+        try:
+            json.dumps(to_jsonable_python(value), allow_nan=False)  # a pydantic model is JSON data
+        except (TypeError, ValueError):
+            raise UsageError(f"cannot set '{key}' to {_excerpt(value)}: it is not JSON data",
+                             fix="give a JSON value (NaN and Infinity are not)") from None
         latest = next((i for i in range(len(rows) - 1, -1, -1) if rows[i].from_state == key), None)
         if latest is not None:
             try:
@@ -149,7 +156,7 @@ def _apply_set(machine: Machine, input: dict[str, Any], rows: list[TransitionRec
 
 
 def _excerpt(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value, ensure_ascii=False)
+    text = json.dumps(value, ensure_ascii=False, default=repr)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -43,12 +43,14 @@ class Waiting(Exception):
 
 
 def reviewer(given: str | None) -> str:
-    """Who decides: `given` (`--as`), else $ORCH_ACTOR, else the OS user."""
-    if given and given.strip():
-        return given.strip()
-    actor = os.environ.get("ORCH_ACTOR", "").strip()
-    if actor:
-        return actor
+    """Who decides: `given` (`--as`), else $ORCH_ACTOR, else the OS user; never a `system:`
+    name, which says that the engine decided (`system:timeout`)."""
+    name = given.strip() if given and given.strip() else os.environ.get("ORCH_ACTOR", "").strip()
+    if name.lower().startswith("system:"):
+        raise UsageError(f"reviewer {name!r} is a name the engine keeps for itself (a decision it takes, as "
+                         f"{TIMEOUT_ACTOR})", fix="name the person who decides (--as USER or $ORCH_ACTOR)")
+    if name:
+        return name
     try:
         return getpass.getuser()
     except (KeyError, OSError):  # no user name known to the OS (a container without one)
@@ -56,8 +58,13 @@ def reviewer(given: str | None) -> str:
 
 
 def iso_after(seconds: float) -> str:
-    """The UTC time `seconds` from now, written as `now_iso` writes times (so they compare as text)."""
-    return (datetime.now(UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """The UTC time `seconds` from now, written as `now_iso` writes times (so they compare as text);
+    the last moment of the year 9999 when it would fall after that (in effect: never)."""
+    try:
+        when = datetime.now(UTC) + timedelta(seconds=seconds)
+    except OverflowError:
+        when = datetime.max.replace(tzinfo=UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,13 +177,24 @@ def checked_review(state: ReviewState, pending: PendingReview, *, decision: str,
     if decision not in state.decisions:
         raise UsageError(f"'{decision}' is not a decision review state '{state.name}' of run {pending.run_id} "
                          f"allows", fix=f"use one of: {', '.join(state.decisions)}")
+    data = _json_data(data)
     if state.data is not None and data is not None:
         try:
-            data = state.data.model_validate(data).model_dump(mode="json")
+            data = _json_data(state.data.model_validate(data))
         except ValidationError as exc:
             raise UsageError(f"the review data does not fit {state.data.__name__}: {first_error(exc)}",
                              fix=f"give --data as JSON matching {state.data.__name__}") from None
     return Review(decision=decision, by=reviewer(by), at=now_iso(), data=data, note=note)
+
+
+def _json_data(data: Any) -> Any:
+    """`data` as it is stored: JSON data, refused (before anything is written) when it is not,
+    NaN and Infinity included (stored, they would read back as null)."""
+    try:
+        return json.loads(json.dumps(to_jsonable_python(data, by_alias=False), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"the review data is not JSON data: {exc}",
+                         fix="give a JSON object, list, string, finite number, true, false or null") from None
 
 
 def already_decided(record: RunRecord, log: list[TransitionRecord]) -> ReviewDecidedError | None:
@@ -192,7 +210,8 @@ def already_decided(record: RunRecord, log: list[TransitionRecord]) -> ReviewDec
 
 
 async def decide(engine: Engine, run_id: str, machine: Machine, *, decision: str, data: Any = None,
-                 note: str | None = None, by: str | None = None, resume: bool = False) -> Decided:
+                 note: str | None = None, by: str | None = None, resume: bool = False, allow_changed: bool = False,
+                 take_over: bool = False) -> Decided:
     """Commit a reviewer's decision for a waiting run (see `Engine.areview`)."""
     record, log = await engine.store.load_run(run_id, verified=True)
     pending = PendingReview.of(record)
@@ -205,7 +224,7 @@ async def decide(engine: Engine, run_id: str, machine: Machine, *, decision: str
         raise UsageError(f"machine '{machine.name}' has no review state '{pending.state}', which run {run_id} "
                          "waits at", fix="review it with the machine that started it")
     review = checked_review(state, pending, decision=decision, data=data, note=note, by=by)
-    run = await engine.attach(run_id, machine, to_run=resume)
+    run = await engine.attach(run_id, machine, to_run=resume, allow_changed=allow_changed, take_over=take_over)
     if run.state != pending.state or run.seq + 1 != pending.seq:  # another reviewer's decision came first
         await run.hand_back()
         _, log = await engine.store.load_run(run_id)
