@@ -73,6 +73,7 @@ def test_different_routing_exits_1_at_the_routing_step(tmp_path: Path) -> None:
     assert text.stdout.splitlines()[-1] == "the runs differ: first at step 1 (state, decision, output)"
 
 
+@pytest.mark.slow  # in the default run: the routing and output differences
 def test_a_failed_step_is_a_step_with_its_error(tmp_path: Path) -> None:
     fake = FakeMessagesAPI(default=None)
     ticket = write(tmp_path / "ticket.json", json.dumps({"text": HAPPY}))
@@ -123,6 +124,7 @@ def test_a_structured_output_difference_is_a_json_diff(tmp_path: Path) -> None:
     assert '$.line_items[2].description: "Dry bag 20L" -> "Dry bag 30L"' in orch("diff", "a", "b").stdout
 
 
+@pytest.mark.slow  # in the default run: the text and --json reports
 def test_markdown_report(tmp_path: Path) -> None:
     orch = routed(tmp_path, ("a", "positive", "Thanks!"), ("b", "negative", "Sorry ```x``` !"))
     result = orch("diff", "a", "b", "--md")
@@ -140,6 +142,7 @@ def test_markdown_report(tmp_path: Path) -> None:
     assert orch("diff", "a", "b", "--md", "--json").code == 2
 
 
+@pytest.mark.slow  # in the default run: test_reliability_fast.py's control characters
 def test_control_characters_never_reach_the_terminal(tmp_path: Path) -> None:
     orch = routed(tmp_path, ("a", "positive", "Thanks!"), ("b", "positive", ANSWER))
     for form in ([], ["--md"], ["--json"]):

@@ -159,6 +159,7 @@ class Score(BaseModel):
     score: float
 
 
+@pytest.mark.slow  # in the default run: test_a_bad_decision_or_data_is_refused_before_anything_is_written
 def test_review_data_that_is_not_json_is_refused_and_the_run_waits_on(db_path: Path, tmp_path: Path) -> None:
     """NaN or Infinity (which `json.loads` accepts) were stored as null, silently; an object
     that is not JSON data failed after the run was claimed, leaving it `running` and gone from
@@ -423,6 +424,7 @@ def test_the_cli_lists_decides_and_a_kill_after_the_decision_loses_nothing(tmp_p
 
 
 
+@pytest.mark.slow  # in the default run: the review CLI test with a kill after the decision
 def test_review_json_with_resume_prints_the_decision_and_the_result_as_one_object(tmp_path: Path) -> None:
     """`--json --resume` printed nothing when the decision ended the run (reject), and only the
     run's result, without the decision, when it went on; the docs promise both as one object."""
