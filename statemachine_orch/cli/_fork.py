@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ..definition._loader import load_machine
@@ -15,7 +14,7 @@ from ..engine._ids import check_run_id, new_run_id
 from ..errors import UsageError
 from ..types import TransitionRecord
 from ._drive import _drive, _report_result, engine_for, model_for
-from ._options import with_store
+from ._options import at_file, with_store
 from ._render import one_line
 
 _FIELDS = (("prompt", "--prompt"), ("system", "--system"), ("model", "--model"), ("max_tokens", "--max-tokens"))
@@ -64,8 +63,9 @@ def overrides_of(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {}
     for field, flag in _FIELDS:
         for text in getattr(args, field) or ():
-            state, value = assignment(text, flag, text_value if field in ("prompt", "system") else
-                                      whole_number if field == "max_tokens" else str)
+            state, value = assignment(text, flag, whole_number if field == "max_tokens" else str)
+            if field in ("prompt", "system") and value.startswith("@"):  # the text of a file
+                value = at_file(value[1:], flag)
             overrides.setdefault(state, {})[field] = value
     return overrides
 
@@ -88,14 +88,6 @@ def json_value(text: str) -> Any:
         raise ValueError(f"{one_line(text, 60)!r} is not JSON (quote text: '\"...\"')") from None
 
 
-def text_value(text: str) -> str:
-    """The text, or the contents of the file `@PATH` names."""
-    if not text.startswith("@"):
-        return text
-    try:
-        return Path(text[1:]).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {text[1:]}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def whole_number(text: str) -> int:

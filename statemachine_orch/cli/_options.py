@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 from ..errors import UsageError
@@ -51,6 +52,20 @@ def with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]], 
             await store.close()
 
     return asyncio.run(go())
+
+
+def at_file(path: str, flag: str) -> str:
+    """The text of the file `FLAG @PATH` names (a byte order mark dropped), or a one-line UsageError."""
+    if not path:
+        raise UsageError(f"{flag} @ names no file", fix=f"give {flag} @path/to/file")
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise UsageError(f"cannot read {flag} file {path}: {exc.strerror or exc}",
+                         fix="check the path after the @") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{flag} file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}",
+                         fix="save it as UTF-8") from None
 
 
 def read_settings(args: argparse.Namespace) -> None:

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 from ..definition._loader import load_machine
@@ -17,7 +16,7 @@ from ..store._contract import Store
 from ..types import RunStatus, now_iso
 from ._drive import _report_result, engine_for, result_code, resumed
 from ._faults import KillPoints
-from ._options import cli_store, with_store
+from ._options import at_file, cli_store, with_store
 from ._render import one_line, print_table
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -66,16 +65,7 @@ def _data(given: str | None) -> Any:
     text, where = given, "--data"
     if given.startswith("@"):
         where = given[1:]
-        if not where:
-            raise UsageError("--data @ names no file", fix="give --data @path/to/data.json")
-        try:
-            text = Path(where).read_text(encoding="utf-8-sig")  # a byte order mark is not JSON's
-        except OSError as exc:
-            raise UsageError(f"cannot read --data file {where}: {exc.strerror or exc}",
-                             fix="check the path after the @") from None
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"--data file {where} is not UTF-8 text: {exc.reason} at byte {exc.start}",
-                             fix="save it as UTF-8 JSON") from None
+        text = at_file(where, "--data")
     try:
         return json.loads(text, parse_constant=_no_constant)
     except ValueError as exc:

@@ -22,8 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pydantic_core import to_jsonable_python
-
 from ..definition._machine import Machine
 from ..definition._overrides import (
     OPTION,
@@ -37,7 +35,7 @@ from ..errors import RunNotFoundError, UsageError
 from ..store._contract import Store
 from ..types import Budget, RunRecord, RunStatus, TransitionRecord, Usage, output_json
 from ._fsm import Compiled
-from ._outputs import restore_output
+from ._outputs import json_data, restore_output
 from ._snapshot import Snapshot, fresh, snapshot
 
 Overrides = Mapping[str, StateOverride | Mapping[str, Any]]
@@ -67,8 +65,7 @@ async def plan_fork(store: Store, parent: str, machine: Machine, *, at: int | st
     step), or UsageError saying why there can be none. The parent is read verified."""
     record, log = await store.load_run(parent, verified=True)
     seq, state = fork_point(record, log, at, machine)
-    given = parse_overrides({name: change.model_dump(exclude_none=True) if isinstance(change, StateOverride)
-                             else change for name, change in (overrides or {}).items()}, where="overrides")
+    given = parse_overrides(overrides or {}, where="overrides")
     merged = merge_overrides(stored_overrides(record.options), given)
     variant = with_overrides(machine, merged)
     rows = [row for row in log if row.committed and row.seq < seq]
@@ -133,7 +130,7 @@ def _apply_set(machine: Machine, input: dict[str, Any], rows: list[TransitionRec
     fields = list(machine.input_model.model_fields) if machine.input_model is not None else list(input)
     for key, value in changes.items():
         try:
-            json.dumps(to_jsonable_python(value), allow_nan=False)  # a pydantic model is JSON data
+            json_data(value)  # a pydantic model is JSON data
         except (TypeError, ValueError):
             raise UsageError(f"cannot set '{key}' to {_excerpt(value)}: it is not JSON data",
                              fix="give a JSON value (NaN and Infinity are not)") from None
@@ -176,7 +173,7 @@ def first_request(row: TransitionRecord) -> dict[str, Any] | None:
 
 
 class ParentAnswers:
-    """The answers a fork may reuse (`LLMStep`'s `Reuse`): its parent's committed steps by
+    """The answers a fork's LLM states may take instead of calling: its parent's committed steps by
     position along the path, or, for a child run of the fork, those of the parent's child run
     of the same place (`suffix`: `.S.N.I`, as child run ids end). An inherited step is followed
     to the run that answered it; each log is loaded once, when a step first asks."""

@@ -45,7 +45,6 @@ PythonOverride = Callable[[PythonState | LLMState, StepContext], Any]
 function); replay serves recorded outputs through it."""
 
 
-
 @dataclass(frozen=True, slots=True)
 class BudgetRoute:
     """The budget cannot cover the call and the state routes that to `on_budget` instead."""

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
 
 from ..definition._states import MapState, ParallelState, State
 from ..types import INVALID_MARKER, ITEM_ERROR_MARKER, InvalidOutput, ItemError
@@ -39,6 +40,12 @@ def restore_output(state: State, value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     return json.loads(json.dumps(value, allow_nan=False))
+
+
+def json_data(value: Any, *, by_alias: bool = True) -> Any:
+    """`value` as it is stored: plain JSON data (a model dumped); ValueError or TypeError when it
+    is not JSON data, NaN and Infinity included (stored, they would read back as null)."""
+    return json.loads(json.dumps(to_jsonable_python(value, by_alias=by_alias), allow_nan=False))
 
 
 def named_outputs(state: State, output: Any) -> Iterator[tuple[str, Any]]:

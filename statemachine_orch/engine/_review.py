@@ -12,20 +12,18 @@ decided.
 from __future__ import annotations
 
 import getpass
-import json
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from pydantic_core import to_jsonable_python
 
 from ..definition._overrides import stored_overrides, with_overrides
 from ..definition._states import ESCALATE, Review, ReviewState
 from ..errors import ReviewDecidedError, StepError, UsageError
 from ..types import RunRecord, RunResult, RunStatus, StepContext, TransitionRecord, now_iso
-from ._outputs import first_error
+from ._outputs import first_error, json_data
 
 if TYPE_CHECKING:
     from ..definition._machine import Machine
@@ -150,7 +148,7 @@ class Desk:
         else:
             payload = {name: ctx.outputs.get(name) for name in state.needs}
         try:
-            payload = json.loads(json.dumps(to_jsonable_python(payload), allow_nan=False))
+            payload = json_data(payload)
         except (TypeError, ValueError) as exc:
             raise StepError(f"show() returned a value that cannot be stored: {exc}", run_id=self.run.run_id,
                             state=state.name) from None
@@ -188,10 +186,9 @@ def checked_review(state: ReviewState, pending: PendingReview, *, decision: str,
 
 
 def _json_data(data: Any) -> Any:
-    """`data` as it is stored: JSON data, refused (before anything is written) when it is not,
-    NaN and Infinity included (stored, they would read back as null)."""
+    """`data` as it is stored (`json_data`), refused before anything is written when it is not JSON data."""
     try:
-        return json.loads(json.dumps(to_jsonable_python(data, by_alias=False), allow_nan=False))
+        return json_data(data, by_alias=False)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"the review data is not JSON data: {exc}",
                          fix="give a JSON object, list, string, finite number, true, false or null") from None
